@@ -1,0 +1,161 @@
+"""``qcompile``: the command line front of :func:`qcompiler.compile`.
+
+    qcompile model.pt --passes asq,post --bits 4 --data digits --train-epochs 3 --out runs/m
+
+Every problem with the input is one line on stderr (``qcompile: error: ...``) and
+exit status 2, with no traceback (``--debug`` shows it) and no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import QCompileError, SpecError
+from .spec import QuantSpec, check_bits, parse_pass_names
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other error
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile", description="Compile a float PyTorch model into a low-bit model.")
+    p.add_argument("model", help="float model: a qcompiler checkpoint, a state_dict (with --arch), or a pickle (with --allow-pickle)")
+    p.add_argument("--arch", help="architecture of a state_dict, as package.module:factory (e.g. qcompiler.zoo:resnet20)")
+    p.add_argument("--arch-kwargs", default="{}", help='JSON keyword arguments for --arch, e.g. \'{"in_channels": 1}\'')
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a whole pickled module (runs code from the file)")
+    p.add_argument("--spec", help="QuantSpec file (.json or .toml); flags below override it")
+    p.add_argument("--passes", help="comma-separated pass names, e.g. lsq or asq,post")
+    p.add_argument("--bits", type=int, help="bit width of weights and activations")
+    p.add_argument("--weight-bits", type=int, help="bit width of weights (overrides --bits)")
+    p.add_argument("--act-bits", type=int, help="bit width of activations (overrides --bits)")
+    p.add_argument("--no-pin", action="store_true", help="do not hold the first and last layers at 8 bits")
+    p.add_argument("--leaf", action="append", default=[], help="package.module:Class the tracer keeps opaque (repeatable)")
+    p.add_argument("--data", default="digits", help="digits (built in) or a .npz file with x and y (default: digits)")
+    p.add_argument("--train-epochs", type=int, default=0, help="QAT epochs after compiling (default: 0)")
+    p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
+    p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")
+    p.add_argument("--seed", type=int, help="seed for calibration order and QAT")
+    p.add_argument("--out", help="folder to write the compiled module, spec and report into")
+    p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="verify the graph after every pass and show tracebacks")
+    return p
+
+
+def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
+    spec = QuantSpec.load(args.spec) if args.spec else QuantSpec()
+    changes: dict[str, object] = {}
+    if args.passes is not None:
+        changes["passes"] = parse_pass_names(args.passes)
+    if args.bits is not None:
+        check_bits(args.bits, "--bits")
+        changes["weight_bits"] = changes["act_bits"] = args.bits
+    if args.weight_bits is not None:
+        changes["weight_bits"] = check_bits(args.weight_bits, "--weight-bits")
+    if args.act_bits is not None:
+        changes["act_bits"] = check_bits(args.act_bits, "--act-bits")
+    if args.no_pin:
+        changes["pin_first_last"] = False
+    if args.leaf:
+        changes["leaf_modules"] = tuple(args.leaf)
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    return spec.replace(**changes) if changes else spec
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Fail before any work if ``path`` (a folder to create) cannot be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QCompileError(f"{flag} {path!r} is a file; give a folder path")
+    parent = p if p.exists() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise QCompileError(f"{flag} {path!r} is not writable; choose a folder you can write to")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Import here so that `qcompile --help` and argument errors stay instant.
+    from . import compile as qcompile_model
+    from .data import load_data
+    from .modelio import load_model
+    from .train import TrainConfig, evaluate, train
+
+    spec = _spec_from_args(args)
+    for path, flag in ((args.out, "--out"), (args.dump_ir, "--dump-ir")):
+        if path:
+            _check_writable(path, flag)
+    if args.train_epochs < 0:
+        raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"--arch-kwargs is not valid JSON ({e}); write e.g. '{{\"in_channels\": 1}}'") from None
+    if not isinstance(arch_kwargs, dict):
+        raise SpecError("--arch-kwargs must be a JSON object, e.g. '{\"in_channels\": 1}'")
+
+    data = load_data(args.data)
+    model = load_model(args.model, args.arch, arch_kwargs, allow_pickle=args.allow_pickle)
+    progress = not args.quiet and sys.stderr.isatty()
+
+    dump_tmp = tempfile.mkdtemp(prefix="qcompile-ir-") if args.dump_ir else None
+    compiled = qcompile_model(
+        model, spec, calib_data=data, dump_ir=dump_tmp, verify=args.debug, progress=progress
+    )
+    float_acc = evaluate(model, data)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {type(model).__name__} ({n_params / 1e6:.3f} M params); data: {args.data} "
+          f"({len(data.y_train)} train / {len(data.y_test)} test)")
+    pinned = f", first/last at {spec.pin_bits} bits" if spec.pin_first_last else ""
+    print(f"passes: {','.join(spec.passes)}; W{spec.weight_bits}A{spec.act_bits}{pinned}\n")
+    print(compiled.report.layer_table() + "\n")
+    print(compiled.report.pass_table() + "\n")
+    print(f"float accuracy:           {float_acc:6.2f} %")
+    print(f"quantized, before QAT:    {evaluate(compiled.module, data):6.2f} %")
+    if args.train_epochs:
+        config = TrainConfig(epochs=args.train_epochs, lr=args.lr, batch_size=args.batch_size, seed=spec.seed)
+        train(compiled.module, data, config, progress=progress)
+        acc = evaluate(compiled.module, data)
+        print(f"quantized, after {args.train_epochs} QAT epoch(s): {acc:6.2f} %  ({acc - float_acc:+.2f} vs float)")
+    if args.dump_ir:
+        _move_into(Path(dump_tmp), Path(args.dump_ir))
+        print(f"IR dumps: {args.dump_ir}")
+    if args.out:
+        compiled.save(args.out)
+        print(f"wrote {args.out}/module.pt, spec.json, report.txt")
+    return 0
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dst))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except QCompileError as e:
+        if args.debug:
+            raise
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Data sets for calibration, quantization-aware training and evaluation.
+
+The compiler needs real data in three places: calibration passes observe
+activation ranges, QAT fine-tunes, and every backend is checked by comparing
+accuracy. Tests must run offline and give the same numbers on every machine, so
+the built-in data set is scikit-learn's bundled 8x8 digits (no download) with a
+fixed stratified split. Users bring their own data as an ``.npz`` file, which is
+validated up front so that a malformed file fails with one clear line instead of
+a shape error deep inside a pass.
+
+Example:
+    >>> from qcompiler.data import load_data
+    >>> data = load_data("digits")
+    >>> data.input_shape, data.num_classes
+    ((1, 8, 8), 10)
+    >>> x, y = next(iter(data.loader("train", batch_size=32, shuffle=True, seed=0)))
+    >>> tuple(x.shape), tuple(y.shape)
+    ((32, 1, 8, 8), (32,))
+"""
+
+from __future__ import annotations
+
+import functools
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits as _sklearn_load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from qcompiler.errors import DataError
+
+__all__ = ["Dataset", "load_data", "load_digits", "load_npz"]
+
+TEST_FRACTION = 0.25
+SPLIT_SEED = 0
+_SPLITS = ("train", "test")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split held in memory: float32 inputs, int64 class labels.
+
+    ``x_*`` are shaped ``(N, *input_shape)``, ``y_*`` are ``(N,)`` with labels in
+    ``[0, num_classes)``. Instances may be shared (``load_digits`` caches one), so
+    treat the tensors as read-only.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(1, 8, 8)`` for digits."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """One more than the largest label in either split."""
+        return int(max(self.y_train.max().item(), self.y_test.max().item())) + 1
+
+    def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """A ``DataLoader`` over ``split`` ("train" or "test") yielding ``(x, y)`` batches.
+
+        Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so the
+        batch order is the same on every run.
+        """
+        if split not in _SPLITS:
+            raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size} must be at least 1; pass a positive batch size")
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+@functools.lru_cache(maxsize=None)
+def load_digits(seed_split: int = SPLIT_SEED) -> Dataset:
+    """scikit-learn's bundled 8x8 digits as ``(N, 1, 8, 8)`` images, 10 classes.
+
+    Pixels (0..16) are divided by 16, then standardised with one scalar mean
+    and standard deviation computed on the training split. The split is
+    stratified, 25 % test, with ``random_state=seed_split`` (default 0): 1347
+    train and 450 test samples, identical on every machine. Cached per process.
+
+    Example:
+        >>> data = load_digits()
+        >>> len(data.x_train), len(data.x_test)
+        (1347, 450)
+    """
+    bunch = _sklearn_load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=TEST_FRACTION, random_state=seed_split, stratify=labels
+    )
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return Dataset(
+        x_train=torch.from_numpy((x_train - mean) / std),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        y_test=torch.from_numpy(y_test),
+    )
+
+
+def _check_inputs(x: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Validate an input array and return it as float32, ``(N, H, W)`` becoming ``(N, 1, H, W)``."""
+    if x.ndim < 2:
+        raise DataError(
+            f"{path}: '{name}' has shape {x.shape}; it needs a sample axis and at least one feature axis, e.g. (N, F)"
+        )
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: '{name}' has 0 samples; save at least one sample")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{name}' has dtype {x.dtype}; save numeric (e.g. float32) inputs")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: '{name}' contains NaN or infinite values; clean or impute them before saving")
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    return x
+
+
+def _check_labels(y: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Validate class labels and return them as int64 of shape ``(N,)``."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{path}: '{name}' has shape {y.shape}; save class indices shaped (N,), not one-hot")
+    if y.shape[0] == 0:
+        raise DataError(f"{path}: '{name}' has 0 samples; save at least one label")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{name}' has dtype {y.dtype}; save integer class indices 0..K-1")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise DataError(f"{path}: '{name}' holds non-integer values; save integer class indices 0..K-1")
+    if (y < 0).any():
+        raise DataError(f"{path}: '{name}' has negative labels (min {y.min()}); save class indices 0..K-1")
+    return y.astype(np.int64)
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one (inputs, labels) pair, including that they have the same length."""
+    x, y = _check_inputs(x, x_name, path), _check_labels(y, y_name, path)
+    if len(x) != len(y):
+        raise DataError(
+            f"{path}: '{x_name}' has {len(x)} samples but '{y_name}' has {len(y)}; save one label per sample"
+        )
+    return x, y
+
+
+def _split(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """75/25 split with ``random_state=0``, stratified unless some class is too small for that."""
+    if len(x) < 2:
+        raise DataError(
+            f"{path}: {len(x)} sample cannot be split into train and test; add samples or save x_test/y_test"
+        )
+    try:
+        return train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
+    except ValueError:
+        # A class with a single sample (or more classes than test samples) makes a
+        # stratified split impossible; a plain seeded split is the best we can do.
+        return train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED)
+
+
+_SAVE_HINT = "save it with numpy.savez(path, x=..., y=...)"
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the archive at ``path``, loaded without pickle, or a one-line ``DataError``."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check the path")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            is_npy = handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        kind = "a single .npy array" if is_npy else "not a zip archive"
+        raise DataError(f"{path} is not a valid .npz file ({kind}); {_SAVE_HINT}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} is not a valid .npz file ({reason}); {_SAVE_HINT}") from error
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Load a user data set from an ``.npz`` file with arrays ``x`` and ``y``.
+
+    Optional ``x_test`` / ``y_test`` give the test split; without them the data
+    is split 75/25, stratified, with ``random_state=0``. ``x`` is cast to float32
+    and ``(N, H, W)`` becomes ``(N, 1, H, W)``; it is not standardised. Labels
+    must be non-negative integers.
+
+    Raises:
+        DataError: the file is missing or not an npz archive, a key is missing,
+            an array is empty, x and y lengths differ, labels are not
+            non-negative integers, or x has fewer than 2 dimensions.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> file = os.path.join(tempfile.mkdtemp(), "toy.npz")
+        >>> np.savez(file, x=np.zeros((8, 4, 4)), y=np.arange(8) % 2)
+        >>> load_npz(file).input_shape
+        (1, 4, 4)
+    """
+    path = Path(path)
+    arrays = _read_npz(path)
+
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        found = ", ".join(sorted(arrays)) or "nothing"
+        raise DataError(
+            f"{path} lacks array(s) {', '.join(missing)} (found: {found}); save inputs as 'x' and labels as 'y'"
+        )
+    x, y = _check_pair(arrays["x"], arrays["y"], "x", "y", path)
+
+    has_x_test, has_y_test = "x_test" in arrays, "y_test" in arrays
+    if has_x_test != has_y_test:
+        present, absent = ("x_test", "y_test") if has_x_test else ("y_test", "x_test")
+        raise DataError(f"{path} has '{present}' but no '{absent}'; save both or neither")
+    if has_x_test:
+        x_test, y_test = _check_pair(arrays["x_test"], arrays["y_test"], "x_test", "y_test", path)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(
+                f"{path}: 'x_test' samples are {x_test.shape[1:]} but 'x' samples are {x.shape[1:]}; "
+                "save matching shapes"
+            )
+        x_train, y_train = x, y
+    else:
+        x_train, x_test, y_train, y_test = _split(x, y, path)
+
+    return Dataset(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_train)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_test)),
+    )
+
+
+def load_data(name_or_path: str | Path) -> Dataset:
+    """``"digits"`` for the built-in digits, or the path of an ``.npz`` file.
+
+    Raises:
+        DataError: anything else, or a bad ``.npz`` file (see ``load_npz``).
+    """
+    if str(name_or_path) == "digits":
+        return load_digits()
+    if str(name_or_path).lower().endswith(".npz"):
+        return load_npz(name_or_path)
+    raise DataError(f"unknown data {str(name_or_path)!r}; use 'digits' or the path of a .npz file")

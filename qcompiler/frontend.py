@@ -1,0 +1,153 @@
+"""Front end: a float ``nn.Module`` plus example inputs become the IR.
+
+The IR is a ``torch.fx.GraphModule`` traced from a deep copy of the user's model
+(never the model itself), with shapes propagated from the example inputs and a
+``LayerInfo`` record on every compute layer. Tracing failures are turned into one
+line that names the module that could not be traced and how to mark it a leaf.
+
+Example:
+    >>> from torch import nn
+    >>> gm = trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
+    >>> [n.name for n in compute_layers(gm)]
+    ['_0']
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import ir
+from .errors import DataError, SpecError, TraceError
+from .ir import LayerInfo, compute_layers
+from .nn.adder import AdderConv2d
+
+# Exact types only: a user subclass may change forward, so we leave it alone.
+LAYER_KINDS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Linear: "linear",
+    AdderConv2d: "adder2d",
+}
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps our own layers opaque and remembers where it failed."""
+
+    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_types = (AdderConv2d, *leaf_types)
+        self.failed_in: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # innermost module wins
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def resolve_leaf_types(names: Sequence[str]) -> tuple[type, ...]:
+    """Import ``"package.module:Class"`` names given as leaf modules."""
+    types = []
+    for name in names:
+        mod_name, _, cls_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod_name), cls_name)
+        except (ImportError, AttributeError, ValueError):
+            raise SpecError(f"leaf module {name!r} cannot be imported; write it as package.module:Class") from None
+        types.append(cls)
+    return tuple(types)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    leaf_modules: Sequence[str] = (),
+) -> fx.GraphModule:
+    """Trace a copy of ``model`` into the IR and annotate its compute layers."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model).eval()
+    tracer = _Tracer(resolve_leaf_types(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many kinds; all mean "not traceable"
+        where = tracer.failed_in
+        what = f"module {where[0]!r} ({where[1]})" if where and where[0] else f"model {type(model).__name__}"
+        hint = f"{type(model.get_submodule(where[0])).__module__}:{where[1]}" if where and where[0] else "package.module:Class"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"cannot trace {what}: {reason}; make its forward traceable or mark it a leaf "
+            f"with --leaf {hint} (QuantSpec(leaf_modules=[...]))"
+        ) from None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    propagate_shapes(gm, example_inputs)
+    annotate_layers(gm)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Run ``gm`` once on the example inputs, recording every tensor's shape."""
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if len(example_inputs) != n_inputs:
+        raise DataError(f"the model takes {n_inputs} input(s) but {len(example_inputs)} example input(s) were given")
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"input of shape {shapes} does not fit the model ({reason}); give data shaped as the model expects"
+        ) from None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else ()
+
+
+def annotate_layers(gm: fx.GraphModule) -> None:
+    """Write a ``LayerInfo`` record on each conv / linear / adder node."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        kind = LAYER_KINDS.get(type(m))
+        if kind is None:
+            continue
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        w = m.weight
+        # Each output element costs in_channels/groups * prod(kernel) accumulates.
+        per_output = math.prod(w.shape[1:])
+        out_elems = math.prod(out_shape) if out_shape else w.shape[0]
+        conv_like = kind != "linear"
+        node.meta[ir.LAYER] = LayerInfo(
+            kind=kind,
+            in_channels=m.in_channels if conv_like else m.in_features,
+            out_channels=m.out_channels if conv_like else m.out_features,
+            weight_shape=tuple(w.shape),
+            input_shape=in_shape,
+            output_shape=out_shape,
+            macs=per_output * out_elems,
+            kernel_size=tuple(m.kernel_size) if conv_like else (),
+            stride=tuple(m.stride) if conv_like else (),
+            padding=tuple(m.padding) if conv_like and not isinstance(m.padding, str) else (),
+            groups=m.groups if conv_like else 1,
+            has_bias=getattr(m, "bias", None) is not None,
+        )
+
+
+__all__ = ["trace", "propagate_shapes", "annotate_layers", "compute_layers", "LAYER_KINDS"]

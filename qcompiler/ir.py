@@ -1,0 +1,175 @@
+"""Quantization records: the facts passes decide, stored on the torch.fx graph.
+
+The IR *is* the ``torch.fx`` graph. Every decision a pass makes is written as a
+small frozen dataclass into ``node.meta`` under a namespaced key, so the IR dumps,
+the reports and the backends read the same facts without re-deriving them:
+
+==================  ==============  ==================================================
+key                 record          on which nodes
+==================  ==============  ==================================================
+``qc.layer``        LayerInfo       compute layers (conv, linear, adder)
+``qc.pin``          Pin             compute layers held at a fixed bit width
+``qc.range``        TensorRange     nodes whose output feeds a quantized layer
+``qc.act``          ActQuant        inserted activation-quantizer nodes
+``qc.weight``       WeightQuant     compute layers whose weight is quantized
+==================  ==============  ==================================================
+
+Learned values (steps, clips) live in the quantizer modules the records name, since
+QAT keeps changing them; the records hold what is fixed once a pass has run.
+
+Example:
+    >>> rec = LayerInfo(kind="linear", in_channels=4, out_channels=2,
+    ...                 weight_shape=(2, 4), input_shape=(4,), output_shape=(2,), macs=8)
+    >>> rec.params
+    8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch.fx as fx
+
+R = TypeVar("R")
+
+LAYER = "qc.layer"
+PIN = "qc.pin"
+RANGE = "qc.range"
+ACT = "qc.act"
+WEIGHT = "qc.weight"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Static facts about a compute layer, written by the front end."""
+
+    kind: str  # "conv1d" | "conv2d" | "linear" | "adder2d"
+    in_channels: int
+    out_channels: int
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # one sample, no batch dimension
+    output_shape: tuple[int, ...]
+    macs: int  # multiply-accumulates (or abs-diff-accumulates) per sample
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    groups: int = 1
+    has_bias: bool = False
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        return n + (self.out_channels if self.has_bias else 0)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A layer held at ``bits`` for weights and input activations, and why."""
+
+    bits: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Streaming statistics of one tensor over the calibration data."""
+
+    min: float
+    max: float
+    mean_abs: float
+    abs_p999: float  # 99.9th percentile of |x|, from the observer's histogram
+    abs_p9999: float
+    count: int  # elements seen
+
+    @property
+    def signed(self) -> bool:
+        return self.min < 0.0
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """An activation quantizer inserted in front of ``layer``."""
+
+    layer: str  # node name of the compute layer this quantizer feeds
+    method: str  # "lsq" | "asq" | "adder-group" | "adder-shared"
+    bits: int
+    signed: bool
+    module: str  # qualified name of the quantizer module (holds the learned step)
+    init_step: float
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a compute layer's weight is quantized."""
+
+    grid: str  # "uniform" | "pot" | "post" | "adder-group" | "adder-shared"
+    bits: int
+    granularity: str  # "per-channel" | "per-group" | "per-layer"
+    module: str  # qualified name of the weight quantizer module
+
+
+def get(node: fx.Node, key: str, kind: type[R]) -> R:
+    """Read the record ``key`` of ``node``; a missing record is a pipeline bug.
+
+    >>> import torch.fx as fx
+    >>> g = fx.Graph(); n = g.placeholder("x")
+    >>> get(n, PIN, Pin)
+    Traceback (most recent call last):
+    ...
+    KeyError: "node 'x' has no 'qc.pin' record (Pin); a pass that produces it must run first"
+    """
+    rec = node.meta.get(key)
+    if rec is None:
+        raise KeyError(
+            f"node {node.name!r} has no {key!r} record ({kind.__name__}); "
+            "a pass that produces it must run first"
+        )
+    assert isinstance(rec, kind), f"{key} on {node.name} is {type(rec).__name__}, not {kind.__name__}"
+    return rec
+
+
+def find(node: fx.Node, key: str, kind: type[R]) -> R | None:
+    """Like :func:`get` but returns ``None`` when the record is absent."""
+    rec = node.meta.get(key)
+    assert rec is None or isinstance(rec, kind)
+    return rec
+
+
+def records(node: fx.Node) -> dict[str, object]:
+    """All quantization records of ``node``, by key, in a stable order."""
+    return {k: node.meta[k] for k in sorted(node.meta) if k.startswith("qc.")}
+
+
+def compute_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes carrying a ``qc.layer`` record, in graph order."""
+    return [n for n in gm.graph.nodes if LAYER in n.meta]
+
+
+def format_record(rec: object) -> str:
+    """Compact one-line rendering used by IR dumps and reports.
+
+    >>> format_record(Pin(bits=8, reason="reads the network input"))
+    "Pin(bits=8, reason='reads the network input')"
+    """
+    if not dataclasses.is_dataclass(rec):
+        return repr(rec)
+    parts = []
+    for f in dataclasses.fields(rec):
+        v = getattr(rec, f.name)
+        parts.append(f"{f.name}={_fmt(v)}")
+    return f"{type(rec).__name__}({', '.join(parts)})"
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, tuple) and len(v) > 8:
+        head = ", ".join(_fmt(x) for x in v[:4])
+        return f"({head}, ... {len(v)} values)"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v)

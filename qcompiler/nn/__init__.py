@@ -1,0 +1,5 @@
+"""Layers that have no ``torch.nn`` counterpart (the tracer keeps them as leaves)."""
+
+from .adder import AdderConv2d, adder_conv2d, adder_conv2d_train
+
+__all__ = ["AdderConv2d", "adder_conv2d", "adder_conv2d_train"]

@@ -1,0 +1,450 @@
+"""AdderNet convolution (Chen et al., "AdderNet", CVPR 2020; DESIGN.md §3.4).
+
+An adder layer replaces the cross-correlation of a convolution by a negative L1
+distance over each window::
+
+    Y[b, c, i, j] = -sum_k |X_patch[b, k, i, j] - W[c, k]|
+
+(per group when ``groups > 1``). It has no bias by default and is always followed
+by batch norm. Training uses AdderNet's surrogate gradients, implemented in
+``AdderConv2dFunction``:
+
+* weight: the full-precision difference ``dY/dW = X - W`` (not its sign);
+* input: the HardTanh-clipped difference ``dY/dX = clamp(W - X, -1, 1)``;
+* adaptive learning-rate scaling: the weight gradient is rescaled to
+  ``eta * sqrt(numel(W)) * grad_W / ||grad_W||_2``.
+
+How it is fast with pure PyTorch ops (bench/adder_speed.py measures it):
+patches are unfolded once into an ``(N, G, Kg)`` matrix (``N = B * Ho * Wo``
+positions, ``G`` groups, ``Kg = C_in / G * kh * kw``); the forward and the
+input gradient then stream over blocks of positions, broadcasting each block
+against the weight into a reused buffer of at most ``CHUNK_BUDGET_BYTES``
+(``sub -> abs -> sum`` forward, ``sub -> clamp -> bmm`` input gradient), so
+every pass runs in cache and nothing of size ``(N, C_out, K)`` is ever
+materialised. The weight gradient is linear in X and is one matmul:
+``g^T @ X_patches - W * sum(g)``. The input gradient is folded back (col2im)
+with ``kh * kw`` strided adds in channels-last layout.
+
+``adder_conv2d`` (plain forward, ordinary autograd) is the numerical reference
+that export and integer lowering reuse; ``adder_conv2d_train`` applies the
+AdderNet gradients. Both are registered with ``torch.fx.wrap`` so a trace that
+enters ``AdderConv2d.forward`` records one ``call_function`` node.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..errors import DataError, QCompileError
+
+__all__ = [
+    "AdderConfigError",
+    "AdderConv2d",
+    "AdderConv2dFunction",
+    "CHUNK_BUDGET_BYTES",
+    "DEVICE_CHUNK_BUDGET_BYTES",
+    "adder_conv2d",
+    "adder_conv2d_train",
+]
+
+CHUNK_BUDGET_BYTES = 8 * 2**20
+"""Largest broadcast buffer (bytes) on CPU. About the L2/L3 cache size: a block of
+positions is broadcast against the whole weight, so passes over the block stay in
+cache (4-16 MiB measured fastest on a 2-core EPYC; 64 MiB is the hard ceiling).
+Read at every call, so tests can shrink it to force many blocks."""
+
+DEVICE_CHUNK_BUDGET_BYTES = 64 * 2**20
+"""Largest broadcast buffer (bytes) on accelerators, where fewer, larger kernel
+launches matter more than cache."""
+
+IntPair = Union[int, Tuple[int, int]]
+Padding = Union[str, int, Tuple[int, int]]
+
+
+class AdderConfigError(QCompileError, ValueError):
+    """An adder layer or ``adder_conv2d`` call got an invalid configuration."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _pair(value: object, name: str, minimum: int) -> Tuple[int, int]:
+    """``value`` as a pair of ints ``>= minimum`` (an int means both)."""
+    items = value if isinstance(value, (tuple, list)) else (value, value)
+    try:
+        if len(items) != 2 or any(isinstance(v, bool) for v in items):
+            raise TypeError
+        pair = (operator.index(items[0]), operator.index(items[1]))
+    except TypeError:
+        raise AdderConfigError(f"{name}={value!r} must be an int or a pair of ints; pass e.g. {name}=3 or {name}=(3, 1)") from None
+    if min(pair) < minimum:
+        raise AdderConfigError(f"{name}={value!r} must be >= {minimum}; pass {name}={max(minimum, 1)} or larger")
+    return pair
+
+
+def _pads(padding: Padding, kernel_size: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero padding for an ``nn.Conv2d``-style ``padding``."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise AdderConfigError("padding='same' is not supported for strided adder layers; give the padding as ints")
+            # As nn.Conv2d: the odd pixel of an even total goes to the bottom / right.
+            th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_size))
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise AdderConfigError(f"padding={padding!r} is not understood; pass 'same', 'valid', an int or a pair of ints")
+    ph, pw = _pair(padding, "padding", 0)
+    return (ph, ph, pw, pw)
+
+
+def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise AdderConfigError(f"groups={groups!r} must be a positive int; pass groups=1 for a dense layer")
+    for name, count in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if count % groups:
+            raise AdderConfigError(f"{name}={count} is not divisible by groups={groups}; pick groups dividing both channel counts")
+
+
+def _chunk_budget(device: torch.device) -> int:
+    return CHUNK_BUDGET_BYTES if device.type == "cpu" else max(CHUNK_BUDGET_BYTES, DEVICE_CHUNK_BUDGET_BYTES)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+class _Geometry:
+    """Shapes of one adder call: input, padded input, output, kernel."""
+
+    __slots__ = ("batch", "channels", "height", "width", "pads", "padded", "out", "kernel", "stride", "dilation", "groups")
+
+    def __init__(self, x_shape: torch.Size, weight_shape: torch.Size, stride, pads, dilation, groups: int) -> None:
+        self.batch, self.channels, self.height, self.width = x_shape
+        self.pads = pads
+        self.padded = (self.height + pads[0] + pads[1], self.width + pads[2] + pads[3])
+        self.kernel = (weight_shape[2], weight_shape[3])
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        extent = [d * (k - 1) + 1 for d, k in zip(dilation, self.kernel)]
+        if self.padded[0] < extent[0] or self.padded[1] < extent[1]:
+            raise DataError(
+                f"input of spatial size {self.height}x{self.width} (padded {self.padded[0]}x{self.padded[1]}) is smaller "
+                f"than the adder kernel extent {extent[0]}x{extent[1]}; give a larger input or more padding"
+            )
+        self.out = tuple((p - e) // s + 1 for p, e, s in zip(self.padded, extent, stride))
+
+    @property
+    def positions(self) -> int:
+        return self.batch * self.out[0] * self.out[1]
+
+
+def _unfold(x: Tensor, geo: _Geometry) -> Tensor:
+    """Patches ``(N, C * kh * kw)``: row ``(b, i, j)``, columns channel-major like the weight."""
+    top, bottom, left, right = geo.pads
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+    view = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # B, C, Ho, Wo, eh, ew
+    if dh != 1 or dw != 1:
+        view = view[..., ::dh, ::dw]
+    return view.permute(0, 2, 3, 1, 4, 5).reshape(geo.positions, geo.channels * kh * kw)
+
+
+def _fold(grad_patches: Tensor, geo: _Geometry) -> Tensor:
+    """Adjoint of ``_unfold``: sum patch gradients back onto the input, ``(B, C, H, W)``."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = geo.kernel, geo.stride, geo.dilation, geo.out
+    g6 = grad_patches.view(geo.batch, ho, wo, geo.channels, kh, kw)
+    # Channels-last accumulation: each add reads contiguous channel runs.
+    padded = grad_patches.new_zeros(geo.batch, geo.padded[0], geo.padded[1], geo.channels)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            padded[:, rows, cols] += g6[..., i, j]
+    top, _, left, _ = geo.pads
+    grad = padded[:, top : top + geo.height, left : left + geo.width]
+    return grad.permute(0, 3, 1, 2).contiguous()
+
+
+def _rows_per_block(weight3: Tensor, budget: int) -> int:
+    """Positions per block so a ``(rows, G, Cg, Kg)`` buffer fits ``budget`` (at least one)."""
+    return max(1, budget // (weight3.numel() * weight3.element_size()))
+
+
+def _l1_distances(patches: Tensor, weight3: Tensor, budget: int) -> Tensor:
+    """``D[n, g, c] = sum_k |patches[n, g, k] - weight3[g, c, k]|`` as ``(N, G, Cg)``.
+
+    Streams blocks of positions through one reused broadcast buffer.
+    """
+    n_pos = patches.shape[0]
+    groups, cg, kg = weight3.shape
+    p4 = patches.view(n_pos, groups, 1, kg)
+    w4 = weight3.unsqueeze(0)
+    out = patches.new_empty(n_pos, groups, cg)
+    rows = min(n_pos, _rows_per_block(weight3, budget))
+    buf = patches.new_empty(rows, groups, cg, kg)
+    for start in range(0, n_pos, rows):
+        stop = min(n_pos, start + rows)
+        block = buf[: stop - start]
+        torch.sub(p4[start:stop], w4, out=block)
+        block.abs_()
+        torch.sum(block, dim=3, out=out[start:stop])
+    return out
+
+
+def _hardtanh_input_grad(patches: Tensor, weight3: Tensor, grad3: Tensor, budget: int) -> Tensor:
+    """``G[n, g, k] = sum_c grad3[n, g, c] * clamp(weight3[g, c, k] - patches[n, g, k], -1, 1)``."""
+    n_pos = patches.shape[0]
+    groups, cg, kg = weight3.shape
+    p4 = patches.view(n_pos, groups, 1, kg)
+    w4 = weight3.unsqueeze(0)
+    out = patches.new_empty(n_pos, groups, kg)
+    rows = min(n_pos, _rows_per_block(weight3, budget))
+    buf = patches.new_empty(rows, groups, cg, kg)
+    for start in range(0, n_pos, rows):
+        stop = min(n_pos, start + rows)
+        n = stop - start
+        block = buf[:n]
+        torch.sub(w4, p4[start:stop], out=block)
+        block.clamp_(-1.0, 1.0)
+        # Per (position, group): (1, Cg) @ (Cg, Kg), batched.
+        torch.bmm(grad3[start:stop].view(n * groups, 1, cg), block.view(n * groups, cg, kg), out=out[start:stop].view(n * groups, 1, kg))
+    return out
+
+
+def _difference_weight_grad(patches: Tensor, weight3: Tensor, grad3: Tensor) -> Tensor:
+    """``GW[g, c, k] = sum_n grad3[n, g, c] * (patches[n, g, k] - weight3[g, c, k])`` (linear in X)."""
+    n_pos = patches.shape[0]
+    groups, _, kg = weight3.shape
+    p3 = patches.view(n_pos, groups, kg).transpose(0, 1)  # G, N, Kg
+    g3 = grad3.permute(1, 2, 0)  # G, Cg, N
+    grad = torch.bmm(g3, p3)
+    grad -= weight3 * grad3.sum(dim=0).unsqueeze(-1)
+    return grad
+
+
+def _to_nchw(rows: Tensor, geo: _Geometry) -> Tensor:
+    """``(N, G, Cg)`` position-major rows as a contiguous ``(B, C_out, Ho, Wo)`` tensor."""
+    return rows.reshape(geo.batch, geo.out[0], geo.out[1], -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _prepare(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tuple[Tensor, bool, _Geometry]:
+    """Validate one call; return the batched input, whether it was unbatched, and the geometry."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise DataError("adder_conv2d takes tensors for the input and the weight; convert them with torch.as_tensor")
+    if weight.dim() != 4:
+        raise AdderConfigError(f"adder weight must be 4-D (out, in/groups, kh, kw), got shape {tuple(weight.shape)}; reshape it")
+    stride2, dilation2 = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+    kernel = (weight.shape[2], weight.shape[3])
+    pads = _pads(padding, kernel, stride2, dilation2)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise AdderConfigError(f"groups={groups!r} must be a positive int dividing the {weight.shape[0]} output channels; fix groups")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise DataError(f"adder layer expects a (B, C, H, W) or (C, H, W) input, got shape {tuple(x.shape)}; reshape the input")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise DataError(
+            f"adder layer expects {weight.shape[1] * groups} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+            "give an input with matching channels"
+        )
+    if x.dtype != weight.dtype:
+        raise DataError(f"adder input dtype {x.dtype} differs from weight dtype {weight.dtype}; convert one with .to(dtype)")
+    if x.device != weight.device:
+        raise DataError(f"adder input is on {x.device} but the weight is on {weight.device}; move both to one device")
+    return x, unbatched, _Geometry(x.shape, weight.shape, stride2, pads, dilation2, groups)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def adder_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Adder layer forward ``-sum |X_patch - W|``, shaped like ``F.conv2d`` (no bias).
+
+    The reference numerics for export and lowering. Gradients, when asked for, are
+    the true ones of the L1 distance (sign of the difference), through
+    ``torch.cdist``; training uses ``adder_conv2d_train``. Integer inputs are
+    computed exactly in float64 and returned as int64.
+
+    Example:
+        >>> x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+        >>> adder_conv2d(x, torch.ones(1, 1, 2, 2))
+        tensor([[[[-6.]]]])
+    """
+    integer = not (x.is_floating_point() or x.is_complex()) and not (weight.is_floating_point() or weight.is_complex())
+    if integer:
+        x, weight = x.to(torch.float64), weight.to(torch.float64)
+    x, unbatched, geo = _prepare(x, weight, stride, padding, dilation, groups)
+    cout = weight.shape[0]
+    weight3 = weight.reshape(groups, cout // groups, -1)
+    patches = _unfold(x, geo)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        # Differentiable path: cdist's backward never materialises (N, C_out, K).
+        p3 = patches.view(geo.positions, groups, -1).transpose(0, 1)
+        distances = torch.cdist(p3, weight3, p=1).transpose(0, 1)
+    else:
+        distances = _l1_distances(patches, weight3.contiguous(), _chunk_budget(x.device))
+    y = _to_nchw(-distances, geo)
+    if integer:
+        y = torch.round(y).to(torch.int64)
+    return y.squeeze(0) if unbatched else y
+
+
+class AdderConv2dFunction(torch.autograd.Function):
+    """Adder layer with AdderNet's surrogate gradients (full-precision weight
+    difference, HardTanh input difference, optional adaptive scaling).
+
+    ``apply(x, weight, stride, pads, dilation, groups, eta, adaptive_lr)`` with a
+    batched input and already-normalised arguments; use ``adder_conv2d_train``.
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, pads, dilation, groups, eta, adaptive_lr):  # type: ignore[override]
+        geo = _Geometry(x.shape, weight.shape, stride, pads, dilation, groups)
+        weight3 = weight.reshape(groups, weight.shape[0] // groups, -1).contiguous()
+        patches = _unfold(x, geo)
+        distances = _l1_distances(patches, weight3, _chunk_budget(x.device))
+        ctx.save_for_backward(patches, weight3)
+        ctx.geo, ctx.eta, ctx.adaptive_lr, ctx.weight_shape = geo, eta, adaptive_lr, weight.shape
+        return _to_nchw(distances.neg_(), geo)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        patches, weight3 = ctx.saved_tensors
+        geo = ctx.geo
+        # AdderNet defines the derivatives of Y itself: dY/dX = HT(W - X), dY/dW = X - W.
+        grad3 = grad_out.permute(0, 2, 3, 1).reshape(geo.positions, geo.groups, -1).contiguous()  # (N, G, Cg)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_patches = _hardtanh_input_grad(patches, weight3, grad3, _chunk_budget(patches.device))
+            grad_x = _fold(grad_patches.view(geo.positions, -1), geo)
+        if ctx.needs_input_grad[1]:
+            grad_w = _difference_weight_grad(patches, weight3, grad3)
+            if ctx.adaptive_lr:
+                norm = torch.linalg.vector_norm(grad_w).clamp_min(torch.finfo(grad_w.dtype).tiny)
+                grad_w = grad_w / norm * (ctx.eta * math.sqrt(grad_w.numel()))
+            grad_w = grad_w.view(ctx.weight_shape)
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+def adder_conv2d_train(
+    x: Tensor,
+    weight: Tensor,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    eta: float = 0.2,
+    adaptive_lr: bool = True,
+) -> Tensor:
+    """``adder_conv2d`` with AdderNet's training gradients (see the module docstring).
+
+    Same forward numbers as ``adder_conv2d``; floating-point inputs only.
+    """
+    if not x.is_floating_point():
+        raise DataError(f"adder training needs a floating-point input, got {x.dtype}; convert it with .float()")
+    x, unbatched, geo = _prepare(x, weight, stride, padding, dilation, groups)
+    y = AdderConv2dFunction.apply(x, weight, geo.stride, geo.pads, geo.dilation, groups, float(eta), bool(adaptive_lr))
+    return y.squeeze(0) if unbatched else y
+
+
+# A trace that enters AdderConv2d.forward records these as single call_function nodes.
+torch.fx.wrap("adder_conv2d")
+torch.fx.wrap("adder_conv2d_train")
+
+
+# --------------------------------------------------------------------------- module
+
+
+class AdderConv2d(nn.Module):
+    """AdderNet layer with the constructor of ``nn.Conv2d`` (zero padding only).
+
+    ``bias`` defaults to False (adder layers are followed by batch norm). ``eta``
+    is the adaptive learning-rate coefficient; ``adaptive_lr=False`` leaves the
+    weight gradient unscaled.
+
+    Example:
+        >>> layer = AdderConv2d(3, 8, 3, padding=1)
+        >>> layer(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 8, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eta: float = 0.2,
+        adaptive_lr: bool = True,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        super().__init__()
+        for name, count in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise AdderConfigError(f"{name}={count!r} must be a positive int; pass the channel count")
+        _check_groups(in_channels, out_channels, groups)
+        if not eta > 0:
+            raise AdderConfigError(f"eta={eta!r} must be positive; AdderNet uses eta=0.2")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.dilation = _pair(dilation, "dilation", 1)
+        _pads(padding, self.kernel_size, self.stride, self.dilation)  # validates
+        self.padding: Union[str, Tuple[int, int]] = padding if isinstance(padding, str) else _pair(padding, "padding", 0)
+        self.eta, self.adaptive_lr = float(eta), bool(adaptive_lr)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal weight (fan_in, ReLU gain); bias uniform in ``±1/sqrt(fan_in)`` like conv."""
+        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = adder_conv2d_train(x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.eta, self.adaptive_lr)
+        if self.bias is not None:
+            y = y + self.bias.view(-1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is not None:
+            s += ", bias=True"
+        if self.eta != 0.2:
+            s += f", eta={self.eta}"
+        if not self.adaptive_lr:
+            s += ", adaptive_lr=False"
+        return s

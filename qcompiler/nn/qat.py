@@ -1,0 +1,69 @@
+"""Compute layers whose weight passes through a quantizer on every forward.
+
+Like ``torch.ao.nn.qat``: each class subclasses the float layer, shares its
+parameters, and owns a ``weight_quant`` submodule. Batch norm stays a separate
+module (DESIGN.md §3.5: folding it would move weights off their grid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QConv1d(nn.Conv1d):
+    """``nn.Conv1d`` computing with ``weight_quant(weight)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computing with ``weight_quant(weight)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QLinear(nn.Linear):
+    """``nn.Linear`` computing with ``weight_quant(weight)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quant(self.weight), self.bias)
+
+
+_QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QConv1d,
+    nn.Conv2d: QConv2d,
+    nn.Linear: QLinear,
+}
+
+
+def register_qat_class(float_cls: type[nn.Module], qat_cls: type[nn.Module]) -> None:
+    """Tell :func:`with_weight_quant` which QAT class replaces ``float_cls``."""
+    _QAT_CLASS[float_cls] = qat_cls
+
+
+def with_weight_quant(layer: nn.Module, weight_quant: nn.Module) -> nn.Module:
+    """A QAT copy of ``layer`` sharing its parameters and using ``weight_quant``.
+
+    Applied to an already-quantized layer, it swaps the weight quantizer.
+
+    Example:
+        >>> from qcompiler.quantizers import UniformQuantizer
+        >>> q = with_weight_quant(nn.Linear(3, 2), UniformQuantizer(4, signed=True, channels=2))
+        >>> type(q).__name__
+        'QLinear'
+    """
+    if type(layer) in _QAT_CLASS.values():
+        layer.weight_quant = weight_quant
+        return layer
+    cls = _QAT_CLASS[type(layer)]
+    q = cls.__new__(cls)
+    # Share every attribute (hyper-parameters, parameters, buffers) of the float
+    # layer; the containers are copied so the float layer itself is untouched.
+    q.__dict__.update(vars(layer))
+    q._parameters, q._buffers, q._modules = dict(layer._parameters), dict(layer._buffers), dict(layer._modules)
+    q.weight_quant = weight_quant
+    return q

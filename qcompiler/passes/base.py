@@ -1,0 +1,76 @@
+"""The pass interface.
+
+How to write a pass:
+  1. Subclass ``Pass`` in a file named after it; set ``name``, ``purpose``,
+     ``stage``, and the facts it ``requires`` and ``produces``.
+  2. ``run(gm, ctx)`` reads records with ``qcompiler.ir.get``, edits the graph
+     (collect edits first, then apply), writes records, and returns
+     ``PassResult(gm, changed)``. A second run on its own output must report
+     ``changed=False``.
+  3. Add the class to ``REGISTRY`` in ``passes/__init__.py``; the manager does the
+     ordering, linting, recompiling, verifying, timing and IR dumps.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from ..spec import QuantSpec
+
+# Facts the context itself can provide, rather than a pass.
+CALIBRATION_DATA = "calibration-data"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the spec and the data."""
+
+    spec: QuantSpec
+    example_inputs: tuple[torch.Tensor, ...]
+    calib_batches: list[torch.Tensor] = field(default_factory=list)
+    progress: bool = False
+
+    def provided(self) -> set[str]:
+        return {CALIBRATION_DATA} if self.calib_batches else set()
+
+
+class Pass(abc.ABC):
+    """One step of the pipeline; see the module docstring for the recipe."""
+
+    name: ClassVar[str]
+    purpose: ClassVar[str]
+    # Passes run in ascending stage; the user's order breaks no ties across stages.
+    stage: ClassVar[int]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    produces: ClassVar[frozenset[str]] = frozenset()
+    # Names of passes that cannot share a pipeline with this one.
+    conflicts: ClassVar[frozenset[str]] = frozenset()
+    # An analysis is inserted automatically when a later pass requires its facts.
+    analysis: ClassVar[bool] = False
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec) -> Pass:
+        """The pass configured from the user's spec (override when it has settings)."""
+        return cls()
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult: ...
+
+
+# Stage numbers, in pipeline order.
+STAGE_ANALYSIS = 0
+STAGE_CALIBRATE = 1
+STAGE_ACTIVATIONS = 2
+STAGE_WEIGHT_GRID = 3
+STAGE_ADDER = 4

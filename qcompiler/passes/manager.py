@@ -1,0 +1,147 @@
+"""Pipeline planning and the pass manager.
+
+``plan`` turns the user's pass names into an ordered list of pass instances and
+checks it before any work is done: unknown names, conflicts and missing
+prerequisites are one clear error each. ``PassManager.run`` then runs the plan and,
+after every pass, lints and recompiles the graph, optionally verifies that it still
+runs, times the pass and writes an IR dump.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from ..dump import write_dump
+from ..errors import PassError, PipelineError, QCompileError
+from ..spec import QuantSpec
+from .base import CALIBRATION_DATA, Pass, PassContext
+
+
+@dataclass(frozen=True)
+class PassRun:
+    """What running one pass did, for reports."""
+
+    name: str
+    seconds: float
+    modified: bool
+    dump: Path | None
+
+
+def _valid_names(registry: dict[str, type[Pass]]) -> str:
+    return ", ".join(sorted(registry))
+
+
+def plan(
+    names: Sequence[str],
+    spec: QuantSpec,
+    provided: set[str],
+    registry: dict[str, type[Pass]],
+) -> list[Pass]:
+    """Validate ``names`` and return the pass instances in the order they run."""
+    seen: set[str] = set()
+    for n in names:
+        if n not in registry:
+            raise PipelineError(f"unknown pass {n!r}; valid passes: {_valid_names(registry)}")
+        if n in seen:
+            raise PipelineError(f"pass {n!r} is listed twice; list each pass once")
+        seen.add(n)
+    chosen = list(names)
+    if spec.pin_first_last and "pin-first-last" in registry and "pin-first-last" not in seen:
+        chosen.insert(0, "pin-first-last")
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1 :]:
+            if b in registry[a].conflicts or a in registry[b].conflicts:
+                raise PipelineError(f"passes {a!r} and {b!r} conflict ({registry[a].purpose}); keep one of them")
+    ordered = sorted(chosen, key=lambda n: registry[n].stage)  # stable: user order within a stage
+
+    # Walk the plan, inserting analyses that a later pass needs.
+    have, result = set(provided), []
+    for n in ordered:
+        for fact in sorted(registry[n].requires - have):
+            provider = _provider(fact, registry)
+            if fact == CALIBRATION_DATA:
+                raise PipelineError(f"pass {n!r} needs calibration data; give --data (CLI) or calib_data= (API)")
+            if provider is None or not registry[provider].analysis:
+                hint = f"add {provider!r} before it" if provider else "no pass produces it"
+                raise PipelineError(f"pass {n!r} needs {fact!r} from an earlier pass; {hint}")
+            missing = registry[provider].requires - have
+            if CALIBRATION_DATA in missing:
+                raise PipelineError(
+                    f"pass {n!r} needs {provider!r}, which needs calibration data; give --data (CLI) or calib_data= (API)"
+                )
+            result.append(registry[provider].from_spec(spec))
+            have |= registry[provider].produces
+        result.append(registry[n].from_spec(spec))
+        have |= registry[n].produces
+    return result
+
+
+def _provider(fact: str, registry: dict[str, type[Pass]]) -> str | None:
+    for name, cls in sorted(registry.items()):
+        if fact in cls.produces:
+            return name
+    return None
+
+
+class PassManager:
+    """Runs planned passes with linting, verification, timing and IR dumps.
+
+    Example:
+        >>> from qcompiler.passes import REGISTRY
+        >>> from qcompiler.spec import QuantSpec
+        >>> spec = QuantSpec(passes=("lsq",))
+        >>> [p.name for p in plan(spec.passes, spec, {"calibration-data"}, REGISTRY)]
+        ['pin-first-last', 'observe', 'lsq']
+    """
+
+    def __init__(self, passes: Sequence[Pass], dump_dir: Path | None = None, verify: bool = False) -> None:
+        self.passes = list(passes)
+        self.dump_dir = dump_dir
+        self.verify = verify
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRun]]:
+        runs: list[PassRun] = []
+        if self.dump_dir is not None:
+            write_dump(gm, self.dump_dir, 0, "input", "traced input, before any pass")
+        for i, p in enumerate(self.passes, start=1):
+            start = time.perf_counter()
+            try:
+                result = p.run(gm, ctx)
+                gm = result.graph_module
+                gm.graph.lint()
+                gm.recompile()
+                if self.verify:
+                    _verify_runs(gm, ctx)
+            except QCompileError:
+                raise
+            except Exception as e:
+                before = ", ".join(r.name for r in runs) or "none"
+                raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {e}") from e
+            seconds = time.perf_counter() - start
+            dump = None
+            if self.dump_dir is not None:
+                title = f"after pass {i}: {p.name} ({p.purpose}); modified={result.modified}"
+                dump = write_dump(gm, self.dump_dir, i, p.name, title)
+            runs.append(PassRun(p.name, seconds, result.modified, dump))
+        return gm, runs
+
+
+def _verify_runs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """The graph must still run on the example inputs and give finite outputs."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            out = gm(*ctx.example_inputs)
+    finally:
+        gm.train(was_training)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    for o in outs:
+        if isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all():
+            raise AssertionError("graph produces non-finite values on the example inputs")

@@ -1,0 +1,195 @@
+"""QuantSpec: what the user asks the compiler for.
+
+A spec names the bit widths, the pass pipeline, first/last-layer pinning and
+per-layer overrides. It is plain data, validated on construction, and can be read
+from JSON or TOML so experiments are reproducible from a file.
+
+Example:
+    >>> spec = QuantSpec(weight_bits=4, act_bits=4, passes=("asq", "post"))
+    >>> spec.layer_bits("layer1.0.conv1", pinned_bits=None)
+    (4, 4)
+    >>> spec = QuantSpec(overrides=(LayerOverride("fc*", weight_bits=8),))
+    >>> spec.layer_bits("fc", pinned_bits=None)
+    (8, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def check_bits(bits: object, what: str) -> int:
+    """Validate a bit width; the one place that says which widths we support.
+
+    >>> check_bits(4, "--bits")
+    4
+    >>> check_bits(1, "--bits")
+    Traceback (most recent call last):
+    ...
+    qcompiler.errors.SpecError: --bits must be an integer from 2 to 16, got 1; pick e.g. 4 or 8
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise SpecError(
+            f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}; pick e.g. 4 or 8"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Bit widths for the layers whose node name matches ``pattern`` (a glob)."""
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise SpecError("a layer override needs a non-empty 'pattern' (a node name or glob)")
+        if self.weight_bits is not None:
+            check_bits(self.weight_bits, f"override {self.pattern!r} weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, f"override {self.pattern!r} act_bits")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Everything the compiler needs to know about the quantization wanted.
+
+    Attributes:
+        weight_bits, act_bits: default bit widths of weights and activations.
+        passes: the pipeline, as pass names (``"asq,post"`` is accepted too).
+        pin_first_last: keep the layer reading the input and the one producing
+            the output at ``pin_bits`` (the common practice in both papers).
+        overrides: per-layer bit widths by node name or glob; the last match wins,
+            and pinning wins over overrides.
+        seed: seeds every random choice (k-means restarts, data order).
+        calib_batches: how many calibration batches calibration passes read.
+        outlier_alpha: quantile of ``|x|`` the outlier clamp keeps (AdderNet).
+        adder_groups: number of group scales per adder layer.
+        leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    passes: tuple[str, ...] = ("lsq",)
+    pin_first_last: bool = True
+    pin_bits: int = 8
+    overrides: tuple[LayerOverride, ...] = ()
+    seed: int = 0
+    calib_batches: int = 8
+    outlier_alpha: float = 0.9992
+    adder_groups: int = 4
+    leaf_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        check_bits(self.pin_bits, "pin_bits")
+        if isinstance(self.passes, str):
+            object.__setattr__(self, "passes", parse_pass_names(self.passes))
+        else:
+            object.__setattr__(self, "passes", tuple(self.passes))
+        overrides = tuple(
+            o if isinstance(o, LayerOverride) else LayerOverride(**_known(o, LayerOverride, "override"))
+            for o in self.overrides
+        )
+        object.__setattr__(self, "overrides", overrides)
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise SpecError(f"calib_batches must be a positive integer, got {self.calib_batches!r}")
+        if not 0.5 < float(self.outlier_alpha) <= 1.0:
+            raise SpecError(f"outlier_alpha must lie in (0.5, 1], got {self.outlier_alpha!r}; the paper uses 0.999")
+        if not isinstance(self.adder_groups, int) or self.adder_groups < 1:
+            raise SpecError(f"adder_groups must be a positive integer, got {self.adder_groups!r}")
+
+    def layer_bits(self, layer: str, pinned_bits: int | None) -> tuple[int, int]:
+        """(weight bits, input-activation bits) of the layer named ``layer``."""
+        if pinned_bits is not None:
+            return pinned_bits, pinned_bits
+        w, a = self.weight_bits, self.act_bits
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(layer, o.pattern):
+                w = o.weight_bits if o.weight_bits is not None else w
+                a = o.act_bits if o.act_bits is not None else a
+        return w, a
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passes"] = list(self.passes)
+        d["overrides"] = [dataclasses.asdict(o) for o in self.overrides]
+        d["leaf_modules"] = list(self.leaf_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        """Build a spec from plain data; unknown keys are an error, not ignored."""
+        return cls(**_known(data, cls, "spec"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantSpec:
+        """Read a spec from a ``.json`` or ``.toml`` file.
+
+        TOML example::
+
+            weight_bits = 4
+            act_bits = 4
+            passes = ["asq", "post"]
+            [[overrides]]
+            pattern = "layer3.*"
+            act_bits = 8
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file {str(p)!r} does not exist; give a .json or .toml file")
+        try:
+            if p.suffix == ".toml":
+                data = tomllib.loads(p.read_text())
+            elif p.suffix == ".json":
+                data = json.loads(p.read_text())
+            else:
+                raise SpecError(f"spec file {str(p)!r} must end in .json or .toml")
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SpecError(f"spec file {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"spec file {str(p)!r} must hold a table/object at top level")
+        return cls.from_dict(data)
+
+
+def parse_pass_names(text: str) -> tuple[str, ...]:
+    """Split ``"asq, post"`` into ``("asq", "post")``.
+
+    >>> parse_pass_names("asq, post")
+    ('asq', 'post')
+    """
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise SpecError("the pass list is empty; give e.g. --passes lsq")
+    return names
+
+
+def _known(data: Any, cls: type, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} must be a table/object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return dict(data)
+
+
+__all__ = ["QuantSpec", "LayerOverride", "check_bits", "parse_pass_names"]

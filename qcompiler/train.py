@@ -1,0 +1,99 @@
+"""Training and evaluation: one recipe for the float model and for QAT.
+
+SGD with momentum and a cosine learning-rate schedule without restarts, as in LSQ
+and ASQ. Quantizer parameters (steps, clips, adapters' outputs) and batch-norm
+parameters get no weight decay: shrinking a step towards zero is not
+regularisation, it is a different quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import Dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    Example:
+        >>> TrainConfig(epochs=3, lr=0.01).lr
+        0.01
+    """
+
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Only conv/linear weights of rank >= 2 are regularised.
+        is_quant = "_quant" in name or "_act" in name or name.endswith(".step")
+        (decay if p.dim() >= 2 and not is_quant else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), progress: bool | None = None) -> list[float]:
+    """Train ``module`` in place on ``data``'s train split; returns per-epoch mean loss.
+
+    Example:
+        >>> from qcompiler.data import load_digits
+        >>> from qcompiler.zoo import plain_cnn
+        >>> losses = train(plain_cnn(), load_digits(), TrainConfig(epochs=1), progress=False)
+        >>> len(losses)
+        1
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    torch.manual_seed(config.seed)
+    opt = torch.optim.SGD(_param_groups(module, config.weight_decay), lr=config.lr, momentum=config.momentum)
+    loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    total = max(config.epochs * len(loader), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    module.train()
+    losses = []
+    bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
+    for _ in range(config.epochs):
+        running, batches = 0.0, 0
+        for x, y in loader:
+            loss = F.cross_entropy(module(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+            batches += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / batches:.3f}")
+        losses.append(running / max(batches, 1))
+    bar.close()
+    module.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, data: Dataset, split: str = "test", batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent on ``split``, in eval mode."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    for x, y in data.loader(split, batch_size=batch_size):
+        correct += int((module(x).argmax(1) == y).sum())
+        total += len(y)
+    module.train(was_training)
+    return 100.0 * correct / max(total, 1)
