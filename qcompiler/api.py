@@ -19,7 +19,9 @@ from .data import Dataset
 from .errors import DataError
 from .frontend import trace
 from .passes import REGISTRY, PassContext, PassManager, plan
-from .report import CompileReport, build_report
+from . import ir
+from .passes.power_grid import encode_codes
+from .report import AdapterOverhead, CompileReport, asq_overhead, build_report
 from .spec import QuantSpec
 
 CALIB_BATCH_SIZE = 64
@@ -40,6 +42,20 @@ class Compiled:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.module(*inputs)
 
+    def refresh_records(self) -> None:
+        """Re-encode the weight codes from the trained quantizers; call after QAT.
+
+        Records hold what the passes decided; training moves weights and clips, so
+        the integer codes the backends read are re-derived by the same quantizers.
+        """
+        for layer in ir.compute_layers(self.module):
+            if ir.CODES in layer.meta:
+                layer.meta[ir.CODES] = encode_codes(self.module, layer)
+
+    def adapter_overhead(self, bit_widths: tuple[int, ...] = (8, 4, 3, 2)) -> tuple[AdapterOverhead, ...]:
+        """ASQ adapters' extra parameter bits and operations, per bit width (ASQ Table 1)."""
+        return asq_overhead(self.module, bit_widths)
+
     def save(self, out_dir: str | Path) -> Path:
         """Write ``module.pt``, ``spec.json`` and ``report.txt`` into ``out_dir``.
 
@@ -48,6 +64,7 @@ class Compiled:
         """
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
+        self.refresh_records()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             torch.save(self.module, tmp / "module.pt")

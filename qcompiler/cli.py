@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from . import compile as qcompile_model
     from .data import load_data
     from .modelio import load_model
+    from .report import overhead_table
     from .train import TrainConfig, evaluate, train
 
     spec = _spec_from_args(args)
@@ -118,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"passes: {','.join(spec.passes)}; W{spec.weight_bits}A{spec.act_bits}{pinned}\n")
     print(compiled.report.layer_table() + "\n")
     print(compiled.report.pass_table() + "\n")
+    if "asq" in spec.passes:
+        print("ASQ adapter overhead (ASQ paper, Table 1):")
+        print(overhead_table(compiled.adapter_overhead(tuple(sorted({8, 4, 3, 2, spec.act_bits}, reverse=True)))) + "\n")
     print(f"float accuracy:           {float_acc:6.2f} %")
     print(f"quantized, before QAT:    {evaluate(compiled.module, data):6.2f} %")
     if args.train_epochs:
@@ -125,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         train(compiled.module, data, config, progress=progress)
         acc = evaluate(compiled.module, data)
         print(f"quantized, after {args.train_epochs} QAT epoch(s): {acc:6.2f} %  ({acc - float_acc:+.2f} vs float)")
+        compiled.refresh_records()
     if args.dump_ir:
         _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")

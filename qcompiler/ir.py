@@ -12,6 +12,7 @@ key                 record          on which nodes
 ``qc.range``        TensorRange     nodes whose output feeds a quantized layer
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
+``qc.codes``        WeightCodes     compute layers on a POT/POST grid
 ==================  ==============  ==================================================
 
 Learned values (steps, clips) live in the quantizer modules the records name, since
@@ -30,6 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 import torch.fx as fx
 
 R = TypeVar("R")
@@ -39,6 +41,7 @@ PIN = "qc.pin"
 RANGE = "qc.range"
 ACT = "qc.act"
 WEIGHT = "qc.weight"
+CODES = "qc.codes"
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,37 @@ class WeightQuant:
     module: str  # qualified name of the weight quantizer module
 
 
+@dataclass(frozen=True, eq=False)
+class WeightCodes:
+    """The integer code of every weight on a power grid, for the backends.
+
+    ``codes`` holds ``sign * m`` per weight: ``m = 0`` is zero, otherwise the weight
+    is ``scale[c] * sign * base^-(m-1)``; ``exponent = m - 1`` tells a backend the
+    shift (``exponent // 2`` for POST) and whether the ``1/sqrt(2)`` table is needed
+    (odd exponent, POST only). Refreshed from the quantizer after training.
+    """
+
+    grid: str  # "pot" | "post"
+    bits: int
+    base: float
+    codes: torch.Tensor  # int64, the weight's shape
+    scale: torch.Tensor  # per output channel (alpha)
+
+    @property
+    def sign(self) -> torch.Tensor:
+        return torch.sign(self.codes)
+
+    @property
+    def exponent(self) -> torch.Tensor:
+        """``k = m - 1`` per weight; -1 marks a zero weight."""
+        return self.codes.abs() - 1
+
+
 def get(node: fx.Node, key: str, kind: type[R]) -> R:
     """Read the record ``key`` of ``node``; a missing record is a pipeline bug.
 
-    >>> import torch.fx as fx
+    >>> import torch
+import torch.fx as fx
     >>> g = fx.Graph(); n = g.placeholder("x")
     >>> get(n, PIN, Pin)
     Traceback (most recent call last):
@@ -165,6 +195,8 @@ def format_record(rec: object) -> str:
 
 
 def _fmt(v: object) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}"
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, tuple) and len(v) > 8:

@@ -7,10 +7,13 @@ file is the one place that says which passes exist.
 from __future__ import annotations
 
 from .base import Pass, PassContext, PassResult
+from .asq import ASQ
 from .lsq import LSQ
 from .manager import PassManager, PassRun, plan
 from .observe import Observe
 from .pin_first_last import PinFirstLast
+from .post import POST
+from .pot import POT
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -18,6 +21,9 @@ REGISTRY: dict[str, type[Pass]] = {
         PinFirstLast,
         Observe,
         LSQ,
+        ASQ,
+        POT,
+        POST,
     )
 }
 
