@@ -16,6 +16,7 @@ shift plus one multiply by ``1/sqrt(2)`` (a small table for POST).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 GRID_BASES = {"pot": 2.0, "post": math.sqrt(2.0)}
 
 
+@functools.lru_cache(maxsize=64)
 def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Magnitudes of the grid in ascending order (the projection table).
 
@@ -31,12 +33,12 @@ def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> 
     level is 1.
 
     >>> power_levels(3, 2.0).tolist()
-    [0.0, 0.125, 0.25, 0.5, 1.0]
+    [0.0, 0.25, 0.5, 1.0]
     """
     k = 2 ** (bits - 1) - 1  # positive levels
     exps = torch.arange(k - 1, -1, -1, dtype=torch.float64)
     mags = torch.cat([torch.zeros(1, dtype=torch.float64), base ** (-exps)])
-    return mags.to(dtype)
+    return mags.to(dtype)  # cached and shared: callers must not modify it
 
 
 def _project(u: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +86,12 @@ class PowerGridQuantizer(nn.Module):
         self.positive_levels = 2 ** (bits - 1) - 1
         self.init_quantile = init_quantile
         self.alpha = nn.Parameter(torch.ones(channels))
-        self.register_buffer("levels", power_levels(bits, self.base), persistent=False)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, grid={self.grid}, per-channel({self.alpha.numel()})"
+
+    def _levels(self, w: torch.Tensor) -> torch.Tensor:
+        return power_levels(self.bits, self.base, w.dtype).to(w.device)
 
     def _alpha_view(self, w: torch.Tensor) -> torch.Tensor:
         return self.alpha.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
@@ -101,13 +105,13 @@ class PowerGridQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = w[0].numel()
         scale = 1.0 / math.sqrt(n * self.positive_levels)
-        return _PowerGrid.apply(w, self._alpha_view(w), self.levels.to(w.dtype), scale)
+        return _PowerGrid.apply(w, self._alpha_view(w), self._levels(w), scale)
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Signed magnitude codes ``sign * m`` (``m = 0`` is zero, else ``k = m - 1``)."""
         u = w / self._alpha_view(w)
-        idx, _ = _project(u, self.levels.to(w.dtype))
+        idx, _ = _project(u, self._levels(w))
         m = torch.where(idx > 0, self.positive_levels + 1 - idx, torch.zeros_like(idx))
         return (torch.sign(u).to(torch.int64) * m).to(torch.int64)
 

@@ -1,0 +1,83 @@
+"""Time of one QAT training step, compiled models against the float model, in one run.
+
+One step = forward + backward + SGD update of the zoo ResNet-18 at 64x64, batch 16.
+The three models are timed in interleaved rounds (so machine noise hits all of them
+alike) and the median per model is reported with its ratio to float.
+
+    python bench/qat_step.py [--repeats 20] [--check]
+
+Target (issue 3): ASQ+POST 4-bit <= 1.3x float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import qcompiler
+from qcompiler.zoo import resnet18
+
+TARGET = 1.3
+
+
+def _step_fn(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+
+    def step() -> float:
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    model = resnet18(in_channels=3, num_classes=10)
+    calib = torch.randn(32, 3, args.size, args.size)
+    models = {
+        "float": model,
+        "LSQ 4-bit": qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=calib).module,
+        "ASQ+POST 4-bit": qcompiler.compile(model, qcompiler.QuantSpec(passes="asq,post"), calib_data=calib).module,
+    }
+    steps = {name: _step_fn(m, x, y) for name, m in models.items()}
+    for step in steps.values():  # warm-up
+        step(), step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+    base = statistics.median(times["float"])
+    print(f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
+          f"median of {args.repeats} interleaved steps")
+    print(f"{'model':16s} {'ms/step':>8s} {'x float':>8s}")
+    ratios = {}
+    for name, ts in times.items():
+        ratios[name] = statistics.median(ts) / base
+        print(f"{name:16s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}")
+    ok = ratios["ASQ+POST 4-bit"] <= TARGET
+    print(f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)")
+    return 1 if args.check and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

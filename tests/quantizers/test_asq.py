@@ -1,0 +1,98 @@
+"""ASQ: per-sample beta, beta ≈ 1 at init, the method's gradients, and the adapter guard."""
+
+import math
+
+import torch
+
+from qcompiler.quantizers.asq import BETA_BOUND, Adapter, ASQQuantizer, adapter_hidden
+from qcompiler.quantizers.uniform import lsq_quantize
+
+
+def test_beta_is_per_sample_and_one_at_init():
+    torch.manual_seed(0)
+    q = ASQQuantizer(bits=4, signed=False, channels=16)
+    x = torch.rand(5, 16, 6, 6) * torch.tensor([0.1, 1, 3, 10, 30]).view(-1, 1, 1, 1)
+    beta = q.beta(x)
+    assert beta.shape == (5,)
+    torch.testing.assert_close(beta, torch.ones(5), atol=0.01, rtol=0)
+
+
+def test_beta_differs_between_samples_once_trained():
+    torch.manual_seed(0)
+    q = ASQQuantizer(bits=4, signed=False, channels=8)
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=1.0)
+    x = torch.rand(4, 8, 3, 3) * torch.arange(1, 5).view(-1, 1, 1, 1)
+    beta = q.beta(x)
+    assert beta.unique().numel() == 4
+
+
+def test_step_and_beta_gradients_match_the_method():
+    """d/ds = beta * g and d/dbeta = s * g, with g the per-sample LSQ step gradient."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 4, 2, 2, dtype=torch.float64) * 3
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor([0.8, 1.0, 1.3], dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn_like(x)
+    qmin, qmax, scale = 0, 15, 0.5
+    out = lsq_quantize(x, (s * beta).view(-1, 1, 1, 1), qmin, qmax, scale)
+    (out * upstream).sum().backward()
+
+    # g per sample: the LSQ step gradient at step s*beta, reduced over the sample.
+    g = []
+    for b in range(3):
+        sa = (s * beta[b]).item()
+        v = x[b] / sa
+        q = torch.round(v).clamp(qmin, qmax)
+        inside = (v >= qmin) & (v <= qmax)
+        g.append(float((torch.where(inside, q - v, q) * upstream[b]).sum() * scale))
+    g = torch.tensor(g, dtype=torch.float64)
+    torch.testing.assert_close(s.grad, (beta.detach() * g).sum())
+    torch.testing.assert_close(beta.grad, s.detach() * g)
+
+
+def test_asq_quantizer_dequantizes_with_the_adapted_step():
+    torch.manual_seed(0)
+    q = ASQQuantizer(bits=3, signed=False, channels=4)
+    x = torch.rand(2, 4, 5, 5)
+    q.init_from(x)
+    out = q(x)
+    step = (q.step.abs() * q.beta(x)).view(-1, 1, 1, 1)
+    codes = out / step
+    torch.testing.assert_close(codes, torch.round(codes), atol=1e-5, rtol=0)
+    assert codes.min() >= 0 and codes.max() <= 7
+
+
+def test_adapter_cannot_die():
+    """Where the published ReLU adapter is dead (negative pre-activation: beta = 1e-8 and
+    no gradient), ours keeps beta in [1/8, 8] with a gradient that pulls it back."""
+    a = Adapter(8)
+    x = torch.rand(2, 8, 3, 3)
+    with torch.no_grad():
+        a.fc2.bias.fill_(-1.0)
+    beta = a(x)
+    assert (beta > 0.2).all() and (beta < 1).all()
+    beta.sum().backward()
+    assert a.fc2.bias.grad.item() > 0
+
+
+def test_saturated_adapter_leaves_a_working_quantizer():
+    """Even fully saturated, beta stays >= 1/8: the layer quantizes with step s/8 and s
+    still learns, so the layer cannot be silently switched off."""
+    q = ASQQuantizer(bits=4, signed=False, channels=8)
+    x = torch.rand(2, 8, 3, 3)
+    q.init_from(x)
+    with torch.no_grad():
+        q.adapter.fc2.bias.fill_(-1e4)
+    beta = q.beta(x)
+    torch.testing.assert_close(beta, torch.full((2,), math.exp(-BETA_BOUND)))
+    out = q(x)
+    assert out.abs().sum() > 0
+    out.sum().backward()
+    assert q.step.grad.abs().item() > 0
+
+
+def test_small_channel_fallback():
+    assert adapter_hidden(2) == 4
+    a = Adapter(2)
+    assert a.fc1.out_features == 4
+    assert a(torch.rand(3, 2)).shape == (3,)  # linear-layer inputs (no spatial dims) work too

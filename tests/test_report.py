@@ -1,0 +1,33 @@
+"""Reports: the per-layer table and ASQ's adapter overhead (ASQ paper, Table 1)."""
+
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from qcompiler.report import ADAPTER_PARAM_BITS
+
+
+def test_adapter_overhead_matches_a_hand_computation():
+    # One conv 16->32 3x3 on 8x8 (not pinned) between two pinned layers.
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="asq"), calib_data=torch.rand(4, 4, 8, 8))
+    rows = {r.bits: r for r in c.adapter_overhead((8, 4, 2))}
+
+    # Paper eqs. 10-13: conv params Cin*Cout*K*K, linear N_in*N_out + N_out; OPS = MACs.
+    params = 4 * 16 * 1 + 16 * 32 * 9 + (2048 * 10 + 10)
+    ops = 4 * 16 * 64 + 16 * 32 * 9 * 64 + 2048 * 10
+    # The only adapter sits on the middle conv's 16-channel input: 16 -> 4 -> 1.
+    adapter_params = 16 * 4 + 4 + 4 * 1 + 1
+    adapter_ops = 16 * 4 + 4
+    for b in (8, 4, 2):
+        assert rows[b].param_pct == pytest.approx(100 * adapter_params * ADAPTER_PARAM_BITS / (params * b))
+        assert rows[b].ops_pct == pytest.approx(100 * adapter_ops / (ops * b / 32))
+    assert rows[2].param_pct == pytest.approx(4 * rows[8].param_pct)
+
+
+def test_no_adapter_no_overhead():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.rand(2, 1, 6, 6))
+    assert all(r.param_pct == 0 and r.ops_pct == 0 for r in c.adapter_overhead())
