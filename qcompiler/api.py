@@ -142,7 +142,9 @@ def compile(  # noqa: A001 - the natural name for the entry point
     if example_inputs is None:
         if not batches:
             raise DataError("give example_inputs= or calib_data= so the model can be traced")
-        example_inputs = (batches[0],)
+        # One sample is enough: records drop the batch dimension, and shape
+        # propagation runs a real forward pass whose cost grows with the batch.
+        example_inputs = (batches[0][:1],)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     ctx = PassContext(spec=spec, example_inputs=tuple(example_inputs), calib_batches=batches, progress=progress)

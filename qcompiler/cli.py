@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from . import compile as qcompile_model
     from .data import load_data
     from .modelio import load_model
-    from .report import overhead_table
+    from .report import adder_group_cost, group_cost_table, overhead_table
     from .train import TrainConfig, evaluate, train
 
     spec = _spec_from_args(args)
@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     if "asq" in spec.passes:
         print("ASQ adapter overhead (ASQ paper, Table 1):")
         print(overhead_table(compiled.adapter_overhead(tuple(sorted({8, 4, 3, 2, spec.act_bits}, reverse=True)))) + "\n")
+    if any(p.startswith("adder") for p in spec.passes):
+        print("Extra operations of the adder scale groups (supplement, Prop. 2):")
+        print(group_cost_table(adder_group_cost(compiled.module)) + "\n")
     print(f"float accuracy:           {float_acc:6.2f} %")
     print(f"quantized, before QAT:    {evaluate(compiled.module, data):6.2f} %")
     if args.train_epochs:

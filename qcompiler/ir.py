@@ -13,6 +13,8 @@ key                 record          on which nodes
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
 ``qc.codes``        WeightCodes     compute layers on a POT/POST grid
+``qc.adder_in``     ClampRange      adder layers: calibrated input range (outlier clamp)
+``qc.adder_q``      AdderScales     quantized adder layers: scale groups, clamp, constants
 ==================  ==============  ==================================================
 
 Learned values (steps, clips) live in the quantizer modules the records name, since
@@ -42,6 +44,8 @@ RANGE = "qc.range"
 ACT = "qc.act"
 WEIGHT = "qc.weight"
 CODES = "qc.codes"
+ADDER_IN = "qc.adder_in"
+ADDER_Q = "qc.adder_q"
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,37 @@ class WeightCodes:
     def exponent(self) -> torch.Tensor:
         """``k = m - 1`` per weight; -1 marks a zero weight."""
         return self.codes.abs() - 1
+
+
+@dataclass(frozen=True)
+class ClampRange:
+    """An adder layer's input range: the ``alpha`` quantile of ``|x|``, max over batches."""
+
+    alpha: float
+    range: float
+    batches: int
+
+
+@dataclass(frozen=True, eq=False)
+class AdderScales:
+    """How an adder layer is quantized (AdderNet redistribution, DESIGN.md §3.4).
+
+    Output channel ``c`` belongs to scale group ``group_of_channel[c]``; group ``g``
+    quantizes the input with ``act_steps[g] = group_ranges[g] / (2^b - 1)`` (unsigned
+    codes) and its weights with twice that step (signed codes), so the layer computes
+    ``-act_steps[g] * sum |a_q - 2 w_q|``. ``compensation[c]`` is the lossless weight
+    clamp's constant, already folded into the following batch norm.
+    """
+
+    method: str  # "redistribution" | "shared"
+    bits: int
+    input_range: float
+    group_of_channel: tuple[int, ...]
+    group_ranges: tuple[float, ...]
+    act_steps: tuple[float, ...]
+    weight_clamped: bool
+    compensation: torch.Tensor  # per output channel
+    folded_into: str  # node name of the batch norm holding the compensation, or ""
 
 
 def get(node: fx.Node, key: str, kind: type[R]) -> R:

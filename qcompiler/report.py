@@ -63,14 +63,22 @@ def build_report(gm: fx.GraphModule, passes: list[PassRun], trace_seconds: float
         src = layer.args[0]
         aq = ir.find(src, ir.ACT, ir.ActQuant) if hasattr(src, "meta") else None
         pin = ir.find(layer, ir.PIN, ir.Pin)
+        adder = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
+        act_bits = aq.bits if aq else (adder.bits if adder else None)
+        if aq:
+            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}"
+        elif adder:
+            act_quantizer = f"{len(adder.group_ranges)} shared scale(s)"
+        else:
+            act_quantizer = "-"
         rows.append(
             LayerReport(
                 name=layer.name,
                 kind=info.kind,
                 weight_bits=wq.bits if wq else None,
-                act_bits=aq.bits if aq else None,
+                act_bits=act_bits,
                 weight_quantizer=f"{wq.grid} {wq.granularity}" if wq else "-",
-                act_quantizer=f"{aq.method} {'signed' if aq.signed else 'unsigned'}" if aq else "-",
+                act_quantizer=act_quantizer,
                 pinned=pin.reason if pin else "",
                 params=info.params,
                 macs=info.macs,
@@ -135,3 +143,47 @@ def overhead_table(rows: tuple[AdapterOverhead, ...]) -> str:
         [(str(r.bits), f"{r.param_pct:.2f}", f"{r.ops_pct:.3f}") for r in rows],
     )
 
+
+
+@dataclass(frozen=True)
+class GroupScaleCost:
+    """Extra operations of an adder layer's ``g`` scale groups over one scale."""
+
+    layer: str
+    in_channels: int
+    groups: int
+    exact_pct: float  # from the supplement's eq. (2) with this layer's shapes
+    closed_form_pct: float  # the supplement's (g - 1) / (18c + 4), for 3x3 layers
+
+
+def adder_group_cost(gm: fx.GraphModule) -> tuple[GroupScaleCost, ...]:
+    """Relative FLOPs added by group scales, per quantized adder layer (supplement, Prop. 2).
+
+    Eq. (2): ``2hw(c_in d^2 + 1) c_out + c_in d^2 c_out + g h w c_in + h_out w_out c_out``;
+    going from one scale to ``g`` adds ``(g - 1) h w c_in``.
+    """
+    rows = []
+    for layer in ir.compute_layers(gm):
+        scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
+        if scales is None:
+            continue
+        info = ir.get(layer, ir.LAYER, ir.LayerInfo)
+        g = len(scales.group_ranges)
+        c_in, c_out = info.in_channels, info.out_channels
+        h, w = info.input_shape[1:3]
+        d2 = info.kernel_size[0] * info.kernel_size[1]
+        h_out, w_out = info.output_shape[1:3]
+        one_scale = 2 * h * w * (c_in * d2 + 1) * c_out + c_in * d2 * c_out + h * w * c_in + h_out * w_out * c_out
+        rows.append(GroupScaleCost(
+            layer.name, c_in, g,
+            exact_pct=100.0 * (g - 1) * h * w * c_in / one_scale,
+            closed_form_pct=100.0 * (g - 1) / (18 * c_in + 4),
+        ))
+    return tuple(rows)
+
+
+def group_cost_table(rows: tuple[GroupScaleCost, ...]) -> str:
+    return _table(
+        ("adder layer", "c", "g", "extra FLOPs %", "(g-1)/(18c+4) %"),
+        [(r.layer, str(r.in_channels), str(r.groups), f"{r.exact_pct:.3f}", f"{r.closed_form_pct:.3f}") for r in rows],
+    )

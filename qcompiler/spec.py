@@ -77,6 +77,7 @@ class QuantSpec:
         calib_batches: how many calibration batches calibration passes read.
         outlier_alpha: quantile of ``|x|`` the outlier clamp keeps (AdderNet).
         adder_groups: number of group scales per adder layer.
+        adder_weight_clamp: apply AdderNet's lossless weight clamp (ablations turn it off).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
     """
 
@@ -90,6 +91,7 @@ class QuantSpec:
     calib_batches: int = 8
     outlier_alpha: float = 0.9992
     adder_groups: int = 4
+    adder_weight_clamp: bool = True
     leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

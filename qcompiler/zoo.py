@@ -33,6 +33,7 @@ from qcompiler.errors import SpecError
 
 __all__ = [
     "ZOO",
+    "adder_resnet20",
     "build",
     "conv1d_net",
     "mobilenetv2",
@@ -192,6 +193,22 @@ def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16, conv:
     model = ResNet(stem, nn.Sequential(*blocks), in_ch, num_classes)
     _init_weights(model)
     return model
+
+
+def adder_resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> ResNet:
+    """AdderNet ResNet-20: ``resnet20`` whose 18 block convolutions are adder layers.
+
+    As in AdderNet, the stem, the 1x1 shortcuts and the classifier stay multiply
+    layers; every adder layer is followed by batch norm.
+
+    Example:
+        >>> model = adder_resnet20(in_channels=1, width=8)
+        >>> model(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    from .nn.adder import AdderConv2d
+
+    return resnet20(in_channels, num_classes, width, conv=AdderConv2d)
 
 
 def _imagenet_stem(in_channels: int, width: int) -> nn.Sequential:
@@ -479,6 +496,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": mobilenetv2,
     "plain_cnn": plain_cnn,
     "conv1d_net": conv1d_net,
+    "adder_resnet20": adder_resnet20,
 }
 """Model name -> factory. Every factory takes ``in_channels`` and ``num_classes`` keywords."""
 

@@ -146,31 +146,57 @@ class _Geometry:
 
 
 def _unfold(x: Tensor, geo: _Geometry) -> Tensor:
-    """Patches ``(N, C * kh * kw)``: row ``(b, i, j)``, columns channel-major like the weight."""
+    """Patches ``(N, G * kh * kw * Cg)``: row ``(b, i, j)``, columns ordered ``(group, kh, kw, channel)``.
+
+    Built from a channels-last padded copy, so the gather copies contiguous
+    channel runs (2-3x faster than gathering from NCHW, which reads 3-element rows).
+    """
     top, bottom, left, right = geo.pads
-    if top or bottom or left or right:
-        x = F.pad(x, (left, right, top, bottom))
+    nhwc = x.permute(0, 2, 3, 1)
+    nhwc = F.pad(nhwc, (0, 0, left, right, top, bottom)) if any(geo.pads) else nhwc.contiguous()
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
-    view = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # B, C, Ho, Wo, eh, ew
+    view = nhwc.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)  # B, Ho, Wo, C, eh, ew
     if dh != 1 or dw != 1:
         view = view[..., ::dh, ::dw]
-    return view.permute(0, 2, 3, 1, 4, 5).reshape(geo.positions, geo.channels * kh * kw)
+    view = view.unflatten(3, (geo.groups, -1)).permute(0, 1, 2, 3, 5, 6, 4)  # B, Ho, Wo, G, kh, kw, Cg
+    return view.reshape(geo.positions, -1)
 
 
 def _fold(grad_patches: Tensor, geo: _Geometry) -> Tensor:
     """Adjoint of ``_unfold``: sum patch gradients back onto the input, ``(B, C, H, W)``."""
     (kh, kw), (sh, sw), (dh, dw), (ho, wo) = geo.kernel, geo.stride, geo.dilation, geo.out
-    g6 = grad_patches.view(geo.batch, ho, wo, geo.channels, kh, kw)
-    # Channels-last accumulation: each add reads contiguous channel runs.
-    padded = grad_patches.new_zeros(geo.batch, geo.padded[0], geo.padded[1], geo.channels)
+    g7 = grad_patches.view(geo.batch, ho, wo, geo.groups, kh, kw, -1)
+    # Channels-last accumulation: each add reads and writes contiguous channel runs.
+    padded = grad_patches.new_zeros(geo.batch, geo.padded[0], geo.padded[1], geo.groups, g7.shape[-1])
     for i in range(kh):
         for j in range(kw):
             rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
             cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            padded[:, rows, cols] += g6[..., i, j]
+            padded[:, rows, cols] += g7[:, :, :, :, i, j]
     top, _, left, _ = geo.pads
-    grad = padded[:, top : top + geo.height, left : left + geo.width]
+    grad = padded[:, top : top + geo.height, left : left + geo.width].flatten(3)
     return grad.permute(0, 3, 1, 2).contiguous()
+
+
+def _weight3(weight: Tensor, groups: int) -> Tensor:
+    """Weight ``(C_out, Cg, kh, kw)`` as ``(G, C_out / G, kh * kw * Cg)``, the column order of ``_unfold``."""
+    return weight.permute(0, 2, 3, 1).reshape(groups, weight.shape[0] // groups, -1)
+
+
+def _weight4(weight3: Tensor, weight_shape: torch.Size) -> Tensor:
+    """Inverse of ``_weight3``."""
+    cout, cg, kh, kw = weight_shape
+    return weight3.reshape(cout, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
+
+
+def _l1_distances(patches: Tensor, weight3: Tensor) -> Tensor:
+    """``D[g, n, c] = sum_k |patches[n, g, k] - weight3[g, c, k]|`` as ``(G, N, Cg)``.
+
+    One ``torch.cdist`` call: a single fused parallel pass that never materialises
+    the ``(N, C_out, K)`` differences (differentiable, sign gradient).
+    """
+    groups, _, kg = weight3.shape
+    return torch.cdist(patches.view(-1, groups, kg).transpose(0, 1), weight3, p=1)
 
 
 def _rows_per_block(weight3: Tensor, budget: int) -> int:
@@ -178,29 +204,12 @@ def _rows_per_block(weight3: Tensor, budget: int) -> int:
     return max(1, budget // (weight3.numel() * weight3.element_size()))
 
 
-def _l1_distances(patches: Tensor, weight3: Tensor, budget: int) -> Tensor:
-    """``D[n, g, c] = sum_k |patches[n, g, k] - weight3[g, c, k]|`` as ``(N, G, Cg)``.
-
-    Streams blocks of positions through one reused broadcast buffer.
-    """
-    n_pos = patches.shape[0]
-    groups, cg, kg = weight3.shape
-    p4 = patches.view(n_pos, groups, 1, kg)
-    w4 = weight3.unsqueeze(0)
-    out = patches.new_empty(n_pos, groups, cg)
-    rows = min(n_pos, _rows_per_block(weight3, budget))
-    buf = patches.new_empty(rows, groups, cg, kg)
-    for start in range(0, n_pos, rows):
-        stop = min(n_pos, start + rows)
-        block = buf[: stop - start]
-        torch.sub(p4[start:stop], w4, out=block)
-        block.abs_()
-        torch.sum(block, dim=3, out=out[start:stop])
-    return out
-
-
 def _hardtanh_input_grad(patches: Tensor, weight3: Tensor, grad3: Tensor, budget: int) -> Tensor:
-    """``G[n, g, k] = sum_c grad3[n, g, c] * clamp(weight3[g, c, k] - patches[n, g, k], -1, 1)``."""
+    """``G[n, g, k] = sum_c grad3[n, g, c] * clamp(weight3[g, c, k] - patches[n, g, k], -1, 1)``.
+
+    Streams blocks of positions through one reused broadcast buffer of at most
+    ``budget`` bytes: ``sub -> clamp -> bmm`` per block.
+    """
     n_pos = patches.shape[0]
     groups, cg, kg = weight3.shape
     p4 = patches.view(n_pos, groups, 1, kg)
@@ -230,9 +239,12 @@ def _difference_weight_grad(patches: Tensor, weight3: Tensor, grad3: Tensor) -> 
     return grad
 
 
-def _to_nchw(rows: Tensor, geo: _Geometry) -> Tensor:
-    """``(N, G, Cg)`` position-major rows as a contiguous ``(B, C_out, Ho, Wo)`` tensor."""
-    return rows.reshape(geo.batch, geo.out[0], geo.out[1], -1).permute(0, 3, 1, 2).contiguous()
+def _negated_nchw(distances: Tensor, geo: _Geometry) -> Tensor:
+    """``-D`` for ``D`` of shape ``(G, N, Cg)``, as a contiguous ``(B, C_out, Ho, Wo)`` tensor."""
+    rows = distances.transpose(0, 1).reshape(geo.batch, geo.out[0], geo.out[1], -1).permute(0, 3, 1, 2)
+    if rows.requires_grad:
+        return rows.neg().contiguous()
+    return torch.neg(rows, out=rows.new_empty(rows.shape))  # one pass, no autograd
 
 
 def _prepare(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tuple[Tensor, bool, _Geometry]:
@@ -290,16 +302,8 @@ def adder_conv2d(
     if integer:
         x, weight = x.to(torch.float64), weight.to(torch.float64)
     x, unbatched, geo = _prepare(x, weight, stride, padding, dilation, groups)
-    cout = weight.shape[0]
-    weight3 = weight.reshape(groups, cout // groups, -1)
-    patches = _unfold(x, geo)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        # Differentiable path: cdist's backward never materialises (N, C_out, K).
-        p3 = patches.view(geo.positions, groups, -1).transpose(0, 1)
-        distances = torch.cdist(p3, weight3, p=1).transpose(0, 1)
-    else:
-        distances = _l1_distances(patches, weight3.contiguous(), _chunk_budget(x.device))
-    y = _to_nchw(-distances, geo)
+    distances = _l1_distances(_unfold(x, geo), _weight3(weight, groups))
+    y = _negated_nchw(distances, geo)
     if integer:
         y = torch.round(y).to(torch.int64)
     return y.squeeze(0) if unbatched else y
@@ -317,12 +321,11 @@ class AdderConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride, pads, dilation, groups, eta, adaptive_lr):  # type: ignore[override]
         geo = _Geometry(x.shape, weight.shape, stride, pads, dilation, groups)
-        weight3 = weight.reshape(groups, weight.shape[0] // groups, -1).contiguous()
+        weight3 = _weight3(weight, groups).contiguous()
         patches = _unfold(x, geo)
-        distances = _l1_distances(patches, weight3, _chunk_budget(x.device))
         ctx.save_for_backward(patches, weight3)
         ctx.geo, ctx.eta, ctx.adaptive_lr, ctx.weight_shape = geo, eta, adaptive_lr, weight.shape
-        return _to_nchw(distances.neg_(), geo)
+        return _negated_nchw(_l1_distances(patches, weight3), geo)
 
     @staticmethod
     @once_differentiable
@@ -340,7 +343,7 @@ class AdderConv2dFunction(torch.autograd.Function):
             if ctx.adaptive_lr:
                 norm = torch.linalg.vector_norm(grad_w).clamp_min(torch.finfo(grad_w.dtype).tiny)
                 grad_w = grad_w / norm * (ctx.eta * math.sqrt(grad_w.numel()))
-            grad_w = grad_w.view(ctx.weight_shape)
+            grad_w = _weight4(grad_w, ctx.weight_shape)
         return grad_x, grad_w, None, None, None, None, None, None
 
 

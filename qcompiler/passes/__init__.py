@@ -7,10 +7,13 @@ file is the one place that says which passes exist.
 from __future__ import annotations
 
 from .base import Pass, PassContext, PassResult
+from .adder_groups import AdderGroups
+from .adder_shared import AdderShared
 from .asq import ASQ
 from .lsq import LSQ
 from .manager import PassManager, PassRun, plan
 from .observe import Observe
+from .outlier_clamp import OutlierClamp
 from .pin_first_last import PinFirstLast
 from .post import POST
 from .pot import POT
@@ -24,7 +27,21 @@ REGISTRY: dict[str, type[Pass]] = {
         ASQ,
         POT,
         POST,
+        OutlierClamp,
+        AdderGroups,
+        AdderShared,
     )
 }
 
-__all__ = ["REGISTRY", "Pass", "PassContext", "PassResult", "PassManager", "PassRun", "plan"]
+# The papers' schemes as pipelines (first/last-layer pinning is added by the spec).
+SCHEMES: dict[str, str] = {
+    "LSQ": "lsq",  # uniform weights and activations
+    "LSQ+POT": "lsq,pot",
+    "LSQ+POST": "lsq,post",
+    "ASQ": "asq",  # adaptive activation steps, uniform weights
+    "ASQ+POST": "asq,post",
+    "adder-redistribution": "outlier-clamp,adder-groups",  # AdderNet PTQ
+    "adder-shared": "adder-shared",  # one shared scale per adder layer (baseline)
+}
+
+__all__ = ["REGISTRY", "SCHEMES", "Pass", "PassContext", "PassResult", "PassManager", "PassRun", "plan"]

@@ -1,0 +1,126 @@
+"""``adder-groups``: AdderNet quantization by redistribution (DESIGN.md §3.4, steps 2-5).
+
+For each adder layer:
+  1. cluster output channels by ``max |W[c]|`` into ``g`` scale groups (k-means);
+  2. with the lossless weight clamp, clip weights to the input range ``r_x`` and fold
+     the exact compensation ``b[c] = -sum max(|W[c]| - r_x, 0)`` into the next batch
+     norm; each group's range is ``r_G = min(max |W_G|, r_x)`` (without the clamp,
+     ``max`` of the two, so nothing is clipped);
+  3. quantize input and weights of each group on one shared grid (``QAdderConv2d``);
+then re-estimate every batch norm on the calibration data. ``r_x`` comes from
+``outlier-clamp`` when it ran, else from the observed maximum of ``|x|``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import ir
+from ..cluster import kmeans_1d
+from ..quantizers.adder import QAdderConv2d
+from ..spec import QuantSpec
+from .base import CALIBRATION_DATA, STAGE_ADDER, Pass, PassContext, PassResult
+from .calibrate import reestimate_batchnorm
+from .rewrite import layer_bits
+
+
+def input_range(layer: fx.Node) -> float:
+    """``r_x``: the outlier-clamped range if calibrated, else the observed max ``|x|``."""
+    clamp = ir.find(layer, ir.ADDER_IN, ir.ClampRange)
+    if clamp is not None:
+        return clamp.range
+    rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
+    return max(abs(rng.min), abs(rng.max))
+
+
+def fold_into_next_batchnorm(gm: fx.GraphModule, layer: fx.Node, constant: torch.Tensor) -> str:
+    """Add ``constant`` (per output channel) to ``layer``'s output via the next batch norm.
+
+    ``BN(y + b)`` equals ``BN'(y)`` with ``running_mean' = running_mean - b``; with no
+    batch norm right after the layer the constant becomes the layer's bias.
+    """
+    users = list(layer.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        bn = gm.get_submodule(users[0].target)
+        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+            with torch.no_grad():
+                bn.running_mean.sub_(constant.to(bn.running_mean))
+            return users[0].name
+    module = gm.get_submodule(layer.target)
+    with torch.no_grad():
+        if module.bias is None:
+            module.bias = nn.Parameter(constant.clone().to(module.weight))
+        else:
+            module.bias.add_(constant.to(module.bias))
+    return ""
+
+
+def compact(labels) -> torch.Tensor:
+    """Renumber group ids 0..n-1 in order of first appearance of each used id."""
+    used = sorted(set(int(v) for v in labels))
+    remap = {g: i for i, g in enumerate(used)}
+    return torch.tensor([remap[int(v)] for v in labels], dtype=torch.int64)
+
+
+class AdderGroups(Pass):
+    name = "adder-groups"
+    purpose = "AdderNet redistribution: k-means scale groups shared by weights and inputs, lossless weight clamp"
+    stage = STAGE_ADDER
+    requires = frozenset({"ranges", CALIBRATION_DATA})
+    produces = frozenset({"adder-quant"})
+    conflicts = frozenset({"adder-shared"})
+    method = "redistribution"
+
+    def __init__(self, groups: int = 4, weight_clamp: bool = True, seed: int = 0) -> None:
+        self.groups, self.weight_clamp, self.seed = groups, weight_clamp, seed
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec) -> AdderGroups:
+        return cls(groups=spec.adder_groups, weight_clamp=spec.adder_weight_clamp, seed=spec.seed)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        changed = False
+        for layer in ir.compute_layers(gm):
+            if ir.get(layer, ir.LAYER, ir.LayerInfo).kind != "adder2d" or ir.ADDER_Q in layer.meta:
+                continue
+            self.quantize_layer(gm, layer, ctx)
+            changed = True
+        if changed:
+            reestimate_batchnorm(gm, ctx.calib_batches, ctx.progress)
+        return PassResult(gm, changed)
+
+    def quantize_layer(self, gm: fx.GraphModule, layer: fx.Node, ctx: PassContext) -> None:
+        module = gm.get_submodule(layer.target)
+        w_bits, a_bits = layer_bits(layer, ctx.spec)
+        r_x = input_range(layer)
+        weight = module.weight.detach()
+        channel_max = weight.abs().flatten(1).max(1).values
+        try:
+            labels = compact(kmeans_1d(channel_max.double().numpy(), self.groups, seed=self.seed))
+        except Exception as e:  # name the layer in the one-line error
+            raise type(e)(f"adder layer {layer.name!r}: {e}") from None
+
+        compensation = torch.zeros(module.out_channels)
+        if self.weight_clamp:
+            compensation = -(weight.abs() - r_x).clamp_min(0).flatten(1).sum(1)
+            with torch.no_grad():
+                module.weight.clamp_(-r_x, r_x)
+        n_groups = int(labels.max()) + 1
+        group_max = [float(channel_max[labels == g].max()) for g in range(n_groups)]
+        pick = min if self.weight_clamp else max
+        group_ranges = [max(pick(m, r_x), 1e-8) for m in group_max]
+        act_steps = [r / (2**a_bits - 1) for r in group_ranges]
+        folded = fold_into_next_batchnorm(gm, layer, compensation) if bool(compensation.any()) else ""
+
+        q = QAdderConv2d.from_float(module, labels, torch.tensor(act_steps), a_bits, w_bits)
+        gm.add_submodule(layer.target, q)
+        layer.meta[ir.ADDER_Q] = ir.AdderScales(
+            method=self.method, bits=a_bits, input_range=r_x,
+            group_of_channel=tuple(labels.tolist()), group_ranges=tuple(group_ranges),
+            act_steps=tuple(act_steps), weight_clamped=self.weight_clamp,
+            compensation=compensation, folded_into=folded,
+        )
+        granularity = "per-group" if n_groups > 1 else "per-layer"
+        layer.meta[ir.WEIGHT] = ir.WeightQuant(grid=f"adder-{self.method}", bits=w_bits, granularity=granularity, module=layer.target)
