@@ -1,0 +1,46 @@
+"""Smoke test of bench/compile_time.py: it runs and reports a finite, positive ratio.
+
+The 0.25 target is not asserted here (timings on a shared machine are noisy);
+``python bench/compile_time.py --check`` checks it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
+NUM = r"([0-9]+(?:\.[0-9]+)?)"
+# model  input  qcompiler ms  (trace / passes)  torch.ao ms  (prepare / convert)  ratio  target  result
+ROW = re.compile(
+    rf"^resnet20\s+1x3x32x32\s+{NUM}\s+\({NUM} / {NUM}\)\s+{NUM}\s+\({NUM} / {NUM}\)\s+{NUM}\s+<= \S+\s+(PASS|MISS)$",
+    re.MULTILINE,
+)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_compile_time", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compile_time_resnet20_reports_a_finite_positive_ratio(capsys):
+    bench = _load_bench()
+    status = bench.main(["--models", "resnet20", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert status == 0  # without --check it never fails on the target
+
+    rows = ROW.findall(out)
+    assert len(rows) == 1, out
+    qc_ms, trace_ms, passes_ms, ao_ms, prepare_ms, convert_ms, ratio = map(float, rows[0][:7])
+    assert math.isfinite(ratio) and ratio > 0, out
+    assert qc_ms > 0 and trace_ms > 0 and ao_ms > 0 and prepare_ms > 0 and convert_ms > 0, out
+    assert passes_ms >= 0, out
+    assert math.isclose(ratio, qc_ms / ao_ms, rel_tol=0.02, abs_tol=0.002), out
+    assert "excluded: observe" in out, out
+    assert "threads 1" in out, out
