@@ -41,30 +41,54 @@ def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> 
     return mags.to(dtype)  # cached and shared: callers must not modify it
 
 
-def _project(u: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest level of ``|u|`` (clipped to 1): returns (level index, signed level)."""
-    mids = (levels[1:] + levels[:-1]) / 2
-    idx = torch.bucketize(u.abs().clamp(max=1.0), mids)  # ties go to the smaller level
-    return idx, torch.sign(u) * levels[idx]
+def _exponents(a: torch.Tensor, bits: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For magnitudes ``a = |u|``: the nearest level's exponent ``k`` and the zero mask.
+
+    Closed form instead of a table search (``bucketize`` is ~10x slower here, and
+    this runs on every weight at every QAT step): with ``t = -log_r a`` the nearest
+    level lies between ``k0 = floor(t)`` and ``k0 + 1``, and it is ``k0 + 1`` exactly
+    when ``frac(t) >= theta = -log_r((1 + 1/r) / 2)``, i.e. ``k = floor(t - theta) + 1``.
+    Ties go to the smaller magnitude; ``a >= 1`` clips to ``k = 0``; at or below half
+    the smallest level the weight is zero.
+    """
+    positive = 2 ** (bits - 1) - 1
+    log_r = math.log2(base)
+    theta = -math.log2((1 + 1 / base) / 2) / log_r
+    k = torch.log2(a).mul_(-1 / log_r).sub_(theta - 1).floor_().clamp_(0, positive - 1)
+    return k, a <= base ** (-(positive - 1)) / 2
+
+
+def _project(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
+    """Nearest signed level of ``u`` (in units of alpha)."""
+    a = u.abs()
+    k, zero = _exponents(a, bits, base)
+    level = torch.exp2(k.mul_(-math.log2(base))).masked_fill_(zero, 0.0)
+    return torch.copysign(level, u)
+
+
+def _codes(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
+    """Signed magnitude codes ``sign * m``: ``m = 0`` is zero, else the level is ``base^-(m-1)``."""
+    k, zero = _exponents(u.abs(), bits, base)
+    m = (k + 1).masked_fill_(zero, 0.0)
+    return (m * torch.sign(u)).to(torch.int64)
 
 
 class _PowerGrid(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, alpha, levels, grad_scale: float):  # type: ignore[override]
+    def forward(ctx, w, alpha, bits: int, base: float, grad_scale: float):  # type: ignore[override]
         u = w / alpha
-        _, q = _project(u, levels)
-        ctx.save_for_backward(u, q, alpha)
+        q = _project(u, bits, base)
+        inside = u.abs() <= 1
+        # d(q * alpha)/d alpha: q - u inside; outside q is exactly sign(u) = the clip.
+        ctx.save_for_backward(inside, torch.where(inside, q - u, q), alpha)
         ctx.grad_scale = grad_scale
         return q * alpha
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        u, q, alpha = ctx.saved_tensors
-        inside = u.abs() <= 1
-        grad_w = grad * inside
-        dalpha = torch.where(inside, q - u, torch.sign(u)) * grad
-        grad_alpha = dalpha.sum_to_size(alpha.shape) * ctx.grad_scale
-        return grad_w, grad_alpha, None, None
+        inside, dalpha, alpha = ctx.saved_tensors
+        grad_alpha = (dalpha * grad).sum_to_size(alpha.shape) * ctx.grad_scale
+        return grad * inside, grad_alpha, None, None, None
 
 
 class PowerGridQuantizer(nn.Module):
@@ -90,9 +114,6 @@ class PowerGridQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, grid={self.grid}, per-channel({self.alpha.numel()})"
 
-    def _levels(self, w: torch.Tensor) -> torch.Tensor:
-        return power_levels(self.bits, self.base, w.dtype).to(w.device)
-
     def _alpha_view(self, w: torch.Tensor) -> torch.Tensor:
         return self.alpha.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
 
@@ -105,15 +126,12 @@ class PowerGridQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = w[0].numel()
         scale = 1.0 / math.sqrt(n * self.positive_levels)
-        return _PowerGrid.apply(w, self._alpha_view(w), self._levels(w), scale)
+        return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Signed magnitude codes ``sign * m`` (``m = 0`` is zero, else ``k = m - 1``)."""
-        u = w / self._alpha_view(w)
-        idx, _ = _project(u, self._levels(w))
-        m = torch.where(idx > 0, self.positive_levels + 1 - idx, torch.zeros_like(idx))
-        return (torch.sign(u).to(torch.int64) * m).to(torch.int64)
+        return _codes(w / self._alpha_view(w), self.bits, self.base)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
