@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .data import Dataset
-from .errors import DataError
+from .errors import DataError, QCompileError, SpecError
 from .frontend import trace
 from .passes import REGISTRY, PassContext, PassManager, plan
 from . import ir
@@ -25,6 +25,22 @@ from .report import AdapterOverhead, CompileReport, asq_overhead, build_report
 from .spec import QuantSpec
 
 CALIB_BATCH_SIZE = 64
+SAVED_FILES = ("module.pt", "records.pt", "spec.json", "report.txt")
+
+
+def check_replaceable(path: Path, ours: tuple[str, ...] | str, what: str) -> None:
+    """Refuse to replace a folder that holds anything but our own outputs.
+
+    ``ours`` is a tuple of file names or a glob pattern.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise QCompileError(f"{what} {str(path)!r} is a file; give a folder path")
+    for f in path.iterdir():
+        mine = f.match(ours) if isinstance(ours, str) else f.name in ours
+        if not (f.is_file() and mine):
+            raise QCompileError(f"{what} {str(path)!r} exists and holds other files ({f.name}); choose a new folder")
 
 
 @dataclass
@@ -56,18 +72,33 @@ class Compiled:
         """ASQ adapters' extra parameter bits and operations, per bit width (ASQ Table 1)."""
         return asq_overhead(self.module, bit_widths)
 
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Compiled:
+        """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""
+        out = Path(out_dir)
+        module = torch.load(out / "module.pt", weights_only=False)
+        records = torch.load(out / "records.pt", weights_only=False)
+        for node in module.graph.nodes:
+            node.meta.update(records.get(node.name, {}))
+        spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
+        return cls(module, spec, build_report(module, [], 0.0))
+
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``module.pt``, ``spec.json`` and ``report.txt`` into ``out_dir``.
+        """Write ``module.pt``, ``records.pt``, ``spec.json`` and ``report.txt`` into ``out_dir``.
 
         The files are written to a temporary folder first and moved into place, so
         a failure never leaves a half-written output.
         """
         out = Path(out_dir)
+        check_replaceable(out, SAVED_FILES, "output folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.refresh_records()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             torch.save(self.module, tmp / "module.pt")
+            # Pickling a GraphModule drops node.meta; the records travel beside it.
+            records = {n.name: ir.records(n) for n in self.module.graph.nodes if ir.records(n)}
+            torch.save(records, tmp / "records.pt")
             (tmp / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
             (tmp / "report.txt").write_text(self.report.layer_table() + "\n\n" + self.report.pass_table() + "\n")
             if out.exists():
@@ -77,6 +108,15 @@ class Compiled:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+
+def check_overrides(gm: fx.GraphModule, spec: QuantSpec) -> None:
+    """An override that matches no layer is almost always a typo: say so."""
+    layers = ir.compute_layers(gm)
+    for o in spec.overrides:
+        if not any(o.matches(n.name, str(n.target)) for n in layers):
+            names = ", ".join(n.name for n in layers[:4])
+            raise SpecError(f"override pattern {o.pattern!r} matches no layer; patterns match node names ({names}, ...) or module paths")
 
 
 def calibration_batches(calib_data: object, limit: int, seed: int = 0) -> list[torch.Tensor]:
@@ -153,6 +193,7 @@ def compile(  # noqa: A001 - the natural name for the entry point
     start = time.perf_counter()
     gm = trace(model, ctx.example_inputs, spec.leaf_modules)
     trace_seconds = time.perf_counter() - start
+    check_overrides(gm, spec)
     manager = PassManager(passes, dump_dir=Path(dump_ir) if dump_ir is not None else None, verify=verify)
     gm, runs = manager.run(gm, ctx)
     gm.eval()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from .api import SAVED_FILES, check_replaceable
 from .errors import QCompileError, SpecError
 from .spec import QuantSpec, check_bits, parse_pass_names
 
@@ -78,22 +80,22 @@ def _check_writable(path: str, flag: str) -> None:
     parent = p if p.exists() else p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise QCompileError(f"{flag} {path!r} lies under the file {str(parent)!r}; give a folder path")
     if not os.access(parent, os.W_OK):
         raise QCompileError(f"{flag} {path!r} is not writable; choose a folder you can write to")
 
 
 def run(args: argparse.Namespace) -> int:
-    # Import here so that `qcompile --help` and argument errors stay instant.
-    from . import compile as qcompile_model
+    # Imported here: data loading pulls in scikit-learn, which argument errors never need.
     from .data import load_data
     from .modelio import load_model
-    from .report import adder_group_cost, group_cost_table, overhead_table
-    from .train import TrainConfig, evaluate, train
 
     spec = _spec_from_args(args)
-    for path, flag in ((args.out, "--out"), (args.dump_ir, "--dump-ir")):
+    for path, flag, ours in ((args.out, "--out", SAVED_FILES), (args.dump_ir, "--dump-ir", "[0-9][0-9]_*.*")):
         if path:
             _check_writable(path, flag)
+            check_replaceable(Path(path), ours, flag)
     if args.train_epochs < 0:
         raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
     try:
@@ -108,6 +110,19 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
 
     dump_tmp = tempfile.mkdtemp(prefix="qcompile-ir-") if args.dump_ir else None
+    try:
+        _compile_train_report(args, spec, data, model, dump_tmp, progress)
+    finally:
+        if dump_tmp:
+            shutil.rmtree(dump_tmp, ignore_errors=True)
+    return 0
+
+
+def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
+    from . import compile as qcompile_model
+    from .report import adder_group_cost, group_cost_table, overhead_table
+    from .train import TrainConfig, evaluate, train
+
     compiled = qcompile_model(
         model, spec, calib_data=data, dump_ir=dump_tmp, verify=args.debug, progress=progress
     )
@@ -138,14 +153,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"IR dumps: {args.dump_ir}")
     if args.out:
         compiled.save(args.out)
-        print(f"wrote {args.out}/module.pt, spec.json, report.txt")
-    return 0
+        print(f"wrote {args.out}/ ({', '.join(SAVED_FILES)})")
 
 
 def _move_into(src: Path, dst: Path) -> None:
-    import shutil
-
-    if dst.exists():
+    if dst.exists():  # checked before any work: holds only earlier dumps
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(dst))

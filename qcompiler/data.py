@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as _sklearn_load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from qcompiler.errors import DataError
@@ -94,9 +92,13 @@ def load_digits(seed_split: int = SPLIT_SEED) -> Dataset:
         >>> len(data.x_train), len(data.x_test)
         (1347, 450)
     """
-    bunch = _sklearn_load_digits()
+    from sklearn.datasets import load_digits as sklearn_load_digits  # slow import: only when used
+
+    bunch = sklearn_load_digits()
     images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=TEST_FRACTION, random_state=seed_split, stratify=labels
     )
@@ -160,6 +162,8 @@ def _split(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[np.ndarray, np.nda
         raise DataError(
             f"{path}: {len(x)} sample cannot be split into train and test; add samples or save x_test/y_test"
         )
+    from sklearn.model_selection import train_test_split
+
     try:
         return train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
     except ValueError:

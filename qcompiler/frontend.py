@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import importlib
 import math
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ LAYER_KINDS: dict[type[nn.Module], str] = {
 class _Tracer(fx.Tracer):
     """fx tracer that keeps our own layers opaque and remembers where it failed."""
 
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:  # default: unpickling rebuilds it bare
         super().__init__()
         self.leaf_types = (AdderConv2d, *leaf_types)
         self.failed_in: tuple[str, str] | None = None
@@ -80,6 +82,8 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    if type(model) in LAYER_KINDS:  # a bare layer would trace to a plain function call
+        model = nn.Sequential(model)
     tracer = _Tracer(resolve_leaf_types(leaf_modules))
     try:
         graph = tracer.trace(model)
@@ -92,6 +96,10 @@ def trace(
             f"cannot trace {what}: {reason}; make its forward traceable or mark it a leaf "
             f"with --leaf {hint} (QuantSpec(leaf_modules=[...]))"
         ) from None
+    for node in graph.nodes:
+        # String annotations (from __future__ import annotations) break pickling of the module.
+        if isinstance(node.type, str):
+            node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
@@ -104,11 +112,13 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     if len(example_inputs) != n_inputs:
         raise DataError(f"the model takes {n_inputs} input(s) but {len(example_inputs)} example input(s) were given")
     try:
-        with torch.no_grad():
+        # ShapeProp prints the failing node's traceback itself; the user gets one line.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ or e
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise DataError(
             f"input of shape {shapes} does not fit the model ({reason}); give data shaped as the model expects"
         ) from None

@@ -179,8 +179,7 @@ class AdderScales:
 def get(node: fx.Node, key: str, kind: type[R]) -> R:
     """Read the record ``key`` of ``node``; a missing record is a pipeline bug.
 
-    >>> import torch
-import torch.fx as fx
+    >>> import torch.fx as fx
     >>> g = fx.Graph(); n = g.placeholder("x")
     >>> get(n, PIN, Pin)
     Traceback (most recent call last):

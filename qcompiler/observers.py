@@ -4,7 +4,7 @@ A calibration set can be arbitrarily large, so an observer keeps only running
 scalars (min, max, sum of ``|x|``, count) and a fixed-size histogram of ``|x|``.
 When a batch exceeds the histogram's range, the range doubles (as often as needed)
 and adjacent bins merge pairwise, so counts are never re-estimated: the histogram
-is exact up to its bin width, which is ``max|x| / bins`` or finer.
+is exact up to its bin width, which is at most ``2 * max|x| / bins``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .errors import DataError
 from .ir import TensorRange
 
 
@@ -45,6 +46,8 @@ class RangeObserver:
         self.abs_sum += float(a.sum(dtype=torch.float64))
         self.count += a.numel()
         top = float(a.max())
+        if not math.isfinite(top):
+            raise DataError("calibration data produced a non-finite activation (inf or nan); check the data and the model")
         if self.edge == 0.0:
             self.edge = top * (1 + 1e-6) if top > 0 else 1e-8
         while top >= self.edge:

@@ -53,6 +53,9 @@ class LayerOverride:
     weight_bits: int | None = None
     act_bits: int | None = None
 
+    def matches(self, node_name: str, module_path: str = "") -> bool:
+        return fnmatch.fnmatchcase(node_name, self.pattern) or bool(module_path) and fnmatch.fnmatchcase(module_path, self.pattern)
+
     def __post_init__(self) -> None:
         if not self.pattern:
             raise SpecError("a layer override needs a non-empty 'pattern' (a node name or glob)")
@@ -102,6 +105,11 @@ class QuantSpec:
             object.__setattr__(self, "passes", parse_pass_names(self.passes))
         else:
             object.__setattr__(self, "passes", tuple(self.passes))
+        if not self.passes:
+            raise SpecError("the pass list is empty; give e.g. --passes lsq")
+        for flag in ("pin_first_last", "adder_weight_clamp"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         overrides = tuple(
             o if isinstance(o, LayerOverride) else LayerOverride(**_known(o, LayerOverride, "override"))
             for o in self.overrides
@@ -115,13 +123,17 @@ class QuantSpec:
         if not isinstance(self.adder_groups, int) or self.adder_groups < 1:
             raise SpecError(f"adder_groups must be a positive integer, got {self.adder_groups!r}")
 
-    def layer_bits(self, layer: str, pinned_bits: int | None) -> tuple[int, int]:
-        """(weight bits, input-activation bits) of the layer named ``layer``."""
+    def layer_bits(self, layer: str, pinned_bits: int | None, module_path: str = "") -> tuple[int, int]:
+        """(weight bits, input-activation bits) of the layer with node name ``layer``.
+
+        Override patterns match the node name (``stages_8_conv1``) or the module path
+        (``stages.8.conv1``).
+        """
         if pinned_bits is not None:
             return pinned_bits, pinned_bits
         w, a = self.weight_bits, self.act_bits
         for o in self.overrides:
-            if fnmatch.fnmatchcase(layer, o.pattern):
+            if o.matches(layer, module_path):
                 w = o.weight_bits if o.weight_bits is not None else w
                 a = o.act_bits if o.act_bits is not None else a
         return w, a
@@ -152,7 +164,7 @@ class QuantSpec:
             act_bits = 4
             passes = ["asq", "post"]
             [[overrides]]
-            pattern = "layer3.*"
+            pattern = "stages.8.*"
             act_bits = 8
         """
         p = Path(path)

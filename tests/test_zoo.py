@@ -12,10 +12,11 @@ from torch import fx, nn
 from qcompiler import zoo
 from qcompiler.errors import SpecError
 
-IMAGE_MODELS = ["resnet20", "resnet18", "resnet50", "mobilenetv2", "plain_cnn"]
+IMAGE_MODELS = ["resnet20", "resnet18", "resnet50", "mobilenetv2", "plain_cnn", "adder_resnet20"]
 # Narrow widths keep the ImageNet-style ResNets fast; the architecture is unchanged.
 SMALL_KWARGS: dict[str, dict[str, object]] = {
     "resnet20": {"width": 8},
+    "adder_resnet20": {"width": 4},
     "resnet18": {"width": 8},
     "resnet50": {"width": 8},
     "mobilenetv2": {"width_mult": 0.5},
@@ -47,7 +48,7 @@ def _check_eager_and_traced(model: nn.Module, x: torch.Tensor, num_classes: int)
 
 
 def test_registry_lists_all_models() -> None:
-    assert set(zoo.ZOO) == {"resnet20", "resnet18", "resnet50", "mobilenetv2", "plain_cnn", "conv1d_net"}
+    assert set(zoo.ZOO) == {"resnet20", "resnet18", "resnet50", "mobilenetv2", "plain_cnn", "conv1d_net", "adder_resnet20"}
 
 
 @pytest.mark.parametrize("shape", INPUT_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -63,6 +63,8 @@ def plan(
     # Walk the plan, inserting analyses that a later pass needs.
     have, result = set(provided), []
     for n in ordered:
+        if registry[n].analysis and registry[n].produces <= have:
+            continue  # already inserted for an earlier pass
         for fact in sorted(registry[n].requires - have):
             provider = _provider(fact, registry)
             if fact == CALIBRATION_DATA:
@@ -75,6 +77,8 @@ def plan(
                 raise PipelineError(
                     f"pass {n!r} needs {provider!r}, which needs calibration data; give --data (CLI) or calib_data= (API)"
                 )
+            if missing:
+                raise PipelineError(f"pass {n!r} needs {provider!r}, which needs {', '.join(sorted(missing))}; add the passes producing it")
             result.append(registry[provider].from_spec(spec))
             have |= registry[provider].produces
         result.append(registry[n].from_spec(spec))

@@ -16,8 +16,12 @@ from ..nn.qat import with_weight_quant
 
 
 def act_quantizer_name(layer: fx.Node) -> str:
-    """Qualified name of the activation quantizer feeding ``layer``."""
-    return f"{layer.target}_act"
+    """Name of the activation quantizer feeding ``layer``.
+
+    Derived from the node name, not the module path: a module called at two sites
+    is two nodes and needs two quantizers.
+    """
+    return f"{layer.name}_act"
 
 
 def input_quantizer(layer: fx.Node) -> fx.Node | None:
@@ -55,4 +59,4 @@ def set_weight_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Modul
 def layer_bits(layer: fx.Node, spec) -> tuple[int, int]:
     """(weight bits, activation bits) of ``layer`` after pinning and overrides."""
     pin = ir.find(layer, ir.PIN, ir.Pin)
-    return spec.layer_bits(layer.name, pin.bits if pin else None)
+    return spec.layer_bits(layer.name, pin.bits if pin else None, str(layer.target))

@@ -1,0 +1,202 @@
+"""Tests for the ``lsq`` pass: quantizers inserted, records written, numerics exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from qcompiler import ir
+from qcompiler.frontend import trace
+from qcompiler.nn.qat import QConv2d, QLinear
+from qcompiler.passes import REGISTRY, PassContext, PassManager, plan
+from qcompiler.passes.lsq import LSQ
+from qcompiler.quantizers import UniformQuantizer
+from qcompiler.spec import LayerOverride, QuantSpec
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),  # 0: reads the input (signed), pinned
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),  # 2: unsigned input, quantized at the spec's bits
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),  # 5: classifier, pinned
+    ).eval()
+
+
+def _compile(spec: QuantSpec) -> tuple[nn.Sequential, fx.GraphModule, PassContext, list]:
+    model = _model()
+    torch.manual_seed(1)
+    batches = [torch.randn(8, 1, 6, 6) for _ in range(3)]
+    ctx = PassContext(spec=spec, example_inputs=(batches[0],), calib_batches=batches)
+    gm = trace(model, ctx.example_inputs)
+    gm, runs = PassManager(plan(spec.passes, spec, ctx.provided(), REGISTRY), verify=True).run(gm, ctx)
+    return model, gm, ctx, runs
+
+
+def _fq(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x / step), qmin, qmax) * step
+
+
+def test_structure_and_records() -> None:
+    _, gm, _, runs = _compile(QuantSpec(passes="lsq", weight_bits=3, act_bits=4))
+    assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq"] and runs[-1].modified
+    layers = ir.compute_layers(gm)
+    assert [n.name for n in layers] == ["_0", "_2", "_5"]
+    expected_bits = {"_0": (8, 8, True), "_2": (3, 4, False), "_5": (8, 8, False)}
+    for layer in layers:
+        w_bits, a_bits, signed = expected_bits[layer.name]
+        q = layer.args[0]
+        # The quantizer node sits right before the layer and reads what the layer read.
+        assert q.op == "call_module" and q.name == f"{layer.name}_act" and q.next is layer
+        assert list(q.users) == [layer]
+        act = ir.get(q, ir.ACT, ir.ActQuant)
+        module = gm.get_submodule(act.module)
+        assert act.module == f"{layer.name}_act"
+        assert (act.layer, act.method, act.bits, act.signed) == (layer.name, "lsq", a_bits, signed)
+        assert isinstance(module, UniformQuantizer)
+        assert (module.bits, module.signed, module.step.dim()) == (a_bits, signed, 0)
+        # LSQ initial step: 2 * mean|x| / sqrt(p), from the observed range of the source.
+        rng = ir.get(q.args[0], ir.RANGE, ir.TensorRange)
+        assert rng.signed == signed
+        p = 2 ** (a_bits - 1) - 1 if signed else 2**a_bits - 1
+        assert act.init_step == pytest.approx(2 * rng.mean_abs / math.sqrt(p), rel=1e-6)
+        assert float(module.step.detach()) == pytest.approx(act.init_step)
+
+        wq = ir.get(layer, ir.WEIGHT, ir.WeightQuant)
+        assert wq == ir.WeightQuant(grid="uniform", bits=w_bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
+        qlayer = gm.get_submodule(str(layer.target))
+        assert isinstance(qlayer, QLinear if layer.name == "_5" else QConv2d)
+        wmod = gm.get_submodule(wq.module)
+        assert isinstance(wmod, UniformQuantizer) and wmod.signed and wmod.bits == w_bits
+        out_ch = qlayer.weight.shape[0]
+        assert wmod.step.shape == (out_ch,)
+        expected = 2 * qlayer.weight.detach().abs().flatten(1).mean(1) / math.sqrt(2 ** (w_bits - 1) - 1)
+        torch.testing.assert_close(wmod.step.detach(), expected)
+    # Nodes that are neither layers nor quantizers carry no quantizer record.
+    acts = [n.name for n in gm.graph.nodes if ir.ACT in n.meta]
+    assert acts == ["_0_act", "_2_act", "_5_act"]
+
+
+def test_numerics_equal_manual_fake_quant() -> None:
+    model, gm, ctx, _ = _compile(QuantSpec(passes="lsq", weight_bits=3, act_bits=4))
+    x = ctx.calib_batches[1]
+
+    def aq(name: str, t: torch.Tensor) -> torch.Tensor:
+        m = gm.get_submodule(f"_{name}_act")
+        return _fq(t, m.step.detach(), m.qmin, m.qmax)
+
+    def wq(name: str) -> torch.Tensor:
+        layer = gm.get_submodule(name)
+        m = layer.weight_quant
+        return _fq(layer.weight.detach(), m.step.detach().view(-1, *[1] * (layer.weight.dim() - 1)), m.qmin, m.qmax)
+
+    with torch.no_grad():
+        h = F.conv2d(aq("0", x), wq("0"), model[0].bias)
+        h = F.conv2d(aq("2", torch.relu(h)), wq("2"), model[2].bias, padding=1)
+        expected = F.linear(aq("5", torch.relu(h).flatten(1)), wq("5"), model[5].bias)
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        # 3/4 bits really quantize: the output is not the float one.
+        assert not torch.allclose(gm(x), model(x), atol=1e-3)
+
+
+def test_sixteen_bits_is_close_to_float() -> None:
+    spec = QuantSpec(passes="lsq", weight_bits=16, act_bits=16, pin_bits=16)
+    model, gm, ctx, _ = _compile(spec)
+    _, gm4, _, _ = _compile(spec.replace(weight_bits=4, act_bits=4, pin_bits=4))
+    with torch.no_grad():
+        for x in ctx.calib_batches:
+            out, ref = gm(x), model(x)
+            # The LSQ initial step 2 mean|x| / sqrt(p) only shrinks as 1/sqrt(p): at 16 bits
+            # it is mean|x| / 128, so a ~1e-3 relative error is what the init gives.
+            err16 = float((out - ref).abs().max())
+            assert err16 <= 1e-2 * float(ref.abs().max())
+            assert err16 * 20 < float((gm4(x) - ref).abs().max())
+
+
+def test_float_parameters_shared_not_copied() -> None:
+    _, gm, _, _ = _compile(QuantSpec(passes="lsq"))
+    layer = gm.get_submodule("2")
+    names = {n for n, _ in gm.named_parameters()}
+    assert {"2.weight", "2.bias", "2.weight_quant.step", "_2_act.step"} <= names
+    assert layer.weight is dict(gm.named_parameters())["2.weight"]
+
+
+def test_qat_gradients_reach_steps_and_weights() -> None:
+    _, gm, ctx, _ = _compile(QuantSpec(passes="lsq"))
+    gm.train()
+    gm(ctx.calib_batches[0]).square().mean().backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert float(gm.get_submodule("_2_act").step.grad.abs()) > 0
+
+
+def test_overrides_and_no_pin() -> None:
+    spec = QuantSpec(passes="lsq", weight_bits=4, act_bits=4, pin_first_last=False,
+                     overrides=(LayerOverride("_5", weight_bits=2), LayerOverride("_*", act_bits=6)))
+    _, gm, _, runs = _compile(spec)
+    assert [r.name for r in runs] == ["observe", "lsq"]
+    bits = {n.name: (ir.get(n, ir.WEIGHT, ir.WeightQuant).bits, ir.get(n.args[0], ir.ACT, ir.ActQuant).bits)
+            for n in ir.compute_layers(gm)}
+    assert bits == {"_0": (4, 6), "_2": (4, 6), "_5": (2, 6)}
+    assert not any(ir.PIN in n.meta for n in gm.graph.nodes)
+
+
+def test_second_run_reports_no_change() -> None:
+    _, gm, ctx, _ = _compile(QuantSpec(passes="lsq"))
+    code, n_nodes = gm.code, len(gm.graph.nodes)
+    steps = {k: v.clone() for k, v in gm.state_dict().items()}
+    records = {n.name: ir.records(n) for n in gm.graph.nodes}
+    gm, runs = PassManager([LSQ()]).run(gm, ctx)
+    assert [r.modified for r in runs] == [False]
+    assert gm.code == code and len(gm.graph.nodes) == n_nodes
+    assert {n.name: ir.records(n) for n in gm.graph.nodes} == records
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, steps[k]), k
+
+
+def test_requires_ranges() -> None:
+    model = _model()
+    x = torch.randn(2, 1, 6, 6)
+    gm = trace(model, (x,))
+    ctx = PassContext(spec=QuantSpec(), example_inputs=(x,))
+    with pytest.raises(Exception, match="qc.range"):
+        PassManager([LSQ()]).run(gm, ctx)
+
+
+class SharedLayer(nn.Module):
+    """``shared`` is called at two sites with differently distributed inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shared(torch.relu(self.stem(x)))  # unsigned input
+        return self.head(self.shared(h * 10))  # signed, ten times wider input
+
+
+def test_module_called_twice_gets_one_quantizer_per_call_site() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    spec = QuantSpec(passes="lsq")
+    ctx = PassContext(spec=spec, example_inputs=(x[:1],), calib_batches=[x])
+    gm = trace(SharedLayer().eval(), ctx.example_inputs)
+    gm, _ = PassManager(plan(spec.passes, spec, ctx.provided(), REGISTRY)).run(gm, ctx)
+    acts = [n for n in gm.graph.nodes if ir.ACT in n.meta]
+    assert len(acts) == 4
+    for node in acts:
+        record = ir.get(node, ir.ACT, ir.ActQuant)
+        module = gm.get_submodule(str(node.target))
+        assert record.module == node.target
+        assert (module.signed, module.bits) == (record.signed, record.bits), node.name
+        assert float(module.step.detach()) == pytest.approx(record.init_step), node.name

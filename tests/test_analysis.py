@@ -1,0 +1,163 @@
+"""Tests for qcompiler.analysis: first/last compute layers found from the graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompiler import ir, zoo
+from qcompiler.analysis import first_layers, last_layers, to_dot, to_networkx
+from qcompiler.frontend import trace
+from qcompiler.passes import PassContext
+from qcompiler.passes.pin_first_last import PinFirstLast
+from qcompiler.spec import QuantSpec
+
+SMALL_KWARGS: dict[str, dict[str, object]] = {
+    "resnet20": {"width": 8},
+    "adder_resnet20": {"width": 8},
+    "resnet18": {"width": 8},
+    "resnet50": {"width": 8},
+    "mobilenetv2": {"width_mult": 0.5},
+    "plain_cnn": {"width": 8},
+    "conv1d_net": {"width": 8},
+}
+
+# The module that reads the input and the classifier, per zoo model, found by reading zoo.py.
+EXPECTED_PINS: dict[str, tuple[str, str]] = {
+    "resnet20": ("stem.0", "fc"),
+    "adder_resnet20": ("stem.0", "fc"),
+    "resnet18": ("stem.0", "fc"),
+    "resnet50": ("stem.0", "fc"),
+    "mobilenetv2": ("stem.0", "fc"),
+    "plain_cnn": ("features.0.0", "fc"),
+    "conv1d_net": ("features.0.0", "fc"),
+}
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    return trace(model.eval(), (x,))
+
+
+def _zoo_gm(name: str) -> fx.GraphModule:
+    model = zoo.build(name, in_channels=1, num_classes=10, **SMALL_KWARGS[name])
+    x = torch.randn(2, 1, 64) if name == "conv1d_net" else torch.randn(2, 1, 8, 8)
+    return _trace(model, x)
+
+
+def _pin(gm: fx.GraphModule) -> dict[str, ir.Pin]:
+    ctx = PassContext(spec=QuantSpec(), example_inputs=())
+    result = PinFirstLast(bits=8).run(gm, ctx)
+    assert result.modified
+    return {str(n.target): n.meta[ir.PIN] for n in gm.graph.nodes if ir.PIN in n.meta}
+
+
+def _targets(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return [str(nodes[name].target) for name in names]
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zoo_first_and_last_layers(name: str) -> None:
+    gm = _zoo_gm(name)
+    first, last = EXPECTED_PINS[name]
+    assert _targets(gm, first_layers(gm)) == [first]
+    assert _targets(gm, last_layers(gm)) == [last]
+    pins = _pin(gm)
+    assert set(pins) == {first, last}
+    assert pins[first] == ir.Pin(bits=8, reason="reads the network input")
+    assert pins[last] == ir.Pin(bits=8, reason="produces the network output")
+    # By module identity: the pinned nodes call the stem conv and the classifier.
+    stem = gm.get_submodule(first)
+    assert isinstance(stem, (nn.Conv1d, nn.Conv2d)) and stem.in_channels == 1
+    assert gm.get_submodule(last) is gm.fc and isinstance(gm.fc, nn.Linear)
+
+
+class TwoStems(nn.Module):
+    """Two convs read the input (one after a pool), joined by a concat; one classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.b = nn.Conv2d(1, 4, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.up(self.b(self.pool(x)))], dim=1)
+        y = torch.relu(self.mid(y))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_two_input_branches_both_pinned() -> None:
+    gm = _trace(TwoStems(), torch.randn(2, 1, 8, 8))
+    assert _targets(gm, first_layers(gm)) == ["a", "b"]
+    assert _targets(gm, last_layers(gm)) == ["fc"]
+    pins = _pin(gm)
+    assert set(pins) == {"a", "b", "fc"}
+    assert gm.get_submodule("a") is gm.a and gm.get_submodule("b") is gm.b
+
+
+class TwoHeads(nn.Module):
+    """Two classifiers whose outputs are added; the first layer also feeds a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 6)
+        self.body = nn.Linear(6, 6)
+        self.head1 = nn.Linear(6, 2)
+        self.head2 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + self.body(h)
+        return self.head1(h) + self.head2(torch.tanh(h))
+
+
+def test_two_heads_both_last() -> None:
+    gm = _trace(TwoHeads(), torch.randn(2, 6))
+    assert _targets(gm, first_layers(gm)) == ["stem"]
+    assert _targets(gm, last_layers(gm)) == ["head1", "head2"]
+
+
+class Single(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.only = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.only(torch.relu(x))
+
+
+def test_single_layer_is_first_and_last() -> None:
+    gm = _trace(Single(), torch.randn(2, 4))
+    assert first_layers(gm) == last_layers(gm) == ["only"]
+    pins = _pin(gm)
+    assert pins == {"only": ir.Pin(bits=8, reason="reads the network input and produces the network output")}
+
+
+class NoLayers(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) * 2
+
+
+def test_model_without_layers() -> None:
+    gm = _trace(NoLayers(), torch.randn(2, 4))
+    assert first_layers(gm) == [] and last_layers(gm) == []
+    ctx = PassContext(spec=QuantSpec(), example_inputs=())
+    assert not PinFirstLast().run(gm, ctx).modified
+
+
+def test_networkx_view_and_dot() -> None:
+    gm = _trace(TwoStems(), torch.randn(2, 1, 8, 8))
+    g = to_networkx(gm)
+    assert set(g.nodes) == {n.name for n in gm.graph.nodes}
+    assert g.has_edge("x", "a") and g.has_edge("x", "pool") and g.has_edge("fc", "output")
+    assert g.nodes["a"]["op"] == "call_module"
+    dot = to_dot(gm, lambda n: f'{n.name} "quoted"\nline2')
+    assert dot.startswith('digraph "') and dot.rstrip().endswith("}")
+    assert '\\"quoted\\"' in dot and '"x" -> "a";' in dot
+    assert dot.count("->") == g.number_of_edges()
