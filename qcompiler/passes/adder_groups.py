@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import ir
 from ..cluster import kmeans_1d
+from ..errors import SpecError
 from ..quantizers.adder import QAdderConv2d
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_ADDER, Pass, PassContext, PassResult
@@ -58,7 +59,7 @@ def fold_into_next_batchnorm(gm: fx.GraphModule, layer: fx.Node, constant: torch
 
 
 def compact(labels) -> torch.Tensor:
-    """Renumber group ids 0..n-1 in order of first appearance of each used id."""
+    """Renumber the used group ids 0..n-1, keeping their order (by centre)."""
     used = sorted(set(int(v) for v in labels))
     remap = {g: i for i, g in enumerate(used)}
     return torch.tensor([remap[int(v)] for v in labels], dtype=torch.int64)
@@ -93,6 +94,12 @@ class AdderGroups(Pass):
 
     def quantize_layer(self, gm: fx.GraphModule, layer: fx.Node, ctx: PassContext) -> None:
         module = gm.get_submodule(layer.target)
+        observed = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
+        if observed.signed:  # unsigned codes would silently drop the negative half
+            raise SpecError(
+                f"adder layer {layer.name!r} reads a signed input (min {observed.min:.3g}); adder quantization "
+                "needs x >= 0: put a ReLU in front of it or leave the model's adder layers unquantized"
+            )
         w_bits, a_bits = layer_bits(layer, ctx.spec)
         r_x = input_range(layer)
         weight = module.weight.detach()

@@ -39,39 +39,53 @@ class _LSQ(torch.autograd.Function):
     Written as a Function rather than a chain of autograd ops because the chain
     (divide, round-STE, clamp, multiply, grad-scale) allocates five activation-sized
     temporaries; this keeps QAT step time close to the float model's.
+
+    ``keep_grads`` trades memory for time: the gradient factors are computed in the
+    forward pass and kept (for weights, which are small next to activations), instead
+    of being recomputed from the saved input in the backward pass (for activations,
+    whose input is saved anyway by the layer before).
     """
 
     @staticmethod
-    def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float):  # type: ignore[override]
-        ctx.save_for_backward(x, step)
-        ctx.qrange = (qmin, qmax)
-        ctx.grad_scale = grad_scale
-        return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
+    def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, keep_grads: bool):  # type: ignore[override]
+        ctx.qrange, ctx.grad_scale, ctx.keep_grads = (qmin, qmax), grad_scale, keep_grads
+        if not keep_grads:
+            ctx.save_for_backward(x, step)
+            return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
+        v = x / step
+        q = torch.round(v).clamp_(qmin, qmax)
+        inside = (v >= qmin) & (v <= qmax)
+        ctx.save_for_backward(inside, torch.where(inside, q - v, q), step)
+        return q.mul_(step)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, step = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        v = x / step
-        inside = (v >= qmin) & (v <= qmax)
+        if ctx.keep_grads:
+            inside, dstep, step = ctx.saved_tensors
+        else:
+            x, step = ctx.saved_tensors
+            v = x / step
+            inside = (v >= qmin) & (v <= qmax)
+            # inside: round(v) - v; outside: the clamped code itself (n or p)
+            dstep = torch.where(inside, torch.round(v).clamp_(qmin, qmax) - v, v.clamp_(qmin, qmax)) if ctx.needs_input_grad[1] else None
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_step = None
         if ctx.needs_input_grad[1]:
-            q = torch.round(v).clamp_(qmin, qmax)
-            # inside: round(v) - v; outside: the clamped code itself (n or p)
-            dstep = torch.where(inside, q - v, q).mul_(grad)
-            grad_step = dstep.sum_to_size(step.shape).mul_(ctx.grad_scale)
-        return grad_x, grad_step, None, None, None
+            grad_step = (dstep * grad).sum_to_size(step.shape).mul_(ctx.grad_scale)
+        return grad_x, grad_step, None, None, None, None
 
 
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float) -> torch.Tensor:
+def lsq_quantize(
+    x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float, keep_grads: bool = False
+) -> torch.Tensor:
     """Fake-quantize ``x`` with step ``step`` (broadcastable to ``x``).
 
     >>> x = torch.tensor([-0.3, 0.26, 0.5, 9.0])
     >>> lsq_quantize(x, torch.tensor(0.25), 0, 15, 1.0)
     tensor([0.0000, 0.2500, 0.5000, 3.7500])
     """
-    return _LSQ.apply(x, step, qmin, qmax, grad_scale)
+    return _LSQ.apply(x, step, qmin, qmax, grad_scale, keep_grads)
 
 
 def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -145,7 +159,9 @@ class UniformQuantizer(nn.Module):
         self.step.copy_((2 * m / math.sqrt(self.qmax)).clamp_min(1e-6).expand_as(self.step))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x))
+        # Per-channel steps quantize weights: small, so keep the gradient factors.
+        keep = self.step.dim() > 0
+        return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
