@@ -58,12 +58,10 @@ def _exponents(a: torch.Tensor, bits: int, base: float) -> tuple[torch.Tensor, t
     return k, a <= base ** (-(positive - 1)) / 2
 
 
-def _project(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
-    """Nearest signed level of ``u`` (in units of alpha)."""
-    a = u.abs()
+def _levels(a: torch.Tensor, bits: int, base: float) -> torch.Tensor:
+    """Nearest level magnitude of ``a = |u|`` (in units of alpha)."""
     k, zero = _exponents(a, bits, base)
-    level = torch.exp2(k.mul_(-math.log2(base))).masked_fill_(zero, 0.0)
-    return torch.copysign(level, u)
+    return torch.where(zero, 0.0, torch.exp2(k.mul_(-math.log2(base))))
 
 
 def _codes(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
@@ -77,8 +75,9 @@ class _PowerGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, alpha, bits: int, base: float, grad_scale: float):  # type: ignore[override]
         u = w / alpha
-        q = _project(u, bits, base)
-        inside = u.abs() <= 1
+        a = u.abs()
+        q = torch.copysign(_levels(a, bits, base), u)
+        inside = a <= 1
         # d(q * alpha)/d alpha: q - u inside; outside q is exactly sign(u) = the clip.
         ctx.save_for_backward(inside, torch.where(inside, q - u, q), alpha)
         ctx.grad_scale = grad_scale
