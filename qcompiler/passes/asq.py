@@ -10,13 +10,18 @@ adapter there would cost more than it could gain at 8 bits.
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 
 from .. import ir
-from ..quantizers import UniformQuantizer
 from ..quantizers.asq import ASQQuantizer
 from .base import STAGE_ACTIVATIONS, Pass, PassContext, PassResult
-from .lsq import MULTIPLY_LAYERS, quantize_weight_uniform
-from .rewrite import act_quantizer_name, input_quantizer, layer_bits, set_act_quantizer
+from .lsq import lsq_act_quantizer, quantize_multiply_layers
+
+
+def asq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, rng: ir.TensorRange) -> tuple[nn.Module, str]:
+    if ir.PIN in layer.meta:
+        return lsq_act_quantizer(layer, info, bits, rng)
+    return ASQQuantizer(bits, signed=rng.signed, channels=info.in_channels), "asq"
 
 
 class ASQ(Pass):
@@ -28,24 +33,4 @@ class ASQ(Pass):
     conflicts = frozenset({"lsq"})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        changed = False
-        for layer in ir.compute_layers(gm):
-            info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-            if info.kind not in MULTIPLY_LAYERS or input_quantizer(layer) is not None:
-                continue
-            w_bits, a_bits = layer_bits(layer, ctx.spec)
-            rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
-            pinned = ir.find(layer, ir.PIN, ir.Pin) is not None
-            if pinned:
-                aq, method = UniformQuantizer(a_bits, signed=rng.signed), "lsq"
-            else:
-                aq, method = ASQQuantizer(a_bits, signed=rng.signed, channels=info.in_channels), "asq"
-            aq.init_from(mean_abs=rng.mean_abs)
-            record = ir.ActQuant(
-                layer=layer.name, method=method, bits=a_bits, signed=rng.signed,
-                module=act_quantizer_name(layer), init_step=float(aq.step.detach()),
-            )
-            set_act_quantizer(gm, layer, aq, record)
-            quantize_weight_uniform(gm, layer, w_bits)
-            changed = True
-        return PassResult(gm, changed)
+        return PassResult(gm, quantize_multiply_layers(gm, ctx, asq_act_quantizer))
