@@ -1,7 +1,8 @@
 """Forward + backward time of AdderConv2d against nn.Conv2d of the same shape.
 
 16 -> 16 channels, 3x3, stride 1, padding 1, 32x32 input, batch 64, in one run
-(warm-up, then the median of several repeats; torch's default thread count).
+(warm-up, then the median of several interleaved repeats; torch's default
+thread count).
 Target: the adder layer within 20x of the convolution. The naive
 unfold-and-broadcast adder is timed once for context.
 
@@ -29,16 +30,22 @@ from qcompiler.nn.adder import AdderConv2d  # noqa: E402
 TARGET_RATIO = 20.0
 
 
-def time_step(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    """Median wall time of ``step`` in seconds after ``warmup`` untimed calls."""
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time (seconds) of each step after ``warmup`` untimed rounds.
+
+    The steps alternate within each round, so a load change on a shared machine
+    hits all of them alike instead of skewing the ratio.
+    """
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def fwd_bwd(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], None]:
@@ -79,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     adder = AdderConv2d(channels, channels, 3, padding=1)
 
-    conv_s = time_step(fwd_bwd(conv, x, [conv.weight]), warmup=3, repeats=args.repeats)
-    adder_s = time_step(fwd_bwd(adder, x, [adder.weight]), warmup=3, repeats=args.repeats)
+    steps = {"conv": fwd_bwd(conv, x, [conv.weight]), "adder": fwd_bwd(adder, x, [adder.weight])}
+    medians = time_interleaved(steps, warmup=2, repeats=args.repeats)
+    conv_s, adder_s = medians["conv"], medians["adder"]
     weight = adder.weight.detach().clone().requires_grad_()
-    naive_s = time_step(fwd_bwd(lambda t: naive_adder(t, weight, 1), x, [weight]), warmup=0, repeats=1)
+    naive_s = time_interleaved({"naive": fwd_bwd(lambda t: naive_adder(t, weight, 1), x, [weight])}, warmup=0, repeats=1)["naive"]
 
     ratio = adder_s / conv_s
     print(f"shape: batch {batch}, {channels}->{channels} 3x3, stride 1, padding 1, {size}x{size}; threads {torch.get_num_threads()}")

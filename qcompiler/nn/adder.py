@@ -14,16 +14,24 @@ by batch norm. Training uses AdderNet's surrogate gradients, implemented in
 * adaptive learning-rate scaling: the weight gradient is rescaled to
   ``eta * sqrt(numel(W)) * grad_W / ||grad_W||_2``.
 
-How it is fast with pure PyTorch ops (bench/adder_speed.py measures it):
-patches are unfolded once into an ``(N, G, Kg)`` matrix (``N = B * Ho * Wo``
-positions, ``G`` groups, ``Kg = C_in / G * kh * kw``); the forward and the
-input gradient then stream over blocks of positions, broadcasting each block
-against the weight into a reused buffer of at most ``CHUNK_BUDGET_BYTES``
-(``sub -> abs -> sum`` forward, ``sub -> clamp -> bmm`` input gradient), so
-every pass runs in cache and nothing of size ``(N, C_out, K)`` is ever
-materialised. The weight gradient is linear in X and is one matmul:
-``g^T @ X_patches - W * sum(g)``. The input gradient is folded back (col2im)
-with ``kh * kw`` strided adds in channels-last layout.
+How it is fast with pure PyTorch ops (``bench/adder_speed.py`` measures it:
+about 8-16x a same-shape ``nn.Conv2d`` forward + backward on a shared 2-core
+machine, against 50-260x for naive unfold-and-broadcast):
+
+* patches are unfolded once into an ``(N, G * Kg)`` matrix (``N = B * Ho * Wo``
+  positions, ``G`` groups, ``Kg = C_in / G * kh * kw``), gathered from a
+  channels-last copy of the input;
+* forward: one ``torch.cdist(patches, W, p=1)``, batched over groups;
+* weight gradient: linear in X, so one matmul ``g^T @ patches - W * sum(g)``;
+* input gradient: ``clamp(w - x, -1, 1) = w - clamp(x, w - 1, w + 1)``, so
+  ``g @ W`` (one matmul) minus ``sum_c g * clamp(x, w_c - 1, w_c + 1)``, which
+  streams over blocks of positions through one reused broadcast buffer of at
+  most ``CHUNK_BUDGET_BYTES`` (one fused ``clamp`` and one ``baddbmm`` per
+  block), then is folded back (col2im) with ``kh * kw`` strided adds in
+  channels-last layout.
+
+Nothing of size ``(N, C_out, K)`` is ever materialised; patches (9x the input
+for a 3x3 kernel) are saved for backward.
 
 ``adder_conv2d`` (plain forward, ordinary autograd) is the numerical reference
 that export and integer lowering reuse; ``adder_conv2d_train`` applies the
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 import torch.fx
@@ -56,14 +64,15 @@ __all__ = [
 ]
 
 CHUNK_BUDGET_BYTES = 8 * 2**20
-"""Largest broadcast buffer (bytes) on CPU. About the L2/L3 cache size: a block of
-positions is broadcast against the whole weight, so passes over the block stay in
-cache (4-16 MiB measured fastest on a 2-core EPYC; 64 MiB is the hard ceiling).
-Read at every call, so tests can shrink it to force many blocks."""
+"""Largest broadcast buffer (bytes) of the input-gradient kernel on CPU (hard
+ceiling 64 MiB). A block of positions is broadcast against the whole weight, so a
+cache-sized block keeps both passes in cache; 4-8 MiB measured fastest on an
+idle 2-core EPYC, larger blocks (fewer parallel regions) only help when other
+processes compete for the cores. Read at every call, so tests can shrink it."""
 
 DEVICE_CHUNK_BUDGET_BYTES = 64 * 2**20
-"""Largest broadcast buffer (bytes) on accelerators, where fewer, larger kernel
-launches matter more than cache."""
+"""Broadcast buffer (bytes) on accelerators, where fewer, larger kernel launches
+matter more than cache."""
 
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Tuple[int, int]]
@@ -115,6 +124,7 @@ def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
 
 
 def _chunk_budget(device: torch.device) -> int:
+    """Broadcast buffer size for tensors on ``device`` (module constants read per call)."""
     return CHUNK_BUDGET_BYTES if device.type == "cpu" else max(CHUNK_BUDGET_BYTES, DEVICE_CHUNK_BUDGET_BYTES)
 
 
@@ -158,14 +168,14 @@ def _unfold(x: Tensor, geo: _Geometry) -> Tensor:
     view = nhwc.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)  # B, Ho, Wo, C, eh, ew
     if dh != 1 or dw != 1:
         view = view[..., ::dh, ::dw]
-    view = view.unflatten(3, (geo.groups, -1)).permute(0, 1, 2, 3, 5, 6, 4)  # B, Ho, Wo, G, kh, kw, Cg
-    return view.reshape(geo.positions, -1)
+    view = view.unflatten(3, (geo.groups, geo.channels // geo.groups)).permute(0, 1, 2, 3, 5, 6, 4)  # B, Ho, Wo, G, kh, kw, Cg
+    return view.reshape(geo.positions, geo.channels * kh * kw)
 
 
 def _fold(grad_patches: Tensor, geo: _Geometry) -> Tensor:
     """Adjoint of ``_unfold``: sum patch gradients back onto the input, ``(B, C, H, W)``."""
     (kh, kw), (sh, sw), (dh, dw), (ho, wo) = geo.kernel, geo.stride, geo.dilation, geo.out
-    g7 = grad_patches.view(geo.batch, ho, wo, geo.groups, kh, kw, -1)
+    g7 = grad_patches.view(geo.batch, ho, wo, geo.groups, kh, kw, geo.channels // geo.groups)
     # Channels-last accumulation: each add reads and writes contiguous channel runs.
     padded = grad_patches.new_zeros(geo.batch, geo.padded[0], geo.padded[1], geo.groups, g7.shape[-1])
     for i in range(kh):
@@ -180,7 +190,8 @@ def _fold(grad_patches: Tensor, geo: _Geometry) -> Tensor:
 
 def _weight3(weight: Tensor, groups: int) -> Tensor:
     """Weight ``(C_out, Cg, kh, kw)`` as ``(G, C_out / G, kh * kw * Cg)``, the column order of ``_unfold``."""
-    return weight.permute(0, 2, 3, 1).reshape(groups, weight.shape[0] // groups, -1)
+    cout, cg, kh, kw = weight.shape
+    return weight.permute(0, 2, 3, 1).reshape(groups, cout // groups, kh * kw * cg)
 
 
 def _weight4(weight3: Tensor, weight_shape: torch.Size) -> Tensor:
@@ -189,42 +200,60 @@ def _weight4(weight3: Tensor, weight_shape: torch.Size) -> Tensor:
     return weight3.reshape(cout, kh, kw, cg).permute(0, 3, 1, 2).contiguous()
 
 
-def _l1_distances(patches: Tensor, weight3: Tensor) -> Tensor:
-    """``D[g, n, c] = sum_k |patches[n, g, k] - weight3[g, c, k]|`` as ``(G, N, Cg)``.
-
-    One ``torch.cdist`` call: a single fused parallel pass that never materialises
-    the ``(N, C_out, K)`` differences (differentiable, sign gradient).
-    """
-    groups, _, kg = weight3.shape
-    return torch.cdist(patches.view(-1, groups, kg).transpose(0, 1), weight3, p=1)
-
-
 def _rows_per_block(weight3: Tensor, budget: int) -> int:
     """Positions per block so a ``(rows, G, Cg, Kg)`` buffer fits ``budget`` (at least one)."""
-    return max(1, budget // (weight3.numel() * weight3.element_size()))
+    return max(1, budget // max(1, weight3.numel() * weight3.element_size()))
+
+
+def _blocks(n_pos: int, weight3: Tensor, budget: int) -> Tuple[List[Tuple[int, int]], Tensor]:
+    """``(start, stop)`` ranges of positions, and one reusable broadcast buffer."""
+    rows = max(1, min(n_pos, _rows_per_block(weight3, budget)))
+    buf = weight3.new_empty(rows, *weight3.shape)
+    return [(start, min(n_pos, start + rows)) for start in range(0, n_pos, rows)], buf
+
+
+def _negated_l1_distances(patches: Tensor, weight3: Tensor, geo: _Geometry) -> Tensor:
+    """``Y[b, c, i, j] = -sum_k |x[n, g, k] - w[g, c, k]|`` as a contiguous ``(B, C_out, Ho, Wo)`` tensor.
+
+    One ``torch.cdist(p=1)`` call, batched over groups: never materialises the
+    ``(N, C_out, K)`` differences, is differentiable (true sign gradient) and is
+    a single parallel region. Its CPU loop is scalar, so a blocked
+    ``minimum``/``sum`` form (``|x - w| = x + w - 2 min(x, w)``) needs only
+    0.3-0.6x its CPU time; but that is two parallel regions per block, and while
+    other processes spin OpenMP threads on the same cores each region can cost
+    milliseconds. On the benchmark shape (2 cores) the layer with the blocked
+    forward measured ~8-9x a conv when quiet but 23-29x under such contention;
+    with cdist ~9-11x and ~13x.
+    """
+    groups, cg, kg = weight3.shape
+    distances = torch.cdist(patches.view(geo.positions, groups, kg).transpose(0, 1), weight3, p=1)  # G, N, Cg
+    rows = distances.transpose(0, 1).reshape(geo.batch, geo.out[0], geo.out[1], groups * cg).permute(0, 3, 1, 2)
+    if rows.requires_grad:
+        return rows.neg().contiguous()
+    return torch.neg(rows, out=rows.new_empty(rows.shape))  # one pass straight into NCHW
 
 
 def _hardtanh_input_grad(patches: Tensor, weight3: Tensor, grad3: Tensor, budget: int) -> Tensor:
     """``G[n, g, k] = sum_c grad3[n, g, c] * clamp(weight3[g, c, k] - patches[n, g, k], -1, 1)``.
 
-    Streams blocks of positions through one reused broadcast buffer of at most
-    ``budget`` bytes: ``sub -> clamp -> bmm`` per block.
+    Uses ``clamp(w - x, -1, 1) = w - clamp(x, w - 1, w + 1)``: the ``sum_c g * w``
+    part is one matmul, and per block one fused broadcast ``clamp`` and one
+    ``baddbmm`` subtract the rest. The clamped values are bounded by
+    ``|w| + 1``, so nothing cancels however large the activations.
     """
     n_pos = patches.shape[0]
     groups, cg, kg = weight3.shape
     p4 = patches.view(n_pos, groups, 1, kg)
-    w4 = weight3.unsqueeze(0)
-    out = patches.new_empty(n_pos, groups, kg)
-    rows = min(n_pos, _rows_per_block(weight3, budget))
-    buf = patches.new_empty(rows, groups, cg, kg)
-    for start in range(0, n_pos, rows):
-        stop = min(n_pos, start + rows)
+    low, high = (weight3 - 1).unsqueeze(0), (weight3 + 1).unsqueeze(0)
+    # out[n, g, :] = grad3[n, g, :] @ weight3[g]
+    out = torch.bmm(grad3.transpose(0, 1), weight3).transpose(0, 1).contiguous()
+    blocks, buf = _blocks(n_pos, weight3, budget)
+    for start, stop in blocks:
         n = stop - start
         block = buf[:n]
-        torch.sub(w4, p4[start:stop], out=block)
-        block.clamp_(-1.0, 1.0)
-        # Per (position, group): (1, Cg) @ (Cg, Kg), batched.
-        torch.bmm(grad3[start:stop].view(n * groups, 1, cg), block.view(n * groups, cg, kg), out=out[start:stop].view(n * groups, 1, kg))
+        torch.clamp(p4[start:stop], low, high, out=block)
+        # Per (position, group): out -= (1, Cg) @ (Cg, Kg), batched.
+        out[start:stop].view(n * groups, 1, kg).baddbmm_(grad3[start:stop].view(n * groups, 1, cg), block.view(n * groups, cg, kg), alpha=-1)
     return out
 
 
@@ -237,14 +266,6 @@ def _difference_weight_grad(patches: Tensor, weight3: Tensor, grad3: Tensor) -> 
     grad = torch.bmm(g3, p3)
     grad -= weight3 * grad3.sum(dim=0).unsqueeze(-1)
     return grad
-
-
-def _negated_nchw(distances: Tensor, geo: _Geometry) -> Tensor:
-    """``-D`` for ``D`` of shape ``(G, N, Cg)``, as a contiguous ``(B, C_out, Ho, Wo)`` tensor."""
-    rows = distances.transpose(0, 1).reshape(geo.batch, geo.out[0], geo.out[1], -1).permute(0, 3, 1, 2)
-    if rows.requires_grad:
-        return rows.neg().contiguous()
-    return torch.neg(rows, out=rows.new_empty(rows.shape))  # one pass, no autograd
 
 
 def _prepare(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tuple[Tensor, bool, _Geometry]:
@@ -288,22 +309,21 @@ def adder_conv2d(
 ) -> Tensor:
     """Adder layer forward ``-sum |X_patch - W|``, shaped like ``F.conv2d`` (no bias).
 
-    The reference numerics for export and lowering. Gradients, when asked for, are
-    the true ones of the L1 distance (sign of the difference), through
-    ``torch.cdist``; training uses ``adder_conv2d_train``. Integer inputs are
-    computed exactly in float64 and returned as int64.
+    The reference numerics for export and lowering (the same kernel as the
+    layer's forward). Its autograd gradient is the true one of the L1 distance
+    (sign of the difference); training uses ``adder_conv2d_train``. Integer
+    inputs are computed exactly in float64 and returned as int64.
 
     Example:
         >>> x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
         >>> adder_conv2d(x, torch.ones(1, 1, 2, 2))
         tensor([[[[-6.]]]])
     """
-    integer = not (x.is_floating_point() or x.is_complex()) and not (weight.is_floating_point() or weight.is_complex())
+    integer = isinstance(x, Tensor) and isinstance(weight, Tensor) and not x.is_floating_point() and not weight.is_floating_point()
     if integer:
         x, weight = x.to(torch.float64), weight.to(torch.float64)
     x, unbatched, geo = _prepare(x, weight, stride, padding, dilation, groups)
-    distances = _l1_distances(_unfold(x, geo), _weight3(weight, groups))
-    y = _negated_nchw(distances, geo)
+    y = _negated_l1_distances(_unfold(x, geo), _weight3(weight, groups), geo)
     if integer:
         y = torch.round(y).to(torch.int64)
     return y.squeeze(0) if unbatched else y
@@ -325,7 +345,7 @@ class AdderConv2dFunction(torch.autograd.Function):
         patches = _unfold(x, geo)
         ctx.save_for_backward(patches, weight3)
         ctx.geo, ctx.eta, ctx.adaptive_lr, ctx.weight_shape = geo, eta, adaptive_lr, weight.shape
-        return _negated_nchw(_l1_distances(patches, weight3), geo)
+        return _negated_l1_distances(patches, weight3, geo)
 
     @staticmethod
     @once_differentiable
@@ -333,11 +353,11 @@ class AdderConv2dFunction(torch.autograd.Function):
         patches, weight3 = ctx.saved_tensors
         geo = ctx.geo
         # AdderNet defines the derivatives of Y itself: dY/dX = HT(W - X), dY/dW = X - W.
-        grad3 = grad_out.permute(0, 2, 3, 1).reshape(geo.positions, geo.groups, -1).contiguous()  # (N, G, Cg)
+        grad3 = grad_out.permute(0, 2, 3, 1).reshape(geo.positions, geo.groups, weight3.shape[1]).contiguous()  # (N, G, Cg)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_patches = _hardtanh_input_grad(patches, weight3, grad3, _chunk_budget(patches.device))
-            grad_x = _fold(grad_patches.view(geo.positions, -1), geo)
+            grad_x = _fold(grad_patches, geo)
         if ctx.needs_input_grad[1]:
             grad_w = _difference_weight_grad(patches, weight3, grad3)
             if ctx.adaptive_lr:
@@ -361,7 +381,7 @@ def adder_conv2d_train(
 
     Same forward numbers as ``adder_conv2d``; floating-point inputs only.
     """
-    if not x.is_floating_point():
+    if isinstance(x, Tensor) and not x.is_floating_point():
         raise DataError(f"adder training needs a floating-point input, got {x.dtype}; convert it with .float()")
     x, unbatched, geo = _prepare(x, weight, stride, padding, dilation, groups)
     y = AdderConv2dFunction.apply(x, weight, geo.stride, geo.pads, geo.dilation, groups, float(eta), bool(adaptive_lr))
