@@ -18,6 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Dataset
+from .quantizers import UniformQuantizer
+from .quantizers.power_grid import PowerGridQuantizer
+
+# Modules whose parameters (steps, clips, ASQ adapters) are part of a quantizer.
+QUANTIZER_TYPES = (UniformQuantizer, PowerGridQuantizer)
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,15 @@ class TrainConfig:
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; none on quantizers, norms or biases."""
+    quantizer_params = {
+        id(p) for m in module.modules() if isinstance(m, QUANTIZER_TYPES) for p in m.parameters()
+    }
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
+    for p in module.parameters():
         if not p.requires_grad:
             continue
-        # Only conv/linear weights of rank >= 2 are regularised.
-        is_quant = "_quant" in name or "_act" in name or name.endswith(".step")
-        (decay if p.dim() >= 2 and not is_quant else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in quantizer_params else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
