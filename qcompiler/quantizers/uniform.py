@@ -53,10 +53,11 @@ class _LSQ(torch.autograd.Function):
             ctx.save_for_backward(x, step)
             return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
         v = x / step
-        q = torch.round(v).clamp_(qmin, qmax)
-        inside = (v >= qmin) & (v <= qmax)
+        clamped = v.clamp(qmin, qmax)
+        inside = clamped == v  # clamping first is exact: the bounds are integers
+        q = clamped.round_()
         ctx.save_for_backward(inside, torch.where(inside, q - v, q), step)
-        return q.mul_(step)
+        return q * step
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -66,9 +67,10 @@ class _LSQ(torch.autograd.Function):
         else:
             x, step = ctx.saved_tensors
             v = x / step
-            inside = (v >= qmin) & (v <= qmax)
+            clamped = v.clamp(qmin, qmax)
+            inside = clamped == v
             # inside: round(v) - v; outside: the clamped code itself (n or p)
-            dstep = torch.where(inside, torch.round(v).clamp_(qmin, qmax) - v, v.clamp_(qmin, qmax)) if ctx.needs_input_grad[1] else None
+            dstep = torch.where(inside, clamped.round() - v, clamped) if ctx.needs_input_grad[1] else None
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_step = None
         if ctx.needs_input_grad[1]:
