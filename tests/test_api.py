@@ -44,3 +44,26 @@ def test_every_zoo_model_compiles(name, scheme):
         if kind == "adder2d" and scheme.startswith("adder"):
             assert ir.ADDER_Q in layer.meta, layer.name
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_save_and_load_round_trip_keeps_records(tmp_path):
+    model = zoo.build("resnet20", in_channels=1, num_classes=10, width=4).eval()
+    calib = _calib("resnet20")
+    compiled = qcompiler.compile(model, qcompiler.QuantSpec(passes="asq,post"), calib_data=calib)
+    compiled.save(tmp_path / "out")
+    loaded = qcompiler.Compiled.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib), compiled(calib))
+    layer = next(n for n in loaded.module.graph.nodes if n.name == "stages_0_conv1")
+    codes = ir.get(layer, ir.CODES, ir.WeightCodes)
+    assert codes.grid == "post" and codes.codes.shape == layer.meta[ir.LAYER].weight_shape
+    assert loaded.spec == compiled.spec
+    assert [r.weight_quantizer for r in loaded.report.layers] == [r.weight_quantizer for r in compiled.report.layers]
+
+
+def test_save_refuses_a_folder_with_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    compiled = qcompiler.compile(zoo.build("plain_cnn", width=4), calib_data=_calib("plain_cnn"))
+    with pytest.raises(qcompiler.QCompileError, match="holds other files"):
+        compiled.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
