@@ -16,7 +16,6 @@ shift plus one multiply by ``1/sqrt(2)`` (a small table for POST).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -25,9 +24,11 @@ from torch import nn
 GRID_BASES = {"pot": 2.0, "post": math.sqrt(2.0)}
 
 
-@functools.lru_cache(maxsize=64)
 def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Magnitudes of the grid in ascending order (the projection table).
+    """Magnitudes of the grid in ascending order: the level set, as a table.
+
+    The quantizer projects in closed form; this table is the specification it is
+    tested against and what backends can emit as a look-up table.
 
     ``levels[0] = 0`` and ``levels[i] = base^-(K - i)`` for ``i = 1..K``, so the last
     level is 1.
@@ -38,7 +39,7 @@ def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> 
     k = 2 ** (bits - 1) - 1  # positive levels
     exps = torch.arange(k - 1, -1, -1, dtype=torch.float64)
     mags = torch.cat([torch.zeros(1, dtype=torch.float64), base ** (-exps)])
-    return mags.to(dtype)  # cached and shared: callers must not modify it
+    return mags.to(dtype)
 
 
 def _exponents(a: torch.Tensor, bits: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
