@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from .api import SAVED_FILES, check_replaceable
@@ -165,6 +166,10 @@ def _move_into(src: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    def one_line_warning(message, category, *rest, **kw) -> None:
+        print(f"qcompile: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         return run(args)
     except QCompileError as e:

@@ -10,6 +10,7 @@ runs, times the pass and writes an IR dump.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from ..dump import write_dump
 from ..errors import PassError, PipelineError, QCompileError
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, Pass, PassContext
+
+
+class NoChangeWarning(UserWarning):
+    """A transform pass the user asked for changed nothing (e.g. adder passes, no adder layer)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class PassManager:
                 before = ", ".join(r.name for r in runs) or "none"
                 raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {e}") from e
             seconds = time.perf_counter() - start
+            if not result.modified and not p.analysis and p.name != "pin-first-last":
+                warnings.warn(f"pass {p.name!r} found nothing to change in this model ({p.purpose})", NoChangeWarning, stacklevel=2)
             dump = None
             if self.dump_dir is not None:
                 title = f"after pass {i}: {p.name} ({p.purpose}); modified={result.modified}"

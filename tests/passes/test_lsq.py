@@ -13,6 +13,7 @@ from torch import nn
 from qcompiler import ir
 from qcompiler.frontend import trace
 from qcompiler.nn.qat import QConv2d, QLinear
+from qcompiler.passes.manager import NoChangeWarning
 from qcompiler.passes import REGISTRY, PassContext, PassManager, plan
 from qcompiler.passes.lsq import LSQ
 from qcompiler.quantizers import UniformQuantizer
@@ -154,7 +155,8 @@ def test_second_run_reports_no_change() -> None:
     code, n_nodes = gm.code, len(gm.graph.nodes)
     steps = {k: v.clone() for k, v in gm.state_dict().items()}
     records = {n.name: ir.records(n) for n in gm.graph.nodes}
-    gm, runs = PassManager([LSQ()]).run(gm, ctx)
+    with pytest.warns(NoChangeWarning):
+        gm, runs = PassManager([LSQ()]).run(gm, ctx)
     assert [r.modified for r in runs] == [False]
     assert gm.code == code and len(gm.graph.nodes) == n_nodes
     assert {n.name: ir.records(n) for n in gm.graph.nodes} == records

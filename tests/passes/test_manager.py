@@ -374,8 +374,19 @@ def test_second_run_of_pipeline_adds_nothing() -> None:
     passes = plan(("lsq",), ctx.spec, ctx.provided(), REGISTRY)
     gm, first = PassManager(passes).run(trace(_tiny(), ctx.example_inputs), ctx)
     n_nodes = len(gm.graph.nodes)
-    gm, second = PassManager(passes).run(gm, ctx)
+    from qcompiler.passes.manager import NoChangeWarning
+
+    with pytest.warns(NoChangeWarning, match="'lsq' found nothing to change"):
+        gm, second = PassManager(passes).run(gm, ctx)
     assert [r.modified for r in first] == [True, True, True]
     modified = {r.name: r.modified for r in second}
     assert not modified["pin-first-last"] and not modified["lsq"]
     assert len(gm.graph.nodes) == n_nodes
+
+
+def test_a_pass_that_changes_nothing_warns():
+    from qcompiler.passes.manager import NoChangeWarning
+    from qcompiler.zoo import plain_cnn
+
+    with pytest.warns(NoChangeWarning, match="'adder-groups' found nothing to change"):
+        qcompiler.compile(plain_cnn(width=4), qcompiler.QuantSpec(passes="adder-groups"), calib_data=torch.randn(8, 1, 8, 8))
