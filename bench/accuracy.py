@@ -26,17 +26,12 @@ import torch
 
 import qcompiler
 from qcompiler.data import load_digits
+from qcompiler.passes import SCHEMES as PIPELINES
 from qcompiler.train import TrainConfig, evaluate, train
 from qcompiler.zoo import resnet20
 
-# Scheme name -> pass pipeline, as the papers name them.
-SCHEMES: dict[str, str] = {
-    "LSQ": "lsq",
-    "LSQ+POT": "lsq,pot",
-    "LSQ+POST": "lsq,post",
-    "ASQ": "asq",
-    "ASQ+POST": "asq,post",
-}
+# The ASQ paper's schemes, with their pipelines from the one place that names them.
+SCHEMES: dict[str, str] = {name: PIPELINES[name] for name in ("LSQ", "LSQ+POT", "LSQ+POST", "ASQ", "ASQ+POST")}
 POWER_GRID_BITS = (3, 4)  # a 2-bit power grid is just {0, ±alpha}: not reported, as in the paper
 
 

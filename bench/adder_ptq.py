@@ -26,10 +26,11 @@ import torch
 
 import qcompiler
 from qcompiler.data import load_digits
+from qcompiler.passes import SCHEMES
 from qcompiler.train import TrainConfig, evaluate, train
 from qcompiler.zoo import adder_resnet20
 
-METHODS = {"redistribution": "outlier-clamp,adder-groups", "shared scale": "adder-shared"}
+METHODS = {"redistribution": SCHEMES["adder-redistribution"], "shared scale": SCHEMES["adder-shared"]}
 # Ablation at 4 bits: each row adds one ingredient of the method.
 ABLATION = {
     "groups only": dict(passes="adder-groups", adder_weight_clamp=False),
