@@ -166,6 +166,7 @@ def _move_into(src: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
     def one_line_warning(message, category, *rest, **kw) -> None:
         print(f"qcompile: warning: {message}", file=sys.stderr)
 

@@ -203,6 +203,12 @@ def find(node: fx.Node, key: str, kind: type[R]) -> R | None:
     return rec
 
 
+def input_act(layer: fx.Node) -> ActQuant | None:
+    """The ``ActQuant`` record of the quantizer feeding ``layer``'s input, if any."""
+    src = layer.args[0] if layer.args else None
+    return src.meta.get(ACT) if isinstance(src, fx.Node) else None
+
+
 def records(node: fx.Node) -> dict[str, object]:
     """All quantization records of ``node``, by key, in a stable order."""
     return {k: node.meta[k] for k in sorted(node.meta) if k.startswith("qc.")}

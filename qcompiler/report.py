@@ -60,8 +60,7 @@ def build_report(gm: fx.GraphModule, passes: list[PassRun], trace_seconds: float
     for layer in ir.compute_layers(gm):
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
         wq = ir.find(layer, ir.WEIGHT, ir.WeightQuant)
-        src = layer.args[0]
-        aq = ir.find(src, ir.ACT, ir.ActQuant) if hasattr(src, "meta") else None
+        aq = ir.input_act(layer)
         pin = ir.find(layer, ir.PIN, ir.Pin)
         adder = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
         act_bits = aq.bits if aq else (adder.bits if adder else None)
@@ -123,8 +122,7 @@ def asq_overhead(gm: fx.GraphModule, bit_widths: tuple[int, ...] = (8, 4, 3, 2))
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
         model_params += info.params if info.kind == "linear" else info.params - (info.out_channels if info.has_bias else 0)
         model_ops += info.macs
-        src = layer.args[0]
-        act = ir.find(src, ir.ACT, ir.ActQuant) if hasattr(src, "meta") else None
+        act = ir.input_act(layer)
         if act is not None and act.method == "asq":
             adapter = gm.get_submodule(act.module).adapter
             adapter_params += adapter.params()
@@ -142,7 +140,6 @@ def overhead_table(rows: tuple[AdapterOverhead, ...]) -> str:
         ("bits", "adapter params %", "adapter ops %"),
         [(str(r.bits), f"{r.param_pct:.2f}", f"{r.ops_pct:.3f}") for r in rows],
     )
-
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,8 @@ class AdderGroups(Pass):
         channel_max = weight.abs().flatten(1).max(1).values
         try:
             labels = compact(kmeans_1d(channel_max.double().numpy(), self.groups, seed=self.seed))
-        except Exception as e:  # name the layer in the one-line error
-            raise type(e)(f"adder layer {layer.name!r}: {e}") from None
+        except SpecError as e:  # name the layer in the one-line error
+            raise SpecError(f"adder layer {layer.name!r}: {e}") from None
 
         compensation = torch.zeros(module.out_channels)
         if self.weight_clamp:

@@ -133,7 +133,7 @@ class PassManager:
                 before = ", ".join(r.name for r in runs) or "none"
                 raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {e}") from e
             seconds = time.perf_counter() - start
-            if not result.modified and not p.analysis and p.name != "pin-first-last":
+            if not result.modified and not p.analysis:
                 warnings.warn(f"pass {p.name!r} found nothing to change in this model ({p.purpose})", NoChangeWarning, stacklevel=2)
             dump = None
             if self.dump_dir is not None:

@@ -26,8 +26,7 @@ def act_quantizer_name(layer: fx.Node) -> str:
 
 def input_quantizer(layer: fx.Node) -> fx.Node | None:
     """The activation-quantizer node in front of ``layer``, if any."""
-    src = layer.args[0]
-    return src if isinstance(src, fx.Node) and ir.ACT in src.meta else None
+    return layer.args[0] if ir.input_act(layer) is not None else None
 
 
 def set_act_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Module, record: ir.ActQuant) -> fx.Node:

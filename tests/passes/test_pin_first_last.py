@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -10,6 +11,7 @@ from qcompiler import ir
 from qcompiler.frontend import trace
 from qcompiler.passes import REGISTRY, PassContext, PassManager, plan
 from qcompiler.passes.pin_first_last import PinFirstLast
+from qcompiler.passes.manager import NoChangeWarning
 from qcompiler.spec import LayerOverride, QuantSpec
 
 
@@ -65,7 +67,8 @@ def test_pins_win_over_overrides_in_lsq() -> None:
 def test_second_run_reports_no_change() -> None:
     _, gm, ctx = _setup(QuantSpec())
     gm, first = PassManager([PinFirstLast()]).run(gm, ctx)
-    gm, second = PassManager([PinFirstLast()]).run(gm, ctx)
+    with pytest.warns(NoChangeWarning, match="'pin-first-last' found nothing to change"):
+        gm, second = PassManager([PinFirstLast()]).run(gm, ctx)
     assert first[0].modified and not second[0].modified
     # Different bits is a change.
     gm, third = PassManager([PinFirstLast(bits=6)]).run(gm, ctx)
@@ -78,6 +81,7 @@ def test_pins_found_after_quantizers_are_inserted() -> None:
     spec = QuantSpec(weight_bits=4, act_bits=4)
     _, gm, ctx = _setup(spec)
     gm, _ = PassManager(plan(("lsq",), spec, ctx.provided(), REGISTRY)).run(gm, ctx)
-    gm, runs = PassManager([PinFirstLast()]).run(gm, ctx)
+    with pytest.warns(NoChangeWarning, match="'pin-first-last' found nothing to change"):
+        gm, runs = PassManager([PinFirstLast()]).run(gm, ctx)
     assert not runs[0].modified
     assert sorted(n.name for n in gm.graph.nodes if ir.PIN in n.meta) == ["_0", "_5"]
