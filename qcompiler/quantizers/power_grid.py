@@ -16,10 +16,14 @@ shift plus one multiply by ``1/sqrt(2)`` (a small table for POST).
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .. import kernels
 
 GRID_BASES = {"pot": 2.0, "post": math.sqrt(2.0)}
 
@@ -42,50 +46,122 @@ def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> 
     return mags.to(dtype)
 
 
-def _exponents(a: torch.Tensor, bits: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For magnitudes ``a = |u|``: the nearest level's exponent ``k`` and the zero mask.
+@dataclass(frozen=True)
+class GridThresholds:
+    """Where the nearest-level projection onto a power grid switches level.
 
-    Closed form instead of a table search (``bucketize`` is ~10x slower here, and
-    this runs on every weight at every QAT step): with ``t = -log_r a`` the nearest
-    level lies between ``k0 = floor(t)`` and ``k0 + 1``, and it is ``k0 + 1`` exactly
-    when ``frac(t) >= theta = -log_r((1 + 1/r) / 2)``, i.e. ``k = floor(t - theta) + 1``.
-    Ties go to the smaller magnitude; ``a >= 1`` clips to ``k = 0``; at or below half
-    the smallest level the weight is zero.
+    Writing ``a = m * 2^e`` with ``m`` in ``[1, 2)``, the nearest level's exponent is
+    ``k = -(e + [m > mid_low])`` for ``r = 2`` and ``k = -(2e + [m > mid_low] + [m >
+    mid_high])`` for ``r = sqrt 2``, clamped to ``[0, max_exponent]``; ``a <= zero_below``
+    projects to zero. The midpoints are stored rounded *down* to the input's dtype,
+    which makes ``m > t`` exactly ``m > (true midpoint)``: ties go to the smaller
+    magnitude, and the eager code and the fused kernel decide every weight alike.
     """
+
+    sqrt2: bool
+    max_exponent: int
+    mid_low: float
+    mid_high: float
+    zero_below: float
+
+
+def _at_most(t: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value ``<= t``."""
+    f = torch.tensor(t, dtype=dtype)
+    if float(f) > t:
+        f = torch.nextafter(f, torch.tensor(-math.inf, dtype=dtype))
+    return float(f)
+
+
+@functools.lru_cache(maxsize=None)
+def grid_thresholds(bits: int, base: float, dtype: torch.dtype = torch.float32) -> GridThresholds:
+    """The projection's decision points for a ``bits``-bit grid of ``base`` 2 or sqrt 2, for ``dtype`` inputs.
+
+    >>> grid_thresholds(3, 2.0)
+    GridThresholds(sqrt2=False, max_exponent=2, mid_low=1.5, mid_high=2.0, zero_below=0.125)
+    """
+    if base not in GRID_BASES.values():
+        raise ValueError(f"power grids have base 2 or sqrt(2), got {base}")
     positive = 2 ** (bits - 1) - 1
-    log_r = math.log2(base)
-    theta = -math.log2((1 + 1 / base) / 2) / log_r
-    k = torch.log2(a).mul_(-1 / log_r).sub_(theta - 1).floor_().clamp_(0, positive - 1)
-    return k, a <= base ** (-(positive - 1)) / 2
+    sqrt2 = base != 2.0
+    # inside one octave [1, 2): levels 1, sqrt2, 2 (sqrt 2) or 1, 2 (r = 2)
+    mids = ((1 + base) / 2, (base + 2) / 2) if sqrt2 else (1.5, 2.0)
+    return GridThresholds(
+        sqrt2=sqrt2,
+        max_exponent=positive - 1,
+        mid_low=_at_most(mids[0], dtype),
+        mid_high=_at_most(mids[1], dtype),
+        zero_below=_at_most(base ** (-(positive - 1)) / 2, dtype),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _level_of_exponent(bits: int, base: float, dtype: torch.dtype) -> torch.Tensor:
+    """``base^-k`` for ``k = 0 .. K-1``: :func:`power_levels` largest first."""
+    return power_levels(bits, base, dtype)[1:].flip(0).contiguous()
+
+
+def _exponents(a: torch.Tensor, bits: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For magnitudes ``a = |u|``: the nearest level's exponent ``k`` (int64) and the zero mask.
+
+    Decided from the float's exponent and mantissa (:class:`GridThresholds`) rather
+    than a table search (``bucketize`` is ~10x slower here, and this runs on every
+    weight at every QAT step) or ``log2`` (whose rounding can flip a near-tie).
+    """
+    g = grid_thresholds(bits, base, a.dtype)
+    mant, exp = torch.frexp(a)  # a = mant * 2^exp with mant in [0.5, 1): m = 2 mant, e = exp - 1
+    octave = (exp - 1).long()
+    if g.sqrt2:
+        k = (mant > g.mid_low / 2).long().add_(mant > g.mid_high / 2).add_(octave, alpha=2).neg_()
+    else:
+        k = (mant > g.mid_low / 2).long().add_(octave).neg_()
+    return k.clamp_(0, g.max_exponent), a <= g.zero_below
 
 
 def _levels(a: torch.Tensor, bits: int, base: float) -> torch.Tensor:
     """Nearest level magnitude of ``a = |u|`` (in units of alpha)."""
     k, zero = _exponents(a, bits, base)
-    return torch.where(zero, 0.0, torch.exp2(k.mul_(-math.log2(base))))
+    return _level_of_exponent(bits, base, a.dtype).to(a.device)[k].masked_fill_(zero, 0.0)
 
 
 def _codes(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
     """Signed magnitude codes ``sign * m``: ``m = 0`` is zero, else the level is ``base^-(m-1)``."""
     k, zero = _exponents(u.abs(), bits, base)
-    m = (k + 1).masked_fill_(zero, 0.0)
-    return (m * torch.sign(u)).to(torch.int64)
+    return (k + 1).masked_fill_(zero, 0) * torch.sign(u).long()
+
+
+def _fused_grid(w: torch.Tensor, alpha: torch.Tensor, bits: int, base: float):
+    """The kernel module and its grid arguments, where the fused kernel can run (up to 8 bits)."""
+    k = kernels.usable(w, alpha) if bits <= 8 else None
+    if k is None:
+        return None, ()
+    g = grid_thresholds(bits, base)
+    return k, (g.sqrt2, g.max_exponent, g.mid_low, g.mid_high, g.zero_below)
 
 
 class _PowerGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, alpha, bits: int, base: float, grad_scale: float):  # type: ignore[override]
+        ctx.grad_scale, ctx.alpha_shape = grad_scale, alpha.shape
+        ctx.fused, ctx.grid = _fused_grid(w, alpha, bits, base)
+        if ctx.fused is not None:
+            w, rows = w.contiguous(), alpha.detach().reshape(-1).contiguous()
+            ctx.save_for_backward(w, rows)
+            return ctx.fused.power_forward(w, rows, *ctx.grid)
         u = w / alpha
         a = u.abs()
         q = torch.copysign(_levels(a, bits, base), u)
         inside = a <= 1
         # d(q * alpha)/d alpha: q - u inside; outside q is exactly sign(u) = the clip.
         ctx.save_for_backward(inside, torch.where(inside, q - u, q), alpha)
-        ctx.grad_scale = grad_scale
         return q * alpha
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if ctx.fused is not None:
+            w, rows = ctx.saved_tensors
+            grad_w, grad_rows = ctx.fused.power_backward(grad, w, rows, *ctx.grid, ctx.grad_scale)
+            return grad_w, grad_rows.reshape(ctx.alpha_shape), None, None, None
         inside, dalpha, alpha = ctx.saved_tensors
         grad_alpha = (dalpha * grad).sum_to_size(alpha.shape) * ctx.grad_scale
         return grad * inside, grad_alpha, None, None, None

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from .. import kernels
+
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
     """The integer code range of a ``bits``-bit code.
@@ -44,11 +46,20 @@ class _LSQ(torch.autograd.Function):
     forward pass and kept (for weights, which are small next to activations), instead
     of being recomputed from the saved input in the backward pass (for activations,
     whose input is saved anyway by the layer before).
+
+    Where :mod:`qcompiler.kernels` can run (contiguous float32 on CPU, one step per
+    row), the same numerics run as one fused pass each way, recomputing in backward.
     """
 
     @staticmethod
     def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, keep_grads: bool):  # type: ignore[override]
         ctx.qrange, ctx.grad_scale, ctx.keep_grads = (qmin, qmax), grad_scale, keep_grads
+        ctx.fused = kernels.usable(x, step)
+        if ctx.fused is not None:
+            x, rows = x.contiguous(), step.detach().reshape(-1).contiguous()
+            ctx.save_for_backward(x, rows)
+            ctx.step_shape = step.shape
+            return ctx.fused.lsq_forward(x, rows, qmin, qmax)
         if not keep_grads:
             ctx.save_for_backward(x, step)
             return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
@@ -62,6 +73,12 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         qmin, qmax = ctx.qrange
+        if ctx.fused is not None:
+            x, rows = ctx.saved_tensors
+            grad_x, grad_rows = ctx.fused.lsq_backward(grad, x, rows, qmin, qmax, ctx.grad_scale)
+            grad_x = grad_x if ctx.needs_input_grad[0] else None
+            grad_step = grad_rows.reshape(ctx.step_shape) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_step, None, None, None, None
         if ctx.keep_grads:
             inside, dstep, step = ctx.saved_tensors
         else:

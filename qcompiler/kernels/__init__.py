@@ -1,0 +1,130 @@
+"""Fused CPU kernels for QAT fake quantization, built on first use.
+
+The quantizers in :mod:`qcompiler.quantizers` are written in eager PyTorch, which
+needs ~7 passes over a tensor for a uniform quantizer and ~16 for a POST/POT grid
+(divide, abs, exponent, comparisons, clamp, level, sign, multiply, and again in the
+backward pass). On ResNet-18's 11 M weights that alone costs a third of a float
+training step. ``fused_quant.cpp`` does each quantizer in one pass forward and one
+backward, with the same numerics (the forward pass bit for bit; tests check it).
+
+The extension is compiled with the C++ compiler that PyTorch's
+``torch.utils.cpp_extension`` finds (once per source version, ~40 s, cached under
+``$QCOMPILER_CACHE`` or ``~/.cache/qcompiler``). Everything works without it: when
+there is no compiler, or ``QCOMPILER_FUSED=0`` is set, or a tensor is not a
+contiguous float32 CPU tensor, the eager code runs instead.
+
+Example:
+    >>> from qcompiler import kernels
+    >>> k = kernels.fused()   # the extension, or None where it cannot be built
+    >>> k is None or hasattr(k, "lsq_forward")
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused_quant.cpp")
+# -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, so without it the
+# kernels run on one thread. The extension then needs libgomp.so.1, which resolves to
+# the copy PyTorch has already loaded, so there is one OpenMP runtime in the process.
+# -ffp-contract=off: no fused multiply-adds, so results match the eager ops exactly.
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+# Wider vectors where PyTorch itself found them (~1.6x on the weight kernels); the
+# capability is part of the cache key, so a build never runs on a CPU without them.
+ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma"]}
+LDFLAGS = ["-fopenmp"]
+
+_state: dict[str, ModuleType | None] = {}
+_override: list[bool] = []
+
+
+def enabled() -> bool:
+    """Whether the fused path may be used: ``QCOMPILER_FUSED`` is not ``0`` and no :func:`disabled` block is active."""
+    if _override:
+        return _override[-1]
+    return os.environ.get("QCOMPILER_FUSED", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the eager quantizers inside this block (for comparisons and debugging)."""
+    _override.append(False)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _cflags() -> list[str]:
+    return CFLAGS + ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
+def _build_dir() -> tuple[str, Path]:
+    key = " ".join(_cflags() + LDFLAGS + [torch.__version__]).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + key)
+    name = f"qcompiler_fused_{digest.hexdigest()[:12]}"
+    root = Path(os.environ.get("QCOMPILER_CACHE", Path.home() / ".cache" / "qcompiler"))
+    return name, root / name
+
+
+def _load() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    name, build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("qcompiler: compiling the fused quantizer kernels (first use only, ~1 min)", file=sys.stderr)
+    try:
+        return cpp_extension.load(
+            name, [str(SOURCE)], extra_cflags=_cflags(), extra_ldflags=LDFLAGS, build_directory=str(build_dir)
+        )
+    except Exception as exc:  # no compiler, no ninja, headers missing: all mean "use eager"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(
+            f"qcompiler: fused quantizer kernels unavailable ({first_line}); using the slower eager quantizers",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def fused() -> ModuleType | None:
+    """The compiled kernel module, or ``None`` (disabled, or it could not be built)."""
+    if not enabled():
+        return None
+    if "module" not in _state:
+        _state["module"] = _load()
+    return _state["module"]
+
+
+def _one_per_row(x: torch.Tensor, step: torch.Tensor) -> bool:
+    return step.dim() == x.dim() and step.shape[0] == x.shape[0] == step.numel()
+
+
+def usable(x: torch.Tensor, step: torch.Tensor) -> ModuleType | None:
+    """The kernel module if it can quantize ``x`` with ``step`` (one step per row of ``x``), else ``None``.
+
+    The kernels take float32 CPU tensors whose step is one scalar or one value per
+    index of dim 0 (per-sample ASQ steps, per-output-channel weight steps), and they
+    stay out of tracing, export and ``torch.compile``, which need the eager ops.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or step.dtype != torch.float32:
+        return None
+    if step.dim() > x.dim() or (step.numel() != 1 and not _one_per_row(x, step)):
+        return None
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return None
+    return fused()
+
+
+__all__ = ["disabled", "enabled", "fused", "usable"]

@@ -1,0 +1,261 @@
+// Fused fake quantization for QAT on CPU, float32.
+//
+// Each quantizer is one pass forward and one pass backward over its tensor
+// (the eager formulation in qcompiler/quantizers/ is ~7 passes for uniform and
+// ~16 for power grids). The numerics are those of the eager code, bit for bit in
+// the forward pass; tests/kernels/ checks that against the eager reference.
+//
+// Layout: x is viewed as (rows, inner) with one step (or alpha) per row; rows is 1
+// for a per-tensor step, the batch for ASQ's per-sample step, the output channels
+// for a per-channel weight step. Work is split into (row, chunk) tasks so that both
+// shapes parallelise, and per-row gradient sums are reduced from per-task partials
+// in a fixed order, so results do not depend on the thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;
+
+struct Tiling {
+  int64_t rows, inner, chunks;
+  Tiling(int64_t rows_, int64_t inner_)
+      : rows(rows_), inner(inner_), chunks(std::max<int64_t>(1, (inner_ + kChunk - 1) / kChunk)) {}
+  int64_t tasks() const { return rows * chunks; }
+};
+
+template <typename F>
+void for_each_chunk(const Tiling& t, F f) {
+  at::parallel_for(0, t.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / t.chunks, lo = (task % t.chunks) * kChunk;
+      const int64_t hi = std::min(t.inner, lo + kChunk);
+      f(task, row, row * t.inner + lo, row * t.inner + hi);
+    }
+  });
+}
+
+torch::Tensor row_sums(const std::vector<double>& partial, const Tiling& t, double scale) {
+  auto out = torch::empty({t.rows}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < t.rows; ++r) {
+    double s = 0.0;
+    for (int64_t c = 0; c < t.chunks; ++c) s += partial[r * t.chunks + c];
+    o[r] = static_cast<float>(s * scale);
+  }
+  return out;
+}
+
+// Round half to even for |v| <= 2^22 (codes are at most 16 bits): adding and
+// removing 1.5 * 2^23 leaves no fraction bits, and IEEE rounding is to even.
+inline float round_even(float v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+inline uint32_t bits_of(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+inline float float_of(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+
+// Selects as bit masks: GCC does not vectorise these loops for baseline x86-64
+// (SSE2) when they are written as `c ? a : b` on floats, and runs them ~4x slower.
+inline uint32_t mask_of(bool c) { return 0u - static_cast<uint32_t>(c); }
+inline float select(bool c, float a, float b) {
+  const uint32_t m = mask_of(c);
+  return float_of((bits_of(a) & m) | (bits_of(b) & ~m));
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& step) {
+  TORCH_CHECK(x.is_contiguous() && step.is_contiguous(), "fused_quant: tensors must be contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && step.scalar_type() == torch::kFloat32,
+              "fused_quant: float32 only");
+  TORCH_CHECK(step.numel() > 0 && x.numel() % step.numel() == 0, "fused_quant: one step per row");
+}
+
+// Sum of n floats in kLanes independent partial sums: a fixed order (so results do
+// not depend on threads) that vectorises without reassociation flags.
+constexpr int64_t kBlock = 2048;
+constexpr int kLanes = 8;
+inline double block_sum(const float* v, int64_t n) {
+  float lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += v[i + l];
+  double s = 0.0;
+  for (; i < n; ++i) s += v[i];
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+// ---- uniform (LSQ) -------------------------------------------------------------
+
+torch::Tensor lsq_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int64_t qmax) {
+  check(x, step);
+  auto out = torch::empty_like(x);
+  const Tiling t(step.numel(), x.numel() / step.numel());
+  const float* xp = x.data_ptr<float>();
+  const float* sp = step.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  for_each_chunk(t, [&](int64_t, int64_t row, int64_t b, int64_t e) {
+    const float s = sp[row];
+    for (int64_t i = b; i < e; ++i) {
+      const float c = std::min(std::max(xp[i] / s, lo), hi);
+      op[i] = round_even(c) * s;
+    }
+  });
+  return out;
+}
+
+// Returns (grad_x, grad_step per row).
+std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor step, int64_t qmin,
+                                        int64_t qmax, double grad_scale) {
+  check(x, step);
+  grad = grad.contiguous();
+  torch::Tensor grad_x = torch::empty_like(x);
+  const Tiling t(step.numel(), x.numel() / step.numel());
+  std::vector<double> partial(t.tasks());
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const float* sp = step.data_ptr<float>();
+  float* gx = grad_x.data_ptr<float>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
+    const float s = sp[row];
+    float contrib[kBlock];  // this block's d(x_hat)/ds * grad, summed after the elementwise loop
+    double acc = 0.0;
+    for (int64_t c = b; c < e; c += kBlock) {
+      const int64_t n = std::min(kBlock, e - c);
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = xp[c + j] / s;
+        const float cl = std::min(std::max(v, lo), hi);
+        const bool inside = cl == v;
+        // d(x_hat)/ds: round(v) - v inside, the clamped code outside
+        const float dstep = select(inside, round_even(cl) - v, cl);
+        const float g = gp[c + j];
+        gx[c + j] = select(inside, g, 0.0f);
+        contrib[j] = dstep * g;
+      }
+      acc += block_sum(contrib, n);
+    }
+    partial[task] = acc;
+  });
+  return {grad_x, row_sums(partial, t, grad_scale)};
+}
+
+// ---- power-of-r grids (POT r = 2, POST r = sqrt 2) -------------------------------
+
+// The projection of a = |w / alpha| onto {0} u {r^-k : k = 0..kmax}, as in
+// qcompiler.quantizers.power_grid.GridThresholds: from the float's exponent e and
+// mantissa m in [1, 2), k = -(e + [m > mid_low]) for r = 2 and
+// k = -(2e + [m > mid_low] + [m > mid_high]) for r = sqrt 2, clamped to [0, kmax];
+// a <= zero_at is zero. The midpoints come rounded down to float32, which makes
+// "m > mid" exact. Level values are built from bits: r^-k is a power of two, or for
+// odd k with r = sqrt 2 the float32 sqrt 2 times one, which is exactly the float32
+// rounding of r^-k that qcompiler.quantizers.power_grid.power_levels tabulates.
+struct PowerGrid {
+  int32_t kmax, mid_low, mid_high;  // midpoints as mantissa bits: same octave, so integer order = float order
+  float zero_at;
+
+  template <bool Sqrt2>
+  inline float level(float a) const {
+    const int32_t ab = static_cast<int32_t>(bits_of(a));  // a >= 0: no sign bit
+    const int32_t e = ab >> 23, mb = ab & 0x7FFFFF;       // biased exponent, mantissa bits
+    int32_t k, lb;
+    if constexpr (Sqrt2) {
+      k = 2 * 127 - 2 * e - (mb > mid_low) - (mb > mid_high);
+      k = std::min(std::max(k, 0), kmax);
+      const int32_t odd = k & 1;  // r^-k = 2^-(k+1)/2 * sqrt2
+      lb = ((127 - (k >> 1) - odd) << 23) | (-odd & 0x3504F3);
+    } else {
+      k = 127 - e - (mb > mid_low);
+      k = std::min(std::max(k, 0), kmax);
+      lb = (127 - k) << 23;
+    }
+    return float_of(static_cast<uint32_t>(lb) & mask_of(a > zero_at));
+  }
+};
+
+PowerGrid make_grid(int64_t kmax, double mid_low, double mid_high, double zero_at) {
+  TORCH_CHECK(kmax >= 0 && kmax <= 126, "fused_quant: power grids up to 8 bits");
+  TORCH_CHECK(mid_low >= 1.0 && mid_low <= mid_high && mid_high <= 2.0, "fused_quant: midpoints within [1, 2]");
+  // 2.0 means "no second midpoint" (r = 2): no mantissa exceeds 0x7FFFFF
+  auto mantissa = [](double t) { return t >= 2.0 ? int32_t{0x7FFFFF} : static_cast<int32_t>(bits_of(static_cast<float>(t)) & 0x7FFFFF); };
+  return PowerGrid{static_cast<int32_t>(kmax), mantissa(mid_low), mantissa(mid_high), static_cast<float>(zero_at)};
+}
+
+template <bool Sqrt2>
+void power_forward_rows(const PowerGrid& grid, const Tiling& t, const float* wp, const float* ap, float* op) {
+  for_each_chunk(t, [&](int64_t, int64_t row, int64_t b, int64_t e) {
+    const float al = ap[row];
+    for (int64_t i = b; i < e; ++i) {
+      const float u = wp[i] / al;
+      op[i] = std::copysign(grid.level<Sqrt2>(std::fabs(u)), u) * al;
+    }
+  });
+}
+
+torch::Tensor power_forward(torch::Tensor w, torch::Tensor alpha, bool sqrt2, int64_t kmax, double mid_low,
+                            double mid_high, double zero_at) {
+  check(w, alpha);
+  const PowerGrid grid = make_grid(kmax, mid_low, mid_high, zero_at);
+  auto out = torch::empty_like(w);
+  const Tiling t(alpha.numel(), w.numel() / alpha.numel());
+  auto run = sqrt2 ? power_forward_rows<true> : power_forward_rows<false>;
+  run(grid, t, w.data_ptr<float>(), alpha.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+template <bool Sqrt2>
+void power_backward_rows(const PowerGrid& grid, const Tiling& t, const float* wp, const float* gp, const float* ap,
+                         float* gw, std::vector<double>& partial) {
+  for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
+    const float al = ap[row];
+    float contrib[kBlock];  // this block's d(q alpha)/d alpha * grad, summed after the elementwise loop
+    double acc = 0.0;
+    for (int64_t c = b; c < e; c += kBlock) {
+      const int64_t n = std::min(kBlock, e - c);
+      for (int64_t j = 0; j < n; ++j) {
+        const float u = wp[c + j] / al;
+        const float au = std::fabs(u);
+        const float q = std::copysign(grid.level<Sqrt2>(au), u);
+        const bool inside = au <= 1.0f;
+        // d(q * alpha)/d alpha: q - u inside; outside q is the clip sign(u)
+        const float g = gp[c + j];
+        gw[c + j] = select(inside, g, 0.0f);
+        contrib[j] = (q - select(inside, u, 0.0f)) * g;
+      }
+      acc += block_sum(contrib, n);
+    }
+    partial[task] = acc;
+  });
+}
+
+// Returns (grad_w, grad_alpha per row).
+std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, torch::Tensor alpha, bool sqrt2,
+                                          int64_t kmax, double mid_low, double mid_high, double zero_at,
+                                          double grad_scale) {
+  check(w, alpha);
+  const PowerGrid grid = make_grid(kmax, mid_low, mid_high, zero_at);
+  grad = grad.contiguous();
+  auto grad_w = torch::empty_like(w);
+  const Tiling t(alpha.numel(), w.numel() / alpha.numel());
+  std::vector<double> partial(t.tasks());
+  auto run = sqrt2 ? power_backward_rows<true> : power_backward_rows<false>;
+  run(grid, t, w.data_ptr<float>(), grad.data_ptr<float>(), alpha.data_ptr<float>(), grad_w.data_ptr<float>(),
+      partial);
+  return {grad_w, row_sums(partial, t, grad_scale)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lsq_forward", &lsq_forward);
+  m.def("lsq_backward", &lsq_backward);
+  m.def("power_forward", &power_forward);
+  m.def("power_backward", &power_backward);
+}

@@ -1,0 +1,208 @@
+"""The fused kernels against the eager quantizers they replace.
+
+Forward results and input gradients must be bit-identical (the kernels make the
+same decisions on every element); step/alpha gradients are sums, which the kernels
+accumulate in another order, so they agree to float32 rounding of the sum.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from qcompiler import kernels
+from qcompiler.quantizers.power_grid import GRID_BASES, PowerGridQuantizer, grid_thresholds, power_levels
+from qcompiler.quantizers.uniform import lsq_quantize
+
+needs_kernels = pytest.mark.skipif(kernels.fused() is None, reason="the fused kernels cannot be built here")
+
+
+def _run(fn, *leaves):
+    """``fn`` on fresh leaf copies: (output, grads of the leaves) for a fixed upstream gradient."""
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*copies)
+    out.backward(_upstream(out.shape))
+    return out.detach(), [c.grad for c in copies]
+
+
+def _fused_and_eager(fn, *leaves):
+    fused = _run(fn, *leaves)
+    with kernels.disabled():
+        assert kernels.usable(leaves[0], leaves[1]) is None
+        eager = _run(fn, *leaves)
+    return fused, eager
+
+
+def _upstream(shape) -> torch.Tensor:
+    n = math.prod(shape)
+    return torch.linspace(-1.0, 1.0, n).reshape(shape)
+
+
+def _assert_same(fused, eager, step_terms: torch.Tensor, step_shape, grad_scale: float):
+    """Outputs and input gradients identical; step gradients both within summation error of the exact sum.
+
+    ``step_terms`` are the per-element terms of the step gradient (float64 products of
+    the float32 factors): the exact sum is their float64 sum, and a float32 sum of n
+    terms in any order is within ``n * eps * sum|terms|`` of it.
+    """
+    (out_f, grads_f), (out_e, grads_e) = fused, eager
+    assert torch.equal(out_f, out_e)
+    assert torch.equal(grads_f[0], grads_e[0])
+    exact = step_terms.sum_to_size(step_shape) * grad_scale
+    n = step_terms.numel() // max(math.prod(step_shape), 1)
+    bound = step_terms.abs().sum_to_size(step_shape) * grad_scale * n * 2.0**-24
+    for got in (grads_f[1], grads_e[1]):
+        assert ((got.double().reshape(exact.shape) - exact).abs() <= bound + 1e-12).all()
+
+
+STEP_SHAPES = {
+    "per-tensor": lambda x: torch.tensor(0.07),
+    "per-sample": lambda x: torch.rand(x.shape[0], 1, 1, 1) * 0.1 + 0.02,
+    "per-channel": lambda x: torch.rand(x.shape[0], 1, 1, 1) * 0.1 + 0.02,
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", sorted(STEP_SHAPES))
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (4, True), (8, True), (16, True)])
+def test_lsq_kernel_matches_eager(layout, bits, signed):
+    torch.manual_seed(bits)
+    x = torch.randn(6, 5, 7, 9) * 0.4
+    step = STEP_SHAPES[layout](x)
+    # exact rounding ties and exact clamp bounds, where the decisions are made
+    x.view(-1)[:40] = (torch.arange(-20, 20) + 0.5) * step.reshape(-1)[0]
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    x.view(-1)[40:42] = torch.tensor([qmin, qmax]) * step.reshape(-1)[0]
+    x.view(-1)[42:44] = torch.tensor([1e6, -1e6])
+
+    def quantize(x, step):
+        return lsq_quantize(x, step, qmin, qmax, grad_scale=0.3, keep_grads=layout == "per-channel")
+
+    v = x / step
+    clamped = v.clamp(qmin, qmax)
+    dstep = torch.where(clamped == v, clamped.round() - v, clamped)  # the LSQ step gradient factor
+    terms = dstep.double() * _upstream(x.shape).double()
+    _assert_same(*_fused_and_eager(quantize, x, step), terms, step.shape, 0.3)
+
+
+def _grid_probe(bits: int, base: float, alpha: torch.Tensor, shape) -> torch.Tensor:
+    """Random weights plus every level, every midpoint between levels, and its float32 neighbours."""
+    levels = power_levels(bits, base, torch.float64)
+    mids = (levels[1:] + levels[:-1]) / 2
+    special = torch.cat([levels, mids]).float()
+    special = torch.cat([special, torch.nextafter(special, torch.tensor(2.0)), torch.nextafter(special, torch.tensor(-1.0))])
+    special = torch.cat([special, -special, torch.tensor([0.0, -0.0, 1.5, 7.0, 1e-30])])
+    w = torch.randn(shape) * alpha.view(-1, *([1] * (len(shape) - 1)))
+    flat = w.view(shape[0], -1)
+    n = min(special.numel(), flat.shape[1])
+    flat[:, :n] = special[:n] * alpha.view(-1, 1)  # exact multiples of alpha up to float32 rounding
+    return w
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_power_grid_kernel_matches_eager(grid, bits):
+    torch.manual_seed(bits)
+    q = PowerGridQuantizer(bits, grid, channels=4)
+    alpha = torch.tensor([1.0, 0.5, 0.37, 2.0])  # two powers of two: exact midpoints survive the division
+    w = _grid_probe(bits, GRID_BASES[grid], alpha, (4, 300))
+    q.alpha.data.copy_(alpha)
+
+    def quantize(w, a):
+        return PowerGridQuantizer.forward(_with_alpha(q, a), w)
+
+    u = w / alpha.view(-1, 1)
+    with kernels.disabled(), torch.no_grad():
+        levels = q(w) / alpha.view(-1, 1)  # exact: alpha * level / alpha
+    dalpha = torch.where(u.abs() <= 1, levels - u, levels)
+    terms = dalpha.double() * _upstream(w.shape).double()
+    scale = 1 / math.sqrt(w.shape[1] * q.positive_levels)
+    _assert_same(*_fused_and_eager(quantize, w, alpha), terms, (4, 1), scale)
+    with torch.no_grad():
+        codes_eager = q.codes(w)
+    assert codes_eager.abs().max() <= 2 ** (bits - 1) - 1
+
+
+def _with_alpha(q: PowerGridQuantizer, alpha: torch.Tensor) -> PowerGridQuantizer:
+    """A view of ``q`` whose ``alpha`` is the given (leaf) tensor."""
+
+    class Probe(PowerGridQuantizer):
+        def _alpha_view(self, w):
+            return alpha.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
+
+    probe = Probe.__new__(Probe)
+    probe.__dict__.update(q.__dict__)
+    return probe
+
+
+@needs_kernels
+def test_power_grid_kernel_levels_are_the_specified_table():
+    """Every level the kernel can produce is exactly ``power_levels`` (float32)."""
+    for grid, base in GRID_BASES.items():
+        for bits in range(2, 9):
+            table = power_levels(bits, base)
+            q = PowerGridQuantizer(bits, grid, channels=1)
+            out = q(table.view(1, -1)).detach().view(-1)
+            assert torch.equal(out, table), (grid, bits)
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64, 3, 3)
+    alpha = torch.rand(64) + 0.1
+    q = PowerGridQuantizer(4, "post", channels=64)
+    runs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(_run(lambda w, a: PowerGridQuantizer.forward(_with_alpha(q, a), w), w, alpha))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_kernels_are_used_only_where_they_apply():
+    k = kernels.fused()
+    x = torch.randn(4, 3, 5, 5)
+    assert kernels.usable(x, torch.tensor(0.1)) is k
+    assert kernels.usable(x, torch.rand(4, 1, 1, 1)) is k
+    assert kernels.usable(x, torch.rand(1, 3, 1, 1)) is None  # a step per channel of dim 1
+    assert kernels.usable(torch.randn(4, 4), torch.rand(4)) is None  # broadcasts along the last dim
+    assert kernels.usable(x.double(), torch.tensor(0.1, dtype=torch.float64)) is None
+    with kernels.disabled():
+        assert kernels.usable(x, torch.tensor(0.1)) is None
+
+
+def test_environment_switch_disables_the_kernels(monkeypatch):
+    monkeypatch.setenv("QCOMPILER_FUSED", "0")
+    assert not kernels.enabled()
+    assert kernels.fused() is None
+
+
+def test_a_failed_build_falls_back_to_eager_with_one_warning(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "_state", {})
+    with pytest.warns(RuntimeWarning, match="Ninja is required to load C\\+\\+ extensions\\); using the slower eager"):
+        assert kernels.fused() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.fused() is None  # remembered: no second build attempt, no second warning
+    x = torch.randn(3, 4)
+    assert torch.equal(lsq_quantize(x, torch.tensor(0.25), -8, 7, 1.0), torch.round(x / 0.25).clamp(-8, 7) * 0.25)
+
+
+def test_grid_thresholds_decide_ties_toward_the_smaller_level():
+    g = grid_thresholds(4, math.sqrt(2))
+    assert g.mid_low <= (1 + math.sqrt(2)) / 2 < torch.nextafter(torch.tensor(g.mid_low), torch.tensor(2.0)).item()
+    pot = grid_thresholds(4, 2.0)
+    assert pot.mid_low == 1.5 and pot.zero_below == 2.0**-6 / 2
