@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .uniform import UniformQuantizer, lsq_quantize, positive, quantize_codes
+from .. import kernels
+from .uniform import UniformQuantizer, lsq_quantize, positive, positive_backward, quantize_codes
 
 BETA_BOUND = math.log(8.0)  # beta stays in [1/8, 8]
 MIN_HIDDEN = 4  # small-channel fallback: never fewer hidden units than this
@@ -38,6 +40,22 @@ def adapter_hidden(channels: int) -> int:
     return max(channels // 4, MIN_HIDDEN)
 
 
+def pool(x: torch.Tensor) -> torch.Tensor:
+    """Global average pool over everything after the channel axis: ``(N, C, ...)`` → ``(N, C)``."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
+def adapter_forward(pooled, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter's math: ``(beta, hidden, tanh(z / L))`` for pooled features ``(N, C)``.
+
+    One definition for the autograd path (:class:`Adapter`) and the fused path
+    (:class:`_ASQ`, which keeps ``hidden`` and the tanh for its backward pass).
+    """
+    hidden = torch.relu(F.linear(pooled, w1, b1))
+    bounded = torch.tanh(F.linear(hidden, w2, b2).squeeze(-1) / BETA_BOUND)
+    return torch.exp(BETA_BOUND * bounded), hidden, bounded
+
+
 class Adapter(nn.Module):
     """Global average pool → Linear(C, C/4) → ReLU → Linear(C/4, 1) → bounded positive ``beta``."""
 
@@ -49,10 +67,11 @@ class Adapter(nn.Module):
         nn.init.normal_(self.fc2.weight, std=1e-3)
         nn.init.zeros_(self.fc2.bias)
 
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.flatten(2).mean(-1) if x.dim() > 2 else x
-        z = self.fc2(torch.relu(self.fc1(pooled))).squeeze(-1)
-        return torch.exp(BETA_BOUND * torch.tanh(z / BETA_BOUND))
+        return adapter_forward(pool(x), *self.weights())[0]
 
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -64,6 +83,51 @@ class Adapter(nn.Module):
         """
         c, h = self.fc1.in_features, self.fc1.out_features
         return c * h + h
+
+
+class _ASQ(torch.autograd.Function):
+    """Adapter and per-sample LSQ in one autograd node, on the fused kernels.
+
+    The same function as ``lsq_quantize(x, positive(s) * adapter(x), ...)``, with the
+    backward pass written out: an ASQ layer is ~40 tiny autograd ops otherwise, whose
+    bookkeeping costs more than their arithmetic at QAT batch sizes. Gradients, with
+    ``g_n`` the per-sample LSQ step gradient (already times the gradient scale) and
+    ``beta = exp(L tanh(z / L))``:
+    ``ds = sum_n beta_n g_n``, ``dz_n = s g_n beta_n (1 - tanh^2)``, then back through
+    the two linear layers and the ReLU, and the pooled-feature gradient spread evenly
+    over each sample's positions and added to the straight-through ``dx``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, w1, b1, w2, b2, qmin: int, qmax: int, grad_scale: float, kernel):  # type: ignore[override]
+        x = x.contiguous()
+        pooled = pool(x)
+        beta, hidden, bounded = adapter_forward(pooled, w1, b1, w2, b2)
+        s = positive(step)
+        sample_step = (s * beta).contiguous()
+        ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
+        ctx.save_for_backward(x, step, s, beta, bounded, hidden, pooled, w1, w2, sample_step)
+        return kernel.lsq_forward(x, sample_step, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, step, s, beta, bounded, hidden, pooled, w1, w2, sample_step = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, g = ctx.kernel.lsq_backward(grad, x, sample_step, *ctx.qrange, ctx.grad_scale)
+        grad_step = positive_backward(step, (g * beta).sum()) if need[1] else None
+        dz = g * s * beta * (1 - bounded * bounded)
+        grad_w2 = dz.unsqueeze(0) @ hidden if need[4] else None
+        grad_b2 = dz.sum().reshape(1) if need[5] else None
+        dhidden = (dz.unsqueeze(1) * w2) * (hidden > 0)
+        grad_w1 = dhidden.t() @ pooled if need[2] else None
+        grad_b1 = dhidden.sum(0) if need[3] else None
+        if need[0]:
+            dpooled = dhidden @ w1
+            spread = dpooled / (x[0, 0].numel() if x.dim() > 2 else 1)
+            grad_x.add_(spread.view(*spread.shape, *([1] * (x.dim() - 2))))
+        else:
+            grad_x = None
+        return grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
 
 
 class ASQQuantizer(UniformQuantizer):
@@ -91,6 +155,10 @@ class ASQQuantizer(UniformQuantizer):
         return (positive(self.step) * beta).view(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = kernels.usable(x, self.step.expand(x.shape[0], *([1] * (x.dim() - 1)))) if x.dim() >= 2 else None
+        # float32 adapter weights too: the fused backward does their matmuls itself
+        if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):
+            return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel)
         return lsq_quantize(x, self.sample_step(x), self.qmin, self.qmax, self.grad_scale(x))
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .uniform import positive, positive_backward
 
 GRID_BASES = {"pot": 2.0, "post": math.sqrt(2.0)}
 
@@ -130,41 +131,48 @@ def _codes(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
     return (k + 1).masked_fill_(zero, 0) * torch.sign(u).long()
 
 
-def _fused_grid(w: torch.Tensor, alpha: torch.Tensor, bits: int, base: float):
-    """The kernel module and its grid arguments, where the fused kernel can run (up to 8 bits)."""
-    k = kernels.usable(w, alpha) if bits <= 8 else None
-    if k is None:
-        return None, ()
-    g = grid_thresholds(bits, base)
-    return k, (g.sqrt2, g.max_exponent, g.mid_low, g.mid_high, g.zero_below)
-
-
 class _PowerGrid(torch.autograd.Function):
+    """The reference formulation; :class:`_FusedPowerGrid` runs it on :mod:`qcompiler.kernels`."""
+
     @staticmethod
     def forward(ctx, w, alpha, bits: int, base: float, grad_scale: float):  # type: ignore[override]
-        ctx.grad_scale, ctx.alpha_shape = grad_scale, alpha.shape
-        ctx.fused, ctx.grid = _fused_grid(w, alpha, bits, base)
-        if ctx.fused is not None:
-            w, rows = w.contiguous(), alpha.detach().reshape(-1).contiguous()
-            ctx.save_for_backward(w, rows)
-            return ctx.fused.power_forward(w, rows, *ctx.grid)
         u = w / alpha
         a = u.abs()
         q = torch.copysign(_levels(a, bits, base), u)
         inside = a <= 1
         # d(q * alpha)/d alpha: q - u inside; outside q is exactly sign(u) = the clip.
         ctx.save_for_backward(inside, torch.where(inside, q - u, q), alpha)
+        ctx.grad_scale = grad_scale
         return q * alpha
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        if ctx.fused is not None:
-            w, rows = ctx.saved_tensors
-            grad_w, grad_rows = ctx.fused.power_backward(grad, w, rows, *ctx.grid, ctx.grad_scale)
-            return grad_w, grad_rows.reshape(ctx.alpha_shape), None, None, None
         inside, dalpha, alpha = ctx.saved_tensors
         grad_alpha = (dalpha * grad).sum_to_size(alpha.shape) * ctx.grad_scale
         return grad * inside, grad_alpha, None, None, None
+
+
+class _FusedPowerGrid(torch.autograd.Function):
+    """:class:`_PowerGrid` on the fused kernels, taking the raw learned ``alpha`` (one per output channel).
+
+    ``positive(alpha)`` happens inside, so the quantizer is one autograd node; the
+    kernels recompute the gradient factors in backward from the saved weights.
+    """
+
+    @staticmethod
+    def forward(ctx, w, alpha, grid: GridThresholds, grad_scale: float, kernel):  # type: ignore[override]
+        w, rows = w.contiguous(), positive(alpha).contiguous()
+        ctx.kernel, ctx.grad_scale = kernel, grad_scale
+        ctx.grid = (grid.sqrt2, grid.max_exponent, grid.mid_low, grid.mid_high, grid.zero_below)
+        ctx.save_for_backward(w, rows, alpha)
+        return kernel.power_forward(w, rows, *ctx.grid)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w, rows, alpha = ctx.saved_tensors
+        grad_w, grad_rows = ctx.kernel.power_backward(grad, w, rows, *ctx.grid, ctx.grad_scale)
+        grad_alpha = positive_backward(alpha, grad_rows) if ctx.needs_input_grad[1] else None
+        return grad_w if ctx.needs_input_grad[0] else None, grad_alpha, None, None, None
 
 
 class PowerGridQuantizer(nn.Module):
@@ -191,7 +199,7 @@ class PowerGridQuantizer(nn.Module):
         return f"bits={self.bits}, grid={self.grid}, per-channel({self.alpha.numel()})"
 
     def _alpha_view(self, w: torch.Tensor) -> torch.Tensor:
-        return self.alpha.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
+        return positive(self.alpha).view(-1, *([1] * (w.dim() - 1)))
 
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
@@ -202,6 +210,10 @@ class PowerGridQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = w[0].numel()
         scale = 1.0 / math.sqrt(n * self.positive_levels)
+        # the kernels decide in float32 bits, up to 8-bit grids (exponents to 2^-126)
+        kernel = kernels.usable(w, self.alpha.view(-1, *([1] * (w.dim() - 1)))) if self.bits <= 8 else None
+        if kernel is not None:
+            return _FusedPowerGrid.apply(w, self.alpha, grid_thresholds(self.bits, self.base), scale, kernel)
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)
 
     @torch.no_grad()
@@ -214,5 +226,5 @@ class PowerGridQuantizer(nn.Module):
         """Weights from codes: ``alpha * sign * base^-(m-1)`` (zero for ``m = 0``)."""
         m = codes.abs().double()
         mag = torch.where(m > 0, self.base ** (-(m - 1)), torch.zeros_like(m))
-        alpha = self.alpha.abs().clamp_min(1e-8).double().view(-1, *([1] * (codes.dim() - 1)))
+        alpha = positive(self.alpha).double().view(-1, *([1] * (codes.dim() - 1)))
         return (torch.sign(codes).double() * mag * alpha).to(self.alpha.dtype)

@@ -47,19 +47,13 @@ class _LSQ(torch.autograd.Function):
     of being recomputed from the saved input in the backward pass (for activations,
     whose input is saved anyway by the layer before).
 
-    Where :mod:`qcompiler.kernels` can run (contiguous float32 on CPU, one step per
-    row), the same numerics run as one fused pass each way, recomputing in backward.
+    This is the reference formulation; :class:`_FusedLSQ` runs the same numerics on
+    :mod:`qcompiler.kernels` where they apply.
     """
 
     @staticmethod
     def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, keep_grads: bool):  # type: ignore[override]
         ctx.qrange, ctx.grad_scale, ctx.keep_grads = (qmin, qmax), grad_scale, keep_grads
-        ctx.fused = kernels.usable(x, step)
-        if ctx.fused is not None:
-            x, rows = x.contiguous(), step.detach().reshape(-1).contiguous()
-            ctx.save_for_backward(x, rows)
-            ctx.step_shape = step.shape
-            return ctx.fused.lsq_forward(x, rows, qmin, qmax)
         if not keep_grads:
             ctx.save_for_backward(x, step)
             return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
@@ -73,12 +67,6 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         qmin, qmax = ctx.qrange
-        if ctx.fused is not None:
-            x, rows = ctx.saved_tensors
-            grad_x, grad_rows = ctx.fused.lsq_backward(grad, x, rows, qmin, qmax, ctx.grad_scale)
-            grad_x = grad_x if ctx.needs_input_grad[0] else None
-            grad_step = grad_rows.reshape(ctx.step_shape) if ctx.needs_input_grad[1] else None
-            return grad_x, grad_step, None, None, None, None
         if ctx.keep_grads:
             inside, dstep, step = ctx.saved_tensors
         else:
@@ -93,6 +81,30 @@ class _LSQ(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_step = (dstep * grad).sum_to_size(step.shape).mul_(ctx.grad_scale)
         return grad_x, grad_step, None, None, None, None
+
+
+class _FusedLSQ(torch.autograd.Function):
+    """:class:`_LSQ` on the fused kernels, taking the raw learned step (one per row of ``x``, or one).
+
+    ``positive(step)`` happens inside, so a quantizer is one autograd node rather
+    than four: at QAT batch sizes the bookkeeping of the tiny step ops costs more
+    than the arithmetic. The kernels recompute the gradient factors in backward
+    (one pass over ``x``, which is saved anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, kernel):  # type: ignore[override]
+        x, rows = x.contiguous(), positive(step).reshape(-1).contiguous()
+        ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
+        ctx.save_for_backward(x, rows, step)
+        return kernel.lsq_forward(x, rows, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, rows, step = ctx.saved_tensors
+        grad_x, grad_rows = ctx.kernel.lsq_backward(grad, x, rows, *ctx.qrange, ctx.grad_scale)
+        grad_step = positive_backward(step, grad_rows.reshape(step.shape)) if ctx.needs_input_grad[1] else None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None, None
 
 
 def lsq_quantize(
@@ -112,9 +124,17 @@ def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) ->
     return torch.round(x / step).clamp_(qmin, qmax).to(torch.int64)
 
 
+MIN_STEP = 1e-8
+
+
 def positive(step: torch.Tensor) -> torch.Tensor:
     """Keep a learned step positive while letting its gradient through."""
-    return step.abs().clamp_min(1e-8)
+    return step.abs().clamp_min(MIN_STEP)
+
+
+def positive_backward(step: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`positive` applied by hand (for Functions that call it inside)."""
+    return grad * torch.sign(step) * (step.abs() >= MIN_STEP)
 
 
 class UniformQuantizer(nn.Module):
@@ -177,7 +197,17 @@ class UniformQuantizer(nn.Module):
             m = torch.tensor(float(mean_abs))
         self.step.copy_((2 * m / math.sqrt(self.qmax)).clamp_min(1e-6).expand_as(self.step))
 
+    def _kernel(self, x: torch.Tensor):
+        if self.step.dim() == 0:
+            return kernels.usable(x, self.step)
+        if self.channel_axis != 0 or x.dim() == 0:
+            return None
+        return kernels.usable(x, self.step.view(-1, *([1] * (x.dim() - 1))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel(x)
+        if kernel is not None:
+            return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
         # Per-channel steps quantize weights: small, so keep the gradient factors.
         keep = self.step.dim() > 0
         return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)

@@ -5,6 +5,7 @@ same decisions on every element); step/alpha gradients are sums, which the kerne
 accumulate in another order, so they agree to float32 rounding of the sum.
 """
 
+import contextlib
 import math
 import warnings
 
@@ -12,8 +13,16 @@ import pytest
 import torch
 
 from qcompiler import kernels
-from qcompiler.quantizers.power_grid import GRID_BASES, PowerGridQuantizer, grid_thresholds, power_levels
-from qcompiler.quantizers.uniform import lsq_quantize
+from qcompiler.quantizers.asq import ASQQuantizer
+from qcompiler.quantizers.power_grid import (
+    GRID_BASES,
+    PowerGridQuantizer,
+    _FusedPowerGrid,
+    _PowerGrid,
+    grid_thresholds,
+    power_levels,
+)
+from qcompiler.quantizers.uniform import UniformQuantizer, _FusedLSQ, lsq_quantize, positive
 
 needs_kernels = pytest.mark.skipif(kernels.fused() is None, reason="the fused kernels cannot be built here")
 
@@ -26,12 +35,8 @@ def _run(fn, *leaves):
     return out.detach(), [c.grad for c in copies]
 
 
-def _fused_and_eager(fn, *leaves):
-    fused = _run(fn, *leaves)
-    with kernels.disabled():
-        assert kernels.usable(leaves[0], leaves[1]) is None
-        eager = _run(fn, *leaves)
-    return fused, eager
+def _fused_and_eager(fused_fn, eager_fn, *leaves):
+    return _run(fused_fn, *leaves), _run(eager_fn, *leaves)
 
 
 def _upstream(shape) -> torch.Tensor:
@@ -56,10 +61,10 @@ def _assert_same(fused, eager, step_terms: torch.Tensor, step_shape, grad_scale:
         assert ((got.double().reshape(exact.shape) - exact).abs() <= bound + 1e-12).all()
 
 
-STEP_SHAPES = {
-    "per-tensor": lambda x: torch.tensor(0.07),
-    "per-sample": lambda x: torch.rand(x.shape[0], 1, 1, 1) * 0.1 + 0.02,
-    "per-channel": lambda x: torch.rand(x.shape[0], 1, 1, 1) * 0.1 + 0.02,
+STEP_SHAPES = {  # the raw learned step, and how the eager code broadcasts it
+    "per-tensor": (lambda x: torch.tensor(0.07), lambda s, x: s),
+    "per-sample": (lambda x: torch.rand(x.shape[0]) * 0.1 + 0.02, lambda s, x: s.view(-1, 1, 1, 1)),
+    "per-channel": (lambda x: torch.rand(x.shape[0]) * 0.1 + 0.02, lambda s, x: s.view(-1, 1, 1, 1)),
 }
 
 
@@ -69,21 +74,26 @@ STEP_SHAPES = {
 def test_lsq_kernel_matches_eager(layout, bits, signed):
     torch.manual_seed(bits)
     x = torch.randn(6, 5, 7, 9) * 0.4
-    step = STEP_SHAPES[layout](x)
+    make_step, broadcast = STEP_SHAPES[layout]
+    step = make_step(x)
     # exact rounding ties and exact clamp bounds, where the decisions are made
-    x.view(-1)[:40] = (torch.arange(-20, 20) + 0.5) * step.reshape(-1)[0]
+    first = float(step.reshape(-1)[0])
+    x.view(-1)[:40] = (torch.arange(-20, 20) + 0.5) * first
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    x.view(-1)[40:42] = torch.tensor([qmin, qmax]) * step.reshape(-1)[0]
+    x.view(-1)[40:42] = torch.tensor([qmin, qmax]) * first
     x.view(-1)[42:44] = torch.tensor([1e6, -1e6])
 
-    def quantize(x, step):
-        return lsq_quantize(x, step, qmin, qmax, grad_scale=0.3, keep_grads=layout == "per-channel")
+    def fused(x, step):
+        return _FusedLSQ.apply(x, step, qmin, qmax, 0.3, kernels.fused())
 
-    v = x / step
+    def eager(x, step):
+        return lsq_quantize(x, positive(broadcast(step, x)), qmin, qmax, 0.3, keep_grads=layout == "per-channel")
+
+    v = x / broadcast(step, x)
     clamped = v.clamp(qmin, qmax)
     dstep = torch.where(clamped == v, clamped.round() - v, clamped)  # the LSQ step gradient factor
     terms = dstep.double() * _upstream(x.shape).double()
-    _assert_same(*_fused_and_eager(quantize, x, step), terms, step.shape, 0.3)
+    _assert_same(*_fused_and_eager(fused, eager, x, step), terms, broadcast(step, x).shape, 0.3)
 
 
 def _grid_probe(bits: int, base: float, alpha: torch.Tensor, shape) -> torch.Tensor:
@@ -100,41 +110,65 @@ def _grid_probe(bits: int, base: float, alpha: torch.Tensor, shape) -> torch.Ten
     return w
 
 
+def _power_grid_paths(bits: int, grid: str, scale: float):
+    base = GRID_BASES[grid]
+
+    def fused(w, alpha):
+        return _FusedPowerGrid.apply(w, alpha, grid_thresholds(bits, base), scale, kernels.fused())
+
+    def eager(w, alpha):
+        return _PowerGrid.apply(w, positive(alpha).view(-1, *([1] * (w.dim() - 1))), bits, base, scale)
+
+    return fused, eager
+
+
 @needs_kernels
 @pytest.mark.parametrize("grid", sorted(GRID_BASES))
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_power_grid_kernel_matches_eager(grid, bits):
     torch.manual_seed(bits)
-    q = PowerGridQuantizer(bits, grid, channels=4)
     alpha = torch.tensor([1.0, 0.5, 0.37, 2.0])  # two powers of two: exact midpoints survive the division
     w = _grid_probe(bits, GRID_BASES[grid], alpha, (4, 300))
-    q.alpha.data.copy_(alpha)
-
-    def quantize(w, a):
-        return PowerGridQuantizer.forward(_with_alpha(q, a), w)
+    scale = 1 / math.sqrt(w.shape[1] * (2 ** (bits - 1) - 1))
+    fused, eager = _power_grid_paths(bits, grid, scale)
 
     u = w / alpha.view(-1, 1)
-    with kernels.disabled(), torch.no_grad():
-        levels = q(w) / alpha.view(-1, 1)  # exact: alpha * level / alpha
+    with torch.no_grad():
+        levels = eager(w, alpha) / alpha.view(-1, 1)  # exact: alpha * level / alpha
     dalpha = torch.where(u.abs() <= 1, levels - u, levels)
     terms = dalpha.double() * _upstream(w.shape).double()
-    scale = 1 / math.sqrt(w.shape[1] * q.positive_levels)
-    _assert_same(*_fused_and_eager(quantize, w, alpha), terms, (4, 1), scale)
-    with torch.no_grad():
-        codes_eager = q.codes(w)
-    assert codes_eager.abs().max() <= 2 ** (bits - 1) - 1
+    _assert_same(*_fused_and_eager(fused, eager, w, alpha), terms, (4, 1), scale)
 
 
-def _with_alpha(q: PowerGridQuantizer, alpha: torch.Tensor) -> PowerGridQuantizer:
-    """A view of ``q`` whose ``alpha`` is the given (leaf) tensor."""
-
-    class Probe(PowerGridQuantizer):
-        def _alpha_view(self, w):
-            return alpha.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
-
-    probe = Probe.__new__(Probe)
-    probe.__dict__.update(q.__dict__)
-    return probe
+@needs_kernels
+@pytest.mark.parametrize("make", [
+    lambda: UniformQuantizer(4, signed=True),
+    lambda: UniformQuantizer(4, signed=True, channels=6),
+    lambda: PowerGridQuantizer(4, "post", channels=6),
+    lambda: ASQQuantizer(3, signed=False, channels=5),
+], ids=["lsq-tensor", "lsq-channel", "post", "asq"])
+def test_quantizer_modules_train_alike_with_and_without_kernels(make):
+    """Same outputs, same gradients for the input and every parameter, through the public modules."""
+    torch.manual_seed(0)
+    q = make()
+    x = torch.rand(6, 5, 4, 4) if isinstance(q, ASQQuantizer) else torch.randn(6, 5, 3, 3)
+    q.init_from(x)
+    if isinstance(q, ASQQuantizer):
+        torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)  # beta far from 1, so its gradients matter
+    runs = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            out = q(xi)
+        out.backward(_upstream(out.shape))
+        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = runs
+    assert torch.equal(out_f, out_e)
+    torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-7)
+    assert gp_f.keys() == gp_e.keys()
+    for name in gp_e:
+        torch.testing.assert_close(gp_f[name], gp_e[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @needs_kernels
@@ -153,13 +187,13 @@ def test_results_do_not_depend_on_the_thread_count():
     torch.manual_seed(0)
     w = torch.randn(64, 64, 3, 3)
     alpha = torch.rand(64) + 0.1
-    q = PowerGridQuantizer(4, "post", channels=64)
+    fused, _ = _power_grid_paths(4, "post", 0.1)
     runs = []
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs.append(_run(lambda w, a: PowerGridQuantizer.forward(_with_alpha(q, a), w), w, alpha))
+            runs.append(_run(fused, w, alpha))
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(runs[0][0], runs[1][0])
