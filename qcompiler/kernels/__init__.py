@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -45,24 +46,24 @@ ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma"]}
 LDFLAGS = ["-fopenmp"]
 
 _state: dict[str, ModuleType | None] = {}
-_override: list[bool] = []
+_local = threading.local()  # disabled() blocks, per thread
 
 
 def enabled() -> bool:
     """Whether the fused path may be used: ``QCOMPILER_FUSED`` is not ``0`` and no :func:`disabled` block is active."""
-    if _override:
-        return _override[-1]
+    if getattr(_local, "disabled", 0):
+        return False
     return os.environ.get("QCOMPILER_FUSED", "1") != "0"
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run the eager quantizers inside this block (for comparisons and debugging)."""
-    _override.append(False)
+    """Run the eager quantizers inside this block, in this thread (for comparisons and debugging)."""
+    _local.disabled = getattr(_local, "disabled", 0) + 1
     try:
         yield
     finally:
-        _override.pop()
+        _local.disabled -= 1
 
 
 def _cflags() -> list[str]:
