@@ -16,6 +16,7 @@ shift plus one multiply by ``1/sqrt(2)`` (a small table for POST).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -83,16 +84,16 @@ def grid_thresholds(bits: int, base: float, dtype: torch.dtype = torch.float32) 
     """
     if base not in GRID_BASES.values():
         raise ValueError(f"power grids have base 2 or sqrt(2), got {base}")
-    positive = 2 ** (bits - 1) - 1
+    positive_levels = 2 ** (bits - 1) - 1
     sqrt2 = base != 2.0
     # inside one octave [1, 2): levels 1, sqrt2, 2 (sqrt 2) or 1, 2 (r = 2)
     mids = ((1 + base) / 2, (base + 2) / 2) if sqrt2 else (1.5, 2.0)
     return GridThresholds(
         sqrt2=sqrt2,
-        max_exponent=positive - 1,
+        max_exponent=positive_levels - 1,
         mid_low=_at_most(mids[0], dtype),
         mid_high=_at_most(mids[1], dtype),
-        zero_below=_at_most(base ** (-(positive - 1)) / 2, dtype),
+        zero_below=_at_most(base ** (-(positive_levels - 1)) / 2, dtype),
     )
 
 
@@ -163,7 +164,7 @@ class _FusedPowerGrid(torch.autograd.Function):
     def forward(ctx, w, alpha, grid: GridThresholds, grad_scale: float, kernel):  # type: ignore[override]
         w, rows = w.contiguous(), positive(alpha).contiguous()
         ctx.kernel, ctx.grad_scale = kernel, grad_scale
-        ctx.grid = (grid.sqrt2, grid.max_exponent, grid.mid_low, grid.mid_high, grid.zero_below)
+        ctx.grid = dataclasses.astuple(grid)  # the kernels' argument order is the field order
         ctx.save_for_backward(w, rows, alpha)
         return kernel.power_forward(w, rows, *ctx.grid)
 
