@@ -13,16 +13,8 @@ from qcompiler.frontend import trace
 from qcompiler.passes import PassContext
 from qcompiler.passes.pin_first_last import PinFirstLast
 from qcompiler.spec import QuantSpec
+from small_models import SMALL_KWARGS
 
-SMALL_KWARGS: dict[str, dict[str, object]] = {
-    "resnet20": {"width": 8},
-    "adder_resnet20": {"width": 8},
-    "resnet18": {"width": 8},
-    "resnet50": {"width": 8},
-    "mobilenetv2": {"width_mult": 0.5},
-    "plain_cnn": {"width": 8},
-    "conv1d_net": {"width": 8},
-}
 
 # The module that reads the input and the classifier, per zoo model, found by reading zoo.py.
 EXPECTED_PINS: dict[str, tuple[str, str]] = {

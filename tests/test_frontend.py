@@ -12,16 +12,8 @@ from qcompiler.errors import DataError, SpecError, TraceError
 from qcompiler.frontend import trace
 from qcompiler.nn.adder import AdderConv2d
 from untraceable_helpers import Gate, GatedNet, RootBranch
+from small_models import SMALL_KWARGS
 
-SMALL_KWARGS: dict[str, dict[str, object]] = {
-    "resnet20": {"width": 8},
-    "adder_resnet20": {"width": 8},
-    "resnet18": {"width": 8},
-    "resnet50": {"width": 8},
-    "mobilenetv2": {"width_mult": 0.5},
-    "plain_cnn": {"width": 8},
-    "conv1d_net": {"width": 8},
-}
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, AdderConv2d)
 KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear", AdderConv2d: "adder2d"}
 

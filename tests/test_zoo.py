@@ -11,18 +11,10 @@ from torch import fx, nn
 
 from qcompiler import zoo
 from qcompiler.errors import SpecError
+from small_models import SMALL_KWARGS as SMALL_SIZES
 
 IMAGE_MODELS = ["resnet20", "resnet18", "resnet50", "mobilenetv2", "plain_cnn", "adder_resnet20"]
-# Narrow widths keep the ImageNet-style ResNets fast; the architecture is unchanged.
-SMALL_KWARGS: dict[str, dict[str, object]] = {
-    "resnet20": {"width": 8},
-    "adder_resnet20": {"width": 4},
-    "resnet18": {"width": 8},
-    "resnet50": {"width": 8},
-    "mobilenetv2": {"width_mult": 0.5},
-    "plain_cnn": {"width": 8},
-    "conv1d_net": {"width": 8},
-}
+SMALL_KWARGS = {**SMALL_SIZES, "adder_resnet20": {"width": 4}}  # the adder layers are the slow ones here
 INPUT_SHAPES = [(1, 8, 8), (3, 32, 32)]
 
 

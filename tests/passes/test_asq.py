@@ -1,27 +1,18 @@
 """The asq pass: ASQ input quantizers on non-pinned layers, LSQ on pinned ones."""
 
 import torch
-from torch import nn
 
 import qcompiler
 from qcompiler import ir
 from qcompiler.passes import REGISTRY, PassContext
 from qcompiler.quantizers.asq import ASQQuantizer
 from qcompiler.quantizers.uniform import UniformQuantizer
-
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
-    )
+from small_models import small_cnn
 
 
 def test_asq_structure_and_records():
     calib = torch.randn(16, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="asq", weight_bits=4, act_bits=3), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="asq", weight_bits=4, act_bits=3), calib_data=calib)
     gm = c.module
     acts = {n.meta[ir.ACT].layer: n for n in gm.graph.nodes if ir.ACT in n.meta}
     assert set(acts) == {"_0", "_2", "_5"}
@@ -39,7 +30,7 @@ def test_asq_structure_and_records():
 def test_asq_at_init_matches_lsq_closely():
     """beta ≈ 1 at init, so ASQ starts as the LSQ model."""
     calib = torch.rand(32, 1, 6, 6)
-    m = _model()
+    m = small_cnn()
     lsq = qcompiler.compile(m, qcompiler.QuantSpec(passes="lsq"), calib_data=calib).module
     asq = qcompiler.compile(m, qcompiler.QuantSpec(passes="asq"), calib_data=calib).module
     x = calib[:8]
@@ -48,7 +39,7 @@ def test_asq_at_init_matches_lsq_closely():
 
 def test_second_run_changes_nothing():
     calib = torch.randn(8, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="asq"), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="asq"), calib_data=calib)
     ctx = PassContext(spec=c.spec, example_inputs=(calib,), calib_batches=[calib])
     assert REGISTRY["asq"]().run(c.module, ctx).modified is False
 
@@ -59,4 +50,4 @@ def test_asq_conflicts_with_lsq():
     from qcompiler.errors import PipelineError
 
     with pytest.raises(PipelineError, match="conflict"):
-        qcompiler.compile(_model(), qcompiler.QuantSpec(passes="lsq,asq"), calib_data=torch.randn(4, 1, 6, 6))
+        qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="lsq,asq"), calib_data=torch.randn(4, 1, 6, 6))

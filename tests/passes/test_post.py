@@ -4,28 +4,19 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import qcompiler
 from qcompiler import ir
 from qcompiler.errors import PipelineError
 from qcompiler.passes import REGISTRY, PassContext
 from qcompiler.quantizers.power_grid import PowerGridQuantizer
-
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
-    )
+from small_models import small_cnn
 
 
 @pytest.mark.parametrize("grid", ["post", "pot"])
 def test_power_grid_replaces_uniform_weights_except_pinned(grid):
     calib = torch.randn(8, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes=f"lsq,{grid}", weight_bits=4), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes=f"lsq,{grid}", weight_bits=4), calib_data=calib)
     nodes = {n.name: n for n in c.module.graph.nodes}
     middle = nodes["_2"]
     assert ir.get(middle, ir.WEIGHT, ir.WeightQuant).grid == grid
@@ -37,7 +28,7 @@ def test_power_grid_replaces_uniform_weights_except_pinned(grid):
 
 def test_codes_record_reproduces_the_weights():
     calib = torch.randn(8, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="asq,post", weight_bits=4), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="asq,post", weight_bits=4), calib_data=calib)
     layer = next(n for n in c.module.graph.nodes if n.name == "_2")
     codes = ir.get(layer, ir.CODES, ir.WeightCodes)
     assert codes.grid == "post" and codes.base == pytest.approx(math.sqrt(2))
@@ -51,7 +42,7 @@ def test_codes_record_reproduces_the_weights():
 
 def test_codes_are_refreshed_after_training():
     calib = torch.randn(8, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="lsq,post"), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="lsq,post"), calib_data=calib)
     layer = next(n for n in c.module.graph.nodes if n.name == "_2")
     before = ir.get(layer, ir.CODES, ir.WeightCodes).codes.clone()
     with torch.no_grad():
@@ -62,11 +53,11 @@ def test_codes_are_refreshed_after_training():
 
 def test_post_and_pot_conflict():
     with pytest.raises(PipelineError, match="'post' and 'pot'|'pot' and 'post'"):
-        qcompiler.compile(_model(), qcompiler.QuantSpec(passes="lsq,post,pot"), calib_data=torch.randn(4, 1, 6, 6))
+        qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="lsq,post,pot"), calib_data=torch.randn(4, 1, 6, 6))
 
 
 def test_second_run_changes_nothing():
     calib = torch.randn(8, 1, 6, 6)
-    c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="lsq,post"), calib_data=calib)
+    c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="lsq,post"), calib_data=calib)
     ctx = PassContext(spec=c.spec, example_inputs=(calib,), calib_batches=[calib])
     assert REGISTRY["post"]().run(c.module, ctx).modified is False
