@@ -14,9 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from . import ir
 
@@ -81,4 +86,175 @@ def to_dot(gm: fx.GraphModule, label) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot"]
+
+
+# ---------------------------------------------------------------------------
+# Numeric domains: what each tensor of a compiled graph is, in an integer deployment.
+# ---------------------------------------------------------------------------
+
+INPUT, CONST, GRID, ACC, FLOAT = "input", "const", "grid", "acc", "float"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a node's output is in an integer deployment.
+
+    * ``input``: the network input or float preprocessing of it, before any quantizer;
+    * ``const``: parameters, shapes and other values that are not activations;
+    * ``grid``: integer codes times one step, those of the quantizer node ``grid``
+      (a quantizer's output, or one carried through ops that keep codes intact:
+      ReLU, max pooling, reshapes);
+    * ``acc``: an exact affine function of integer codes (a quantized layer's
+      accumulator, batch norm, average pooling, a join's sum) that the next
+      quantizer requantizes; its hardware form is a wide integer plus a scale;
+    * ``float``: computed in float; allowed only where a ``qc.float`` record says why.
+    """
+
+    kind: str
+    grid: str | None = None
+
+
+# Ops whose output holds the same codes as their input (max commutes with a monotone quantizer).
+_GRID_KEEPING_MODULES = (
+    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten,
+)
+_GRID_KEEPING_FUNCTIONS = {
+    torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.dropout, torch.reshape, torch.squeeze, torch.unsqueeze,
+    torch.permute, torch.transpose, operator.getitem,
+}
+_GRID_KEEPING_METHODS = {
+    "view", "reshape", "flatten", "relu", "contiguous", "permute", "transpose", "squeeze",
+    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as",
+}
+# Per-channel affine maps and linear reductions: foldable into the next requantization.
+_AFFINE_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.ReLU6, nn.Hardtanh,
+)
+_AFFINE_FUNCTIONS = {
+    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.relu6,
+    F.hardtanh, torch.mean, torch.sum, F.batch_norm,
+}
+_AFFINE_METHODS = {"mean", "sum"}
+_SCALAR_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub}
+# Shapes, not activations.
+_CONST_METHODS = {"size", "dim", "numel"}
+
+JOIN_KINDS = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add",
+    operator.sub: "sub", torch.sub: "sub", "sub": "sub",
+    torch.cat: "cat", torch.concat: "cat",
+}
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def join_operands(node: fx.Node) -> list[fx.Node] | None:
+    """The tensor operands of a residual add/sub or a concat, or ``None`` for any other node.
+
+    An add of a tensor and a number or a parameter is an affine op, not a join.
+    """
+    key = node.target if node.op in ("call_function", "call_method") else None
+    if node.op == "call_method" and key not in ("add", "sub"):
+        return None
+    if key not in JOIN_KINDS:
+        return None
+    if JOIN_KINDS[key] == "cat":
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        operands = [a for a in seq if isinstance(a, fx.Node)]
+    else:
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr" and _is_tensor(a)]
+    return operands if len(operands) >= 2 else None
+
+
+def join_kind(node: fx.Node) -> str:
+    return JOIN_KINDS[node.target]
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is None or hasattr(meta, "shape")
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``"keep"`` (codes unchanged), ``"affine"``, ``"scalar"`` (arithmetic with a number), ``"const"`` or ``"other"``."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, _GRID_KEEPING_MODULES) or (isinstance(m, nn.Sequential) and len(m) == 0):
+            return "keep"
+        return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
+    if node.op == "call_function":
+        if node.target in _GRID_KEEPING_FUNCTIONS:
+            return "keep"
+        if node.target in _AFFINE_FUNCTIONS:
+            return "affine"
+        if node.target in _SCALAR_ARITHMETIC:
+            return "scalar"
+        return "other"
+    if node.op == "call_method":
+        if node.target in _CONST_METHODS:
+            return "const"
+        if node.target in _GRID_KEEPING_METHODS:
+            return "keep"
+        if node.target in _AFFINE_METHODS:
+            return "affine"
+        if node.target in ("mul", "div", "add", "sub"):
+            return "scalar"
+    return "other"
+
+
+def describe_op(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``nn.Sigmoid`` / ``torch.sigmoid`` / ``.softmax()``: how a user would name the op."""
+    if node.op == "call_module":
+        return f"module {type(gm.get_submodule(node.target)).__name__}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"function {getattr(node.target, '__name__', str(node.target))}"
+
+
+def tensor_domains(gm: fx.GraphModule) -> dict[fx.Node, Domain]:
+    """The :class:`Domain` of every node's output, in one pass in graph order."""
+    out: dict[fx.Node, Domain] = {}
+    for node in gm.graph.nodes:
+        out[node] = _domain(gm, node, out)
+    return out
+
+
+def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> Domain:
+    if node.op == "placeholder":
+        return Domain(INPUT)
+    if node.op in ("get_attr", "output"):
+        return Domain(CONST)
+    if ir.ACT in node.meta:
+        return Domain(GRID, node.name)
+    ins = [known[a] for a in _tensor_args(node)]
+    live = [d for d in ins if d.kind != CONST]
+    if ir.LAYER in node.meta:
+        quantized = (ir.WEIGHT in node.meta or ir.ADDER_Q in node.meta) and ir.FLOAT not in node.meta
+        return Domain(ACC) if quantized else Domain(FLOAT)
+    if not live:
+        return Domain(CONST)
+    if all(d.kind == INPUT for d in live):
+        return Domain(INPUT)
+    if any(d.kind == FLOAT for d in live):
+        return Domain(FLOAT)
+    operands = join_operands(node)
+    if operands is not None:
+        return Domain(ACC) if all(known[a].kind == GRID for a in operands) else Domain(FLOAT)
+    kind = op_kind(gm, node)
+    if kind == "const":
+        return Domain(CONST)
+    if any(d.kind == INPUT for d in live):
+        return Domain(FLOAT)  # the raw input mixed with quantized values
+    if kind == "keep" and len(live) == 1:
+        return live[0]
+    if kind in ("affine", "keep") or (kind == "scalar" and len(live) == 1):
+        return Domain(ACC)
+    return Domain(FLOAT)  # e.g. a product of two activations, a sigmoid
+
+
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands"]

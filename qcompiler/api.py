@@ -20,7 +20,8 @@ from .errors import DataError, QCompileError, SpecError
 from .frontend import trace
 from .passes import REGISTRY, PassContext, PassManager, plan
 from . import ir
-from .passes.power_grid import encode_codes
+from .passes.freeze import freeze
+from .verify import verify_graph
 from .report import AdapterOverhead, CompileReport, asq_overhead, build_report
 from .spec import QuantSpec
 
@@ -58,15 +59,14 @@ class Compiled:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.module(*inputs)
 
-    def refresh_records(self) -> None:
-        """Re-encode the weight codes from the trained quantizers; call after QAT.
+    def freeze(self) -> None:
+        """Write the current steps, weight codes and adapters into the records, and check them.
 
-        Records hold what the passes decided; training moves weights and clips, so
-        the integer codes the backends read are re-derived by the same quantizers.
+        Training moves weights, steps and adapters; saving, reporting and the
+        backends call this first so none of them reads a stale value.
         """
-        for layer in ir.compute_layers(self.module):
-            if ir.CODES in layer.meta:
-                layer.meta[ir.CODES] = encode_codes(self.module, layer)
+        freeze(self.module)
+        verify_graph(self.module, final=True)
 
     def adapter_overhead(self, bit_widths: tuple[int, ...] = (8, 4, 3, 2)) -> tuple[AdapterOverhead, ...]:
         """ASQ adapters' extra parameter bits and operations, per bit width (ASQ Table 1)."""
@@ -92,7 +92,7 @@ class Compiled:
         out = Path(out_dir)
         check_replaceable(out, SAVED_FILES, "output folder")
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.refresh_records()
+        self.freeze()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             torch.save(self.module, tmp / "module.pt")
@@ -150,7 +150,7 @@ def compile(  # noqa: A001 - the natural name for the entry point
     calib_data: object = None,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     dump_ir: str | Path | None = None,
-    verify: bool = False,
+    verify: bool | None = None,
     progress: bool = False,
 ) -> Compiled:
     """Compile a float ``model`` into a fake-quant model; the model itself is not modified.
@@ -163,7 +163,8 @@ def compile(  # noqa: A001 - the natural name for the entry point
         example_inputs: inputs used for tracing and shape propagation; defaults to
             the first calibration batch.
         dump_ir: folder for the per-pass IR dumps (text and DOT).
-        verify: run the graph after each pass and check its outputs are finite.
+        verify: check the IR rules and run the graph after each pass (outputs finite);
+            ``None`` reads the ``QCOMPILER_VERIFY`` environment variable (the tests set it).
 
     Example:
         >>> import qcompiler
@@ -194,7 +195,10 @@ def compile(  # noqa: A001 - the natural name for the entry point
     gm = trace(model, ctx.example_inputs, spec.leaf_modules)
     trace_seconds = time.perf_counter() - start
     check_overrides(gm, spec)
+    if verify is None:
+        verify = os.environ.get("QCOMPILER_VERIFY", "") not in ("", "0")
     manager = PassManager(passes, dump_dir=Path(dump_ir) if dump_ir is not None else None, verify=verify)
     gm, runs = manager.run(gm, ctx)
     gm.eval()
+    verify_graph(gm, final=True)
     return Compiled(gm, spec, build_report(gm, runs, trace_seconds))

@@ -148,7 +148,7 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
         train(compiled.module, data, config, progress=progress)
         acc = evaluate(compiled.module, data)
         print(f"quantized, after {args.train_epochs} QAT epoch(s): {acc:6.2f} %  ({acc - float_acc:+.2f} vs float)")
-        compiled.refresh_records()
+        compiled.freeze()
     if args.dump_ir:
         _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")

@@ -33,5 +33,9 @@ class DataError(QCompileError):
     """The data set or example inputs are unusable."""
 
 
+class UnsupportedError(QCompileError):
+    """The model uses a layer option the compiler cannot quantize faithfully."""
+
+
 class PassError(QCompileError):
     """A pass failed; the message names the pass and the passes before it."""

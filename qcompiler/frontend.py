@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import ir
-from .errors import DataError, SpecError, TraceError
+from .errors import DataError, SpecError, TraceError, UnsupportedError
 from .ir import LayerInfo, compute_layers
 from .nn.adder import AdderConv2d
 
@@ -144,6 +144,11 @@ def annotate_layers(gm: fx.GraphModule) -> None:
         per_output = math.prod(w.shape[1:])
         out_elems = math.prod(out_shape) if out_shape else w.shape[0]
         conv_like = kind != "linear"
+        if conv_like and getattr(m, "padding_mode", "zeros") != "zeros":
+            raise UnsupportedError(
+                f"layer {node.target!r} uses padding_mode={m.padding_mode!r}; only zero padding is supported: "
+                "pad explicitly with F.pad before the layer and set padding_mode='zeros'"
+            )
         node.meta[ir.LAYER] = LayerInfo(
             kind=kind,
             in_channels=m.in_channels if conv_like else m.in_features,
@@ -154,10 +159,32 @@ def annotate_layers(gm: fx.GraphModule) -> None:
             macs=per_output * out_elems,
             kernel_size=tuple(m.kernel_size) if conv_like else (),
             stride=tuple(m.stride) if conv_like else (),
-            padding=tuple(m.padding) if conv_like and not isinstance(m.padding, str) else (),
+            padding=resolved_padding(m) if conv_like else (),
             groups=m.groups if conv_like else 1,
             has_bias=getattr(m, "bias", None) is not None,
+            dilation=tuple(m.dilation) if conv_like else (),
+            padding_mode="zeros",
         )
+
+
+def resolved_padding(m: nn.Module) -> tuple[int, ...]:
+    """``(before, after)`` zero padding per spatial dimension, ``'same'`` and ``'valid'`` resolved.
+
+    As in ``torch.nn.Conv2d``, ``'same'`` puts the odd pixel of an even total after.
+
+    >>> resolved_padding(nn.Conv2d(1, 1, kernel_size=4, padding="same"))
+    (1, 2, 1, 2)
+    >>> resolved_padding(nn.Conv1d(1, 1, kernel_size=3, padding=2))
+    (2, 2)
+    """
+    kernel, dilation = tuple(m.kernel_size), tuple(m.dilation)
+    if m.padding == "valid":
+        return (0,) * (2 * len(kernel))
+    if m.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple(v for t in totals for v in (t // 2, t - t // 2))
+    pads = (m.padding,) * len(kernel) if isinstance(m.padding, int) else tuple(m.padding)
+    return tuple(v for p in pads for v in (p, p))
 
 
 __all__ = ["trace", "propagate_shapes", "annotate_layers", "compute_layers", "LAYER_KINDS"]

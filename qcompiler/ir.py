@@ -9,16 +9,21 @@ key                 record          on which nodes
 ==================  ==============  ==================================================
 ``qc.layer``        LayerInfo       compute layers (conv, linear, adder)
 ``qc.pin``          Pin             compute layers held at a fixed bit width
-``qc.range``        TensorRange     nodes whose output feeds a quantized layer
+``qc.range``        TensorRange     nodes whose output a quantizer reads
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
+``qc.join``         Join            residual adds and concats: the grid of each side
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
-``qc.codes``        WeightCodes     compute layers on a POT/POST grid
 ``qc.adder_in``     ClampRange      adder layers: calibrated input range (outlier clamp)
 ``qc.adder_q``      AdderScales     quantized adder layers: scale groups, clamp, constants
+``qc.float``        FloatRegion     nodes computed in float, with the reason
+``qc.step``         FrozenAct       activation quantizers: effective step, codes, adapter
+``qc.codes``        WeightCodes     quantized layers: integer weight codes, every grid
 ==================  ==============  ==================================================
 
-Learned values (steps, clips) live in the quantizer modules the records name, since
-QAT keeps changing them; the records hold what is fixed once a pass has run.
+Learned values (steps, clips, weights) live in the modules the records name, since
+QAT keeps changing them. The ``freeze`` analysis (:mod:`qcompiler.passes.freeze`)
+writes their current effective values into ``qc.step`` and ``qc.codes``; saving,
+reporting and every backend run it first, so nothing reads a stale value.
 
 Example:
     >>> rec = LayerInfo(kind="linear", in_channels=4, out_channels=2,
@@ -44,6 +49,9 @@ RANGE = "qc.range"
 ACT = "qc.act"
 WEIGHT = "qc.weight"
 CODES = "qc.codes"
+JOIN = "qc.join"
+FLOAT = "qc.float"
+STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
 ADDER_Q = "qc.adder_q"
 
@@ -61,9 +69,11 @@ class LayerInfo:
     macs: int  # multiply-accumulates (or abs-diff-accumulates) per sample
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved
     groups: int = 1
     has_bias: bool = False
+    dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
 
     @property
     def params(self) -> int:
@@ -99,41 +109,110 @@ class TensorRange:
 
 @dataclass(frozen=True)
 class ActQuant:
-    """An activation quantizer inserted in front of ``layer``."""
+    """An activation-quantizer node: every integer operation reading its output
+    (quantized layers, joins) sees the same codes and the same step.
 
-    layer: str  # node name of the compute layer this quantizer feeds
-    method: str  # "lsq" | "asq" | "adder-group" | "adder-shared"
+    ``role`` says why it is there: ``"input"`` when it was placed for the quantized
+    layers reading it, ``"join"`` when it puts a residual add's or concat's input or
+    output on the residual stream's grid. ``init`` names how its step started:
+    ``"lsq"`` (``2 mean|x| / sqrt(p)``, for QAT) or ``"max"`` (``max|x| / p``, no clipping).
+    """
+
+    role: str  # "input" | "join"
+    method: str  # "lsq" | "asq"
     bits: int
     signed: bool
     module: str  # qualified name of the quantizer module (holds the learned step)
-    init_step: float
+    init: str  # "lsq" | "max"
+
+
+@dataclass(frozen=True)
+class Join:
+    """A residual add or a concat, as integer hardware runs it.
+
+    Each input is read on the grid of the quantizer node named in ``inputs`` (the
+    same order as the operands); the result is requantized by ``output`` onto the
+    residual stream's grid (``bits`` wide). A backend rescales each side to the
+    output step.
+    """
+
+    kind: str  # "add" | "sub" | "cat"
+    inputs: tuple[str, ...]
+    output: str
+    bits: int
 
 
 @dataclass(frozen=True)
 class WeightQuant:
     """How a compute layer's weight is quantized."""
 
-    grid: str  # "uniform" | "pot" | "post" | "adder-group" | "adder-shared"
+    grid: str  # "uniform" | "pot" | "post" | "adder-redistribution" | "adder-shared"
     bits: int
     granularity: str  # "per-channel" | "per-group" | "per-layer"
-    module: str  # qualified name of the weight quantizer module
+    module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
+
+
+@dataclass(frozen=True)
+class FloatRegion:
+    """A node the compiled model computes in float, and why (reported, never silent)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class FrozenAdapter:
+    """An ASQ adapter's weights: ``beta = exp(L tanh(z / L))`` with
+    ``z = fc2(relu(fc1(mean over positions of x)))`` and ``L = beta_bound``."""
+
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+    beta_bound: float
+
+
+@dataclass(frozen=True, eq=False)
+class FrozenAct:
+    """An activation quantizer's effective values: ``codes = clamp(round(x / step), qmin, qmax)``.
+
+    ``step`` is the learned step after ``positive()``; with an ``adapter`` (ASQ) each
+    sample's step is ``step * beta(sample)``.
+    """
+
+    bits: int
+    signed: bool
+    qmin: int
+    qmax: int
+    step: float
+    rounding: str  # "half-to-even"
+    adapter: FrozenAdapter | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class WeightCodes:
-    """The integer code of every weight on a power grid, for the backends.
+    """The integer code of every weight of a quantized layer, on any grid.
 
-    ``codes`` holds ``sign * m`` per weight: ``m = 0`` is zero, otherwise the weight
-    is ``scale[c] * sign * base^-(m-1)``; ``exponent = m - 1`` tells a backend the
-    shift (``exponent // 2`` for POST) and whether the ``1/sqrt(2)`` table is needed
-    (odd exponent, POST only). Refreshed from the quantizer after training.
+    ``uniform``: weight ``= codes * scale[c]``. ``adder-*``: weight ``= codes * scale[c]``
+    too, with ``scale[c]`` the weight step of the channel's scale group. ``pot`` /
+    ``post``: ``codes`` holds ``sign * m``; ``m = 0`` is zero, otherwise the weight is
+    ``scale[c] * sign * base^-(m-1)`` (``scale`` is alpha); the exponent ``k = m - 1``
+    is a right shift by ``k // 2`` for POST plus, for odd ``k``, one multiply by
+    ``post_mantissa * 2^-post_shift`` (float32's ``1/sqrt 2``, exactly).
+    ``max_exponent`` is the largest ``k`` actually used (-1 for other grids); the
+    accumulator needs about that many extra bits.
     """
 
-    grid: str  # "pot" | "post"
+    grid: str
     bits: int
-    base: float
+    qmin: int
+    qmax: int
     codes: torch.Tensor  # int64, the weight's shape
-    scale: torch.Tensor  # per output channel (alpha)
+    scale: torch.Tensor  # float32, per output channel
+    bias: torch.Tensor | None  # the layer's float bias, if any
+    base: float = 0.0  # power grids: 2 or sqrt 2
+    max_exponent: int = -1
+    post_mantissa: int = 0
+    post_shift: int = 0
 
     @property
     def sign(self) -> torch.Tensor:
@@ -141,7 +220,7 @@ class WeightCodes:
 
     @property
     def exponent(self) -> torch.Tensor:
-        """``k = m - 1`` per weight; -1 marks a zero weight."""
+        """Power grids: ``k = m - 1`` per weight; -1 marks a zero weight."""
         return self.codes.abs() - 1
 
 
@@ -209,6 +288,11 @@ def input_act(layer: fx.Node) -> ActQuant | None:
     return src.meta.get(ACT) if isinstance(src, fx.Node) else None
 
 
+def act_quantizers(gm: fx.GraphModule) -> list[fx.Node]:
+    """The activation-quantizer nodes (``qc.act``), in graph order."""
+    return [n for n in gm.graph.nodes if ACT in n.meta]
+
+
 def records(node: fx.Node) -> dict[str, object]:
     """All quantization records of ``node``, by key, in a stable order."""
     return {k: node.meta[k] for k in sorted(node.meta) if k.startswith("qc.")}
@@ -235,6 +319,8 @@ def format_record(rec: object) -> str:
 
 
 def _fmt(v: object) -> str:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return format_record(v)
     if isinstance(v, torch.Tensor):
         return f"tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}"
     if isinstance(v, float):

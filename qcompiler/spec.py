@@ -81,6 +81,13 @@ class QuantSpec:
         outlier_alpha: quantile of ``|x|`` the outlier clamp keeps (AdderNet).
         adder_groups: number of group scales per adder layer.
         adder_weight_clamp: apply AdderNet's lossless weight clamp (ablations turn it off).
+        adder_multiply_bits: width of an adder network's multiply layers (stem, 1x1
+            shortcuts, classifier) that no other pass quantizes; ``None`` keeps them
+            in float, as the AdderNet papers' tables do (recorded as float regions).
+        quantize_joins: put residual adds and concats on integer grids (the
+            ``quantize-joins`` pass, added whenever activations are quantized).
+        residual_bits: width of the residual stream: the quantizers on join
+            operands and results (8, the common choice).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
     """
 
@@ -95,19 +102,25 @@ class QuantSpec:
     outlier_alpha: float = 0.9992
     adder_groups: int = 4
     adder_weight_clamp: bool = True
+    adder_multiply_bits: int | None = 8
+    quantize_joins: bool = True
+    residual_bits: int = 8
     leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
         check_bits(self.pin_bits, "pin_bits")
+        check_bits(self.residual_bits, "residual_bits")
+        if self.adder_multiply_bits is not None:
+            check_bits(self.adder_multiply_bits, "adder_multiply_bits")
         if isinstance(self.passes, str):
             object.__setattr__(self, "passes", parse_pass_names(self.passes))
         else:
             object.__setattr__(self, "passes", tuple(self.passes))
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
-        for flag in ("pin_first_last", "adder_weight_clamp"):
+        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         overrides = tuple(

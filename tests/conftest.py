@@ -14,3 +14,17 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _verify_every_pass():
+    """Every compile in the tests checks the IR rules after each pass (as ``--debug`` does)."""
+    import os
+
+    previous = os.environ.get("QCOMPILER_VERIFY")
+    os.environ["QCOMPILER_VERIFY"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("QCOMPILER_VERIFY", None)
+    else:
+        os.environ["QCOMPILER_VERIFY"] = previous

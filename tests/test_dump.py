@@ -47,7 +47,7 @@ def _split_numbers(text: str) -> tuple[str, list[float]]:
 
 
 def test_dump_files_numbered(dump_dir: Path) -> None:
-    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq"]
+    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-joins", "05_freeze"]
     assert sorted(p.name for p in dump_dir.iterdir()) == sorted(f"{s}.{e}" for s in stems for e in ("txt", "dot"))
 
 
@@ -78,7 +78,7 @@ def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
         flat = model[2](model[1](model[0](calib)))
     assert f"TensorRange(min=0, max={float(flat.max()):.6g}, mean_abs={float(flat.double().mean()):.6g}," in text
     init = 2 * mean_abs / 127**0.5
-    assert f"init_step={init:.6g})" in text
+    assert f"step={init:.6g}, rounding='half-to-even'" in (dump_dir / "05_freeze.txt").read_text()
 
 
 def test_diff_observe_to_lsq_only_adds_quantizers(dump_dir: Path) -> None:

@@ -80,7 +80,8 @@ def test_layer_records_hand_checked_resnet20() -> None:
     assert stem == ir.LayerInfo(
         kind="conv2d", in_channels=1, out_channels=8, weight_shape=(8, 1, 3, 3),
         input_shape=(1, 8, 8), output_shape=(8, 8, 8), macs=4608,
-        kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=1, has_bias=False,
+        kernel_size=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), groups=1, has_bias=False,
+        dilation=(1, 1), padding_mode="zeros",
     )
     # First block of stage 2: Conv2d(8, 16, 3, stride=2, padding=1) on 8x8 -> 16x4x4.
     down = ir.get(nodes["stages_3_conv1"], ir.LAYER, ir.LayerInfo)
@@ -274,3 +275,20 @@ def test_traced_model_round_trips_through_torch_save() -> None:
     loaded = torch.load(buf, weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), compiled.module(x))
+
+
+def test_layer_records_resolve_same_padding_and_dilation() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, kernel_size=4, padding="same", dilation=2))
+    gm = trace(model, (torch.randn(1, 1, 9, 9),))
+    info = ir.get(next(n for n in gm.graph.nodes if ir.LAYER in n.meta), ir.LAYER, ir.LayerInfo)
+    # dilation 2, kernel 4: total padding 6 per dim, 3 before and 3 after
+    assert (info.padding, info.dilation, info.padding_mode) == ((3, 3, 3, 3), (2, 2), "zeros")
+    odd = trace(nn.Conv1d(1, 1, kernel_size=2, padding="same"), (torch.randn(1, 1, 5),))
+    assert ir.compute_layers(odd)[0].meta[ir.LAYER].padding == (0, 1)
+
+
+def test_non_zero_padding_mode_is_refused_with_the_fix() -> None:
+    from qcompiler.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="padding_mode='reflect'.*F.pad"):
+        trace(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), (torch.randn(1, 1, 6, 6),))

@@ -10,6 +10,7 @@ from .base import Pass, PassContext, PassResult
 from .adder_groups import AdderGroups
 from .adder_shared import AdderShared
 from .asq import ASQ
+from .freeze import Freeze
 from .lsq import LSQ
 from .manager import PassManager, PassRun, plan
 from .observe import Observe
@@ -17,6 +18,7 @@ from .outlier_clamp import OutlierClamp
 from .pin_first_last import PinFirstLast
 from .post import POST
 from .pot import POT
+from .quantize_joins import QuantizeJoins
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -30,6 +32,8 @@ REGISTRY: dict[str, type[Pass]] = {
         OutlierClamp,
         AdderGroups,
         AdderShared,
+        QuantizeJoins,
+        Freeze,
     )
 }
 

@@ -15,12 +15,12 @@ from torch import nn
 from .. import ir
 from ..quantizers.asq import ASQQuantizer
 from .base import STAGE_ACTIVATIONS, Pass, PassContext, PassResult
-from .lsq import lsq_act_quantizer, quantize_multiply_layers
+from .rewrite import lsq_act_quantizer, quantize_multiply_layers
 
 
-def asq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, rng: ir.TensorRange) -> tuple[nn.Module, str]:
+def asq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, rng: ir.TensorRange, ctx: PassContext) -> tuple[nn.Module, str]:
     if ir.PIN in layer.meta:
-        return lsq_act_quantizer(layer, info, bits, rng)
+        return lsq_act_quantizer(layer, info, bits, rng, ctx)
     return ASQQuantizer(bits, signed=rng.signed, channels=info.in_channels), "asq"
 
 

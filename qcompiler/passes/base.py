@@ -58,6 +58,8 @@ class Pass(abc.ABC):
     conflicts: ClassVar[frozenset[str]] = frozenset()
     # An analysis is inserted automatically when a later pass requires its facts.
     analysis: ClassVar[bool] = False
+    # Inserted by the planner where it may legitimately find nothing (a model with no joins).
+    quiet_when_unchanged: ClassVar[bool] = False
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> Pass:
@@ -74,3 +76,5 @@ STAGE_CALIBRATE = 1
 STAGE_ACTIVATIONS = 2
 STAGE_WEIGHT_GRID = 3
 STAGE_ADDER = 4
+STAGE_JOIN = 5
+STAGE_FREEZE = 6

@@ -21,7 +21,12 @@ import torch.fx as fx
 from ..dump import write_dump
 from ..errors import PassError, PipelineError, QCompileError
 from ..spec import QuantSpec
+from ..verify import verify_graph
 from .base import CALIBRATION_DATA, Pass, PassContext
+
+
+# Facts of passes that quantize activations; joins then need quantizing too.
+QUANTIZING_FACTS = frozenset({"act-quant", "adder-quant"})
 
 
 class NoChangeWarning(UserWarning):
@@ -59,6 +64,11 @@ def plan(
     chosen = list(names)
     if spec.pin_first_last and "pin-first-last" in registry and "pin-first-last" not in seen:
         chosen.insert(0, "pin-first-last")
+    quantizes = any(registry[n].produces & QUANTIZING_FACTS for n in chosen)
+    if spec.quantize_joins and quantizes and "quantize-joins" in registry and "quantize-joins" not in seen:
+        chosen.append("quantize-joins")
+    if "freeze" in registry and "freeze" not in seen:
+        chosen.append("freeze")
     for i, a in enumerate(chosen):
         for b in chosen[i + 1 :]:
             if b in registry[a].conflicts or a in registry[b].conflicts:
@@ -71,11 +81,13 @@ def plan(
         if registry[n].analysis and registry[n].produces <= have:
             continue  # already inserted for an earlier pass
         for fact in sorted(registry[n].requires - have):
-            provider = _provider(fact, registry)
+            providers = [name for name, cls in sorted(registry.items()) if fact in cls.produces]
+            provider = providers[0] if providers else None
             if fact == CALIBRATION_DATA:
                 raise PipelineError(f"pass {n!r} needs calibration data; give --data (CLI) or calib_data= (API)")
             if provider is None or not registry[provider].analysis:
-                hint = f"add {provider!r} before it" if provider else "no pass produces it"
+                one_of = " or ".join(repr(p) for p in providers)
+                hint = f"add {one_of} before it, e.g. --passes {providers[-1]},{n}" if providers else "no pass produces it"
                 raise PipelineError(f"pass {n!r} needs {fact!r} from an earlier pass; {hint}")
             missing = registry[provider].requires - have
             if CALIBRATION_DATA in missing:
@@ -91,13 +103,6 @@ def plan(
     return result
 
 
-def _provider(fact: str, registry: dict[str, type[Pass]]) -> str | None:
-    for name, cls in sorted(registry.items()):
-        if fact in cls.produces:
-            return name
-    return None
-
-
 class PassManager:
     """Runs planned passes with linting, verification, timing and IR dumps.
 
@@ -106,7 +111,7 @@ class PassManager:
         >>> from qcompiler.spec import QuantSpec
         >>> spec = QuantSpec(passes=("lsq",))
         >>> [p.name for p in plan(spec.passes, spec, {"calibration-data"}, REGISTRY)]
-        ['pin-first-last', 'observe', 'lsq']
+        ['pin-first-last', 'observe', 'lsq', 'quantize-joins', 'freeze']
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: Path | None = None, verify: bool = False) -> None:
@@ -126,6 +131,7 @@ class PassManager:
                 gm.graph.lint()
                 gm.recompile()
                 if self.verify:
+                    verify_graph(gm)
                     _verify_runs(gm, ctx)
             except QCompileError:
                 raise
@@ -133,7 +139,7 @@ class PassManager:
                 before = ", ".join(r.name for r in runs) or "none"
                 raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {e}") from e
             seconds = time.perf_counter() - start
-            if not result.modified and not p.analysis:
+            if not result.modified and not p.analysis and not p.quiet_when_unchanged:
                 warnings.warn(f"pass {p.name!r} found nothing to change in this model ({p.purpose})", NoChangeWarning, stacklevel=2)
             dump = None
             if self.dump_dir is not None:

@@ -1,8 +1,11 @@
 """Shared recipe of the ``pot`` and ``post`` passes (each has its own file).
 
 Both replace the weight quantizer of every non-pinned conv / linear layer with a
-:class:`PowerGridQuantizer` and record each weight's integer code, so the backends
-can emit shifts and table look-ups without re-deriving anything.
+:class:`PowerGridQuantizer`; ``freeze`` records each weight's integer code, so the
+backends can emit shifts and table look-ups without re-deriving anything. They
+need an activation pass (``lsq`` or ``asq``) before them: that pass quantizes the
+inputs and holds the pinned first/last layers at 8 bits, which a weight grid alone
+would leave in float.
 """
 
 from __future__ import annotations
@@ -14,24 +17,14 @@ import torch.fx as fx
 from .. import ir
 from ..quantizers.power_grid import PowerGridQuantizer
 from .base import STAGE_WEIGHT_GRID, Pass, PassContext, PassResult
-from .lsq import MULTIPLY_LAYERS
-from .rewrite import layer_bits, set_weight_quantizer
-
-
-def encode_codes(gm: fx.GraphModule, layer: fx.Node) -> ir.WeightCodes:
-    """The ``WeightCodes`` record of ``layer`` from its current weight and quantizer."""
-    module = gm.get_submodule(layer.target)
-    q: PowerGridQuantizer = module.weight_quant
-    return ir.WeightCodes(
-        grid=q.grid, bits=q.bits, base=q.base,
-        codes=q.codes(module.weight.detach()), scale=q.alpha.detach().abs().clone(),
-    )
+from .rewrite import MULTIPLY_LAYERS, layer_bits, set_weight_quantizer
 
 
 class PowerGridPass(Pass):
     grid: ClassVar[str]
     stage = STAGE_WEIGHT_GRID
-    produces = frozenset({"weight-quant", "weight-codes"})
+    requires = frozenset({"act-quant"})
+    produces = frozenset({"weight-quant"})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         changed = False
@@ -47,6 +40,5 @@ class PowerGridPass(Pass):
             wq.init_from(gm.get_submodule(layer.target).weight)
             record = ir.WeightQuant(grid=self.grid, bits=w_bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
             set_weight_quantizer(gm, layer, wq, record)
-            layer.meta[ir.CODES] = encode_codes(gm, layer)
             changed = True
         return PassResult(gm, changed)

@@ -1,27 +1,31 @@
 """Graph edits shared by the quantizer passes.
 
-Every quantizer pass does the same two rewrites: put an activation quantizer in
-front of a compute layer, and give the layer a weight quantizer. Keeping them here
-means the naming of inserted modules and the records they carry are uniform, which
-the dumps, reports and backends rely on.
+Every quantizer pass does the same few rewrites: put an activation quantizer on a
+tensor, give a layer a weight quantizer, and, for the multiply layers (conv /
+linear), both at once. Keeping them here means the naming of inserted modules and
+the records they carry are uniform, which the dumps, reports and backends rely on.
+
+One tensor, one quantizer per width: a tensor read by several quantized layers
+(a downsample block's first conv and its 1x1 shortcut) gets one quantizer node
+that all of them read, so they see the same codes, step and ASQ adapter.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch.fx as fx
 from torch import nn
 
 from .. import ir
 from ..nn.qat import with_weight_quant
+from ..quantizers import UniformQuantizer
+from .base import PassContext
 
+MULTIPLY_LAYERS = ("conv1d", "conv2d", "linear")
 
-def act_quantizer_name(layer: fx.Node) -> str:
-    """Name of the activation quantizer feeding ``layer``.
-
-    Derived from the node name, not the module path: a module called at two sites
-    is two nodes and needs two quantizers.
-    """
-    return f"{layer.name}_act"
+# (layer node, its LayerInfo, activation bits, observed input range, context) -> (quantizer, method name)
+ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, ir.TensorRange, PassContext], tuple[nn.Module, str]]
 
 
 def input_quantizer(layer: fx.Node) -> fx.Node | None:
@@ -29,22 +33,49 @@ def input_quantizer(layer: fx.Node) -> fx.Node | None:
     return layer.args[0] if ir.input_act(layer) is not None else None
 
 
-def set_act_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Module, record: ir.ActQuant) -> fx.Node:
-    """Quantize ``layer``'s input with ``quantizer``, replacing any quantizer there."""
-    existing = input_quantizer(layer)
-    target = act_quantizer_name(layer)
-    gm.add_submodule(target, quantizer)
-    if existing is not None:
-        existing.meta[ir.ACT] = record
-        return existing
-    src = layer.args[0]
-    with gm.graph.inserting_before(layer):
-        qnode = gm.graph.call_module(target, (src,))
-    qnode.name = f"{layer.name}_act"
-    layer.replace_input_with(src, qnode)
+def insert_quantizer(gm: fx.GraphModule, src: fx.Node, name: str, quantizer: nn.Module, record: ir.ActQuant) -> fx.Node:
+    """A new quantizer node ``name`` reading ``src``, placed right after it (no users yet)."""
+    gm.add_submodule(name, quantizer)
+    with gm.graph.inserting_after(src):
+        qnode = gm.graph.call_module(name, (src,))
+    qnode.name = name
     if "tensor_meta" in src.meta:
         qnode.meta["tensor_meta"] = src.meta["tensor_meta"]
     qnode.meta[ir.ACT] = record
+    return qnode
+
+
+def max_abs(rng: ir.TensorRange) -> float:
+    return max(abs(rng.min), abs(rng.max))
+
+
+def init_act_step(quantizer: UniformQuantizer, rng: ir.TensorRange, init: str) -> None:
+    """``"lsq"``: LSQ's ``2 mean|x| / sqrt(p)`` (a QAT start); ``"max"``: no clipping (PTQ, wide joins)."""
+    if init == "lsq":
+        quantizer.init_from(mean_abs=rng.mean_abs)
+    else:
+        quantizer.init_from_max(max_abs(rng))
+
+
+def quantize_input(
+    gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Module, method: str, bits: int, rng: ir.TensorRange, init: str
+) -> fx.Node:
+    """Make ``layer`` read its input through an activation quantizer.
+
+    Reuses a quantizer of the same width, signedness and method that another layer
+    already reads on the same tensor; otherwise inserts ``quantizer`` (named after
+    ``layer``). Returns the quantizer node.
+    """
+    src = layer.args[0]
+    for user in src.users:
+        rec = user.meta.get(ir.ACT)
+        if rec is not None and (rec.method, rec.bits, rec.signed) == (method, bits, rng.signed) and rec.role == "input":
+            layer.replace_input_with(src, user)
+            return user
+    init_act_step(quantizer, rng, init)
+    record = ir.ActQuant(role="input", method=method, bits=bits, signed=rng.signed, module=f"{layer.name}_act", init=init)
+    qnode = insert_quantizer(gm, src, f"{layer.name}_act", quantizer, record)
+    layer.replace_input_with(src, qnode)
     return qnode
 
 
@@ -55,7 +86,54 @@ def set_weight_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Modul
     layer.meta[ir.WEIGHT] = record
 
 
+def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, init: str = "lsq") -> None:
+    """Per-output-channel learned-step quantizer on ``layer``'s weight."""
+    info = ir.get(layer, ir.LAYER, ir.LayerInfo)
+    weight = gm.get_submodule(layer.target).weight.detach()
+    wq = UniformQuantizer(bits, signed=True, channels=info.out_channels)
+    if init == "lsq":
+        wq.init_from(weight)
+    else:
+        wq.init_from_max(weight.abs().flatten(1).max(1).values)
+    record = ir.WeightQuant(grid="uniform", bits=bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
+    set_weight_quantizer(gm, layer, wq, record)
+
+
 def layer_bits(layer: fx.Node, spec) -> tuple[int, int]:
     """(weight bits, activation bits) of ``layer`` after pinning and overrides."""
     pin = ir.find(layer, ir.PIN, ir.Pin)
     return spec.layer_bits(layer.name, pin.bits if pin else None, str(layer.target))
+
+
+def quantize_multiply_layers(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    make_act_quantizer: ActQuantizerFactory,
+    init: str = "lsq",
+    bits: int | None = None,
+) -> bool:
+    """Input quantizer from ``make_act_quantizer`` plus uniform weights on every
+    not-yet-quantized conv / linear layer; returns whether anything changed.
+
+    ``bits`` replaces the spec's widths for layers that are not pinned (the adder
+    pipelines' multiply layers); ``init`` picks how steps start (see :func:`init_act_step`).
+    """
+    changed = False
+    for layer in ir.compute_layers(gm):
+        info = ir.get(layer, ir.LAYER, ir.LayerInfo)
+        if info.kind not in MULTIPLY_LAYERS or ir.WEIGHT in layer.meta or ir.FLOAT in layer.meta:
+            continue
+        w_bits, a_bits = layer_bits(layer, ctx.spec)
+        if bits is not None and ir.PIN not in layer.meta:
+            w_bits = a_bits = bits
+        rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
+        aq, method = make_act_quantizer(layer, info, a_bits, rng, ctx)
+        quantize_input(gm, layer, aq, method, a_bits, rng, init)
+        quantize_weight_uniform(gm, layer, w_bits, init)
+        changed = True
+    return changed
+
+
+def lsq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, rng: ir.TensorRange, ctx: PassContext) -> tuple[nn.Module, str]:
+    """A per-tensor LSQ quantizer, signed when calibration saw negative inputs."""
+    return UniformQuantizer(bits, signed=rng.signed), "lsq"

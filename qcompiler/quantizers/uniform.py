@@ -197,6 +197,17 @@ class UniformQuantizer(nn.Module):
             m = torch.tensor(float(mean_abs))
         self.step.copy_((2 * m / math.sqrt(self.qmax)).clamp_min(1e-6).expand_as(self.step))
 
+    @torch.no_grad()
+    def init_from_max(self, max_abs: float | torch.Tensor) -> None:
+        """A step that reaches ``max_abs`` without clipping: ``max_abs / qmax`` (per channel when per channel).
+
+        >>> q = UniformQuantizer(bits=8, signed=False)
+        >>> q.init_from_max(2.55); round(float(q.step), 6)
+        0.01
+        """
+        m = torch.as_tensor(max_abs, dtype=self.step.dtype)
+        self.step.copy_((m / max(self.qmax, 1)).clamp_min(1e-6).expand_as(self.step))
+
     def _kernel(self, x: torch.Tensor):
         if self.step.dim() == 0:
             return kernels.usable(x, self.step)

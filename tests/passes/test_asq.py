@@ -14,7 +14,7 @@ def test_asq_structure_and_records():
     calib = torch.randn(16, 1, 6, 6)
     c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="asq", weight_bits=4, act_bits=3), calib_data=calib)
     gm = c.module
-    acts = {n.meta[ir.ACT].layer: n for n in gm.graph.nodes if ir.ACT in n.meta}
+    acts = {layer.name: layer.args[0] for layer in ir.compute_layers(gm)}
     assert set(acts) == {"_0", "_2", "_5"}
     middle = acts["_2"].meta[ir.ACT]
     assert middle.method == "asq" and middle.bits == 3 and not middle.signed

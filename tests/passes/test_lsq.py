@@ -48,7 +48,8 @@ def _fq(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tens
 
 def test_structure_and_records() -> None:
     _, gm, _, runs = _compile(QuantSpec(passes="lsq", weight_bits=3, act_bits=4))
-    assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq"] and runs[-1].modified
+    assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq", "quantize-joins", "freeze"]
+    assert runs[2].modified
     layers = ir.compute_layers(gm)
     assert [n.name for n in layers] == ["_0", "_2", "_5"]
     expected_bits = {"_0": (8, 8, True), "_2": (3, 4, False), "_5": (8, 8, False)}
@@ -61,15 +62,15 @@ def test_structure_and_records() -> None:
         act = ir.get(q, ir.ACT, ir.ActQuant)
         module = gm.get_submodule(act.module)
         assert act.module == f"{layer.name}_act"
-        assert (act.layer, act.method, act.bits, act.signed) == (layer.name, "lsq", a_bits, signed)
+        assert (act.role, act.method, act.bits, act.signed, act.init) == ("input", "lsq", a_bits, signed, "lsq")
         assert isinstance(module, UniformQuantizer)
         assert (module.bits, module.signed, module.step.dim()) == (a_bits, signed, 0)
         # LSQ initial step: 2 * mean|x| / sqrt(p), from the observed range of the source.
         rng = ir.get(q.args[0], ir.RANGE, ir.TensorRange)
         assert rng.signed == signed
         p = 2 ** (a_bits - 1) - 1 if signed else 2**a_bits - 1
-        assert act.init_step == pytest.approx(2 * rng.mean_abs / math.sqrt(p), rel=1e-6)
-        assert float(module.step.detach()) == pytest.approx(act.init_step)
+        assert float(module.step.detach()) == pytest.approx(2 * rng.mean_abs / math.sqrt(p), rel=1e-6)
+        assert ir.get(q, ir.STEP, ir.FrozenAct).step == float(module.step.detach())
 
         wq = ir.get(layer, ir.WEIGHT, ir.WeightQuant)
         assert wq == ir.WeightQuant(grid="uniform", bits=w_bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
@@ -143,7 +144,7 @@ def test_overrides_and_no_pin() -> None:
     spec = QuantSpec(passes="lsq", weight_bits=4, act_bits=4, pin_first_last=False,
                      overrides=(LayerOverride("_5", weight_bits=2), LayerOverride("_*", act_bits=6)))
     _, gm, _, runs = _compile(spec)
-    assert [r.name for r in runs] == ["observe", "lsq"]
+    assert [r.name for r in runs] == ["observe", "lsq", "quantize-joins", "freeze"]
     bits = {n.name: (ir.get(n, ir.WEIGHT, ir.WeightQuant).bits, ir.get(n.args[0], ir.ACT, ir.ActQuant).bits)
             for n in ir.compute_layers(gm)}
     assert bits == {"_0": (4, 6), "_2": (4, 6), "_5": (2, 6)}
@@ -201,4 +202,4 @@ def test_module_called_twice_gets_one_quantizer_per_call_site() -> None:
         module = gm.get_submodule(str(node.target))
         assert record.module == node.target
         assert (module.signed, module.bits) == (record.signed, record.bits), node.name
-        assert float(module.step.detach()) == pytest.approx(record.init_step), node.name
+        assert ir.get(node, ir.STEP, ir.FrozenAct).step == float(module.step.detach()), node.name

@@ -23,7 +23,7 @@ def test_power_grid_replaces_uniform_weights_except_pinned(grid):
     assert isinstance(c.module.get_submodule("2").weight_quant, PowerGridQuantizer)
     for pinned in ("_0", "_5"):
         assert ir.get(nodes[pinned], ir.WEIGHT, ir.WeightQuant).grid == "uniform"
-        assert ir.CODES not in nodes[pinned].meta
+        assert ir.get(nodes[pinned], ir.CODES, ir.WeightCodes).grid == "uniform"
 
 
 def test_codes_record_reproduces_the_weights():
@@ -47,7 +47,7 @@ def test_codes_are_refreshed_after_training():
     before = ir.get(layer, ir.CODES, ir.WeightCodes).codes.clone()
     with torch.no_grad():
         c.module.get_submodule("2").weight.mul_(-1)
-    c.refresh_records()
+    c.freeze()
     assert torch.equal(ir.get(layer, ir.CODES, ir.WeightCodes).codes, -before)
 
 

@@ -1,0 +1,145 @@
+"""``quantize-joins``: put every residual add and concat on integer grids.
+
+An integer accelerator adds or concatenates codes, rescaled to a common step, so
+each operand of a join must already be on a grid, and the result must be
+requantized before anything reads it. This pass makes the fake-quant graph do
+exactly that:
+
+  1. the result of each add/sub/concat (taken after any ReLU that follows it, so the
+     codes can be unsigned) gets a quantizer of ``residual_bits`` (8 by default: the
+     residual stream), and every reader of that tensor reads the quantizer;
+  2. each operand not yet on a grid (a batch norm's output, a tensor only layers
+     had quantized) gets one too;
+  3. a tensor gets one quantizer: if one of at least the residual width is already
+     there, the join shares it; otherwise the narrower layer-input quantizers on
+     the tensor are moved behind the new one (they requantize its codes);
+  4. each join records the grid of every operand and of its result (``qc.join``).
+
+The new quantizers are learned-step (LSQ) quantizers whose steps start at
+``max|x| / p`` (no clipping; at 8 bits that is near-lossless before any training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import ir
+from ..analysis import GRID, join_kind, join_operands, tensor_domains
+from ..observers import RangeObserver
+from ..quantizers import UniformQuantizer
+from ..spec import QuantSpec
+from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
+from .calibrate import run_calibration
+from .rewrite import init_act_step, insert_quantizer
+
+_RELU = (nn.ReLU,)
+_IDENTITIES = (nn.Identity, nn.Sequential, nn.Dropout)
+_RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _RELU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target == "relu"
+
+
+def result_tensor(gm: fx.GraphModule, join: fx.Node) -> fx.Node:
+    """The join's result after the ReLUs that alone read it."""
+    node = join
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not _is_relu(gm, user) or ir.ACT in user.meta:
+            break
+        node = user
+    return node
+
+
+def passthrough_source(gm: fx.GraphModule, reader: fx.Node, operand: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``(reader, tensor)``: ``operand`` seen through identity modules (an empty shortcut).
+
+    An identity shortcut reads the very tensor the block's first layer reads; the
+    quantizer belongs on that tensor, so both see one set of codes.
+    """
+    while operand.op == "call_module" and isinstance(gm.get_submodule(operand.target), _IDENTITIES) and len(operand.users) == 1:
+        if isinstance(gm.get_submodule(operand.target), nn.Sequential) and len(gm.get_submodule(operand.target)):
+            break
+        reader, operand = operand, operand.args[0]
+    return reader, operand
+
+
+class QuantizeJoins(Pass):
+    name = "quantize-joins"
+    purpose = "one quantizer on every tensor entering or leaving a residual add or concat"
+    stage = STAGE_JOIN
+    requires = frozenset({CALIBRATION_DATA})
+    produces = frozenset({"join-quant"})
+    quiet_when_unchanged = True
+
+    def __init__(self, bits: int = 8) -> None:
+        self.bits = bits
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec) -> QuantizeJoins:
+        return cls(bits=spec.residual_bits)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        joins = [n for n in gm.graph.nodes if join_operands(n) is not None and ir.JOIN not in n.meta]
+        quantized = any(ir.ACT in n.meta or ir.ADDER_Q in n.meta for n in gm.graph.nodes)
+        if not joins or not quantized:
+            return PassResult(gm, False)
+        results = {j: result_tensor(gm, j) for j in joins}
+        watched = {*results.values(), *(passthrough_source(gm, j, a)[1] for j in joins for a in join_operands(j))}
+        self.observe(gm, ctx, watched)
+
+        for join in joins:  # results first: they are the next joins' operands
+            self.quantize_tensor(gm, results[join], list(results[join].users))
+        domains = tensor_domains(gm)
+        for join in joins:
+            for operand in join_operands(join):
+                if domains[operand].kind != GRID:
+                    reader, tensor = passthrough_source(gm, join, operand)
+                    self.quantize_tensor(gm, tensor, [reader])
+        domains = tensor_domains(gm)
+        for join in joins:
+            out = next(u for u in results[join].users if self.is_wide(u))
+            join.meta[ir.JOIN] = ir.Join(
+                kind=join_kind(join), inputs=tuple(domains[a].grid for a in join_operands(join)),
+                output=out.name, bits=self.bits,
+            )
+        return PassResult(gm, True)
+
+    def observe(self, gm: fx.GraphModule, ctx: PassContext, nodes: set[fx.Node]) -> None:
+        """Write a ``qc.range`` record on each of ``nodes`` that lacks one."""
+        observers = {n.name: RangeObserver() for n in nodes if ir.RANGE not in n.meta}
+        run_calibration(gm, ctx.calib_batches, {k: o.update for k, o in observers.items()}, self.name, ctx.progress)
+        for node in nodes:
+            if node.name in observers:
+                node.meta[ir.RANGE] = observers[node.name].summary()
+
+    def is_wide(self, node: fx.Node) -> bool:
+        """A per-tensor quantizer at least as wide as the residual stream (ASQ's per-sample steps are not)."""
+        rec = node.meta.get(ir.ACT)
+        return rec is not None and rec.method == "lsq" and rec.bits >= self.bits
+
+    def quantize_tensor(self, gm: fx.GraphModule, tensor: fx.Node, readers: list[fx.Node]) -> fx.Node:
+        """Put ``tensor`` on a grid for ``readers``; returns the quantizer node they now read."""
+        existing = [u for u in tensor.users if ir.ACT in u.meta]
+        wide = [q for q in existing if self.is_wide(q)]
+        if wide:
+            quantizer = wide[0]
+        else:
+            rng = ir.get(tensor, ir.RANGE, ir.TensorRange)
+            q = UniformQuantizer(self.bits, signed=rng.signed)
+            init_act_step(q, rng, "max")
+            name = f"{tensor.name}_join"
+            record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=rng.signed, module=name, init="max")
+            quantizer = insert_quantizer(gm, tensor, name, q, record)
+            readers = readers + existing  # narrower quantizers now requantize these codes
+        for reader in readers:
+            if reader is not quantizer:
+                reader.replace_input_with(tensor, quantizer)
+        return quantizer

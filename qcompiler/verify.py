@@ -1,0 +1,173 @@
+"""The IR verifier: a table of rules a compiled graph must satisfy.
+
+Each rule looks at one node and returns ``None`` (fine, or no opinion) or what is
+wrong; the first failure raises :class:`IRError` quoting the node. Structural rules
+hold after every pass (the pass manager checks them in tests and with ``--debug``);
+the ``final`` rules hold once the pipeline has finished (``compile`` checks them,
+and so does every backend before it reads the graph).
+
+Example:
+    >>> import qcompiler
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
+    >>> verify_graph(c.module, final=True)  # compile already did; nothing is wrong
+    >>> c.module.get_submodule("_2_act").step.data.fill_(float("nan"))
+    tensor(nan)
+    >>> verify_graph(c.module)
+    Traceback (most recent call last):
+    ...
+    qcompiler.verify.IRError: IR rule 'activation quantizer matches its record' fails at `%_2_act ...`: step nan is not positive and finite
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import ir
+from .analysis import FLOAT, GRID, Domain, join_operands, tensor_domains
+from .errors import QCompileError
+from .quantizers.adder import QAdderConv2d
+from .quantizers.asq import ASQQuantizer
+from .quantizers.power_grid import PowerGridQuantizer
+from .quantizers.uniform import UniformQuantizer, positive
+
+
+class IRError(QCompileError):
+    """The compiled graph breaks an IR rule (a pass bug, or a hand-edited graph)."""
+
+
+@dataclass
+class Facts:
+    """What rules may read besides the node."""
+
+    gm: fx.GraphModule
+    domains: dict[fx.Node, Domain]
+
+
+Check = Callable[[Facts, fx.Node], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    check: Check
+    final: bool = False
+
+
+def _finite_positive(t: torch.Tensor) -> bool:
+    t = t.detach()
+    return bool(torch.isfinite(t).all()) and bool((positive(t) > 0).all()) and bool((t != 0).all())
+
+
+def act_quantizer_module(f: Facts, node: fx.Node) -> str | None:
+    rec = node.meta.get(ir.ACT)
+    if rec is None:
+        return None
+    q = f.gm.get_submodule(node.target)
+    if not isinstance(q, UniformQuantizer):
+        return f"its module {node.target!r} is a {type(q).__name__}, not an activation quantizer"
+    if (q.bits, q.signed) != (rec.bits, rec.signed):
+        return f"record says {rec.bits}-bit {'signed' if rec.signed else 'unsigned'}, module is {q.bits}-bit {'signed' if q.signed else 'unsigned'}"
+    if (rec.method == "asq") != isinstance(q, ASQQuantizer):
+        return f"record says method {rec.method!r}, module is {type(q).__name__}"
+    if not _finite_positive(q.step):
+        return f"step {q.step.detach().tolist()} is not positive and finite"
+    return None
+
+
+def quantized_layer_records(f: Facts, node: fx.Node) -> str | None:
+    if ir.LAYER not in node.meta:
+        return None
+    info = ir.get(node, ir.LAYER, ir.LayerInfo)
+    module = f.gm.get_submodule(node.target)
+    wq = ir.find(node, ir.WEIGHT, ir.WeightQuant)
+    if info.kind == "adder2d":
+        if isinstance(module, QAdderConv2d) != (ir.ADDER_Q in node.meta) or (wq is None) != (ir.ADDER_Q not in node.meta):
+            return "adder layer: module, qc.adder_q and qc.weight records disagree"
+        if isinstance(module, QAdderConv2d) and not _finite_positive(module.act_steps):
+            return "adder group steps are not positive and finite"
+        return None
+    has_quant = hasattr(module, "weight_quant")
+    if wq is None:
+        return "layer has a weight quantizer but no qc.weight record" if has_quant else None
+    if not has_quant:
+        return f"qc.weight record but module {node.target!r} has no weight quantizer"
+    q = module.weight_quant
+    if q.bits != wq.bits or (wq.grid in ("pot", "post")) != isinstance(q, PowerGridQuantizer):
+        return f"qc.weight says {wq.grid} {wq.bits}-bit, module's quantizer is {q}"
+    scale = q.alpha if isinstance(q, PowerGridQuantizer) else q.step
+    if not _finite_positive(scale):
+        return "weight steps are not positive and finite"
+    if ir.input_act(node) is None:
+        return "quantized layer reads no activation quantizer"
+    return None
+
+
+def frozen_records_current(f: Facts, node: fx.Node) -> str | None:
+    from .passes.freeze import frozen_act, same_record, weight_codes  # freeze imports this module's peers
+
+    if ir.STEP in node.meta and not same_record(node.meta[ir.STEP], frozen_act(f.gm.get_submodule(node.target))):
+        return "qc.step differs from the quantizer's current values; run freeze"
+    if ir.CODES in node.meta and not same_record(node.meta[ir.CODES], weight_codes(f.gm, node)):
+        return "qc.codes differs from the layer's current weights; run freeze"
+    return None
+
+
+def no_unrecorded_float(f: Facts, node: fx.Node) -> str | None:
+    if f.domains[node].kind == FLOAT and ir.FLOAT not in node.meta:
+        return "computes in float with no qc.float record saying why"
+    return None
+
+
+def join_record_matches(f: Facts, node: fx.Node) -> str | None:
+    rec = node.meta.get(ir.JOIN)
+    if rec is None:
+        return None
+    operands = join_operands(node) or []
+    grids = tuple(f.domains[a].grid if f.domains[a].kind == GRID else None for a in operands)
+    if grids != rec.inputs:
+        return f"qc.join says operand grids {rec.inputs}, graph has {grids}"
+    return None
+
+
+def steps_finite(f: Facts, node: fx.Node) -> str | None:
+    frozen = node.meta.get(ir.STEP)
+    if frozen is not None and not (math.isfinite(frozen.step) and frozen.step > 0):
+        return f"frozen step {frozen.step} is not positive and finite"
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("activation quantizer matches its record", act_quantizer_module),
+    Rule("quantized layer has its records and input quantizer", quantized_layer_records),
+    Rule("join record matches the graph", join_record_matches),
+    Rule("frozen step is positive and finite", steps_finite),
+    Rule("no unrecorded float edge", no_unrecorded_float, final=True),
+    Rule("frozen records equal module state", frozen_records_current, final=True),
+)
+
+
+def verify_graph(gm: fx.GraphModule, final: bool = False) -> None:
+    """Check every rule (``final``: also those of a finished pipeline) on every node."""
+    facts = Facts(gm, tensor_domains(gm))
+    for node in gm.graph.nodes:
+        for rule in RULES:
+            if rule.final and not final:
+                continue
+            problem = rule.check(facts, node)
+            if problem is not None:
+                raise IRError(f"IR rule {rule.name!r} fails at `{node.format_node()}`: {problem}")
+
+
+def unrecorded_float(gm: fx.GraphModule) -> list[str]:
+    """Names of nodes computed in float without a ``qc.float`` record."""
+    return [n.name for n, d in tensor_domains(gm).items() if d.kind == FLOAT and ir.FLOAT not in n.meta]
+
+
+__all__ = ["IRError", "RULES", "Rule", "verify_graph", "unrecorded_float"]
