@@ -6,6 +6,7 @@ import torch
 import qcompiler
 from qcompiler import ir, zoo
 from qcompiler.passes import SCHEMES
+from qcompiler.verify import unrecorded_float, verify_graph
 
 SMALL = {
     "resnet20": {"width": 8}, "resnet18": {"width": 8}, "resnet50": {"width": 8},
@@ -23,26 +24,41 @@ def test_every_zoo_model_is_covered():
     assert set(SMALL) == set(zoo.ZOO)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("name", sorted(SMALL))
-@pytest.mark.parametrize("scheme", ["LSQ", "ASQ+POST", "adder-redistribution"])
-def test_every_zoo_model_compiles(name, scheme):
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_zoo_model_compiles_to_a_verified_integer_graph(name, scheme, bits):
+    """Every zoo model x scheme: the IR rules hold after every pass and at the end,
+    and no edge computes in float unless a record says why."""
     if scheme.startswith("adder") and not name.startswith("adder"):
         pytest.skip("adder passes only touch adder layers")
     model = zoo.build(name, in_channels=1, num_classes=10, **SMALL[name]).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = _calib(name)
-    spec = qcompiler.QuantSpec(passes=SCHEMES[scheme], weight_bits=4, act_bits=4)
+    spec = qcompiler.QuantSpec(passes=SCHEMES[scheme], weight_bits=bits, act_bits=bits)
     compiled = qcompiler.compile(model, spec, calib_data=calib, verify=True)
+    gm = compiled.module
 
+    verify_graph(gm, final=True)
+    assert unrecorded_float(gm) == []
+    floats = {n.name: n.meta[ir.FLOAT].reason for n in gm.graph.nodes if ir.FLOAT in n.meta}
+    adder_model_without_adder_passes = name.startswith("adder") and not scheme.startswith("adder")
+    if not adder_model_without_adder_passes:
+        assert floats == {}, floats  # the whole network runs in integers
+    else:  # the adder layers themselves stay float, and the report says so
+        assert any("adder2d layer that no pass in the pipeline quantizes" in r for r in floats.values())
     with torch.no_grad():
         out = compiled(calib[:4])
     assert out.shape == (4, 10) and torch.isfinite(out).all()
-    for layer in ir.compute_layers(compiled.module):
+    for layer in ir.compute_layers(gm):
         kind = ir.get(layer, ir.LAYER, ir.LayerInfo).kind
-        if kind != "adder2d" and not scheme.startswith("adder"):
+        if kind != "adder2d":
             assert ir.WEIGHT in layer.meta and ir.ACT in layer.args[0].meta, layer.name
+            assert ir.CODES in layer.meta, layer.name
         if kind == "adder2d" and scheme.startswith("adder"):
-            assert ir.ADDER_Q in layer.meta, layer.name
+            assert ir.ADDER_Q in layer.meta and ir.CODES in layer.meta, layer.name
+    for join in (n for n in gm.graph.nodes if ir.JOIN in n.meta):
+        assert all(ir.ACT in gm.graph.find_nodes(op="call_module", target=q)[0].meta for q in join.meta[ir.JOIN].inputs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
