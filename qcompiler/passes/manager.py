@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from ..dump import write_dump
 from ..errors import PassError, PipelineError, QCompileError
+from ..nn.modes import training_mode
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, Pass, PassContext
 
@@ -145,13 +146,8 @@ class PassManager:
 
 def _verify_runs(gm: fx.GraphModule, ctx: PassContext) -> None:
     """The graph must still run on the example inputs and give finite outputs."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            out = gm(*ctx.example_inputs)
-    finally:
-        gm.train(was_training)
+    with training_mode(gm, False), torch.no_grad():
+        out = gm(*ctx.example_inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for o in outs:
         if isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all():
