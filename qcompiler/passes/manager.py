@@ -37,6 +37,7 @@ class PassRun:
     seconds: float
     modified: bool
     dump: Path | None
+    pass_type: type[Pass]  # whose ``report_section`` the report asks
 
 
 def _valid_names(registry: dict[str, type[Pass]]) -> str:
@@ -140,7 +141,7 @@ class PassManager:
             if self.dump_dir is not None:
                 title = f"after pass {i}: {p.name} ({p.purpose}); modified={result.modified}"
                 dump = write_dump(gm, self.dump_dir, i, p.name, title)
-            runs.append(PassRun(p.name, seconds, result.modified, dump))
+            runs.append(PassRun(p.name, seconds, result.modified, dump, type(p)))
         return gm, runs
 
 
