@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, default=0, help="QAT epochs after compiling (default: 0)")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")
-    p.add_argument("--seed", type=int, help="seed for calibration order and QAT")
+    p.add_argument("--seed", type=int, help="seed for calibration order, ASQ adapter initialisation and QAT (default: 0)")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
