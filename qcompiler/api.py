@@ -22,7 +22,7 @@ from .passes import REGISTRY, PassContext, PassManager, plan
 from . import ir
 from .passes.freeze import freeze
 from .verify import verify_graph
-from .report import AdapterOverhead, CompileReport, asq_overhead, build_report
+from .report import CompileReport, build_report
 from .spec import QuantSpec
 
 CALIB_BATCH_SIZE = 64
@@ -68,10 +68,6 @@ class Compiled:
         freeze(self.module)
         verify_graph(self.module, final=True)
 
-    def adapter_overhead(self, bit_widths: tuple[int, ...] = (8, 4, 3, 2)) -> tuple[AdapterOverhead, ...]:
-        """ASQ adapters' extra parameter bits and operations, per bit width (ASQ Table 1)."""
-        return asq_overhead(self.module, bit_widths)
-
     @classmethod
     def load(cls, out_dir: str | Path) -> Compiled:
         """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""
@@ -81,7 +77,8 @@ class Compiled:
         for node in module.graph.nodes:
             node.meta.update(records.get(node.name, {}))
         spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
-        return cls(module, spec, build_report(module, [], 0.0))
+        # No pass ran in this process: the rebuilt report has layers but no pass sections.
+        return cls(module, spec, build_report(module, [], 0.0, spec))
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``module.pt``, ``records.pt``, ``spec.json`` and ``report.txt`` into ``out_dir``.
@@ -100,7 +97,7 @@ class Compiled:
             records = {n.name: ir.records(n) for n in self.module.graph.nodes if ir.records(n)}
             torch.save(records, tmp / "records.pt")
             (tmp / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
-            (tmp / "report.txt").write_text(self.report.layer_table() + "\n\n" + self.report.pass_table() + "\n")
+            (tmp / "report.txt").write_text(self.report.text() + "\n")
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -201,4 +198,4 @@ def compile(  # noqa: A001 - the natural name for the entry point
     gm, runs = manager.run(gm, ctx)
     gm.eval()
     verify_graph(gm, final=True)
-    return Compiled(gm, spec, build_report(gm, runs, trace_seconds))
+    return Compiled(gm, spec, build_report(gm, runs, trace_seconds, spec))

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, default=0, help="QAT epochs after compiling (default: 0)")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")
-    p.add_argument("--seed", type=int, help="seed for calibration order and QAT")
+    p.add_argument("--seed", type=int, help="seed for calibration order, ASQ adapter initialisation and QAT (default: 0)")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -121,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     from . import compile as qcompile_model
-    from .report import adder_group_cost, group_cost_table, overhead_table
     from .train import TrainConfig, evaluate, train
 
     compiled = qcompile_model(
@@ -133,14 +132,7 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
           f"({len(data.y_train)} train / {len(data.y_test)} test)")
     pinned = f", first/last at {spec.pin_bits} bits" if spec.pin_first_last else ""
     print(f"passes: {','.join(spec.passes)}; W{spec.weight_bits}A{spec.act_bits}{pinned}\n")
-    print(compiled.report.layer_table() + "\n")
-    print(compiled.report.pass_table() + "\n")
-    if "asq" in spec.passes:
-        print("ASQ adapter overhead (ASQ paper, Table 1):")
-        print(overhead_table(compiled.adapter_overhead(tuple(sorted({8, 4, 3, 2, spec.act_bits}, reverse=True)))) + "\n")
-    if any(p.startswith("adder") for p in spec.passes):
-        print("Extra operations of the adder scale groups (supplement, Prop. 2):")
-        print(group_cost_table(adder_group_cost(compiled.module)) + "\n")
+    print(compiled.report.text() + "\n")  # layers, passes, and each pass's own section
     print(f"float accuracy:           {float_acc:6.2f} %")
     print(f"quantized, before QAT:    {evaluate(compiled.module, data):6.2f} %")
     if args.train_epochs:

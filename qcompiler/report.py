@@ -1,13 +1,23 @@
-"""Per-layer and per-pass reports of a compile, as records and as text tables."""
+"""Per-layer and per-pass reports of a compile, as records and as text tables.
+
+A pass with something of its own to report (a method's cost table) returns a
+:class:`ReportSection` from ``Pass.report_section``; the report collects those of
+the passes that ran, so nothing here knows any pass by name.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
 from . import ir
-from .passes.manager import PassRun
+from .spec import QuantSpec
+
+if TYPE_CHECKING:  # passes import this module for ReportSection; no cycle at run time
+    from .passes.manager import PassRun
 
 
 @dataclass(frozen=True)
@@ -26,10 +36,30 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class ReportSection:
+    """One pass's own table in the report: a title and the table as text.
+
+    Example:
+        >>> print(ReportSection("Sizes", text_table(("name", "n"), [("a", "1")])).text())
+        Sizes:
+        name  n
+        ----  -
+        a     1
+    """
+
+    title: str
+    table: str
+
+    def text(self) -> str:
+        return f"{self.title}:\n{self.table}"
+
+
+@dataclass(frozen=True)
 class CompileReport:
     layers: tuple[LayerReport, ...]
     passes: tuple[PassRun, ...]
     trace_seconds: float
+    sections: tuple[ReportSection, ...] = ()  # from the passes that ran, in pipeline order
 
     @property
     def compile_seconds(self) -> float:
@@ -46,28 +76,32 @@ class CompileReport:
             )
             for r in self.layers
         ]
-        return _table(head, rows)
+        return text_table(head, rows)
 
     def pass_table(self) -> str:
         rows = [("trace", f"{self.trace_seconds * 1e3:.1f}", "")]
         rows += [(p.name, f"{p.seconds * 1e3:.1f}", "yes" if p.modified else "no") for p in self.passes]
-        return _table(("pass", "ms", "changed"), rows)
+        return text_table(("pass", "ms", "changed"), rows)
+
+    def text(self) -> str:
+        """The whole report as the CLI prints it and ``report.txt`` holds it."""
+        return "\n\n".join([self.layer_table(), self.pass_table(), *(s.text() for s in self.sections)])
 
 
-def build_report(gm: fx.GraphModule, passes: list[PassRun], trace_seconds: float) -> CompileReport:
-    """Read the final records of ``gm`` into a report."""
+def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: float, spec: QuantSpec) -> CompileReport:
+    """Read the final records of ``gm`` into a report, with the sections of the passes that ran."""
     rows = []
     for layer in ir.compute_layers(gm):
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
         wq = ir.find(layer, ir.WEIGHT, ir.WeightQuant)
         aq = ir.input_act(layer)
         pin = ir.find(layer, ir.PIN, ir.Pin)
-        adder = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
-        act_bits = aq.bits if aq else (adder.bits if adder else None)
+        scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
+        act_bits = aq.bits if aq else (scales.bits if scales else None)
         if aq:
             act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}"
-        elif adder:
-            act_quantizer = f"{len(adder.group_ranges)} shared scale(s)"
+        elif scales:
+            act_quantizer = f"{len(scales.group_ranges)} shared scale(s)"
         else:
             act_quantizer = "-"
         rows.append(
@@ -83,104 +117,22 @@ def build_report(gm: fx.GraphModule, passes: list[PassRun], trace_seconds: float
                 macs=info.macs,
             )
         )
-    return CompileReport(tuple(rows), tuple(passes), trace_seconds)
+    sections = (run.pass_type.report_section(gm, spec) for run in passes)
+    return CompileReport(tuple(rows), tuple(passes), trace_seconds, tuple(s for s in sections if s is not None))
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def text_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    """Left-aligned columns under a dashed rule.
+
+    Example:
+        >>> print(text_table(("bits", "ops %"), [("8", "0.067"), ("4", "0.134")]))
+        bits  ops %
+        ----  -----
+        8     0.067
+        4     0.134
+    """
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head).rstrip(), "  ".join("-" * w for w in widths)]
     lines += [fmt.format(*r).rstrip() for r in rows]
     return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class AdapterOverhead:
-    """ASQ's extra cost at one bit width, as in the ASQ paper's Table 1."""
-
-    bits: int
-    param_pct: float  # adapter parameter bits / quantized model parameter bits
-    ops_pct: float  # adapter operations / quantized model operations (OPS * bits / 32)
-
-
-ADAPTER_PARAM_BITS = 8  # adapters stored as 8-bit integers, like the pinned layers
-
-
-def asq_overhead(gm: fx.GraphModule, bit_widths: tuple[int, ...] = (8, 4, 3, 2)) -> tuple[AdapterOverhead, ...]:
-    """Adapter parameters and operations relative to the quantized model, per bit width.
-
-    Model parameters and operations are counted as in the paper (eqs. 10-13:
-    conv/linear weights plus linear biases; multiply-accumulates); a b-bit model
-    stores ``params * b`` bits and costs ``OPS * b / 32`` 32-bit-equivalent operations.
-    Adapter operations are multiplications (eq. 13) in full precision, so they are
-    not scaled. With 8-bit adapter storage and first/last layers pinned, the zoo's
-    ResNet-18 at 224x224 gives 2.63 % / 0.067 % at 8 bits (paper: 2.67 % / 0.04 %;
-    the paper does not say how it counts adapter operations).
-    """
-    model_params = model_ops = adapter_params = adapter_ops = 0
-    for layer in ir.compute_layers(gm):
-        info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-        model_params += info.params if info.kind == "linear" else info.params - (info.out_channels if info.has_bias else 0)
-        model_ops += info.macs
-        act = ir.input_act(layer)
-        if act is not None and act.method == "asq":
-            adapter = gm.get_submodule(act.module).adapter
-            adapter_params += adapter.params()
-            adapter_ops += adapter.ops()
-    rows = []
-    for b in bit_widths:
-        param_pct = 100.0 * adapter_params * ADAPTER_PARAM_BITS / max(model_params * b, 1)
-        ops_pct = 100.0 * adapter_ops / max(model_ops * b / 32, 1)
-        rows.append(AdapterOverhead(b, param_pct, ops_pct))
-    return tuple(rows)
-
-
-def overhead_table(rows: tuple[AdapterOverhead, ...]) -> str:
-    return _table(
-        ("bits", "adapter params %", "adapter ops %"),
-        [(str(r.bits), f"{r.param_pct:.2f}", f"{r.ops_pct:.3f}") for r in rows],
-    )
-
-
-@dataclass(frozen=True)
-class GroupScaleCost:
-    """Extra operations of an adder layer's ``g`` scale groups over one scale."""
-
-    layer: str
-    in_channels: int
-    groups: int
-    exact_pct: float  # from the supplement's eq. (2) with this layer's shapes
-    closed_form_pct: float  # the supplement's (g - 1) / (18c + 4), for 3x3 layers
-
-
-def adder_group_cost(gm: fx.GraphModule) -> tuple[GroupScaleCost, ...]:
-    """Relative FLOPs added by group scales, per quantized adder layer (supplement, Prop. 2).
-
-    Eq. (2): ``2hw(c_in d^2 + 1) c_out + c_in d^2 c_out + g h w c_in + h_out w_out c_out``;
-    going from one scale to ``g`` adds ``(g - 1) h w c_in``.
-    """
-    rows = []
-    for layer in ir.compute_layers(gm):
-        scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
-        if scales is None:
-            continue
-        info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-        g = len(scales.group_ranges)
-        c_in, c_out = info.in_channels, info.out_channels
-        h, w = info.input_shape[1:3]
-        d2 = info.kernel_size[0] * info.kernel_size[1]
-        h_out, w_out = info.output_shape[1:3]
-        one_scale = 2 * h * w * (c_in * d2 + 1) * c_out + c_in * d2 * c_out + h * w * c_in + h_out * w_out * c_out
-        rows.append(GroupScaleCost(
-            layer.name, c_in, g,
-            exact_pct=100.0 * (g - 1) * h * w * c_in / one_scale,
-            closed_form_pct=100.0 * (g - 1) / (18 * c_in + 4),
-        ))
-    return tuple(rows)
-
-
-def group_cost_table(rows: tuple[GroupScaleCost, ...]) -> str:
-    return _table(
-        ("adder layer", "c", "g", "extra FLOPs %", "(g-1)/(18c+4) %"),
-        [(r.layer, str(r.in_channels), str(r.groups), f"{r.exact_pct:.3f}", f"{r.closed_form_pct:.3f}") for r in rows],
-    )

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Dataset
+from .nn.modes import training_mode
 from .quantizers import UniformQuantizer
 from .quantizers.power_grid import PowerGridQuantizer
 
@@ -96,11 +97,9 @@ def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(),
 @torch.no_grad()
 def evaluate(module: nn.Module, data: Dataset, split: str = "test", batch_size: int = 256) -> float:
     """Top-1 accuracy in percent on ``split``, in eval mode."""
-    was_training = module.training
-    module.eval()
     correct = total = 0
-    for x, y in data.loader(split, batch_size=batch_size):
-        correct += int((module(x).argmax(1) == y).sum())
-        total += len(y)
-    module.train(was_training)
+    with training_mode(module, False):
+        for x, y in data.loader(split, batch_size=batch_size):
+            correct += int((module(x).argmax(1) == y).sum())
+            total += len(y)
     return 100.0 * correct / max(total, 1)

@@ -54,7 +54,8 @@ class Run:
 def _env(work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])])
+    # This checkout's package first: an installed (editable) qcompiler may be another checkout.
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])])
     (work / "tmp").mkdir(exist_ok=True)
     env["TMPDIR"] = str(work / "tmp")  # catches temporary files left behind
     return env

@@ -35,7 +35,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(checkpoint) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # This checkout's package first: an installed (editable) qcompiler may be another checkout.
+    repo = str(Path(__file__).parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     return subprocess.run(
         [sys.executable, "-m", "qcompiler.cli", str(checkpoint), *ARGS, "--out", str(checkpoint.parent / "out")],
         capture_output=True, text=True, env=env, cwd=checkpoint.parent, timeout=300,

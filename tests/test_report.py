@@ -1,11 +1,11 @@
-"""Reports: the per-layer table and ASQ's adapter overhead (ASQ paper, Table 1)."""
+"""Reports: ASQ's adapter overhead (ASQ paper, Table 1) and the pass sections of a report."""
 
 import pytest
 import torch
 from torch import nn
 
 import qcompiler
-from qcompiler.report import ADAPTER_PARAM_BITS
+from qcompiler.passes.asq import ADAPTER_PARAM_BITS, asq_overhead
 
 
 def test_adapter_overhead_matches_a_hand_computation():
@@ -13,7 +13,7 @@ def test_adapter_overhead_matches_a_hand_computation():
     model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(),
                           nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
     c = qcompiler.compile(model, qcompiler.QuantSpec(passes="asq"), calib_data=torch.rand(4, 4, 8, 8))
-    rows = {r.bits: r for r in c.adapter_overhead((8, 4, 2))}
+    rows = {r.bits: r for r in asq_overhead(c.module, (8, 4, 2))}
 
     # Paper eqs. 10-13: conv params Cin*Cout*K*K, linear N_in*N_out + N_out; OPS = MACs.
     params = 4 * 16 * 1 + 16 * 32 * 9 + (2048 * 10 + 10)
@@ -30,4 +30,24 @@ def test_adapter_overhead_matches_a_hand_computation():
 def test_no_adapter_no_overhead():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.rand(2, 1, 6, 6))
-    assert all(r.param_pct == 0 and r.ops_pct == 0 for r in c.adapter_overhead())
+    assert all(r.param_pct == 0 and r.ops_pct == 0 for r in asq_overhead(c.module))
+
+
+def test_asq_owns_its_report_section_and_report_txt_holds_it(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="asq", act_bits=5), calib_data=torch.rand(4, 1, 6, 6))
+    (section,) = c.report.sections
+    assert section.title == "ASQ adapter overhead (ASQ paper, Table 1)"
+    assert [line.split()[0] for line in section.table.splitlines()[2:]] == ["8", "5", "4", "3", "2"]
+    assert section.text() in c.report.text()
+    c.save(tmp_path / "out")
+    assert (tmp_path / "out" / "report.txt").read_text() == c.report.text() + "\n"
+    loaded = qcompiler.Compiled.load(tmp_path / "out")  # no pass ran: layers, no sections
+    assert loaded.report.sections == () and loaded.report.layers == c.report.layers
+
+
+def test_passes_without_a_section_add_none():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.rand(2, 1, 6, 6))
+    assert c.report.sections == ()

@@ -7,7 +7,7 @@ from torch import nn
 import qcompiler
 from qcompiler import ir
 from qcompiler.nn.adder import AdderConv2d
-from qcompiler.report import adder_group_cost, group_cost_table
+from qcompiler.passes.adder_groups import adder_group_cost, group_cost_table
 
 
 def _model():
@@ -86,6 +86,13 @@ def test_no_rows_without_adder_quantization():
     calib = torch.randn(16, 1, 10, 10)
     c = qcompiler.compile(_model(), qcompiler.QuantSpec(passes="outlier-clamp"), calib_data=calib)
     assert adder_group_cost(c.module) == ()
+    assert c.report.sections == ()
+
+
+def test_adder_passes_report_the_group_cost_section(compiled):
+    (section,) = compiled.report.sections
+    assert section.title == "Extra operations of the adder scale groups (supplement, Prop. 2)"
+    assert section.table == group_cost_table(adder_group_cost(compiled.module))
 
 
 def test_table_lists_each_layer_with_both_percentages(compiled):

@@ -1,4 +1,4 @@
-"""Layers that have no ``torch.nn`` counterpart (the tracer keeps them as leaves)."""
+"""Layers that have no ``torch.nn`` counterpart (the tracer keeps them as leaves), and module-mode helpers (:mod:`.modes`)."""
 
 from .adder import AdderConv2d, adder_conv2d, adder_conv2d_train
 

@@ -13,6 +13,8 @@ then re-estimate every batch norm on the calibration data. ``r_x`` comes from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -21,6 +23,7 @@ from .. import ir
 from ..cluster import kmeans_1d
 from ..errors import SpecError
 from ..quantizers.adder import QAdderConv2d
+from ..report import ReportSection, text_table
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_ADDER, Pass, PassContext, PassResult
 from .calibrate import reestimate_batchnorm
@@ -92,6 +95,13 @@ class AdderGroups(Pass):
             reestimate_batchnorm(gm, ctx.calib_batches, ctx.progress)
         return PassResult(gm, changed)
 
+    @classmethod
+    def report_section(cls, gm: fx.GraphModule, spec: QuantSpec) -> ReportSection | None:
+        rows = adder_group_cost(gm)
+        if not rows:
+            return None
+        return ReportSection("Extra operations of the adder scale groups (supplement, Prop. 2)", group_cost_table(rows))
+
     def quantize_layer(self, gm: fx.GraphModule, layer: fx.Node, ctx: PassContext) -> None:
         module = gm.get_submodule(layer.target)
         observed = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
@@ -131,3 +141,47 @@ class AdderGroups(Pass):
         )
         granularity = "per-group" if n_groups > 1 else "per-layer"
         layer.meta[ir.WEIGHT] = ir.WeightQuant(grid=f"adder-{self.method}", bits=w_bits, granularity=granularity, module=layer.target)
+
+
+@dataclass(frozen=True)
+class GroupScaleCost:
+    """Extra operations of an adder layer's ``g`` scale groups over one scale."""
+
+    layer: str
+    in_channels: int
+    groups: int
+    exact_pct: float  # from the supplement's eq. (2) with this layer's shapes
+    closed_form_pct: float  # the supplement's (g - 1) / (18c + 4), for 3x3 layers
+
+
+def adder_group_cost(gm: fx.GraphModule) -> tuple[GroupScaleCost, ...]:
+    """Relative FLOPs added by group scales, per quantized adder layer (supplement, Prop. 2).
+
+    Eq. (2): ``2hw(c_in d^2 + 1) c_out + c_in d^2 c_out + g h w c_in + h_out w_out c_out``;
+    going from one scale to ``g`` adds ``(g - 1) h w c_in``.
+    """
+    rows = []
+    for layer in ir.compute_layers(gm):
+        scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
+        if scales is None:
+            continue
+        info = ir.get(layer, ir.LAYER, ir.LayerInfo)
+        g = len(scales.group_ranges)
+        c_in, c_out = info.in_channels, info.out_channels
+        h, w = info.input_shape[1:3]
+        d2 = info.kernel_size[0] * info.kernel_size[1]
+        h_out, w_out = info.output_shape[1:3]
+        one_scale = 2 * h * w * (c_in * d2 + 1) * c_out + c_in * d2 * c_out + h * w * c_in + h_out * w_out * c_out
+        rows.append(GroupScaleCost(
+            layer.name, c_in, g,
+            exact_pct=100.0 * (g - 1) * h * w * c_in / one_scale,
+            closed_form_pct=100.0 * (g - 1) / (18 * c_in + 4),
+        ))
+    return tuple(rows)
+
+
+def group_cost_table(rows: tuple[GroupScaleCost, ...]) -> str:
+    return text_table(
+        ("adder layer", "c", "g", "extra FLOPs %", "(g-1)/(18c+4) %"),
+        [(r.layer, str(r.in_channels), str(r.groups), f"{r.exact_pct:.3f}", f"{r.closed_form_pct:.3f}") for r in rows],
+    )

@@ -9,6 +9,7 @@ How to write a pass:
      ``changed=False``.
   3. Add the class to ``REGISTRY`` in ``passes/__init__.py``; the manager does the
      ordering, linting, recompiling, verifying, timing and IR dumps.
+  4. Something of its own to report (a cost table)? Override ``report_section``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from ..report import ReportSection
 from ..spec import QuantSpec
 
 # Facts the context itself can provide, rather than a pass.
@@ -68,6 +70,11 @@ class Pass(abc.ABC):
 
     @abc.abstractmethod
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult: ...
+
+    @classmethod
+    def report_section(cls, gm: fx.GraphModule, spec: QuantSpec) -> ReportSection | None:
+        """This pass's table for the compile report, read from the final ``gm``; most have none."""
+        return None
 
 
 # Stage numbers, in pipeline order.

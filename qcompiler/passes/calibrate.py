@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from ..nn.modes import training_mode
+
 
 class _WatchingInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, watched: dict[str, Callable[[torch.Tensor], None]]) -> None:
@@ -37,14 +39,9 @@ def run_calibration(
 ) -> None:
     """Run ``gm`` on every batch, calling ``watched[node_name](value)`` as values appear."""
     interp = _WatchingInterpreter(gm, watched)
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                interp.run(x)
-    finally:
-        gm.train(was_training)
+    with training_mode(gm, False), torch.no_grad():
+        for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            interp.run(x)
 
 
 def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], progress: bool = False) -> int:
@@ -57,19 +54,16 @@ def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], pr
     norms = [m for m in gm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    was_training = gm.training
     saved = [(m, m.momentum) for m in norms]
-    gm.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        with torch.no_grad():
+    with training_mode(gm, False), torch.no_grad():
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
             for x in tqdm(batches, desc="batch-norm", disable=not progress, leave=False):
                 gm(x)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        gm.train(was_training)
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
     return len(norms)

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from ..dump import write_dump
 from ..errors import PassError, PipelineError, QCompileError
+from ..nn.modes import training_mode
 from ..spec import QuantSpec
 from ..verify import verify_graph
 from .base import CALIBRATION_DATA, Pass, PassContext
@@ -41,6 +42,7 @@ class PassRun:
     seconds: float
     modified: bool
     dump: Path | None
+    pass_type: type[Pass]  # whose ``report_section`` the report asks
 
 
 def _valid_names(registry: dict[str, type[Pass]]) -> str:
@@ -145,19 +147,14 @@ class PassManager:
             if self.dump_dir is not None:
                 title = f"after pass {i}: {p.name} ({p.purpose}); modified={result.modified}"
                 dump = write_dump(gm, self.dump_dir, i, p.name, title)
-            runs.append(PassRun(p.name, seconds, result.modified, dump))
+            runs.append(PassRun(p.name, seconds, result.modified, dump, type(p)))
         return gm, runs
 
 
 def _verify_runs(gm: fx.GraphModule, ctx: PassContext) -> None:
     """The graph must still run on the example inputs and give finite outputs."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            out = gm(*ctx.example_inputs)
-    finally:
-        gm.train(was_training)
+    with training_mode(gm, False), torch.no_grad():
+        out = gm(*ctx.example_inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for o in outs:
         if isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all():

@@ -56,15 +56,46 @@ def adapter_forward(pooled, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor,
     return torch.exp(BETA_BOUND * bounded), hidden, bounded
 
 
-class Adapter(nn.Module):
-    """Global average pool → Linear(C, C/4) → ReLU → Linear(C/4, 1) → bounded positive ``beta``."""
+def init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> None:
+    """``nn.Linear``'s default initialisation, drawn from ``generator`` (global RNG if ``None``).
 
-    def __init__(self, channels: int) -> None:
+    The same distributions as ``nn.Linear.reset_parameters``: weights by Kaiming
+    uniform with ``a = sqrt(5)``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, and so the bias.
+
+    Example:
+        >>> a, b = (nn.utils.skip_init(nn.Linear, 4, 2) for _ in range(2))
+        >>> init_linear(a, torch.Generator().manual_seed(0)); init_linear(b, torch.Generator().manual_seed(0))
+        >>> torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        True
+        >>> bool(a.weight.abs().max() <= 1 / 4**0.5)
+        True
+    """
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(layer.in_features)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+class Adapter(nn.Module):
+    """Global average pool → Linear(C, C/4) → ReLU → Linear(C/4, 1) → bounded positive ``beta``.
+
+    Initial weights come from ``generator`` when given, so a seeded compile builds
+    the same adapters on every run; without one, from the global RNG.
+
+    Example:
+        >>> a, b = Adapter(8, torch.Generator().manual_seed(1)), Adapter(8, torch.Generator().manual_seed(1))
+        >>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        True
+    """
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         hidden = adapter_hidden(channels)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
-        nn.init.normal_(self.fc2.weight, std=1e-3)
+        # skip_init: every draw below comes from ``generator``, none from the global RNG
+        self.fc1 = nn.utils.skip_init(nn.Linear, channels, hidden)
+        self.fc2 = nn.utils.skip_init(nn.Linear, hidden, 1)
+        init_linear(self.fc1, generator)
+        nn.init.normal_(self.fc2.weight, std=1e-3, generator=generator)
         nn.init.zeros_(self.fc2.bias)
 
     def weights(self) -> tuple[torch.Tensor, ...]:
@@ -133,6 +164,8 @@ class _ASQ(torch.autograd.Function):
 class ASQQuantizer(UniformQuantizer):
     """LSQ activation quantizer whose per-tensor step is scaled per sample by an adapter.
 
+    ``generator`` seeds the adapter's initial weights (see :class:`Adapter`).
+
     Example:
         >>> q = ASQQuantizer(bits=4, signed=False, channels=8)
         >>> x = torch.rand(3, 8, 5, 5)
@@ -141,9 +174,9 @@ class ASQQuantizer(UniformQuantizer):
         torch.Size([3])
     """
 
-    def __init__(self, bits: int, signed: bool, channels: int) -> None:
+    def __init__(self, bits: int, signed: bool, channels: int, generator: torch.Generator | None = None) -> None:
         super().__init__(bits, signed)
-        self.adapter = Adapter(channels)
+        self.adapter = Adapter(channels, generator)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample step factor, shape ``(batch,)``."""

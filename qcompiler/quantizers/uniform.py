@@ -202,7 +202,7 @@ class UniformQuantizer(nn.Module):
         """A step that reaches ``max_abs`` without clipping: ``max_abs / qmax`` (per channel when per channel).
 
         >>> q = UniformQuantizer(bits=8, signed=False)
-        >>> q.init_from_max(2.55); round(float(q.step), 6)
+        >>> q.init_from_max(2.55); round(float(q.step.detach()), 6)
         0.01
         """
         m = torch.as_tensor(max_abs, dtype=self.step.dtype)
