@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-bits", type=int, help="bit width of weights (overrides --bits)")
     p.add_argument("--act-bits", type=int, help="bit width of activations (overrides --bits)")
     p.add_argument("--no-pin", action="store_true", help="do not hold the first and last layers at 8 bits")
+    p.add_argument("--residual-bits", type=int, help="bit width of the residual stream: residual adds and concats (default: 8)")
+    p.add_argument("--float-multiply", action="store_true",
+                   help="adder pipelines: keep the multiply layers (stem, 1x1 shortcuts, classifier) in float, as the AdderNet papers' tables do")
     p.add_argument("--leaf", action="append", default=[], help="package.module:Class the tracer keeps opaque (repeatable)")
     p.add_argument("--data", default="digits", help="digits (built in) or a .npz file with x and y (default: digits)")
     p.add_argument("--train-epochs", type=int, default=0, help="QAT epochs after compiling (default: 0)")
@@ -66,6 +69,10 @@ def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
         changes["act_bits"] = check_bits(args.act_bits, "--act-bits")
     if args.no_pin:
         changes["pin_first_last"] = False
+    if args.residual_bits is not None:
+        changes["residual_bits"] = check_bits(args.residual_bits, "--residual-bits")
+    if args.float_multiply:
+        changes["adder_multiply_bits"] = None
     if args.leaf:
         changes["leaf_modules"] = tuple(args.leaf)
     if args.seed is not None:

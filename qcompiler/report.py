@@ -60,6 +60,10 @@ class CompileReport:
     passes: tuple[PassRun, ...]
     trace_seconds: float
     sections: tuple[ReportSection, ...] = ()  # from the passes that ran, in pipeline order
+    joins: int = 0  # residual adds / concats on integer grids
+    residual_bits: int | None = None  # width of the residual stream, when joins are quantized
+    float_regions: tuple[tuple[str, str], ...] = ()  # (node, reason) of every node computed in float
+    unrecorded_float: tuple[str, ...] = ()  # float nodes with no reason recorded: always empty after compile
 
     @property
     def compile_seconds(self) -> float:
@@ -83,13 +87,35 @@ class CompileReport:
         rows += [(p.name, f"{p.seconds * 1e3:.1f}", "yes" if p.modified else "no") for p in self.passes]
         return text_table(("pass", "ms", "changed"), rows)
 
+    def domain_summary(self) -> str:
+        """Where the compiled model leaves integers, if anywhere, and the residual stream's width."""
+        if self.residual_bits is not None:
+            lines = [f"joins (residual adds, concats): {self.joins}, on a {self.residual_bits}-bit residual stream"]
+        else:
+            lines = [f"joins (residual adds, concats): {self.joins}, not quantized"]
+        lines.append(f"unrecorded float edges: {len(self.unrecorded_float)}")
+        if not self.float_regions:
+            lines.append("float regions: none (every edge after the input quantizer is on an integer grid)")
+        else:
+            lines.append(f"float regions: {len(self.float_regions)} node(s)")
+            lines.append(text_table(("node", "why it runs in float"), list(self.float_regions)))
+        return "\n".join(lines)
+
     def text(self) -> str:
         """The whole report as the CLI prints it and ``report.txt`` holds it."""
-        return "\n\n".join([self.layer_table(), self.pass_table(), *(s.text() for s in self.sections)])
+        parts = [self.layer_table(), self.domain_summary(), self.pass_table(), *(s.text() for s in self.sections)]
+        return "\n\n".join(parts)
 
 
 def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: float, spec: QuantSpec) -> CompileReport:
-    """Read the final records of ``gm`` into a report, with the sections of the passes that ran."""
+    """Read the final records of ``gm`` into a report, with the sections of the passes that ran.
+
+    Runs ``freeze`` first, so the report never shows a stale value.
+    """
+    from .passes.freeze import freeze  # the passes import this module
+    from .verify import unrecorded_float
+
+    freeze(gm)
     rows = []
     for layer in ir.compute_layers(gm):
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
@@ -97,7 +123,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         aq = ir.input_act(layer)
         pin = ir.find(layer, ir.PIN, ir.Pin)
         scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
-        act_bits = aq.bits if aq else (scales.bits if scales else None)
+        act_bits = aq.bits if aq else (scales.act_bits if scales else None)
         if aq:
             act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}"
         elif scales:
@@ -118,7 +144,13 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
             )
         )
     sections = (run.pass_type.report_section(gm, spec) for run in passes)
-    return CompileReport(tuple(rows), tuple(passes), trace_seconds, tuple(s for s in sections if s is not None))
+    joins = [n for n in gm.graph.nodes if ir.JOIN in n.meta]
+    return CompileReport(
+        tuple(rows), tuple(passes), trace_seconds, tuple(s for s in sections if s is not None),
+        joins=len(joins), residual_bits=joins[0].meta[ir.JOIN].bits if joins else None,
+        float_regions=tuple((n.name, n.meta[ir.FLOAT].reason) for n in gm.graph.nodes if ir.FLOAT in n.meta),
+        unrecorded_float=tuple(unrecorded_float(gm)),
+    )
 
 
 def text_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
