@@ -63,7 +63,7 @@ def build_report(gm: fx.GraphModule, passes: list[PassRun], trace_seconds: float
         aq = ir.input_act(layer)
         pin = ir.find(layer, ir.PIN, ir.Pin)
         adder = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
-        act_bits = aq.bits if aq else (adder.bits if adder else None)
+        act_bits = aq.bits if aq else (adder.act_bits if adder else None)
         if aq:
             act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}"
         elif adder:
