@@ -238,21 +238,47 @@ class AdderScales:
     """How an adder layer is quantized (AdderNet redistribution, DESIGN.md §3.4).
 
     Output channel ``c`` belongs to scale group ``group_of_channel[c]``; group ``g``
-    quantizes the input with ``act_steps[g] = group_ranges[g] / (2^b - 1)`` (unsigned
-    codes) and its weights with twice that step (signed codes), so the layer computes
-    ``-act_steps[g] * sum |a_q - 2 w_q|``. ``compensation[c]`` is the lossless weight
-    clamp's constant, already folded into the following batch norm.
+    quantizes the input with ``act_steps[g] = group_ranges[g] / (2^act_bits - 1)``
+    (unsigned codes ``a_q``) and its weights with ``weight_step_ratio * act_steps[g]``
+    (narrow signed codes ``w_q`` in ``±(2^(weight_bits-1) - 1)``), so the layer
+    computes ``-act_steps[g] * sum |a_q - weight_step_ratio * w_q|``.
+
+    Fields:
+        method: ``"redistribution"`` (pass ``adder-groups``) or ``"shared"`` (pass
+            ``adder-shared``); the layer's ``WeightQuant.grid`` is ``f"adder-{method}"``.
+        act_bits: width of the unsigned activation codes.
+        weight_bits: width of the signed weight codes (narrow, symmetric range).
+        weight_step_ratio: the integer weight step / activation step,
+            ``numerics.adder_weight_step_ratio(act_bits, weight_bits)``.
+        input_range: ``r_x``, the calibrated range of the layer's input.
+        group_of_channel: scale group of each output channel (need not be contiguous).
+        group_ranges: ``r_g`` per group: ``min(max |W_g|, r_x)`` with the weight clamp,
+            ``max`` of the two without.
+        act_steps: activation step per group, ``r_g / (2^act_bits - 1)``.
+        weight_clamped: whether weights were clamped to ``±r_x`` (lossless clamp).
+        compensation: the lossless clamp's constant ``-sum max(|W[c]| - r_x, 0)`` per
+            output channel, as computed when the pass ran (zeros without the clamp).
+        folded_into: where the constant was added: the following batch norm's node
+            name, ``"bias"`` (the layer's bias), or ``""`` when it is all zero.
+        compensation_applies: whether ``compensation`` is still a term of the function
+            the model computes. False when it was folded into a batch norm whose
+            running statistics the pass then re-estimated: the new mean absorbs any
+            per-channel constant, so adding it again would count it twice. True when
+            it sits in the layer's bias (or is zero).
     """
 
-    method: str  # "redistribution" | "shared"
-    bits: int
+    method: str
+    act_bits: int
+    weight_bits: int
+    weight_step_ratio: int
     input_range: float
     group_of_channel: tuple[int, ...]
     group_ranges: tuple[float, ...]
     act_steps: tuple[float, ...]
     weight_clamped: bool
-    compensation: torch.Tensor  # per output channel
-    folded_into: str  # node name of the batch norm holding the compensation, or ""
+    compensation: torch.Tensor
+    folded_into: str
+    compensation_applies: bool
 
 
 def get(node: fx.Node, key: str, kind: type[R]) -> R:

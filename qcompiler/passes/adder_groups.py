@@ -4,11 +4,18 @@ For each adder layer:
   1. cluster output channels by ``max |W[c]|`` into ``g`` scale groups (k-means);
   2. with the lossless weight clamp, clip weights to the input range ``r_x`` and fold
      the exact compensation ``b[c] = -sum max(|W[c]| - r_x, 0)`` into the next batch
-     norm; each group's range is ``r_G = min(max |W_G|, r_x)`` (without the clamp,
-     ``max`` of the two, so nothing is clipped);
-  3. quantize input and weights of each group on one shared grid (``QAdderConv2d``);
-then re-estimate every batch norm on the calibration data. ``r_x`` comes from
+     norm (or the layer's bias when no batch norm follows); each group's range is
+     ``r_G = min(max |W_G|, r_x)`` (without the clamp, ``max`` of the two, so nothing
+     is clipped);
+  3. quantize input and weights of each group on one shared grid (``QAdderConv2d``):
+     activation step ``r_G / (2^a - 1)``, weight step an integer multiple of it
+     (:func:`~qcompiler.numerics.adder_weight_step_ratio`);
+then re-estimate every batch norm on the calibration data, which also replaces the
+compensation folded into a batch norm by the measured mean. ``r_x`` comes from
 ``outlier-clamp`` when it ran, else from the observed maximum of ``|x|``.
+
+The records: ``AdderScales`` (``method`` is ``"redistribution"``, or ``"shared"`` for
+``adder-shared``) and ``WeightQuant`` with ``grid = f"adder-{method}"``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from ..report import ReportSection, text_table
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_ADDER, Pass, PassContext, PassResult
 from .calibrate import reestimate_batchnorm
-from .rewrite import layer_bits
+from .rewrite import MULTIPLY_LAYERS, layer_bits, lsq_act_quantizer, quantize_multiply_layers
 
 
 def input_range(layer: fx.Node) -> float:
@@ -39,11 +46,15 @@ def input_range(layer: fx.Node) -> float:
     return max(abs(rng.min), abs(rng.max))
 
 
-def fold_into_next_batchnorm(gm: fx.GraphModule, layer: fx.Node, constant: torch.Tensor) -> str:
-    """Add ``constant`` (per output channel) to ``layer``'s output via the next batch norm.
+FOLDED_INTO_BIAS = "bias"  # AdderScales.folded_into when the constant became the layer's bias
 
-    ``BN(y + b)`` equals ``BN'(y)`` with ``running_mean' = running_mean - b``; with no
-    batch norm right after the layer the constant becomes the layer's bias.
+
+def fold_into_next_batchnorm(gm: fx.GraphModule, layer: fx.Node, constant: torch.Tensor) -> str:
+    """Add ``constant`` (per output channel) to ``layer``'s output; returns where it went.
+
+    ``BN(y + b)`` equals ``BN'(y)`` with ``running_mean' = running_mean - b``, so the
+    constant goes into the next batch norm (its node name is returned); with no batch
+    norm right after the layer it becomes the layer's bias (``FOLDED_INTO_BIAS``).
     """
     users = list(layer.users)
     if len(users) == 1 and users[0].op == "call_module":
@@ -58,7 +69,7 @@ def fold_into_next_batchnorm(gm: fx.GraphModule, layer: fx.Node, constant: torch
             module.bias = nn.Parameter(constant.clone().to(module.weight))
         else:
             module.bias.add_(constant.to(module.bias))
-    return ""
+    return FOLDED_INTO_BIAS
 
 
 def compact(labels) -> torch.Tensor:
@@ -92,8 +103,28 @@ class AdderGroups(Pass):
             self.quantize_layer(gm, layer, ctx)
             changed = True
         if changed:
+            self.quantize_multiply_layers(gm, ctx)
             reestimate_batchnorm(gm, ctx.calib_batches, ctx.progress)
         return PassResult(gm, changed)
+
+    @staticmethod
+    def quantize_multiply_layers(gm: fx.GraphModule, ctx: PassContext) -> None:
+        """The conv / linear layers (stem, 1x1 shortcuts, classifier) no other pass quantized.
+
+        At ``adder_multiply_bits`` (8 by default) with steps that reach the observed
+        maximum (post-training: nothing may clip), so the whole network runs in
+        integers; or, with ``adder_multiply_bits=None``, in float as the AdderNet
+        papers' tables do, recorded as such.
+        """
+        bits = ctx.spec.adder_multiply_bits
+        if bits is not None:
+            quantize_multiply_layers(gm, ctx, lsq_act_quantizer, init="max", bits=bits)
+            return
+        for layer in ir.compute_layers(gm):
+            if ir.get(layer, ir.LAYER, ir.LayerInfo).kind in MULTIPLY_LAYERS and ir.WEIGHT not in layer.meta:
+                layer.meta[ir.FLOAT] = ir.FloatRegion(
+                    "multiply layer of an adder network kept in float (adder_multiply_bits=None), as the AdderNet papers' tables do"
+                )
 
     @classmethod
     def report_section(cls, gm: fx.GraphModule, spec: QuantSpec) -> ReportSection | None:
@@ -134,10 +165,13 @@ class AdderGroups(Pass):
         q = QAdderConv2d.from_float(module, labels, torch.tensor(act_steps), a_bits, w_bits)
         gm.add_submodule(layer.target, q)
         layer.meta[ir.ADDER_Q] = ir.AdderScales(
-            method=self.method, bits=a_bits, input_range=r_x,
-            group_of_channel=tuple(labels.tolist()), group_ranges=tuple(group_ranges),
+            method=self.method, act_bits=a_bits, weight_bits=w_bits, weight_step_ratio=q.weight_step_ratio,
+            input_range=r_x, group_of_channel=tuple(labels.tolist()), group_ranges=tuple(group_ranges),
             act_steps=tuple(act_steps), weight_clamped=self.weight_clamp,
             compensation=compensation, folded_into=folded,
+            # run() re-estimates every batch norm after this, and the new running mean
+            # absorbs any per-channel constant: only a bias keeps it.
+            compensation_applies=folded in ("", FOLDED_INTO_BIAS),
         )
         granularity = "per-group" if n_groups > 1 else "per-layer"
         layer.meta[ir.WEIGHT] = ir.WeightQuant(grid=f"adder-{self.method}", bits=w_bits, granularity=granularity, module=layer.target)

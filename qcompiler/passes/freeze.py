@@ -50,9 +50,9 @@ def weight_codes(gm: fx.GraphModule, layer: fx.Node) -> ir.WeightCodes:
     weight = module.weight.detach()
     bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
     if isinstance(module, QAdderConv2d):
-        codes, steps = module.weight_codes()
-        lo, hi = module.weight_code_range()
-        return ir.WeightCodes(grid, module.weight_bits, lo, hi, codes, steps, bias)
+        lo, hi = numerics.int_range(module.weight_bits, signed=True, narrow=True)
+        codes = module.weight_codes().to(torch.int64)
+        return ir.WeightCodes(grid, module.weight_bits, lo, hi, codes, module.weight_steps().clone(), bias)
     q = module.weight_quant
     if isinstance(q, PowerGridQuantizer):
         codes = q.codes(weight)

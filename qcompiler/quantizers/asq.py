@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .uniform import UniformQuantizer, lsq_quantize, positive, positive_backward, quantize_codes
+from ..numerics import quantize_codes
+from .uniform import UniformQuantizer, lsq_quantize, positive, positive_backward
 
 BETA_BOUND = math.log(8.0)  # beta stays in [1/8, 8]
 MIN_HIDDEN = 4  # small-channel fallback: never fewer hidden units than this

@@ -1,7 +1,8 @@
-"""Uniform learned-step quantization (LSQ), the one implementation of ``round(x/s)``.
+"""Uniform learned-step quantization (LSQ): the fake-quant module and its gradients.
 
 Training, ONNX export and integer lowering all go through :func:`lsq_quantize` and
-:class:`UniformQuantizer`, so the three forms of a compiled model agree by
+:class:`UniformQuantizer`, whose codes come from :mod:`qcompiler.numerics` (the one
+implementation of ``clamp(round(x/s))``), so the forms of a compiled model agree by
 construction.
 
 Numerics (DESIGN.md §3.1): ``x_q = clamp(round(x / s), n, p)``, ``x_hat = x_q * s``,
@@ -20,19 +21,9 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..numerics import int_range, quantize_codes, quantize_float, round_half_even
 
-
-def int_range(bits: int, signed: bool) -> tuple[int, int]:
-    """The integer code range of a ``bits``-bit code.
-
-    >>> int_range(4, signed=False)
-    (0, 15)
-    >>> int_range(4, signed=True)
-    (-8, 7)
-    """
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+__all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "positive_backward", "quantize_codes"]
 
 
 class _LSQ(torch.autograd.Function):
@@ -56,11 +47,11 @@ class _LSQ(torch.autograd.Function):
         ctx.qrange, ctx.grad_scale, ctx.keep_grads = (qmin, qmax), grad_scale, keep_grads
         if not keep_grads:
             ctx.save_for_backward(x, step)
-            return torch.round(x / step).clamp_(qmin, qmax).mul_(step)
+            return quantize_float(x, step, qmin, qmax).mul_(step)
         v = x / step
         clamped = v.clamp(qmin, qmax)
         inside = clamped == v  # clamping first is exact: the bounds are integers
-        q = clamped.round_()
+        q = round_half_even(clamped, out=clamped)  # = quantize_float: round and clamp commute
         ctx.save_for_backward(inside, torch.where(inside, q - v, q), step)
         return q * step
 
@@ -75,7 +66,7 @@ class _LSQ(torch.autograd.Function):
             clamped = v.clamp(qmin, qmax)
             inside = clamped == v
             # inside: round(v) - v; outside: the clamped code itself (n or p)
-            dstep = torch.where(inside, clamped.round() - v, clamped) if ctx.needs_input_grad[1] else None
+            dstep = torch.where(inside, round_half_even(clamped) - v, clamped) if ctx.needs_input_grad[1] else None
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_step = None
         if ctx.needs_input_grad[1]:
@@ -117,11 +108,6 @@ def lsq_quantize(
     tensor([0.0000, 0.2500, 0.5000, 3.7500])
     """
     return _LSQ.apply(x, step, qmin, qmax, grad_scale, keep_grads)
-
-
-def quantize_codes(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes of ``x`` (the part of :func:`lsq_quantize` before ``* step``)."""
-    return torch.round(x / step).clamp_(qmin, qmax).to(torch.int64)
 
 
 MIN_STEP = 1e-8

@@ -13,15 +13,9 @@ import pytest
 import torch
 
 from qcompiler import kernels
+from qcompiler.numerics import GRID_BASES, grid_thresholds, int_range, power_levels, quantize_float, round_half_even
 from qcompiler.quantizers.asq import ASQQuantizer
-from qcompiler.quantizers.power_grid import (
-    GRID_BASES,
-    PowerGridQuantizer,
-    _FusedPowerGrid,
-    _PowerGrid,
-    grid_thresholds,
-    power_levels,
-)
+from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _PowerGrid
 from qcompiler.quantizers.uniform import UniformQuantizer, _FusedLSQ, lsq_quantize, positive
 
 needs_kernels = pytest.mark.skipif(kernels.fused() is None, reason="the fused kernels cannot be built here")
@@ -79,7 +73,7 @@ def test_lsq_kernel_matches_eager(layout, bits, signed):
     # exact rounding ties and exact clamp bounds, where the decisions are made
     first = float(step.reshape(-1)[0])
     x.view(-1)[:40] = (torch.arange(-20, 20) + 0.5) * first
-    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    qmin, qmax = int_range(bits, signed)
     x.view(-1)[40:42] = torch.tensor([qmin, qmax]) * first
     x.view(-1)[42:44] = torch.tensor([1e6, -1e6])
 
@@ -91,7 +85,7 @@ def test_lsq_kernel_matches_eager(layout, bits, signed):
 
     v = x / broadcast(step, x)
     clamped = v.clamp(qmin, qmax)
-    dstep = torch.where(clamped == v, clamped.round() - v, clamped)  # the LSQ step gradient factor
+    dstep = torch.where(clamped == v, round_half_even(clamped) - v, clamped)  # the LSQ step gradient factor
     terms = dstep.double() * _upstream(x.shape).double()
     _assert_same(*_fused_and_eager(fused, eager, x, step), terms, broadcast(step, x).shape, 0.3)
 
@@ -232,7 +226,7 @@ def test_a_failed_build_falls_back_to_eager_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         assert kernels.fused() is None  # remembered: no second build attempt, no second warning
     x = torch.randn(3, 4)
-    assert torch.equal(lsq_quantize(x, torch.tensor(0.25), -8, 7, 1.0), torch.round(x / 0.25).clamp(-8, 7) * 0.25)
+    assert torch.equal(lsq_quantize(x, torch.tensor(0.25), -8, 7, 1.0), quantize_float(x, 0.25, -8, 7) * 0.25)
 
 
 def test_grid_thresholds_decide_ties_toward_the_smaller_level():

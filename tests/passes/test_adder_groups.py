@@ -117,7 +117,8 @@ _BIG = [5.0, 5.5, 6.0, 7.0, 8.0, 9.0, 11.0, 12.0]
 def test_fold_shifts_the_next_batch_norm_by_minus_the_compensation(monkeypatch):
     monkeypatch.setattr("qcompiler.passes.adder_groups.reestimate_batchnorm", lambda *a, **k: 0)
     model, calib = _model(maxima=_BIG), _calib()
-    spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16)
+    # multiply layers float: this checks the adder layer's own numerics
+    spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16, adder_multiply_bits=None, pin_first_last=False)
     c = qcompiler.compile(model, spec, calib_data=calib)
 
     rec = ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales)
@@ -127,6 +128,7 @@ def test_fold_shifts_the_next_batch_norm_by_minus_the_compensation(monkeypatch):
     w = model[3].weight.detach()
     expected = -(w.abs() - rec.input_range).clamp_min(0).flatten(1).sum(1)
     assert rec.weight_clamped and rec.folded_into == "_4"
+    assert not rec.compensation_applies  # the pass re-estimates that batch norm (patched out here)
     torch.testing.assert_close(rec.compensation, expected)
     assert bool((rec.compensation < 0).all())
     # the following batch norm holds the constant, exactly: mean' = mean - b
@@ -145,7 +147,8 @@ def test_16_bit_model_with_and_without_the_clamp_agree_after_bn_reestimation():
     model, calib = _model(maxima=_BIG), _calib()
     outs = {}
     for clamp in (True, False):
-        spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16, adder_weight_clamp=clamp)
+        spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16, adder_weight_clamp=clamp,
+                                   adder_multiply_bits=None, pin_first_last=False)
         c = qcompiler.compile(model, spec, calib_data=calib)
         assert ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales).weight_clamped is clamp
         with torch.no_grad():
@@ -158,6 +161,31 @@ def test_16_bit_model_with_and_without_the_clamp_agree_after_bn_reestimation():
     scale = float(ref.abs().max())
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=5e-4 * scale)
     torch.testing.assert_close(outs[True], ref, rtol=0, atol=5e-4 * scale)
+
+
+def test_compensation_without_a_batch_norm_goes_into_the_bias_and_still_applies():
+    torch.manual_seed(0)
+    model = nn.Sequential(  # the adder layer feeds a ReLU, not a batch norm
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        AdderConv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3),
+    )
+    _set_channel_max(model[3], _BIG, seed=0)
+    calib = _calib()
+    reestimate_batchnorm(model, list(calib.split(64)))
+    c = qcompiler.compile(model.eval(), qcompiler.QuantSpec(passes="adder-groups", weight_bits=8, act_bits=8), calib_data=calib)
+    rec = ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales)
+    assert rec.folded_into == "bias" and rec.compensation_applies
+    assert bool((rec.compensation < 0).all())
+    torch.testing.assert_close(c.module.get_submodule("3").bias.detach(), rec.compensation)
+
+
+def test_compensation_folded_into_a_reestimated_batch_norm_no_longer_applies():
+    model, calib = _model(maxima=_BIG), _calib()
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="adder-groups", weight_bits=8, act_bits=8), calib_data=calib)
+    rec = ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales)
+    assert rec.folded_into == "_4" and bool(rec.compensation.any())
+    assert not rec.compensation_applies
+    assert c.module.get_submodule("3").bias is None
 
 
 # --------------------------------------------------------------------------- groups and ranges
@@ -215,29 +243,30 @@ def test_grouping_is_deterministic_across_compiles():
     assert len(set(recs[0].group_of_channel)) == 4
 
 
-def _reference_adder(x: torch.Tensor, weight: torch.Tensor, rec: ir.AdderScales, bits: int) -> torch.Tensor:
+def _reference_adder(x: torch.Tensor, weight: torch.Tensor, rec: ir.AdderScales) -> torch.Tensor:
     """Per output channel, from the AdderScales record alone (3x3, padding 1).
 
-    Codes are rounded in float32 like the layer's: a group's largest weight sits at
-    exactly +-(2^b - 1)/2 on the weight grid, a rounding tie that float64 arithmetic
-    would break differently. The distances of the integer codes are summed in float64.
+    Codes are rounded in float32 like the layer's (float64 arithmetic can break a
+    near-tie differently); the distances of the integer codes are summed in float64.
     """
     weight = weight.detach()
     batch, _, h, w = x.shape
+    ratio, qmax = rec.weight_step_ratio, 2 ** (rec.weight_bits - 1) - 1
     out = torch.empty(batch, weight.shape[0], h, w, dtype=torch.float64)
     for c in range(weight.shape[0]):
         step = torch.tensor(rec.act_steps[rec.group_of_channel[c]], dtype=torch.float32)
-        a_q = torch.round(x / step).clamp(0, 2**bits - 1)
-        w_q = torch.round(weight[c] / (2 * step)).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        a_q = torch.round(x / step).clamp(0, 2**rec.act_bits - 1)
+        w_q = torch.round(weight[c] / (ratio * step)).clamp(-qmax, qmax)  # narrow signed range
         patches = F.unfold(a_q.double(), 3, padding=1)  # (B, C*9, L), channel-major like weight[c].flatten()
-        dist = (patches - 2 * w_q.double().flatten().view(1, -1, 1)).abs().sum(1)
+        dist = (patches - ratio * w_q.double().flatten().view(1, -1, 1)).abs().sum(1)
         out[:, c] = -float(step) * dist.view(batch, h, w)
     return out
 
 
-def test_non_contiguous_groups_compute_per_channel_on_their_own_grid():
+@pytest.mark.parametrize("weight_bits, act_bits", [(4, 4), (4, 8), (3, 5)])
+def test_non_contiguous_groups_compute_per_channel_on_their_own_grid(weight_bits, act_bits):
     model, calib = _model(maxima=_SPREAD), _calib()
-    spec = qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", weight_bits=4, act_bits=4)
+    spec = qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", weight_bits=weight_bits, act_bits=act_bits)
     c = qcompiler.compile(model, spec, calib_data=calib)
     rec = ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales)
     assert rec.group_of_channel == (0, 3, 1, 2, 0, 3, 1, 2)  # groups interleave
@@ -247,12 +276,31 @@ def test_non_contiguous_groups_compute_per_channel_on_their_own_grid():
     x = torch.rand(3, 4, 6, 6, generator=torch.Generator().manual_seed(7)) * 1.3 * max(rec.group_ranges)
     with torch.no_grad():
         got = q(x)
-    ref = _reference_adder(x, q.weight, rec, bits=4)
+    assert rec.weight_step_ratio == (2**act_bits - 1) // (2 ** (weight_bits - 1) - 1)
+    ref = _reference_adder(x, q.weight, rec)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
     # Channel order is preserved: had the layer bunched each group's channels
     # together (groups 0,0,1,1,...), its output would differ.
     bunched = dataclasses.replace(rec, group_of_channel=tuple(sorted(rec.group_of_channel)))
-    assert not torch.allclose(got.double(), _reference_adder(x, q.weight, bunched, bits=4), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(got.double(), _reference_adder(x, q.weight, bunched), rtol=1e-3, atol=1e-3)
+
+
+def _adder_layer_error(weight_bits: int, act_bits: int) -> float:
+    """Relative error of the quantized adder layer against the float layer (same clamped weight, same input)."""
+    model, calib = _model(maxima=_SPREAD), _calib()
+    spec = qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", weight_bits=weight_bits, act_bits=act_bits)
+    c = qcompiler.compile(model, spec, calib_data=calib)
+    q = c.module.get_submodule("3")
+    with torch.no_grad():
+        x = c.module.get_submodule("2")(c.module.get_submodule("1")(c.module.get_submodule("0")(calib)))
+        quantized, float_out = q(x), adder_conv2d(x, q.weight, q.stride, q.padding)
+    return float((quantized - float_out).norm() / float_out.norm())
+
+
+def test_wider_activations_than_weights_do_not_clip_the_weights():
+    """W4A8 was 10x worse than W4A4 when the weight step ignored the weight bits (most weights clipped)."""
+    w4a4, w4a8 = _adder_layer_error(4, 4), _adder_layer_error(4, 8)
+    assert w4a8 <= 2 * w4a4, (w4a4, w4a8)
 
 
 def test_fewer_channels_than_groups_is_a_one_line_spec_error_naming_the_layer():
@@ -281,7 +329,8 @@ def test_records_on_adder_layers_only_and_second_run_changes_nothing():
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
         if info.kind == "adder2d":
             rec = ir.get(layer, ir.ADDER_Q, ir.AdderScales)
-            assert rec.method == "redistribution" and rec.bits == 3 and rec.weight_clamped
+            assert rec.method == "redistribution" and rec.weight_clamped
+            assert (rec.act_bits, rec.weight_bits, rec.weight_step_ratio) == (3, 5, 1)  # 7 // 15 -> at least 1
             assert rec.input_range == ir.get(layer, ir.ADDER_IN, ir.ClampRange).range
             assert len(rec.group_of_channel) == info.out_channels
             assert rec.compensation.shape == (info.out_channels,)
@@ -290,10 +339,13 @@ def test_records_on_adder_layers_only_and_second_run_changes_nothing():
             assert (wq.bits, wq.granularity, wq.module) == (5, "per-group", layer.target)
             q = c.module.get_submodule(layer.target)
             assert isinstance(q, QAdderConv2d) and (q.act_bits, q.weight_bits) == (3, 5)
-        else:  # multiply layers are untouched
-            assert ir.ADDER_Q not in layer.meta and ir.WEIGHT not in layer.meta
+        else:  # multiply layers: uniform 8-bit (pinned or adder_multiply_bits), steps reaching the max
+            assert ir.ADDER_Q not in layer.meta
+            wq = ir.get(layer, ir.WEIGHT, ir.WeightQuant)
+            assert (wq.grid, wq.bits) == ("uniform", 8)
+            act = ir.get(layer.args[0], ir.ACT, ir.ActQuant)
+            assert (act.method, act.bits, act.init) == ("lsq", 8, "max")
             module = c.module.get_submodule(layer.target)
-            assert type(module) in (nn.Conv2d, nn.Linear)
             torch.testing.assert_close(module.weight, model.get_submodule(layer.target).weight)
     assert len(_adder_nodes(c.module)) == 1
     assert type(model[3]) is AdderConv2d  # the user's model is not modified
@@ -310,7 +362,7 @@ def test_adder_layer_reading_the_network_input_is_pinned_to_8_bits():
     calib = torch.rand(32, 1, 6, 6)
     c = qcompiler.compile(model.eval(), qcompiler.QuantSpec(passes="adder-groups", weight_bits=3, act_bits=3, adder_groups=2), calib_data=calib)
     layer = _node(c.module, "_0")
-    assert ir.get(layer, ir.ADDER_Q, ir.AdderScales).bits == 8
+    assert ir.get(layer, ir.ADDER_Q, ir.AdderScales).act_bits == 8
     assert ir.get(layer, ir.WEIGHT, ir.WeightQuant).bits == 8
 
 
@@ -418,3 +470,51 @@ def test_redistribution_has_lower_3_bit_output_error_than_one_shared_scale():
             errors[passes] = float(((c.module(x) - ref) ** 2).mean())
     assert np.isfinite(list(errors.values())).all()
     assert errors["outlier-clamp,adder-groups"] < errors["adder-shared"], errors
+
+
+# --------------------------------------------------------------------------- QAT through the straight-through estimator
+
+
+def test_qat_gradients_flow_through_quantized_adder_layers_and_outputs_stay_quantized():
+    """The straight-through estimator: quantized values forward, the float adder layer's gradients backward."""
+    data = load_digits()
+    torch.manual_seed(0)
+    model = adder_resnet20(in_channels=1)
+    spec = qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", calib_batches=2)
+    # batch-norm statistics of the data, as a trained model has: with the initial ones
+    # every adder output is far below zero, ReLU zeroes it and the input ranges collapse
+    reestimate_batchnorm(model, calibration_batches(data, spec.calib_batches, spec.seed))
+    c = qcompiler.compile(model.eval(), spec, calib_data=data)
+    adders = {n: m for n, m in c.module.named_modules() if isinstance(m, QAdderConv2d)}
+    assert len(adders) == 18
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0].detach(), o))) for n, m in adders.items()]
+    c.module.train()
+    x, y = data.x_train[:32], data.y_train[:32]
+    F.cross_entropy(c.module(x), y).backward()
+    for h in hooks:
+        h.remove()
+
+    stem = next(m for m in c.module.modules() if isinstance(m, nn.Conv2d))
+    for name, p in [("stem", stem.weight), *((n, m.weight) for n, m in adders.items())]:
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0), name
+    for name, (inp, out) in seen.items():
+        assert out.requires_grad
+        assert torch.equal(out.detach(), adders[name].quantized_forward(inp)), name  # the value is the quantized one
+    c.module.eval()
+    name, (inp, out) = next(iter(seen.items()))
+    with torch.no_grad():
+        assert torch.equal(adders[name](inp), out.detach())
+
+
+def test_multiply_layers_can_stay_float_and_are_then_recorded_as_float_regions():
+    model, calib = _model(maxima=_SPREAD), _calib()
+    spec = qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", adder_multiply_bits=None)
+    c = qcompiler.compile(model, spec, calib_data=calib)
+    for layer in ir.compute_layers(c.module):
+        if ir.get(layer, ir.LAYER, ir.LayerInfo).kind != "adder2d":
+            assert ir.WEIGHT not in layer.meta
+            assert "kept in float (adder_multiply_bits=None)" in ir.get(layer, ir.FLOAT, ir.FloatRegion).reason
+    regions = dict(c.report.float_regions)
+    assert all(ir.compute_layers(c.module)[i].name in regions for i in (0, 2))
+    assert c.report.unrecorded_float == ()

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompiler.quantizers.power_grid import GRID_BASES, PowerGridQuantizer, power_levels
+from qcompiler.numerics import GRID_BASES, power_levels
+from qcompiler.quantizers.power_grid import PowerGridQuantizer
 
 
 @pytest.mark.parametrize("grid", ["pot", "post"])

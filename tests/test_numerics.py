@@ -1,0 +1,204 @@
+"""Property tests of qcompiler.numerics against exact rational arithmetic."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.numerics import (
+    POST_MANTISSA,
+    POST_SHIFT,
+    adder_act_codes,
+    adder_weight_codes,
+    adder_weight_step_ratio,
+    fixed_point_multiplier,
+    grid_codes,
+    int_range,
+    largest_exponent,
+    post_constant,
+    post_table,
+    quantize_codes,
+    quantize_float,
+    shift_round_half_even,
+)
+
+PROPERTY = settings(max_examples=200, deadline=None)
+
+int64s = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+shifts = st.integers(min_value=0, max_value=62)
+
+
+def _exact_half_even(value: Fraction) -> int:
+    """``value`` rounded to the nearest integer, ties to even, in exact arithmetic."""
+    floor = math.floor(value)
+    rest = value - floor
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2 == 1):
+        return floor + 1
+    return floor
+
+
+# --------------------------------------------------------------------------- shift rounding
+
+
+@pytest.mark.parametrize("acc, shift, expected", [(5, 1, 2), (7, 1, 4), (-5, 1, -2), (-7, 1, -4), (6, 2, 2), (-6, 2, -2), (3, 0, 3)])
+def test_shift_rounds_ties_to_even(acc, shift, expected):
+    assert shift_round_half_even(acc, shift) == expected
+
+
+@PROPERTY
+@given(int64s, shifts)
+def test_shift_is_exact_half_even_division_on_ints(acc, shift):
+    assert shift_round_half_even(acc, shift) == _exact_half_even(Fraction(acc, 2**shift))
+
+
+@PROPERTY
+@given(st.lists(int64s, min_size=1, max_size=16), shifts)
+def test_shift_agrees_on_ints_numpy_and_torch(values, shift):
+    expected = [_exact_half_even(Fraction(v, 2**shift)) for v in values]
+    on_numpy = shift_round_half_even(np.array(values, dtype=np.int64), shift)
+    on_torch = shift_round_half_even(torch.tensor(values, dtype=torch.int64), shift)
+    assert isinstance(on_numpy, np.ndarray) and on_numpy.dtype == np.int64
+    assert isinstance(on_torch, torch.Tensor) and on_torch.dtype == torch.int64
+    assert on_numpy.tolist() == expected and on_torch.tolist() == expected
+
+
+def test_negative_shift_is_refused():
+    with pytest.raises(ValueError, match="shift"):
+        shift_round_half_even(4, -1)
+
+
+# --------------------------------------------------------------------------- fixed-point multipliers
+
+
+@PROPERTY
+@given(
+    st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False).filter(lambda r: r != 0.0),
+    st.integers(min_value=2, max_value=62),
+)
+def test_fixed_point_multiplier_within_its_error_bound(real, bits):
+    multiplier, shift = fixed_point_multiplier(real, bits)
+    assert isinstance(multiplier, int) and isinstance(shift, int)
+    assert 2 ** (bits - 1) <= abs(multiplier) < 2**bits
+    assert (multiplier > 0) == (real > 0)
+    approx = Fraction(multiplier) * Fraction(2) ** -shift
+    assert abs(approx - Fraction(real)) <= Fraction(abs(real)) * Fraction(1, 2**bits)
+
+
+def test_fixed_point_multiplier_edge_cases():
+    assert fixed_point_multiplier(0.0) == (0, 0)
+    assert fixed_point_multiplier(1.0) == (2**30, 30)
+    # a mantissa that rounds up to the next power of two moves to the next octave
+    assert fixed_point_multiplier(1 - 2.0**-40, bits=8) == (128, 7)
+    with pytest.raises(ValueError):
+        fixed_point_multiplier(math.inf)
+
+
+# --------------------------------------------------------------------------- uniform codes
+
+
+values = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
+
+
+@PROPERTY
+@given(
+    st.lists(values, min_size=1, max_size=24),
+    st.floats(min_value=2.0**-10, max_value=128.0, width=32),
+    st.integers(2, 8),
+    st.booleans(),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_quantize_codes_agree_on_torch_and_numpy(xs, step, bits, signed, dtype):
+    qmin, qmax = int_range(bits, signed)
+    x_np, step_np = np.array(xs, dtype=dtype), dtype(step)
+    x_t, step_t = torch.from_numpy(x_np.copy()), torch.tensor(step_np)
+    on_numpy = quantize_codes(x_np, step_np, qmin, qmax)
+    on_torch = quantize_codes(x_t, step_t, qmin, qmax)
+    assert on_numpy.dtype == np.int64 and on_torch.dtype == torch.int64
+    assert on_numpy.tolist() == on_torch.tolist()
+    assert quantize_float(x_np, step_np, qmin, qmax).tolist() == on_numpy.tolist()
+    # exact reference: the quotient as the float the division produced, rounded half to even
+    quotient = x_np / step_np
+    assert on_numpy.tolist() == [min(max(_exact_half_even(Fraction(float(v))), qmin), qmax) for v in quotient]
+
+
+def test_quantize_codes_round_ties_to_even_and_clamp():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 100.0, -100.0])
+    assert quantize_codes(x, 1.0, -8, 7).tolist() == [0, 2, 2, 0, -2, 7, -8]
+    assert quantize_codes(torch.from_numpy(x), 1.0, -8, 7).tolist() == [0, 2, 2, 0, -2, 7, -8]
+
+
+def test_narrow_range_is_symmetric():
+    for bits in range(2, 17):
+        lo, hi = int_range(bits, signed=True, narrow=True)
+        assert lo == -hi and (hi, int_range(bits, signed=True)[0]) == (2 ** (bits - 1) - 1, lo - 1)
+    assert int_range(4, signed=False, narrow=True) == (0, 15)  # narrow only concerns signed codes
+
+
+# --------------------------------------------------------------------------- adder codes
+
+
+@pytest.mark.parametrize("act_bits", range(2, 9))
+@pytest.mark.parametrize("weight_bits", range(2, 9))
+def test_adder_weight_codes_reach_the_group_range(act_bits, weight_bits):
+    """A weight at ±r_g gets the largest code the ratio lets it reach, never clipping more than one step."""
+    ratio = adder_weight_step_ratio(act_bits, weight_bits)
+    assert ratio >= 1 and isinstance(ratio, int)
+    if act_bits == weight_bits >= 3:
+        assert ratio == 2
+    qmax = 2 ** (weight_bits - 1) - 1
+    # r_g in weight steps: at least qmax (the codes span the range) unless the ratio hit its floor of 1
+    assert (2**act_bits - 1) / ratio >= qmax or ratio == 1
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_adder_extreme_weights_get_symmetric_codes(bits):
+    r_g = torch.tensor(0.7)
+    act_step = r_g / (2**bits - 1)
+    step = float(adder_weight_step_ratio(bits, bits) * act_step)
+    w = torch.stack([r_g, torch.nextafter(r_g, torch.tensor(2.0)), torch.nextafter(r_g, torch.tensor(0.0))])
+    codes = adder_weight_codes(torch.cat([w, -w]), step, bits)
+    top = codes[:3]
+    assert torch.equal(codes[3:], -top)
+    assert int(top.max()) == int(top.min()) == min(2 ** (bits - 1) - 1, round((2**bits - 1) / adder_weight_step_ratio(bits, bits)))
+
+
+def test_adder_codes_agree_on_torch_and_numpy():
+    rng = np.random.default_rng(0)
+    x, w = rng.random(50, dtype=np.float32) * 1.2, (rng.random(50, dtype=np.float32) * 2 - 1)
+    step = np.float32(1 / 15)
+    assert adder_act_codes(x, step, 4).tolist() == adder_act_codes(torch.from_numpy(x), torch.tensor(step), 4).tolist()
+    assert adder_weight_codes(w, 2 * step, 4).tolist() == adder_weight_codes(torch.from_numpy(w), torch.tensor(2 * step), 4).tolist()
+
+
+# --------------------------------------------------------------------------- power grids and POST
+
+
+def test_post_constant_is_float32_inverse_sqrt2_exactly():
+    c = post_constant()
+    assert c == float(torch.tensor(2**-0.5, dtype=torch.float32)) == float(np.float32(2**-0.5))
+    assert Fraction(c) == Fraction(POST_MANTISSA, 2**POST_SHIFT)
+    assert POST_MANTISSA.bit_length() == POST_SHIFT  # a full 24-bit float32 mantissa
+
+
+def test_post_table_multiplies_codes_exactly():
+    table = post_table(255)
+    assert table.dtype == np.int64 and table.shape == (256,)
+    a = np.arange(256)
+    # each entry is A times the constant at scale 2^-24, with no rounding
+    assert [Fraction(int(t), 2**POST_SHIFT) for t in table] == [Fraction(int(v)) * Fraction(post_constant()) for v in a]
+    # and agrees with what the float32 fake-quant module computes (A * c is exact in float64)
+    assert np.array_equal(table * 2.0**-POST_SHIFT, a * np.float64(np.float32(2**-0.5)))
+
+
+def test_largest_exponent():
+    assert largest_exponent(torch.tensor([0, 0])) == -1
+    assert largest_exponent(np.array([], dtype=np.int64)) == -1
+    assert largest_exponent(np.array([1, -4, 0, 3])) == 3
+    codes = grid_codes(torch.tensor([1.0, -0.5, 0.26, 0.0]), 4, 2.0)
+    assert largest_exponent(codes) == int((codes.abs() - 1).max())
