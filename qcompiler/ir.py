@@ -235,7 +235,7 @@ class ClampRange:
 
 @dataclass(frozen=True, eq=False)
 class AdderScales:
-    """How an adder layer is quantized (AdderNet redistribution, DESIGN.md §3.4).
+    """How an adder layer is quantized (AdderNet redistribution, docs/design.md §4.5).
 
     Output channel ``c`` belongs to scale group ``group_of_channel[c]``; group ``g``
     quantizes the input with ``act_steps[g] = group_ranges[g] / (2^act_bits - 1)``

@@ -3,7 +3,7 @@
 Everything that decides an integer code, or computes on integer codes, lives here:
 the fake-quant modules (training), the passes, the reports and the integer
 backends all import it, so the forms of a compiled model agree by construction.
-DESIGN.md §3 is the specification; conventions:
+docs/design.md §4 is the specification; conventions:
 
 * rounding is half to even everywhere (``torch.round``, ``numpy.rint``, Python's
   ``round`` and ONNX ``Round`` agree);
@@ -122,7 +122,7 @@ def adder_weight_step_ratio(act_bits: int, weight_bits: int) -> int:
     ``w``-bit narrow signed codes still reach the group range ``r_g = (2^a - 1) *
     act_step``, so a weight at ``±r_g`` is not clipped. Integer so that ``|a_q -
     ratio * w_q|`` stays integer arithmetic. Equals 2 when ``a == w >= 3``, the
-    reference code's factor (DESIGN.md §3.4).
+    reference code's factor (docs/design.md §4.5).
 
     >>> adder_weight_step_ratio(4, 4), adder_weight_step_ratio(8, 8), adder_weight_step_ratio(8, 4)
     (2, 2, 36)
@@ -235,7 +235,7 @@ def post_table(max_code: int) -> np.ndarray:
     """``LUT[A] = A * POST_MANTISSA`` for activation codes ``A = 0 .. max_code`` (int64, exact).
 
     Indexed by the activation code, it multiplies by :func:`post_constant` at the
-    fixed-point scale ``2^-POST_SHIFT`` without rounding (DESIGN.md §3.3).
+    fixed-point scale ``2^-POST_SHIFT`` without rounding (docs/design.md §4.4).
 
     >>> post_table(3).tolist()
     [0, 11863283, 23726566, 35589849]
@@ -360,7 +360,7 @@ def grid_codes(u: torch.Tensor, bits: int, base: float) -> torch.Tensor:
 def largest_exponent(codes: torch.Tensor | np.ndarray) -> int:
     """The largest exponent ``k = |m| - 1`` among nonzero power-grid codes, -1 if all are zero.
 
-    A bit-true accumulator needs about this many extra fraction bits (DESIGN.md §3.3).
+    A bit-true accumulator needs about this many extra fraction bits (docs/design.md §4.4).
 
     >>> largest_exponent(torch.tensor([1, -3, 0])), largest_exponent(np.zeros(2, dtype=np.int64))
     (2, -1)

@@ -51,19 +51,46 @@ def test_dump_files_numbered(dump_dir: Path) -> None:
     assert sorted(p.name for p in dump_dir.iterdir()) == sorted(f"{s}.{e}" for s in stems for e in ("txt", "dot"))
 
 
-def test_lsq_dump_matches_golden(dump_dir: Path) -> None:
-    text = (dump_dir / "03_lsq.txt").read_text()
+def _assert_matches_golden(text: str, golden_path: Path) -> None:
     if os.environ.get("QC_UPDATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(text)
-    golden = GOLDEN.read_text()
+        golden_path.parent.mkdir(parents=True, exist_ok=True)
+        golden_path.write_text(text)
+    golden = golden_path.read_text()
     got_structure, got_numbers = _split_numbers(text)
     want_structure, want_numbers = _split_numbers(golden)
     # Structure (names, ops, records, every field name) exactly; numbers to 6 significant digits.
     if got_structure != want_structure:
         diff = "\n".join(difflib.unified_diff(golden.splitlines(), text.splitlines(), "golden", "got", lineterm=""))
-        pytest.fail(f"IR dump differs from {GOLDEN} (QC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
+        pytest.fail(f"IR dump differs from {golden_path} (QC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
     assert got_numbers == pytest.approx(want_numbers, rel=1e-5, abs=1e-12)
+
+
+def test_lsq_dump_matches_golden(dump_dir: Path) -> None:
+    _assert_matches_golden((dump_dir / "03_lsq.txt").read_text(), GOLDEN)
+
+
+class _TinyResidual(nn.Module):
+    """conv -> relu -> (conv + identity) -> relu -> linear, integer weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 5 * 5, 3)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu1(self.stem(x))
+        return self.fc(torch.flatten(self.relu2(self.conv(x) + x), 1))
+
+
+def test_quantize_joins_dump_matches_golden(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TinyResidual().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape).float())
+    calib = torch.randint(0, 4, (8, 1, 5, 5)).float()
+    qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4), calib_data=calib, dump_ir=tmp_path)
+    _assert_matches_golden((tmp_path / "04_quantize-joins.txt").read_text(), GOLDEN.parent / "joins_tiny.txt")
 
 
 def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""AdderNet convolution (Chen et al., "AdderNet", CVPR 2020; DESIGN.md §3.4).
+"""AdderNet convolution (Chen et al., "AdderNet", CVPR 2020; docs/design.md §4.5).
 
 An adder layer replaces the cross-correlation of a convolution by a negative L1
 distance over each window::

@@ -2,7 +2,7 @@
 
 Like ``torch.ao.nn.qat``: each class subclasses the float layer, shares its
 parameters, and owns a ``weight_quant`` submodule. Batch norm stays a separate
-module (DESIGN.md §3.5: folding it would move weights off their grid).
+module (docs/design.md §4.6: folding it would move weights off their grid).
 """
 
 from __future__ import annotations

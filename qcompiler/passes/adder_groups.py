@@ -1,4 +1,4 @@
-"""``adder-groups``: AdderNet quantization by redistribution (DESIGN.md §3.4, steps 2-5).
+"""``adder-groups``: AdderNet quantization by redistribution (docs/design.md §4.5, steps 2-5).
 
 For each adder layer:
   1. cluster output channels by ``max |W[c]|`` into ``g`` scale groups (k-means);

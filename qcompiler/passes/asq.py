@@ -1,7 +1,7 @@
 """``asq``: adaptive-step activation quantizers (ASQ) with uniform weights.
 
 Every non-pinned conv / linear input gets an :class:`ASQQuantizer` (learned step
-times a per-sample factor from a small adapter, DESIGN.md §3.2) and every weight a
+times a per-sample factor from a small adapter, docs/design.md §4.3) and every weight a
 per-channel LSQ quantizer, so ``--passes asq`` is the paper's "ASQ" scheme and
 ``asq,post`` its "ASQ+POST". Pinned layers keep an 8-bit LSQ input quantizer: an
 adapter there would cost more than it could gain at 8 bits. The pass's report

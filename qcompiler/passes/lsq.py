@@ -1,6 +1,6 @@
 """``lsq``: uniform learned-step quantizers for weights and activations.
 
-The uniform baseline (LSQ, DESIGN.md §3.1). Every conv / linear layer gets an
+The uniform baseline (LSQ, docs/design.md §4.2). Every conv / linear layer gets an
 unsigned (or, when calibration saw negative inputs, signed) per-tensor quantizer on
 its input and a signed per-output-channel quantizer on its weight, both initialised
 as ``2 * mean|x| / sqrt(p)``. Layers reading one tensor share its quantizer. Adder

@@ -2,7 +2,7 @@
 
 Per calibration batch, the range is the value at index ``round(alpha * (n - 1))`` of
 the sorted ``|x|`` (found with a selection, not a sort); batches combine by running
-max (DESIGN.md §3.4, step 1). A few extreme activations would otherwise stretch the
+max (docs/design.md §4.5, step 1). A few extreme activations would otherwise stretch the
 one grid an adder layer shares with its weights. Memory is one batch's tensor.
 """
 

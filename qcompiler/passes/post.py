@@ -1,4 +1,4 @@
-"""``post``: weights on a powers-of-sqrt(2) grid (POST, DESIGN.md §3.3).
+"""``post``: weights on a powers-of-sqrt(2) grid (POST, docs/design.md §4.4).
 
 Finer than powers of two near the clip value, where bell-shaped weight
 distributions need resolution, yet still computed with shifts plus one small table.

@@ -1,4 +1,4 @@
-"""``pot``: weights on a powers-of-two grid (POT, DESIGN.md §3.3).
+"""``pot``: weights on a powers-of-two grid (POT, docs/design.md §4.4).
 
 Every non-zero weight is a pure shift; the coarse spacing near the clip value is
 what POST improves on.

@@ -1,4 +1,4 @@
-"""Group-scaled quantization of adder layers (AdderNet redistribution, DESIGN.md §3.4).
+"""Group-scaled quantization of adder layers (AdderNet redistribution, docs/design.md §4.5).
 
 ``sum |s_x x_q - s_w w_q|`` factors into ``s * sum |x_q - w_q|`` only when both
 sides share one grid, so each scale group ``g`` quantizes the layer's input *and*

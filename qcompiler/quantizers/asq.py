@@ -1,6 +1,6 @@
 """ASQ: activation quantization whose step adapts to each input sample.
 
-DESIGN.md §3.2: ``beta = adapter(x)`` per sample, ``s_a = s * beta``, then LSQ with
+docs/design.md §4.3: ``beta = adapter(x)`` per sample, ``s_a = s * beta``, then LSQ with
 step ``s_a`` (quantize and dequantize with ``s_a``). Because ``s_a`` is an ordinary
 product, autograd gives exactly the method's gradients, ``d/ds = beta * g`` and
 ``d/dbeta = s * g``, with ``g`` the LSQ step gradient per sample (reduced over that

@@ -1,6 +1,6 @@
 """POT and POST weight grids: ``alpha * {0, ±r^-k}`` with ``r = 2`` or ``r = sqrt(2)``.
 
-DESIGN.md §3.3. A b-bit code is a sign plus a (b-1)-bit magnitude index ``m``;
+docs/design.md §4.4. A b-bit code is a sign plus a (b-1)-bit magnitude index ``m``;
 ``m = 0`` means zero and ``m >= 1`` means ``r^-(m-1)``, so ``k = 0 .. 2^(b-1) - 2``
 and the grid has ``2^b - 1`` distinct levels. (The papers list ``2^b + 1`` levels,
 which cannot be stored in b bits.) Projection is to the nearest level; a value

@@ -5,7 +5,7 @@ Training, ONNX export and integer lowering all go through :func:`lsq_quantize` a
 implementation of ``clamp(round(x/s))``), so the forms of a compiled model agree by
 construction.
 
-Numerics (DESIGN.md §3.1): ``x_q = clamp(round(x / s), n, p)``, ``x_hat = x_q * s``,
+Numerics (docs/design.md §4.2): ``x_q = clamp(round(x / s), n, p)``, ``x_hat = x_q * s``,
 round half to even. Gradients: straight-through for ``x`` inside ``[n, p]`` and zero
 outside; for ``s``: ``round(x/s) - x/s`` inside, ``n`` below, ``p`` above, times the
 gradient scale ``1 / sqrt(N * p)``. We take ``N`` = the number of elements one step

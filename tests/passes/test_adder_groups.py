@@ -1,4 +1,4 @@
-"""adder-groups (AdderNet redistribution) and adder-shared (DESIGN.md §3.4, steps 2-5)."""
+"""adder-groups (AdderNet redistribution) and adder-shared (docs/design.md §4.5, steps 2-5)."""
 
 import copy
 import dataclasses

@@ -1,4 +1,4 @@
-"""The outlier-clamp pass: each adder layer's input range as a quantile of |x| (DESIGN.md §3.4, step 1)."""
+"""The outlier-clamp pass: each adder layer's input range as a quantile of |x| (docs/design.md §4.5, step 1)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Property tests of the LSQ quantizer (qcompiler.quantizers.uniform), DESIGN.md §3.1."""
+"""Property tests of the LSQ quantizer (qcompiler.quantizers.uniform), docs/design.md §4.2."""
 
 from __future__ import annotations
 
