@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
             f"# AdderNet PTQ on digits (adder ResNet-20)\n\nProduced by `{cmd.strip()}` in {total:.0f} s on a "
-            f"2-core machine; test accuracy in %, mean ± std over {args.seeds} calibration seeds. Adder layers are "
+            f"2-core machine ({torch.backends.cpu.get_cpu_capability()} CPU); test accuracy in %, mean ± std over {args.seeds} calibration seeds. Adder layers are "
             f"quantized at the stated width; unless a row says otherwise the stem, 1x1 shortcuts and classifier "
             f"(multiply layers) are quantized at 8 bits and residual adds run on an 8-bit stream, so the whole "
             f"network computes in integers (the AdderNet papers keep the multiply layers float: the "

@@ -8,6 +8,8 @@ changed: observation is an analysis, not a rewrite.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch.fx as fx
 
 from .. import ir
@@ -25,12 +27,17 @@ class Observe(Pass):
     analysis = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        observers = {layer.args[0].name: RangeObserver() for layer in ir.compute_layers(gm)}
-        run_calibration(gm, ctx.calib_batches, {k: o.update for k, o in observers.items()}, "observe", ctx.progress)
-        changed = False
-        for node in gm.graph.nodes:
-            if node.name in observers:
-                rng = observers[node.name].summary()
-                changed |= node.meta.get(ir.RANGE) != rng
-                node.meta[ir.RANGE] = rng
-        return PassResult(gm, changed)
+        return PassResult(gm, observe_ranges(gm, ctx, [layer.args[0] for layer in ir.compute_layers(gm)], self.name))
+
+
+def observe_ranges(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node], desc: str) -> bool:
+    """Run the calibration data and write a ``qc.range`` record on each of ``nodes``; returns whether any changed."""
+    observers = {node.name: RangeObserver() for node in nodes}
+    run_calibration(gm, ctx.calib_batches, {k: o.update for k, o in observers.items()}, desc, ctx.progress)
+    changed = False
+    for node in gm.graph.nodes:
+        if node.name in observers:
+            rng = observers[node.name].summary()
+            changed |= node.meta.get(ir.RANGE) != rng
+            node.meta[ir.RANGE] = rng
+    return changed

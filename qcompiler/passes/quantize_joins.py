@@ -27,11 +27,10 @@ from torch import nn
 
 from .. import ir
 from ..analysis import GRID, join_kind, join_operands, tensor_domains
-from ..observers import RangeObserver
 from ..quantizers import UniformQuantizer
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
-from .calibrate import run_calibration
+from .observe import observe_ranges
 from .rewrite import init_act_step, insert_quantizer
 
 _RELU = (nn.ReLU,)
@@ -93,7 +92,7 @@ class QuantizeJoins(Pass):
             return PassResult(gm, False)
         results = {j: result_tensor(gm, j) for j in joins}
         watched = {*results.values(), *(passthrough_source(gm, j, a)[1] for j in joins for a in join_operands(j))}
-        self.observe(gm, ctx, watched)
+        observe_ranges(gm, ctx, [n for n in watched if ir.RANGE not in n.meta], self.name)
 
         for join in joins:  # results first: they are the next joins' operands
             self.quantize_tensor(gm, results[join], list(results[join].users))
@@ -111,14 +110,6 @@ class QuantizeJoins(Pass):
                 output=out.name, bits=self.bits,
             )
         return PassResult(gm, True)
-
-    def observe(self, gm: fx.GraphModule, ctx: PassContext, nodes: set[fx.Node]) -> None:
-        """Write a ``qc.range`` record on each of ``nodes`` that lacks one."""
-        observers = {n.name: RangeObserver() for n in nodes if ir.RANGE not in n.meta}
-        run_calibration(gm, ctx.calib_batches, {k: o.update for k, o in observers.items()}, self.name, ctx.progress)
-        for node in nodes:
-            if node.name in observers:
-                node.meta[ir.RANGE] = observers[node.name].summary()
 
     def is_wide(self, node: fx.Node) -> bool:
         """A per-tensor quantizer at least as wide as the residual stream (ASQ's per-sample steps are not)."""
