@@ -122,11 +122,11 @@ _GRID_KEEPING_MODULES = (
 _GRID_KEEPING_FUNCTIONS = {
     torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.dropout, torch.reshape, torch.squeeze, torch.unsqueeze,
-    torch.permute, torch.transpose, operator.getitem,
+    torch.permute, torch.transpose, operator.getitem, torch.chunk, torch.split, torch.unbind,
 }
 _GRID_KEEPING_METHODS = {
     "view", "reshape", "flatten", "relu", "contiguous", "permute", "transpose", "squeeze",
-    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as",
+    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as", "chunk", "split", "unbind",
 }
 # Per-channel affine maps and linear reductions: foldable into the next requantization.
 _AFFINE_MODULES = (

@@ -138,7 +138,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
                 act_bits=act_bits,
                 weight_quantizer=f"{wq.grid} {wq.granularity}" if wq else "-",
                 act_quantizer=act_quantizer,
-                pinned=pin.reason if pin else "",
+                pinned=pin.reason if pin and wq else "",  # a float layer is not held at any width
                 params=info.params,
                 macs=info.macs,
             )
