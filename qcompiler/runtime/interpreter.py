@@ -72,6 +72,27 @@ def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray
     return p.sum(axis=axes) if how == "sum" else p.max(axis=axes)
 
 
+def conv(x: np.ndarray, w: np.ndarray, a: dict) -> np.ndarray:
+    """Exact integer convolution / linear map of codes ``x`` with integer weights ``w`` (int64 result)."""
+    dtype = np.float64 if a["exact_f64"] else np.int64
+    if a["kind"] == "linear":
+        y = x.astype(dtype) @ w.T.astype(dtype)
+    else:
+        groups = a["groups"]
+        p = patches(x.astype(dtype), {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"],
+                                      "dilation": a["dilation"]}, 0)
+        n, c, out = p.shape[0], p.shape[1], p.shape[2:2 + w.ndim - 2]
+        cg, og = c // groups, w.shape[0] // groups
+        ys = []
+        for g in range(groups):
+            pg = np.moveaxis(p[:, g * cg:(g + 1) * cg], 1, 1 + len(out))  # (N, *out, Cg, *K)
+            pg = pg.reshape(n * int(np.prod(out)), -1)
+            wg = w[g * og:(g + 1) * og].reshape(og, -1).astype(dtype)
+            ys.append((pg @ wg.T).reshape(n, *out, og))
+        y = np.moveaxis(np.concatenate(ys, axis=-1), -1, 1)
+    return np.rint(y).astype(np.int64) if dtype is np.float64 else y
+
+
 def _per_sample(f: np.ndarray, ndim: int) -> np.ndarray:
     return f.reshape(-1, *([1] * (ndim - 1)))
 
@@ -164,25 +185,25 @@ class Interpreter:
     # ------------------------------------------------------------------ integer units
 
     def op_mac(self, ins: Instr, env) -> np.ndarray:
+        y = conv(env[ins.srcs[0]], self.c(ins.consts[0]), ins.attrs)
+        self.check(ins, y)
+        return y
+
+    def op_shift_acc(self, ins: Instr, env) -> np.ndarray:
+        """POT/POST: every product is a shift (and for POST's odd exponents a table entry).
+
+        ``(LUT[|x|] * sgn x) << s == x * (MANTISSA << s)`` and ``(x << p) << s == x * (1 << (p + s))``
+        exactly, so the shifts and look-ups of a whole layer run as one exact matmul with
+        those integer weights; the table itself is checked to be ``A * MANTISSA``.
+        """
         a = ins.attrs
-        x, w = env[ins.srcs[0]], self.c(ins.consts[0])
-        dtype = np.float64 if a["exact_f64"] else np.int64
-        if a["kind"] == "linear":
-            y = x.astype(dtype) @ w.T.astype(dtype)
+        sign, shift = self.c(ins.consts[0]), self.c(ins.consts[1])
+        if a["grid"] == "post":
+            odd, table = self.c(ins.consts[2]), self.c(ins.consts[3])
+            unit = np.where(odd, table[1], np.int64(1) << a["post_shift"])
         else:
-            groups = a["groups"]
-            p = patches(x.astype(dtype), {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"],
-                                          "dilation": a["dilation"]}, 0)
-            n, c, out = p.shape[0], p.shape[1], p.shape[2:2 + w.ndim - 2]
-            cg, og = c // groups, w.shape[0] // groups
-            ys = []
-            for g in range(groups):
-                pg = np.moveaxis(p[:, g * cg:(g + 1) * cg], 1, 1 + len(out))  # (N, *out, Cg, *K)
-                pg = pg.reshape(n * int(np.prod(out)), -1)
-                wg = w[g * og:(g + 1) * og].reshape(og, -1).astype(dtype)
-                ys.append((pg @ wg.T).reshape(n, *out, og))
-            y = np.moveaxis(np.concatenate(ys, axis=-1), -1, 1)
-        y = np.rint(y).astype(np.int64) if dtype is np.float64 else y
+            unit = np.int64(1)
+        y = conv(env[ins.srcs[0]], sign * (unit << shift), a)
         self.check(ins, y)
         return y
 

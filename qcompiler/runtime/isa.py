@@ -38,7 +38,7 @@ class OpDecl:
     operand_bits: int
     acc_bits: int
     semantics: str
-    cost: str  # "mac" | "requant" | "cmp" | "add" | "move" | "host"
+    cost: str  # "mac" | "shift" | "requant" | "cmp" | "add" | "move" | "host"
     host: bool = False
 
 
@@ -51,6 +51,9 @@ ISA: dict[str, OpDecl] = {
                "s_n = step * exp(L tanh(fc2(relu(fc1(mean_pos(clip(sum_t x_t*scale_t + offset)))))/L))", "host", host=True),
         OpDecl("mac", "x: int codes (N, C, *S); w: const int codes (O, C/g, *K)", 16, 32,
                "acc[n,o,p] = sum_{c,k} x[n, g(o)*C/g + c, p*stride + k*dilation - pad] * w[o,c,k]", "mac"),
+        OpDecl("shift_acc", "x: int codes (N, C, *S); sign, shift[, odd]: const per weight; table: const LUT", 16, 48,
+               "acc = sum sign * (odd ? LUT[|x|] * sgn(x) : x << post_shift) << shift; LUT[A] = A * 0xB504F3 (POST)",
+               "shift"),
         OpDecl("requant", "terms x_t: int (N, ...) [, per-sample steps]", 32, 64,
                "y = clamp(shift_round_half_even(sum_t x_t * m_t[c] + b[c], sh[c]), lo, hi)", "requant"),
         OpDecl("maxpool", "x: int (N, C, *S)", 64, 64,

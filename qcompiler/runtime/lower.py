@@ -45,6 +45,7 @@ from torch import nn
 from .. import ir
 from ..analysis import join_operands, op_kind
 from ..errors import UnsupportedError
+from ..numerics import post_table
 from .fixedpoint import multipliers
 from .isa import ISA, Instr
 from .program import Program
@@ -226,23 +227,52 @@ class _Lowering:
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         if codes is None or ir.FLOAT in node.meta:
             raise self.unsupported(node, "float compute layers have no integer form")
-        if codes.grid != "uniform" or info.kind == "adder2d":
-            raise self.unsupported(node, f"{codes.grid} weights are not lowered yet (phase 1: uniform multiply layers)")
-        w = codes.codes.numpy().astype(np.int64)
+        if codes.grid not in ("uniform", "pot", "post") or info.kind == "adder2d":
+            raise self.unsupported(node, f"{codes.grid} weights are not lowered yet")
         shape = _shape(node)
         a_max = max(abs(src.qmin), abs(src.qmax))
-        k = int(np.prod(w.shape[1:]))
-        per_out = np.abs(w).reshape(w.shape[0], -1).sum(1).astype(np.float64) * a_max
-        attrs = {
-            "kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
-            "dilation": list(info.dilation), "groups": info.groups, "a_bits": src.bits, "w_bits": codes.bits,
-            "k": k, "exact_f64": bool(a_max * max(abs(codes.qmin), abs(codes.qmax)) * k < F64_EXACT),
-        }
-        wname = self.const(f"{node.name}.w", w)
-        self.emit("mac", node.name, [src.buf], [wname], attrs, node.name)
-        scale = per_channel(codes.scale.double() * src.step, shape)
+        attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
+                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": src.bits, "w_bits": codes.bits}
+        wc = codes.codes.numpy().astype(np.int64)
+        if codes.grid == "uniform":
+            op, w_int, unit = "mac", wc, 1.0
+            consts = [self.const(f"{node.name}.w", wc)]
+        else:
+            op, (w_int, unit, consts, extra) = "shift_acc", self.power_weights(node, codes, wc, a_max)
+            attrs |= extra
+        k = int(np.prod(w_int.shape[1:]))
+        attrs |= {"k": k, "exact_f64": bool(a_max * int(np.abs(w_int).max(initial=0)) * k < F64_EXACT)}
+        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
+        per_out = np.abs(w_int).reshape(w_int.shape[0], -1).sum(1).astype(np.float64) * a_max
+        scale = per_channel(codes.scale.double() * src.step * unit, shape)
         offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
         return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
+
+    def power_weights(self, node: fx.Node, codes: ir.WeightCodes, wc: np.ndarray, a_max: int):
+        """POT/POST codes as shifts (and POST's odd exponents as table look-ups) at one fixed-point scale.
+
+        Weight ``sign * base^-k`` with ``k = |code| - 1``. POT: ``2^-k = 2^(K-k) * 2^-K`` for the
+        largest used ``K``. POST: ``k = 2j + r``, ``sqrt2^-k = 2^-j * (1/sqrt2)^r`` with float32's
+        ``1/sqrt2 = MANTISSA * 2^-24``, so every product is an integer at scale ``2^-(J + 24)``.
+        Returns the equivalent integer weights (for bounds), the scale unit, the constants and attrs.
+        """
+        sign = np.sign(wc)
+        k = np.maximum(np.abs(wc) - 1, 0)
+        top = max(codes.max_exponent, 0)
+        if codes.grid == "pot":
+            shift = np.where(sign != 0, top - k, 0)
+            consts = [self.const(f"{node.name}.sign", sign), self.const(f"{node.name}.shift", shift)]
+            return sign << shift, 2.0**-top, consts, {"grid": "pot", "max_exponent": top}
+        j, odd = k // 2, (k % 2).astype(bool) & (sign != 0)
+        top_j = top // 2
+        shift = np.where(sign != 0, top_j - j, 0)
+        p = codes.post_shift
+        table = post_table(a_max)  # indexed by |activation code|
+        consts = [self.const(f"{node.name}.sign", sign), self.const(f"{node.name}.shift", shift),
+                  self.const(f"{node.name}.odd", odd), self.const(f"{node.name}.lut", table)]
+        w_int = sign * (np.where(odd, codes.post_mantissa, 1 << p) << shift)
+        return w_int, 2.0 ** -(top_j + p), consts, {"grid": "post", "max_exponent": top, "post_shift": p,
+                                                      "post_mantissa": codes.post_mantissa}
 
     def join(self, node: fx.Node, operands: list[fx.Node]) -> Acc:
         rec = ir.get(node, ir.JOIN, ir.Join)
