@@ -45,17 +45,22 @@ def multipliers(reals: list[np.ndarray], offset: np.ndarray, bits: int = 31) -> 
     return [m.reshape(shape) for m in ms], sh.reshape(shape), b.reshape(shape)
 
 
-def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi) -> np.ndarray:
-    """``clamp(shift_round_half_even(sum_t x_t * m_t + b, sh), lo, hi)`` on int64, one shift per element."""
-    total = np.asarray(b, dtype=np.int64)
+def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, wide: bool = False) -> np.ndarray:
+    """``clamp(shift_round_half_even(sum_t x_t * m_t + b, sh), lo, hi)``, one shift per element.
+
+    int64 arithmetic, or with ``wide`` exact Python integers (a 48-bit POST accumulator
+    times a 31-bit multiplier needs ~80 bits; slower, and only where the bound needs it).
+    """
+    kind = object if wide else np.int64
+    total = np.asarray(b, dtype=np.int64).astype(kind)
     for x, m in zip(xs, ms):
-        total = total + x.astype(np.int64, copy=False) * m
+        total = total + x.astype(kind) * np.asarray(m).astype(kind)
     shifts = np.broadcast_to(sh, total.shape)
-    out = np.empty(total.shape, dtype=np.int64)
+    out = np.empty(total.shape, dtype=kind)
     for s in np.unique(sh):
         mask = shifts == s
         out[mask] = shift_round_half_even(total[mask], int(s))
-    return np.clip(out, lo, hi)
+    return np.clip(out, lo, hi).astype(np.int64)
 
 
 __all__ = ["apply", "multipliers"]

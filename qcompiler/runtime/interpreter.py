@@ -236,10 +236,10 @@ class Interpreter:
             lo, hi = code_bounds(-np.inf if lo_r is None else lo_r, np.inf if hi_r is None else hi_r, out_step, a["qmin"], a["qmax"])
         # the int64 sum must not wrap: check the worst case of this batch before computing it
         worst = sum(int(np.abs(x).max(initial=0)) * int(np.abs(m).max(initial=0)) for x, m in zip(xs, ms)) + int(np.abs(b).max(initial=0))
-        if worst >= 2**63:
-            ov = Overflow(ins.layer, ins.op, -1, worst, 64)
-            raise AccumulatorOverflow(ov.message())
-        return apply(xs, ms, sh, b, lo, hi)
+        wide = a.get("wide", False)
+        if worst >= 2**63 and not wide:
+            raise AccumulatorOverflow(Overflow(ins.layer, ins.op, -1, worst, 64).message())
+        return apply(xs, ms, sh, b, lo, hi, wide=wide and worst >= 2**63)
 
     def op_maxpool(self, ins: Instr, env) -> np.ndarray:
         return window_reduce(env[ins.srcs[0]], ins.attrs, "max", ins.attrs["pad_value"])

@@ -158,12 +158,12 @@ class _Lowering:
         names = [self.const(f"{dst}.scale{t}", term.scale) for t, term in enumerate(acc.terms)]
         names += [self.const(f"{dst}.offset", acc.offset), self.const(f"{dst}.step", step)]
         factors = [term.factor for term in acc.terms]
-        # x_t * m_t must fit int64: the multiplier gets the bits the inputs leave
         in_bits = max(math.ceil(math.log2(float(t.bound.max()) + 1)) for t in acc.terms) + math.ceil(math.log2(len(acc.terms)))
         attrs = {
             "terms": [[t.buf, t.factor] for t in acc.terms], "out_factor": out_factor,
             "qmin": qmin, "qmax": qmax, "clip": [_json_float(acc.lo), _json_float(acc.hi)],
-            "mult_bits": max(8, min(31, 62 - in_bits)), "in_bits": in_bits,
+            # x_t * m_t beyond int64 (POST accumulators): the interpreter sums exact Python integers
+            "mult_bits": 31, "in_bits": in_bits, "wide": in_bits + 32 > 63,
             "static": out_factor is None and all(f is None for f in factors),
         }
         if attrs["static"]:

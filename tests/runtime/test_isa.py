@@ -28,7 +28,7 @@ def test_every_declared_op_has_an_interpreter_method_and_a_docs_row():
     for name, decl in ISA.items():
         assert hasattr(Interpreter, f"op_{name}"), name
         assert f"`{name}`" in table
-        assert decl.cost in {"mac", "requant", "cmp", "add", "move", "host"}
+        assert decl.cost in {"mac", "shift", "requant", "cmp", "add", "move", "host"}
     assert {m[3:] for m in dir(Interpreter) if m.startswith("op_")} == set(ISA)
 
 
@@ -95,3 +95,33 @@ def test_dequant_is_scale_times_codes_plus_offset():
     got = run1("dequant", ["x"], {"s": np.array([0.5, 0.25]), "o": np.array([1.0, -1.0])},
                {"terms": [["x", None]], "clip": [None, None]}, {"x": x})
     np.testing.assert_array_equal(got, x * np.array([0.5, 0.25]) + np.array([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("grid", ["pot", "post"])
+def test_shift_acc_is_shifts_and_table_lookups(grid):
+    """Reference: each product written out as a shift (POT) or shift + LUT[|x|] (POST's odd exponents)."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-15, 16, size=(2, 3, 5))
+    sign = rng.integers(-1, 2, size=(4, 3, 2))
+    shift = rng.integers(0, 5, size=(4, 3, 2)) * (sign != 0)
+    odd = (rng.integers(0, 2, size=(4, 3, 2)) == 1) & (sign != 0) if grid == "post" else np.zeros_like(sign, bool)
+    table = numerics.post_table(15)
+    attrs = {"kind": "conv1d", "stride": [1], "padding": [0, 0], "dilation": [1], "groups": 1, "exact_f64": True,
+             "grid": grid, "post_shift": numerics.POST_SHIFT}
+    consts = {"sign": sign, "shift": shift} | ({"odd": odd, "lut": table} if grid == "post" else {})
+    got = run1("shift_acc", ["x"], consts, attrs, {"x": x})
+    want = np.zeros((2, 4, 4), dtype=object)
+    p = numerics.POST_SHIFT if grid == "post" else 0
+    for n in range(2):
+        for o in range(4):
+            for t in range(4):
+                acc = 0
+                for c in range(3):
+                    for k in range(2):
+                        a = int(x[n, c, t + k])
+                        if sign[o, c, k] == 0:
+                            continue
+                        prod = int(table[abs(a)]) * (1 if a >= 0 else -1) if odd[o, c, k] else a << p
+                        acc += int(sign[o, c, k]) * (prod << int(shift[o, c, k]))
+                want[n, o, t] = acc
+    assert np.array_equal(got, want.astype(np.int64))
