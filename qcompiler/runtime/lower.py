@@ -345,7 +345,7 @@ class _Lowering:
         g, h = per_channel(g, acc.shape), per_channel(h, acc.shape)
         return Acc([replace(t, scale=t.scale * g) for t in acc.terms], acc.offset * g + h, acc.shape)
 
-    def _windows(self, node, v, kernel, stride, padding, dilation, op: str) -> tuple[Acc | Grid, dict]:
+    def _windows(self, node, v, kernel, stride, padding, dilation) -> tuple[object, dict]:
         d = len(_shape(node)) - 1
         tup = lambda x: [int(x)] * d if isinstance(x, int) else [int(i) for i in x]  # noqa: E731
         stride = kernel if stride is None or stride == [] or stride == () else stride
@@ -355,7 +355,7 @@ class _Lowering:
     def maxpool(self, node, v, kernel, stride, padding, dilation, ceil_mode) -> object:
         if ceil_mode:
             raise self.unsupported(node, "max pooling with ceil_mode")
-        _, attrs = self._windows(node, v, kernel, stride, padding, dilation, "max")
+        _, attrs = self._windows(node, v, kernel, stride, padding, dilation)
         if isinstance(v, Grid):
             self.emit("maxpool", node.name, [v.buf], (), attrs | {"pad_value": v.qmin}, node.name)
             return replace(v, buf=node.name, shape=_shape(node))
@@ -370,7 +370,7 @@ class _Lowering:
     def avgpool(self, node, v, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> Acc:
         if ceil_mode:
             raise self.unsupported(node, "average pooling with ceil_mode")
-        _, attrs = self._windows(node, v, kernel, stride, padding, 1, "sum")
+        _, attrs = self._windows(node, v, kernel, stride, padding, 1)
         acc = self.acc(node, v)
         padded = any(attrs["padding"])
         if acc.clamped or (padded and np.any(acc.offset)) or len(acc.terms) > 1:
@@ -402,8 +402,6 @@ class _Lowering:
             self.emit("reshape", node.name, [v.buf], (), {"shape": list(shape)}, node.name)
             return replace(v, buf=node.name, shape=shape)
         acc = self.acc(node, v)
-        if shape[:1] != acc.shape[:1] and any(t.factor for t in acc.terms):
-            pass  # per-sample factors are scalars per sample: any reshape keeps them
         terms = []
         for i, t in enumerate(acc.terms):
             dst = self.emit("reshape", f"{node.name}.{i}", [t.buf], (), {"shape": list(shape)}, node.name)
@@ -449,8 +447,7 @@ class _Lowering:
         v = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_module":
             return self.module_op(node, v)
-        target = node.target if node.op == "call_function" else node.target
-        fname = getattr(target, "__name__", str(target))
+        fname = getattr(node.target, "__name__", str(node.target))
         if kind == "keep":
             if fname in ("relu",):
                 return self.relu(node, v)
