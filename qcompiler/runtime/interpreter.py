@@ -207,6 +207,26 @@ class Interpreter:
         self.check(ins, y)
         return y
 
+    def op_sad(self, ins: Instr, env) -> np.ndarray:
+        """Adder layers: per output channel, the sum of absolute differences on its scale group's codes."""
+        a = ins.attrs
+        w, group = self.c(ins.consts[0]), self.c(ins.consts[1])
+        win = {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"], "dilation": a["dilation"]}
+        ps = [patches(env[buf].astype(np.int64), win, 0) for buf in ins.srcs]  # zero codes in the padding
+        cg, og = w.shape[1], w.shape[0] // a["groups"]
+        spatial = w.ndim - 2
+        y = None
+        for o in range(w.shape[0]):
+            p = ps[int(group[o])]
+            c0 = (o // og) * cg
+            wo = w[o].reshape(cg, *([1] * spatial), *w.shape[2:])
+            d = np.abs(p[:, c0:c0 + cg] - wo).sum(axis=(1, *range(2 + spatial, 2 + 2 * spatial)))
+            if y is None:
+                y = np.empty((d.shape[0], w.shape[0], *d.shape[1:]), dtype=np.int64)
+            y[:, o] = d
+        self.check(ins, y)
+        return y
+
     def op_requant(self, ins: Instr, env) -> np.ndarray:
         a = ins.attrs
         terms = a["terms"]

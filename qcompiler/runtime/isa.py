@@ -38,7 +38,7 @@ class OpDecl:
     operand_bits: int
     acc_bits: int
     semantics: str
-    cost: str  # "mac" | "shift" | "requant" | "cmp" | "add" | "move" | "host"
+    cost: str  # "mac" | "shift" | "sad" | "requant" | "cmp" | "add" | "move" | "host"
     host: bool = False
 
 
@@ -54,6 +54,9 @@ ISA: dict[str, OpDecl] = {
         OpDecl("shift_acc", "x: int codes (N, C, *S); sign, shift[, odd]: const per weight; table: const LUT", 16, 48,
                "acc = sum sign * (odd ? LUT[|x|] * sgn(x) : x << post_shift) << shift; LUT[A] = A * 0xB504F3 (POST)",
                "shift"),
+        OpDecl("sad", "a_g: unsigned codes per scale group (N, C, *S); w: const int (O, C/g, *K); group: const (O,)", 16, 32,
+               "acc[n,o,p] = sum_{c,k} |a_{group[o]}[n, c, p*stride + k*dilation - pad] - w[o,c,k]| (w in activation steps)",
+               "sad"),
         OpDecl("requant", "terms x_t: int (N, ...) [, per-sample steps]", 48, 64,
                "y = clamp(shift_round_half_even(sum_t x_t * m_t[c] + b[c], sh[c]), lo, hi); m_t: 31-bit", "requant"),
         OpDecl("maxpool", "x: int (N, C, *S)", 64, 64,

@@ -219,8 +219,41 @@ class _Lowering:
             srcs = [t.buf for t in acc.terms] + [t.factor for t in acc.terms if t.factor]
         return self.emit("asq_beta", f"{node.name}.beta", dict.fromkeys(srcs), names, attrs, node.name)
 
+    def adder(self, node: fx.Node, info: ir.LayerInfo) -> Acc:
+        """An adder layer: requantize the input once per scale group, then one ``sad``.
+
+        Output channel ``c`` of group ``g`` is ``-act_steps[g] * sum |a_g - ratio * w_q|``; the
+        negation and the step go into the channel's scale, and the lossless clamp's constant
+        is already in the bias or the re-estimated batch norm (``compensation_applies``).
+        """
+        rec = ir.get(node, ir.ADDER_Q, ir.AdderScales)
+        codes = ir.get(node, ir.CODES, ir.WeightCodes)
+        acc = self.acc(node, self.values[node.args[0]])
+        qmin, qmax = 0, 2**rec.act_bits - 1
+        bufs = [self.requant(acc, f"{node.name}.a{g}", step, qmin, qmax, None, node.name)
+                for g, step in enumerate(rec.act_steps)]
+        w = codes.codes.numpy().astype(np.int64) * rec.weight_step_ratio  # in activation steps
+        group = np.asarray(rec.group_of_channel, dtype=np.int64)
+        consts = [self.const(f"{node.name}.w", w), self.const(f"{node.name}.group", group)]
+        k = int(np.prod(w.shape[1:]))
+        attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
+                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": rec.act_bits,
+                 "w_bits": rec.weight_bits, "k": k}
+        self.emit("sad", node.name, bufs, consts, attrs, node.name)
+        if acc.terms[0].factor is not None:
+            raise self.unsupported(node, "adder layer reading an ASQ grid")
+        shape = _shape(node)
+        steps = np.asarray(rec.act_steps, dtype=np.float64)[group]
+        per_out = (np.abs(w).reshape(w.shape[0], -1).sum(1) + qmax * k).astype(np.float64)
+        offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
+        if rec.compensation_applies and rec.folded_into not in ("bias", ""):
+            raise self.unsupported(node, f"adder compensation folded into {rec.folded_into!r} but still applying")
+        return Acc([Term(node.name, per_channel(-steps, shape), per_channel(per_out, shape))], offset, shape)
+
     def layer(self, node: fx.Node) -> Acc:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
+        if info.kind == "adder2d" and ir.ADDER_Q in node.meta and ir.FLOAT not in node.meta:
+            return self.adder(node, info)
         src = self.values[node.args[0]]
         if not isinstance(src, Grid):
             raise self.unsupported(node, "a compute layer must read an activation quantizer's codes")

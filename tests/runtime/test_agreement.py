@@ -5,7 +5,7 @@ import torch
 
 import qcompiler
 from qcompiler.data import load_digits
-from qcompiler.zoo import plain_cnn, resnet20
+from qcompiler.zoo import adder_resnet20, plain_cnn, resnet20
 
 MODELS = {"resnet20": lambda: resnet20(in_channels=1, width=4), "plain_cnn": lambda: plain_cnn(width=4)}
 
@@ -27,4 +27,17 @@ def test_program_agrees_with_float64_module(model, passes, bits, request):
     c = qcompiler.compile(MODELS[model](), qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits),
                           calib_data=data)
     report = c.lower().verify(c, data.x_test.numpy())
+    assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("passes", ["outlier-clamp,adder-groups", "adder-shared"])
+def test_adder_program_agrees_with_float64_module(passes, bits):
+    data = load_digits()
+    torch.manual_seed(0)
+    c = qcompiler.compile(adder_resnet20(in_channels=1, width=4),
+                          qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits), calib_data=data)
+    program = c.lower()
+    assert "sad" in {i.op for i in program.instructions}
+    report = program.verify(c, data.x_test.numpy())
     assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()

@@ -28,7 +28,7 @@ def test_every_declared_op_has_an_interpreter_method_and_a_docs_row():
     for name, decl in ISA.items():
         assert hasattr(Interpreter, f"op_{name}"), name
         assert f"`{name}`" in table
-        assert decl.cost in {"mac", "shift", "requant", "cmp", "add", "move", "host"}
+        assert decl.cost in {"mac", "shift", "sad", "requant", "cmp", "add", "move", "host"}
     assert {m[3:] for m in dir(Interpreter) if m.startswith("op_")} == set(ISA)
 
 
@@ -125,3 +125,18 @@ def test_shift_acc_is_shifts_and_table_lookups(grid):
                         acc += int(sign[o, c, k]) * (prod << int(shift[o, c, k]))
                 want[n, o, t] = acc
     assert np.array_equal(got, want.astype(np.int64))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_sad_is_the_adder_layers_l1_distance(groups):
+    from qcompiler.nn.adder import adder_conv2d
+
+    rng = np.random.default_rng(5)
+    a = [rng.integers(0, 16, size=(2, 4, 5, 5)) for _ in range(2)]  # two scale groups' codes
+    w = rng.integers(-14, 15, size=(6, 4 // groups, 3, 3))
+    group = np.array([0, 1, 1, 0, 1, 0])
+    attrs = {"kind": "adder2d", "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": groups}
+    got = run1("sad", ["a0", "a1"], {"w": w, "g": group}, attrs, {"a0": a[0], "a1": a[1]})
+    for o in range(6):
+        want = -adder_conv2d(torch.from_numpy(a[group[o]]), torch.from_numpy(w), 1, 1, 1, groups)[:, o]
+        assert np.array_equal(got[:, o], want.numpy())
