@@ -104,6 +104,7 @@ class Interpreter:
     program: Program
     on_overflow: str = "raise"  # "raise" | "record"
     overflows: list[Overflow] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every buffer's per-sample shape, as run
 
     def run(self, x: np.ndarray, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         p = self.program
@@ -117,6 +118,7 @@ class Interpreter:
         for i, ins in enumerate(p.instructions):
             out = getattr(self, f"op_{ins.op}")(ins, env)
             env[ins.dst] = out
+            self.shapes[ins.dst] = tuple(out.shape[1:])
             if ins.dst in pinned:
                 kept[ins.dst] = out
             for s in ins.srcs:

@@ -70,6 +70,12 @@ class Program:
 
         return verify_program(self, compiled, x)
 
+    def costs(self, x: np.ndarray):
+        """Per-layer and total operation counts, memory traffic and energy (see :mod:`.cost`)."""
+        from .cost import costs
+
+        return costs(self, x)
+
     # ------------------------------------------------------------------ files
 
     def _document(self) -> dict[str, Any]:
