@@ -89,3 +89,17 @@ def test_overflow_names_layer_and_channel():
     it = Interpreter(program, on_overflow="record")
     it.run(x)
     assert [(o.layer, o.channel) for o in it.overflows] == [("conv7", 2)]
+
+
+@pytest.mark.parametrize("passes", ["asq,post", "outlier-clamp,adder-groups"])
+def test_round_trip_of_asq_post_and_adder_programs(passes, tmp_path):
+    from qcompiler.data import load_digits
+    from qcompiler.zoo import adder_resnet20, resnet20
+
+    data = load_digits()
+    torch.manual_seed(0)
+    model = adder_resnet20(in_channels=1, width=4) if "adder" in passes else resnet20(in_channels=1, width=4)
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes, weight_bits=4, act_bits=4), calib_data=data)
+    program = c.lower()
+    x = data.x_test[:20].numpy()
+    assert np.array_equal(Program.load(program.save(tmp_path / "p.npz")).run(x), program.run(x))
