@@ -68,6 +68,17 @@ class Compiled:
         freeze(self.module)
         verify_graph(self.module, final=True)
 
+    def lower(self):
+        """The integer program of this model (:mod:`qcompiler.runtime`); freezes and verifies first.
+
+        >>> program = compiled.lower()  # doctest: +SKIP
+        >>> logits = program.run(x.numpy())  # doctest: +SKIP
+        """
+        from .runtime import lower  # the backend imports this module's peers
+
+        self.freeze()
+        return lower(self)
+
     @classmethod
     def load(cls, out_dir: str | Path) -> Compiled:
         """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""

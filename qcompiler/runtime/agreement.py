@@ -1,0 +1,109 @@
+"""Agreement of an integer program with the fake-quant module it was lowered from.
+
+"Bit-true" (docs/design.md §1): every requantized code equals the code the
+fake-quant module computes when it runs in float64 on the CPU
+(``copy.deepcopy(compiled.module).double()``), except at exact ties of the
+module's ``x / step``, which are counted. :func:`verify_program` runs both on the
+same inputs and compares every activation quantizer's codes.
+
+Example:
+    >>> import qcompiler, torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(64, 4))
+    >>> report = c.lower().verify(c, torch.randn(32, 4).numpy())
+    >>> report.ok(), report.first_divergent
+    (True, None)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..quantizers.asq import ASQQuantizer
+from ..quantizers.uniform import positive
+
+
+@dataclass(frozen=True)
+class LayerAgreement:
+    """One activation quantizer: how many codes the program and the module share."""
+
+    name: str
+    count: int
+    identical: float  # fraction of codes equal
+    max_diff: int
+    ties: int  # codes where the module's x / step is exactly half-way
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    layers: tuple[LayerAgreement, ...]
+    first_divergent: str | None  # the first quantizer with any differing code
+    classes_agree: float  # fraction of samples whose arg-max output agrees
+    output_max_abs_diff: float
+
+    def ok(self, identical: float = 0.999, max_diff: int = 1, classes: float = 0.995) -> bool:
+        return (all(la.identical >= identical and la.max_diff <= max_diff for la in self.layers)
+                and self.classes_agree >= classes)
+
+    def text(self) -> str:
+        rows = [f"{'quantizer':40s} {'codes':>9s} {'identical':>10s} {'max diff':>8s} {'ties':>5s}"]
+        for la in self.layers:
+            rows.append(f"{la.name:40s} {la.count:9d} {la.identical:10.6f} {la.max_diff:8d} {la.ties:5d}")
+        rows.append(f"classes agree {self.classes_agree:.4f}; output max |diff| {self.output_max_abs_diff:.3g}; "
+                    f"first divergent: {self.first_divergent or 'none'}")
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def reference_codes(compiled, x: np.ndarray) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The float64 module's output and, per quantizer node, ``(codes, exact-tie mask)``."""
+    ref = copy.deepcopy(compiled.module).double().eval()
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    hooks = []
+    for node in ref.graph.nodes:
+        if node.op != "call_module" or "qc.act" not in node.meta:
+            continue
+        q = ref.get_submodule(node.target)
+
+        def hook(m, inputs, _out, name=node.name):
+            v = inputs[0]
+            step = m.sample_step(v) if isinstance(m, ASQQuantizer) else positive(m.step)
+            u = v / step
+            tie = (u - torch.floor(u) == 0.5) & (u > m.qmin) & (u < m.qmax)
+            found[name] = (m.codes(v).numpy(), tie.numpy())
+
+        hooks.append(q.register_forward_hook(hook))
+    try:
+        out = ref(torch.from_numpy(np.asarray(x, dtype=np.float64)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.numpy(), found
+
+
+def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
+    """Run ``program`` and the float64 module on ``x``; compare every quantizer's codes and the classes."""
+    compiled.freeze()
+    x = np.asarray(x, dtype=np.float32)  # the network input the float32 model would see
+    ref_out, ref = reference_codes(compiled, x)
+    names = tuple(program.meta["quantizers"])
+    out, kept, _ = program.trace(x, keep=names, on_overflow="record")
+    layers, first = [], None
+    for name in names:
+        got, (want, tie) = kept[name], ref[name]
+        diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
+        la = LayerAgreement(name, int(diff.size), float((diff == 0).mean()), int(diff.max(initial=0)), int(tie.sum()))
+        if first is None and np.any(diff[~tie] != 0):
+            first = name
+        layers.append(la)
+    classes = float((out.argmax(-1) == ref_out.argmax(-1)).mean())
+    return AgreementReport(tuple(layers), first, classes, float(np.abs(out - ref_out).max()))
+
+
+__all__ = ["AgreementReport", "LayerAgreement", "reference_codes", "verify_program"]

@@ -1,0 +1,560 @@
+"""Lowering: a frozen, verified compiled graph to an integer :class:`~.program.Program`.
+
+The lowering walks the fx graph once, in order, and keeps for every node a
+symbolic value (docs/design.md §3.1 gives the domains):
+
+* :class:`Grid`: integer codes in a buffer times one quantizer's step (per sample
+  under ASQ: the step times a buffer of betas);
+* :class:`Acc`: ``clip(sum_t x_t * scale_t + offset, lo, hi)``, integer buffers ``x_t``
+  with real per-channel scales and offset, and a pending clamp (ReLU, ReLU6). Batch
+  norm, average pooling's divisor, scalar arithmetic and joins only change the
+  scales and offsets; nothing is emitted until a quantizer requantizes the value
+  (one ``requant``) or the network output reads it (``dequant``);
+* the network input, in float, which only a quantizer may read (host ``quantize``).
+
+It reads only records (``qc.step``, ``qc.codes``, ``qc.layer``, ``qc.join``) and the
+modules' frozen values (batch-norm statistics, pooling shapes); no pass decision is
+re-derived. Steps, multipliers and rounding come from :mod:`qcompiler.numerics`.
+
+An op that is not affine in the accumulator (max pooling, average pooling after a
+clamp) first *materializes* the value: a ``requant`` onto a 32-bit intermediate grid
+whose unit is the value's static bound over ``2^31``, so the worst case still fits;
+the error is far below one output code (it counts only near exact ties).
+
+Example:
+    >>> import qcompiler, torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
+    >>> [i.op for i in lower(c).instructions]
+    ['quantize', 'mac', 'requant', 'mac', 'dequant']
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import ir
+from ..analysis import join_operands, op_kind
+from ..errors import UnsupportedError
+from ..numerics import post_table
+from .fixedpoint import multipliers
+from .isa import ISA, Instr
+from .program import Program
+
+WIDE_BITS = 31  # a materialized intermediate fits a signed 32-bit register
+F64_EXACT = 2.0**53  # float64 holds every integer below this exactly
+
+
+@dataclass
+class Term:
+    """``buf * scale`` (times the per-sample ``factor`` buffer under ASQ); ``bound`` >= ``|buf|``."""
+
+    buf: str
+    scale: np.ndarray  # float64, broadcastable to the per-sample shape
+    bound: np.ndarray  # float64, same shape as scale: the largest |integer| the buffer can hold
+    factor: str | None = None
+
+
+@dataclass
+class Acc:
+    """``clip(sum_t term_t + offset, lo, hi)``: an affine function of integer buffers, not yet requantized."""
+
+    terms: list[Term]
+    offset: np.ndarray
+    shape: tuple[int, ...]
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    @property
+    def clamped(self) -> bool:
+        return self.lo != -math.inf or self.hi != math.inf
+
+
+@dataclass
+class Grid:
+    """Codes of the quantizer ``buf`` (a node name): ``buf * step`` (times ``factor[n]`` under ASQ)."""
+
+    buf: str
+    step: float
+    qmin: int
+    qmax: int
+    bits: int
+    shape: tuple[int, ...]
+    factor: str | None = None
+
+    def acc(self) -> Acc:
+        bound = np.array(float(max(abs(self.qmin), abs(self.qmax))))
+        return Acc([Term(self.buf, np.array(self.step), bound, self.factor)], np.zeros(()), self.shape)
+
+
+@dataclass
+class FloatInput:
+    buf: str
+    shape: tuple[int, ...]
+
+
+def per_channel(v: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """A per-channel vector shaped ``(C, 1, ...)`` to broadcast over a per-sample ``shape``."""
+    a = v.detach().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
+    return a.reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        raise UnsupportedError(f"node {node.name!r} has no recorded shape; the integer backend needs one tensor per node")
+    return tuple(int(d) for d in meta.shape[1:])
+
+
+@dataclass
+class _Lowering:
+    gm: fx.GraphModule
+    instructions: list[Instr] = field(default_factory=list)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[fx.Node, object] = field(default_factory=dict)
+    quantizers: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ helpers
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        assert name not in self.consts, name
+        self.consts[name] = np.ascontiguousarray(value)
+        return name
+
+    def emit(self, op: str, dst: str, srcs, consts=(), attrs=None, layer: str = "") -> str:
+        assert op in ISA, op
+        self.instructions.append(Instr(op, dst, tuple(srcs), tuple(consts), attrs or {}, layer))
+        return dst
+
+    def unsupported(self, node: fx.Node, why: str) -> UnsupportedError:
+        return UnsupportedError(f"integer backend: `{node.format_node()}`: {why}")
+
+    def acc(self, node: fx.Node, v: object) -> Acc:
+        if isinstance(v, Grid):
+            return v.acc()
+        if isinstance(v, Acc):
+            return v
+        raise self.unsupported(node, "reads the float network input outside a quantizer")
+
+    # ------------------------------------------------------------------ requantization
+
+    def requant(self, acc: Acc, dst: str, out_step, qmin: int, qmax: int, out_factor: str | None, layer: str) -> str:
+        """One ``requant``: ``acc`` onto codes of step ``out_step`` (times ``out_factor[n]``) in ``[qmin, qmax]``.
+
+        Without per-sample factors the fixed-point constants are computed here; under
+        ASQ the interpreter computes them per sample from the same real scales.
+        """
+        step = np.asarray(out_step, dtype=np.float64)
+        names = [self.const(f"{dst}.scale{t}", term.scale) for t, term in enumerate(acc.terms)]
+        names += [self.const(f"{dst}.offset", acc.offset), self.const(f"{dst}.step", step)]
+        factors = [term.factor for term in acc.terms]
+        in_bits = max(math.ceil(math.log2(float(t.bound.max()) + 1)) for t in acc.terms) + math.ceil(math.log2(len(acc.terms)))
+        attrs = {
+            "terms": [[t.buf, t.factor] for t in acc.terms], "out_factor": out_factor,
+            "qmin": qmin, "qmax": qmax, "clip": [_json_float(acc.lo), _json_float(acc.hi)],
+            # x_t * m_t beyond int64 (POST accumulators): the interpreter sums exact Python integers
+            "mult_bits": 31, "in_bits": in_bits, "wide": in_bits + 32 > 63,
+            "static": out_factor is None and all(f is None for f in factors),
+        }
+        if attrs["static"]:
+            ms, sh, b = multipliers([t.scale / step for t in acc.terms], acc.offset / step, attrs["mult_bits"])
+            names += [self.const(f"{dst}.mult{t}", m) for t, m in enumerate(ms)]
+            names += [self.const(f"{dst}.shift", sh), self.const(f"{dst}.bias", b)]
+            lo, hi = code_bounds(acc.lo, acc.hi, step, qmin, qmax)
+            names += [self.const(f"{dst}.lo", np.asarray(lo, dtype=np.int64)), self.const(f"{dst}.hi", np.asarray(hi, dtype=np.int64))]
+        srcs = [t.buf for t in acc.terms] + [f for f in factors if f is not None] + ([out_factor] if out_factor else [])
+        return self.emit("requant", dst, dict.fromkeys(srcs), names, attrs, layer)
+
+    def materialize(self, acc: Acc, node: fx.Node) -> Acc:
+        """Requantize ``acc`` onto a 32-bit intermediate (per-channel unit ``bound / 2^31``)."""
+        if len(acc.terms) == 1 and not acc.clamped and not np.any(acc.offset) and acc.terms[0].factor is None:
+            return acc
+        beta_max = 8.0  # ASQ betas lie in [1/8, 8]
+        bound = sum(t.bound * np.abs(t.scale) * (beta_max if t.factor else 1.0) for t in acc.terms) + np.abs(acc.offset)
+        unit = np.where(bound > 0, bound / 2.0**WIDE_BITS, 1.0)
+        lim = 2**WIDE_BITS - 1
+        dst = self.requant(acc, f"{node.name}.wide", unit, -lim, lim, None, node.name)
+        return Acc([Term(dst, unit, np.full(unit.shape, float(lim)))], np.zeros(()), acc.shape)
+
+    # ------------------------------------------------------------------ node handlers
+
+    def quantizer(self, node: fx.Node) -> Grid:
+        frozen = ir.get(node, ir.STEP, ir.FrozenAct)
+        src = self.values[node.args[0]]
+        factor = None
+        if frozen.adapter is not None:
+            factor = self.beta(node, src, frozen)
+        if isinstance(src, FloatInput):
+            attrs = {"step": frozen.step, "qmin": frozen.qmin, "qmax": frozen.qmax, "factor": factor}
+            self.emit("quantize", node.name, [src.buf] + ([factor] if factor else []), (), attrs, node.name)
+        else:
+            self.requant(self.acc(node, src), node.name, frozen.step, frozen.qmin, frozen.qmax, factor, node.name)
+        self.quantizers.append(node.name)
+        return Grid(node.name, frozen.step, frozen.qmin, frozen.qmax, frozen.bits, _shape(node), factor)
+
+    def beta(self, node: fx.Node, src: object, frozen: ir.FrozenAct) -> str:
+        """Host step: each sample's ASQ factor beta from the float value the quantizer reads."""
+        a = frozen.adapter
+        names = [self.const(f"{node.name}.{k}", getattr(a, k).detach().double().numpy())
+                 for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+        attrs = {"beta_bound": a.beta_bound}
+        if isinstance(src, FloatInput):
+            srcs, attrs["terms"] = [src.buf], None
+        else:
+            acc = self.acc(node, src)
+            names += [self.const(f"{node.name}.beta.scale{t}", term.scale) for t, term in enumerate(acc.terms)]
+            names.append(self.const(f"{node.name}.beta.offset", acc.offset))
+            attrs["terms"] = [[t.buf, t.factor] for t in acc.terms]
+            attrs["clip"] = [_json_float(acc.lo), _json_float(acc.hi)]
+            srcs = [t.buf for t in acc.terms] + [t.factor for t in acc.terms if t.factor]
+        return self.emit("asq_beta", f"{node.name}.beta", dict.fromkeys(srcs), names, attrs, node.name)
+
+    def adder(self, node: fx.Node, info: ir.LayerInfo) -> Acc:
+        """An adder layer: requantize the input once per scale group, then one ``sad``.
+
+        Output channel ``c`` of group ``g`` is ``-act_steps[g] * sum |a_g - ratio * w_q|``; the
+        negation and the step go into the channel's scale, and the lossless clamp's constant
+        is already in the bias or the re-estimated batch norm (``compensation_applies``).
+        """
+        rec = ir.get(node, ir.ADDER_Q, ir.AdderScales)
+        codes = ir.get(node, ir.CODES, ir.WeightCodes)
+        acc = self.acc(node, self.values[node.args[0]])
+        qmin, qmax = 0, 2**rec.act_bits - 1
+        bufs = [self.requant(acc, f"{node.name}.a{g}", step, qmin, qmax, None, node.name)
+                for g, step in enumerate(rec.act_steps)]
+        w = codes.codes.numpy().astype(np.int64) * rec.weight_step_ratio  # in activation steps
+        group = np.asarray(rec.group_of_channel, dtype=np.int64)
+        consts = [self.const(f"{node.name}.w", w), self.const(f"{node.name}.group", group)]
+        k = int(np.prod(w.shape[1:]))
+        attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
+                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": rec.act_bits,
+                 "w_bits": rec.weight_bits, "k": k}
+        self.emit("sad", node.name, bufs, consts, attrs, node.name)
+        if acc.terms[0].factor is not None:
+            raise self.unsupported(node, "adder layer reading an ASQ grid")
+        shape = _shape(node)
+        steps = np.asarray(rec.act_steps, dtype=np.float64)[group]
+        per_out = (np.abs(w).reshape(w.shape[0], -1).sum(1) + qmax * k).astype(np.float64)
+        offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
+        if rec.compensation_applies and rec.folded_into not in ("bias", ""):
+            raise self.unsupported(node, f"adder compensation folded into {rec.folded_into!r} but still applying")
+        return Acc([Term(node.name, per_channel(-steps, shape), per_channel(per_out, shape))], offset, shape)
+
+    def layer(self, node: fx.Node) -> Acc:
+        info = ir.get(node, ir.LAYER, ir.LayerInfo)
+        if info.kind == "adder2d" and ir.ADDER_Q in node.meta and ir.FLOAT not in node.meta:
+            return self.adder(node, info)
+        src = self.values[node.args[0]]
+        if not isinstance(src, Grid):
+            raise self.unsupported(node, "a compute layer must read an activation quantizer's codes")
+        codes = ir.find(node, ir.CODES, ir.WeightCodes)
+        if codes is None or ir.FLOAT in node.meta:
+            raise self.unsupported(node, "float compute layers have no integer form")
+        if codes.grid not in ("uniform", "pot", "post") or info.kind == "adder2d":
+            raise self.unsupported(node, f"{codes.grid} weights are not lowered yet")
+        shape = _shape(node)
+        a_max = max(abs(src.qmin), abs(src.qmax))
+        attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
+                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": src.bits, "w_bits": codes.bits}
+        wc = codes.codes.numpy().astype(np.int64)
+        if codes.grid == "uniform":
+            op, w_int, unit = "mac", wc, 1.0
+            consts = [self.const(f"{node.name}.w", wc)]
+        else:
+            op, (w_int, unit, consts, extra) = "shift_acc", self.power_weights(node, codes, wc, a_max)
+            attrs |= extra
+        k = int(np.prod(w_int.shape[1:]))
+        attrs |= {"k": k, "exact_f64": bool(a_max * int(np.abs(w_int).max(initial=0)) * k < F64_EXACT)}
+        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
+        per_out = np.abs(w_int).reshape(w_int.shape[0], -1).sum(1).astype(np.float64) * a_max
+        scale = per_channel(codes.scale.double() * src.step * unit, shape)
+        offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
+        return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
+
+    def power_weights(self, node: fx.Node, codes: ir.WeightCodes, wc: np.ndarray, a_max: int):
+        """POT/POST codes as shifts (and POST's odd exponents as table look-ups) at one fixed-point scale.
+
+        Weight ``sign * base^-k`` with ``k = |code| - 1``. POT: ``2^-k = 2^(K-k) * 2^-K`` for the
+        largest used ``K``. POST: ``k = 2j + r``, ``sqrt2^-k = 2^-j * (1/sqrt2)^r`` with float32's
+        ``1/sqrt2 = MANTISSA * 2^-24``, so every product is an integer at scale ``2^-(J + 24)``.
+        Returns the equivalent integer weights (for bounds), the scale unit, the constants and attrs.
+        """
+        sign = np.sign(wc)
+        k = np.maximum(np.abs(wc) - 1, 0)
+        top = max(codes.max_exponent, 0)
+        if codes.grid == "pot":
+            shift = np.where(sign != 0, top - k, 0)
+            consts = [self.const(f"{node.name}.sign", sign), self.const(f"{node.name}.shift", shift)]
+            return sign << shift, 2.0**-top, consts, {"grid": "pot", "max_exponent": top}
+        j, odd = k // 2, (k % 2).astype(bool) & (sign != 0)
+        top_j = top // 2
+        shift = np.where(sign != 0, top_j - j, 0)
+        p = codes.post_shift
+        table = post_table(a_max)  # indexed by |activation code|
+        consts = [self.const(f"{node.name}.sign", sign), self.const(f"{node.name}.shift", shift),
+                  self.const(f"{node.name}.odd", odd), self.const(f"{node.name}.lut", table)]
+        w_int = sign * (np.where(odd, codes.post_mantissa, 1 << p) << shift)
+        return w_int, 2.0 ** -(top_j + p), consts, {"grid": "post", "max_exponent": top, "post_shift": p,
+                                                      "post_mantissa": codes.post_mantissa}
+
+    def join(self, node: fx.Node, operands: list[fx.Node]) -> Acc:
+        rec = ir.get(node, ir.JOIN, ir.Join)
+        accs = [self.acc(node, self.values[a]) for a in operands]
+        shape = _shape(node)
+        if any(a.clamped for a in accs):
+            accs = [self.materialize(a, node) if a.clamped else a for a in accs]
+        if rec.kind in ("add", "sub"):
+            if node.kwargs.get("alpha", 1) != 1:
+                raise self.unsupported(node, "add/sub with alpha")
+            sign = -1.0 if rec.kind == "sub" else 1.0
+            terms = list(accs[0].terms) + [replace(t, scale=sign * t.scale) for t in accs[1].terms]
+            return Acc(terms, accs[0].offset + sign * accs[1].offset, shape)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        axis = dim - 1 if dim > 0 else dim + len(shape) + 1 - 1
+        if axis < 0 or any(len(a.terms) != 1 or a.terms[0].factor for a in accs):
+            raise self.unsupported(node, "concat of sums or of per-sample (ASQ) grids, or along the batch axis")
+        full = [a.shape for a in accs]
+        cat = lambda arrays: np.concatenate([np.broadcast_to(x, s) for x, s in zip(arrays, full)], axis=axis)  # noqa: E731
+        self.emit("concat", node.name, [a.terms[0].buf for a in accs], (), {"axis": axis + 1}, node.name)
+        term = Term(node.name, cat([a.terms[0].scale for a in accs]), cat([a.terms[0].bound for a in accs]))
+        return Acc([term], cat([np.broadcast_to(a.offset, a.shape) for a in accs]), shape)
+
+    def module_op(self, node: fx.Node, v: object) -> object:
+        m = self.gm.get_submodule(node.target)
+        if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+            return v
+        if isinstance(m, nn.ReLU):
+            return self.relu(node, v)
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+            return self.maxpool(node, v, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
+            return self.avgpool(node, v, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                                getattr(m, "divisor_override", None))
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            return self.adaptive_avgpool(node, v, m.output_size)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return self.batchnorm(node, v, m)
+        if isinstance(m, nn.ReLU6):
+            return self.clip(node, v, 0.0, 6.0)
+        if isinstance(m, nn.Hardtanh):
+            return self.clip(node, v, float(m.min_val), float(m.max_val))
+        if isinstance(m, nn.Flatten):
+            return self.reshape(node, v)
+        raise self.unsupported(node, f"module {type(m).__name__} has no integer lowering")
+
+    def relu(self, node: fx.Node, v: object) -> object:
+        if isinstance(v, Grid):
+            if v.qmin >= 0:
+                return v  # unsigned codes: ReLU changes nothing
+            self.emit("relu", node.name, [v.buf], (), {}, node.name)
+            return replace(v, buf=node.name, qmin=0)
+        return self.clip(node, v, 0.0, math.inf)
+
+    def clip(self, node: fx.Node, v: object, lo: float, hi: float) -> Acc:
+        acc = self.acc(node, v)
+        return replace(acc, lo=max(acc.lo, lo), hi=min(acc.hi, hi))
+
+    def batchnorm(self, node: fx.Node, v: object, m: nn.modules.batchnorm._BatchNorm) -> Acc:
+        acc = self.acc(node, v)
+        if acc.clamped:
+            acc = self.materialize(acc, node)
+        if m.training or m.running_mean is None:
+            raise self.unsupported(node, "batch norm without running statistics (call .eval())")
+        var, mean = m.running_var.double(), m.running_mean.double()
+        g = 1.0 / torch.sqrt(var + m.eps)
+        if m.weight is not None:
+            g = m.weight.detach().double() * g
+        h = -mean * g + (m.bias.detach().double() if m.bias is not None else 0.0)
+        g, h = per_channel(g, acc.shape), per_channel(h, acc.shape)
+        return Acc([replace(t, scale=t.scale * g) for t in acc.terms], acc.offset * g + h, acc.shape)
+
+    def _windows(self, node, v, kernel, stride, padding, dilation) -> tuple[object, dict]:
+        d = len(_shape(node)) - 1
+        tup = lambda x: [int(x)] * d if isinstance(x, int) else [int(i) for i in x]  # noqa: E731
+        stride = kernel if stride is None or stride == [] or stride == () else stride
+        pads = [v for p in tup(padding) for v in (p, p)]  # (before, after) per dim, as LayerInfo.padding
+        return v, {"kernel": tup(kernel), "stride": tup(stride), "padding": pads, "dilation": tup(dilation)}
+
+    def maxpool(self, node, v, kernel, stride, padding, dilation, ceil_mode) -> object:
+        if ceil_mode:
+            raise self.unsupported(node, "max pooling with ceil_mode")
+        _, attrs = self._windows(node, v, kernel, stride, padding, dilation)
+        if isinstance(v, Grid):
+            self.emit("maxpool", node.name, [v.buf], (), attrs | {"pad_value": v.qmin}, node.name)
+            return replace(v, buf=node.name, shape=_shape(node))
+        # max commutes with the monotone requantization only elementwise: materialize first
+        acc = self.materialize(self.acc(node, v), node)
+        t = acc.terms[0]
+        if np.any(np.min(t.scale) <= 0):
+            raise self.unsupported(node, "max pooling of a value with a non-positive scale")
+        self.emit("maxpool", node.name, [t.buf], (), attrs | {"pad_value": -(2**62)}, node.name)
+        return Acc([replace(t, buf=node.name)], acc.offset, _shape(node))
+
+    def avgpool(self, node, v, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> Acc:
+        if ceil_mode:
+            raise self.unsupported(node, "average pooling with ceil_mode")
+        _, attrs = self._windows(node, v, kernel, stride, padding, 1)
+        acc = self.acc(node, v)
+        padded = any(attrs["padding"])
+        if acc.clamped or (padded and np.any(acc.offset)) or len(acc.terms) > 1:
+            acc = self.materialize(acc, node)
+        shape = _shape(node)
+        if divisor:
+            div = np.array(float(divisor))
+        elif count_include_pad or not padded:
+            div = np.array(float(np.prod(attrs["kernel"])))
+        else:  # divisor = the window's positions inside the input: a per-position scale
+            div = _sum_windows(np.ones((1, *acc.shape)), attrs)[0].astype(np.float64)
+        t = acc.terms[0]
+        self.emit("sumpool", node.name, [t.buf], (), attrs, node.name)
+        count = float(np.prod(attrs["kernel"]))
+        return Acc([replace(t, buf=node.name, scale=t.scale / div, bound=t.bound * count)], acc.offset, shape)
+
+    def adaptive_avgpool(self, node, v, output_size) -> Acc:
+        in_shape = self.acc(node, v).shape[1:]
+        out = [output_size] * len(in_shape) if isinstance(output_size, int) else list(output_size)
+        out = [i if o is None else o for o, i in zip(out, in_shape)]
+        if any(i % o for i, o in zip(in_shape, out)):
+            raise self.unsupported(node, "adaptive average pooling whose output does not divide the input")
+        kernel = [i // o for i, o in zip(in_shape, out)]
+        return self.avgpool(node, v, kernel, kernel, 0, False, True, None)
+
+    def reshape(self, node: fx.Node, v: object) -> object:
+        shape = _shape(node)
+        if isinstance(v, Grid):
+            self.emit("reshape", node.name, [v.buf], (), {"shape": list(shape)}, node.name)
+            return replace(v, buf=node.name, shape=shape)
+        acc = self.acc(node, v)
+        terms = []
+        for i, t in enumerate(acc.terms):
+            dst = self.emit("reshape", f"{node.name}.{i}", [t.buf], (), {"shape": list(shape)}, node.name)
+            terms.append(replace(t, buf=dst, scale=_reshaped(t.scale, acc.shape, shape), bound=_reshaped(t.bound, acc.shape, shape)))
+        return replace(acc, terms=terms, offset=_reshaped(acc.offset, acc.shape, shape), shape=shape)
+
+    def scalar(self, node: fx.Node, v: object) -> Acc:
+        a, b = node.args[0], node.args[1]
+        tensor, number = (a, b) if isinstance(a, fx.Node) else (b, a)
+        if not isinstance(number, (int, float)):
+            raise self.unsupported(node, "arithmetic with a non-number")
+        acc = self.acc(node, self.values[tensor])
+        if acc.clamped:
+            acc = self.materialize(acc, node)
+        op = node.target if node.op == "call_function" else getattr(operator, node.target)
+        name = getattr(op, "__name__", str(op))
+        if name in ("mul", "truediv", "div"):
+            k = float(number) if name == "mul" else 1.0 / float(number)
+            return Acc([replace(t, scale=t.scale * k) for t in acc.terms], acc.offset * k, acc.shape)
+        if name in ("add", "sub"):
+            k = float(number)
+            if name == "sub" and tensor is not a:
+                raise self.unsupported(node, "number minus tensor")
+            return replace(acc, offset=acc.offset + (k if name == "add" else -k))
+        raise self.unsupported(node, f"scalar {name}")
+
+    def node(self, node: fx.Node) -> object:
+        if node.op == "placeholder":
+            self.inputs.append(node.name)
+            return FloatInput(node.name, _shape(node))
+        if ir.ACT in node.meta:
+            return self.quantizer(node)
+        if ir.LAYER in node.meta:
+            return self.layer(node)
+        if ir.FLOAT in node.meta:
+            raise self.unsupported(node, f"computed in float ({ir.get(node, ir.FLOAT, ir.FloatRegion).reason})")
+        operands = join_operands(node)
+        if operands is not None:
+            return self.join(node, operands)
+        if node.op == "get_attr":
+            raise self.unsupported(node, "parameters read by the graph")
+        kind = op_kind(self.gm, node)
+        v = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.op == "call_module":
+            return self.module_op(node, v)
+        fname = getattr(node.target, "__name__", str(node.target))
+        if kind == "keep":
+            if fname in ("relu",):
+                return self.relu(node, v)
+            if fname in ("flatten", "view", "reshape", "squeeze", "unsqueeze"):
+                return self.reshape(node, v)
+            if fname in ("contiguous", "clone", "detach", "dropout"):
+                return v
+            if fname in ("max_pool1d", "max_pool2d"):
+                kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
+                return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
+        if kind == "affine" and fname in ("relu6",):
+            return self.clip(node, v, 0.0, 6.0)
+        if kind == "scalar":
+            return self.scalar(node, v)
+        raise self.unsupported(node, f"{fname} has no integer lowering yet")
+
+    def output(self, node: fx.Node) -> str:
+        out = node.args[0]
+        if not isinstance(out, fx.Node):
+            raise self.unsupported(node, "only a single tensor output is supported")
+        acc = self.acc(node, self.values[out])
+        names = [self.const(f"output.scale{t}", t.scale) for t in acc.terms] + [self.const("output.offset", acc.offset)]
+        attrs = {"terms": [[t.buf, t.factor] for t in acc.terms], "clip": [_json_float(acc.lo), _json_float(acc.hi)]}
+        srcs = [t.buf for t in acc.terms] + [t.factor for t in acc.terms if t.factor]
+        return self.emit("dequant", "output", dict.fromkeys(srcs), names, attrs, out.name)
+
+
+def _json_float(x: float) -> float | None:
+    """JSON has no infinity: ``None`` stands for an open end."""
+    return None if math.isinf(x) else float(x)
+
+
+def code_bounds(lo: float, hi: float, step, qmin: int, qmax: int):
+    """Code range after a real clamp ``[lo, hi]``: a monotone quantizer commutes with the clamp,
+    ``round(clip(v, lo, hi) / s) = clip(round(v / s), round(lo / s), round(hi / s))``."""
+    from ..numerics import round_half_even
+
+    lo_c = qmin if lo == -math.inf else np.maximum(qmin, round_half_even(np.float64(lo) / step)).astype(np.int64)
+    hi_c = qmax if hi == math.inf else np.minimum(qmax, round_half_even(np.float64(hi) / step)).astype(np.int64)
+    return (int(lo_c) if np.ndim(lo_c) == 0 else lo_c), (int(hi_c) if np.ndim(hi_c) == 0 else hi_c)
+
+
+def _reshaped(a: np.ndarray, old: tuple[int, ...], new: tuple[int, ...]) -> np.ndarray:
+    """Per-channel arrays follow a reshape: broadcast to the old shape, then reshape (scalars stay)."""
+    if np.ndim(a) == 0:
+        return a
+    return np.ascontiguousarray(np.broadcast_to(a, old)).reshape(new)
+
+
+def _sum_windows(x: np.ndarray, attrs: dict) -> np.ndarray:
+    from .interpreter import window_reduce
+
+    return window_reduce(x, attrs, "sum", 0)
+
+
+def lower(compiled) -> Program:
+    """The integer program of a compiled model (freezes and verifies it first).
+
+    Args:
+        compiled: a :class:`qcompiler.Compiled`.
+    """
+    compiled.freeze()
+    gm = compiled.module
+    lw = _Lowering(gm)
+    out = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out = lw.output(node)
+            continue
+        lw.values[node] = lw.node(node)
+    if len(lw.inputs) != 1 or out is None:
+        raise UnsupportedError("integer backend: the model must have exactly one input and one tensor output")
+    meta = {"quantizers": lw.quantizers, "passes": str(compiled.spec.passes)}
+    return Program(lw.instructions, lw.consts, tuple(lw.inputs), (out,), meta)
+
+
+__all__ = ["Acc", "Grid", "Term", "code_bounds", "lower"]

@@ -1,0 +1,59 @@
+"""Requantization in fixed point: exact integer semantics, saturation and half-to-even ties."""
+
+from fractions import Fraction
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.numerics import shift_round_half_even
+from qcompiler.runtime.fixedpoint import apply, multipliers
+
+
+def round_half_even(q: Fraction) -> int:
+    return round(q)  # Python rounds a Fraction half to even, exactly
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**40), 2**40), st.integers(0, 40))
+def test_shift_round_half_even_is_exact_rounding(acc, shift):
+    assert shift_round_half_even(np.array([acc], dtype=np.int64), shift)[0] == round_half_even(Fraction(acc, 2**shift))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(-(2**20), 2**20), min_size=1, max_size=3),
+    st.lists(st.floats(1e-6, 4.0), min_size=3, max_size=3),
+    st.floats(-100.0, 100.0),
+    st.sampled_from([(-8, 7), (0, 15), (-128, 127), (0, 255)]),
+)
+def test_requant_is_exact_on_its_integers_and_saturates(xs, reals, offset, qrange):
+    reals = reals[: len(xs)]
+    ms, sh, b = multipliers([np.array(r) for r in reals], np.array(offset))
+    got = apply([np.array([x]) for x in xs], ms, sh, b, *qrange)[0]
+    total = sum(x * int(m) for x, m in zip(xs, ms)) + int(b)
+    exact = round_half_even(Fraction(total, 2 ** int(sh)))
+    assert got == min(max(exact, qrange[0]), qrange[1])  # the integer semantics, saturated
+    real = sum(Fraction(x) * Fraction(r) for x, r in zip(xs, reals)) + Fraction(offset)
+    # within a hair of the real value: the lead multiplier is relative 2^-31, the other terms and the
+    # bias are rounded to the lead's shift (half a unit of 2^-sh each)
+    err = abs(Fraction(total, 2 ** int(sh)) - real)
+    unit = Fraction(1, 2 ** int(sh))
+    assert err <= sum(abs(x) * (abs(Fraction(r)) / 2**30 + unit) for x, r in zip(xs, reals)) + unit
+
+
+@given(st.integers(-1000, 1000))
+def test_requant_ties_go_to_even(x):
+    ms, sh, b = multipliers([np.array(0.5)], np.array(0.0))  # 0.5 is exact: odd x lands on a tie
+    got = int(apply([np.array([x])], ms, sh, b, -(2**31), 2**31)[0])
+    assert got == round(Fraction(x, 2))
+
+
+def test_requant_per_channel_shifts():
+    reals = np.array([1e-3, 0.7, 3.0]).reshape(3, 1)
+    ms, sh, b = multipliers([reals], np.array([0.25, -0.5, 0.0]).reshape(3, 1))
+    assert len(set(sh.ravel().tolist())) == 3
+    x = np.arange(-4, 5).reshape(1, 1, 9).repeat(3, axis=1)
+    got = apply([x], ms, sh, b, -100, 100)
+    want = np.rint(x * reals + np.array([0.25, -0.5, 0.0]).reshape(3, 1))
+    assert np.array_equal(got, want)

@@ -1,0 +1,142 @@
+"""Each instruction against a reference formula, and the one-table ISA contract."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qcompiler import numerics
+from qcompiler.quantizers.asq import adapter_forward
+from qcompiler.runtime.interpreter import Interpreter
+from qcompiler.runtime.isa import ISA, Instr, isa_table
+from qcompiler.runtime.program import Program
+
+
+def run1(op, srcs, consts=None, attrs=None, inputs=None):
+    """Run one instruction on the named input arrays."""
+    inputs = inputs or {}
+    names = tuple(inputs)
+    ins = [Instr("concat", "__x", names, (), {"axis": 0})] if len(names) > 1 else []
+    prog = Program([Instr(op, "y", tuple(srcs), tuple(consts or {}), attrs or {}, "layer")], dict(consts or {}), names[:1], ("y",))
+    it = Interpreter(prog)
+    env = dict(inputs)
+    return getattr(it, f"op_{op}")(prog.instructions[0], env)
+
+
+def test_every_declared_op_has_an_interpreter_method_and_a_docs_row():
+    table = isa_table()
+    for name, decl in ISA.items():
+        assert hasattr(Interpreter, f"op_{name}"), name
+        assert f"`{name}`" in table
+        assert decl.cost in {"mac", "shift", "sad", "requant", "cmp", "add", "move", "host"}
+    assert {m[3:] for m in dir(Interpreter) if m.startswith("op_")} == set(ISA)
+
+
+@pytest.mark.parametrize("groups,stride,padding,dilation", [(1, 1, 1, 1), (2, 2, 0, 1), (4, 1, 2, 2), (1, 2, 1, 2)])
+def test_mac_conv2d_equals_exact_convolution(groups, stride, padding, dilation):
+    rng = np.random.default_rng(0)
+    x = rng.integers(-8, 8, size=(3, 4, 7, 6))
+    w = rng.integers(-8, 8, size=(8, 4 // groups, 3, 2))
+    attrs = {"kind": "conv2d", "stride": [stride] * 2, "padding": [padding] * 4, "dilation": [dilation] * 2,
+             "groups": groups}
+    want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride, padding=padding,
+                    dilation=dilation, groups=groups).long().numpy()
+    for exact in (True, False):  # the float64 fast path and the int64 path agree
+        got = run1("mac", ["x"], {"w": w}, attrs | {"exact_f64": exact}, {"x": x})
+        assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
+def test_mac_conv1d_asymmetric_padding_and_linear():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 16, size=(2, 3, 9))
+    w = rng.integers(-7, 8, size=(5, 3, 4))
+    got = run1("mac", ["x"], {"w": w}, {"kind": "conv1d", "stride": [1], "padding": [1, 2], "dilation": [1],
+                                        "groups": 1, "exact_f64": True}, {"x": x})
+    want = F.conv1d(F.pad(torch.from_numpy(x).double(), (1, 2)), torch.from_numpy(w).double()).long().numpy()
+    assert np.array_equal(got, want)
+    x2, w2 = rng.integers(0, 256, size=(4, 10)), rng.integers(-128, 128, size=(3, 10))
+    assert np.array_equal(run1("mac", ["x"], {"w": w2}, {"kind": "linear", "exact_f64": True}, {"x": x2}), x2 @ w2.T)
+
+
+def test_pooling_relu_concat_reshape():
+    rng = np.random.default_rng(2)
+    x = rng.integers(-8, 8, size=(2, 3, 6, 6))
+    win = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1, 1, 1], "dilation": [1, 1]}
+    want_max = F.max_pool2d(torch.from_numpy(x).double(), 3, 2, 1).long().numpy()
+    assert np.array_equal(run1("maxpool", ["x"], None, win | {"pad_value": -8}, {"x": x}), want_max)
+    want_sum = (F.avg_pool2d(torch.from_numpy(x).double(), 3, 2, 1, count_include_pad=True) * 9).round().long().numpy()
+    assert np.array_equal(run1("sumpool", ["x"], None, win, {"x": x}), want_sum)
+    assert np.array_equal(run1("relu", ["x"], None, {}, {"x": x}), np.maximum(x, 0))
+    y = rng.integers(0, 4, size=(2, 1, 6, 6))
+    assert np.array_equal(run1("concat", ["x", "z"], None, {"axis": 1}, {"x": x, "z": y}), np.concatenate([x, y], 1))
+    assert run1("reshape", ["x"], None, {"shape": [108]}, {"x": x}).shape == (2, 108)
+
+
+def test_quantize_is_numerics_quantize_codes():
+    x = np.array([[-1.3, 0.24, 0.25, 0.375, 9.0]])
+    got = run1("quantize", ["x"], None, {"step": 0.25, "qmin": -8, "qmax": 7, "factor": None}, {"x": x})
+    assert np.array_equal(got, numerics.quantize_codes(x, 0.25, -8, 7))
+
+
+def test_asq_beta_equals_adapter_forward():
+    g = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    w2, b2 = torch.randn(1, 4, generator=g, dtype=torch.float64), torch.randn(1, generator=g, dtype=torch.float64)
+    x = np.random.default_rng(3).integers(0, 16, size=(5, 8, 3, 3))
+    consts = {"w1": w1.numpy(), "b1": b1.numpy(), "w2": w2.numpy(), "b2": b2.numpy(), "s": np.array(0.1), "o": np.zeros(())}
+    got = run1("asq_beta", ["x"], consts, {"beta_bound": float(np.log(8.0)), "terms": [["x", None]], "clip": [None, None]}, {"x": x})
+    pooled = torch.from_numpy(x * 0.1).flatten(2).mean(-1)
+    want = adapter_forward(pooled, w1, b1, w2, b2)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+
+
+def test_dequant_is_scale_times_codes_plus_offset():
+    x = np.array([[3, -2], [0, 7]])
+    got = run1("dequant", ["x"], {"s": np.array([0.5, 0.25]), "o": np.array([1.0, -1.0])},
+               {"terms": [["x", None]], "clip": [None, None]}, {"x": x})
+    np.testing.assert_array_equal(got, x * np.array([0.5, 0.25]) + np.array([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("grid", ["pot", "post"])
+def test_shift_acc_is_shifts_and_table_lookups(grid):
+    """Reference: each product written out as a shift (POT) or shift + LUT[|x|] (POST's odd exponents)."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-15, 16, size=(2, 3, 5))
+    sign = rng.integers(-1, 2, size=(4, 3, 2))
+    shift = rng.integers(0, 5, size=(4, 3, 2)) * (sign != 0)
+    odd = (rng.integers(0, 2, size=(4, 3, 2)) == 1) & (sign != 0) if grid == "post" else np.zeros_like(sign, bool)
+    table = numerics.post_table(15)
+    attrs = {"kind": "conv1d", "stride": [1], "padding": [0, 0], "dilation": [1], "groups": 1, "exact_f64": True,
+             "grid": grid, "post_shift": numerics.POST_SHIFT}
+    consts = {"sign": sign, "shift": shift} | ({"odd": odd, "lut": table} if grid == "post" else {})
+    got = run1("shift_acc", ["x"], consts, attrs, {"x": x})
+    want = np.zeros((2, 4, 4), dtype=object)
+    p = numerics.POST_SHIFT if grid == "post" else 0
+    for n in range(2):
+        for o in range(4):
+            for t in range(4):
+                acc = 0
+                for c in range(3):
+                    for k in range(2):
+                        a = int(x[n, c, t + k])
+                        if sign[o, c, k] == 0:
+                            continue
+                        prod = int(table[abs(a)]) * (1 if a >= 0 else -1) if odd[o, c, k] else a << p
+                        acc += int(sign[o, c, k]) * (prod << int(shift[o, c, k]))
+                want[n, o, t] = acc
+    assert np.array_equal(got, want.astype(np.int64))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_sad_is_the_adder_layers_l1_distance(groups):
+    from qcompiler.nn.adder import adder_conv2d
+
+    rng = np.random.default_rng(5)
+    a = [rng.integers(0, 16, size=(2, 4, 5, 5)) for _ in range(2)]  # two scale groups' codes
+    w = rng.integers(-14, 15, size=(6, 4 // groups, 3, 3))
+    group = np.array([0, 1, 1, 0, 1, 0])
+    attrs = {"kind": "adder2d", "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": groups}
+    got = run1("sad", ["a0", "a1"], {"w": w, "g": group}, attrs, {"a0": a[0], "a1": a[1]})
+    for o in range(6):
+        want = -adder_conv2d(torch.from_numpy(a[group[o]]), torch.from_numpy(w), 1, 1, 1, groups)[:, o]
+        assert np.array_equal(got[:, o], want.numpy())
