@@ -273,11 +273,16 @@ def power_levels(bits: int, base: float, dtype: torch.dtype = torch.float32) -> 
 
     >>> power_levels(3, 2.0).tolist()
     [0.0, 0.25, 0.5, 1.0]
+    >>> float(power_levels(3, 2 ** 0.5, torch.float64)[2]) == POST_MANTISSA * 2.0 ** -POST_SHIFT
+    True
     """
     k = 2 ** (bits - 1) - 1  # positive levels
     exps = torch.arange(k - 1, -1, -1, dtype=torch.float64)
     mags = torch.cat([torch.zeros(1, dtype=torch.float64), base ** (-exps)])
-    return mags.to(dtype)
+    # The levels are float32 numbers in every dtype: the deployed table multiplies by
+    # float32's 1/sqrt 2 (POST_MANTISSA * 2^-POST_SHIFT), so a float64 run of the
+    # module (the integer backend's reference) must use the very same levels.
+    return mags.to(torch.float32).to(dtype)
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,9 @@ class PowerGridQuantizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Weights from codes: ``alpha * sign * base^-(m-1)`` (zero for ``m = 0``)."""
-        m = codes.abs().double()
-        mag = torch.where(m > 0, self.base ** (-(m - 1)), torch.zeros_like(m))
+        """Weights from codes: ``alpha * sign * base^-(m-1)`` (zero for ``m = 0``), on the level table."""
+        levels = power_levels(self.bits, self.base, torch.float64)  # levels[K - k] = base^-k
+        m = codes.abs().long()
+        mag = levels[torch.where(m > 0, self.positive_levels - (m - 1), torch.zeros_like(m))]
         alpha = positive(self.alpha).double().view(-1, *([1] * (codes.dim() - 1)))
         return (torch.sign(codes).double() * mag * alpha).to(self.alpha.dtype)
