@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from .spec import QuantSpec
 
 CALIB_BATCH_SIZE = 64
 SAVED_FILES = ("module.pt", "records.pt", "spec.json", "report.txt")
+# Backend products that ``save`` may write beside them (``artifacts=``).
+ARTIFACT_FILES = ("program.npz", "model.onnx")
 
 
 def check_replaceable(path: Path, ours: tuple[str, ...] | str, what: str) -> None:
@@ -91,14 +93,15 @@ class Compiled:
         # No pass ran in this process: the rebuilt report has layers but no pass sections.
         return cls(module, spec, build_report(module, [], 0.0, spec))
 
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, artifacts: dict[str, Callable[[Path], object]] | None = None) -> Path:
         """Write ``module.pt``, ``records.pt``, ``spec.json`` and ``report.txt`` into ``out_dir``.
 
-        The files are written to a temporary folder first and moved into place, so
-        a failure never leaves a half-written output.
+        ``artifacts`` maps more file names (``program.npz``, ``model.onnx``) to
+        functions that write that file. Everything is written to a temporary folder
+        first and moved into place, so a failure never leaves a half-written output.
         """
         out = Path(out_dir)
-        check_replaceable(out, SAVED_FILES, "output folder")
+        check_replaceable(out, SAVED_FILES + ARTIFACT_FILES, "output folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.freeze()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -109,6 +112,9 @@ class Compiled:
             torch.save(records, tmp / "records.pt")
             (tmp / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
             (tmp / "report.txt").write_text(self.report.text() + "\n")
+            for name, write in (artifacts or {}).items():
+                assert name in ARTIFACT_FILES, name
+                write(tmp / name)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")
     p.add_argument("--seed", type=int, help="seed for calibration order, ASQ adapter initialisation and QAT (default: 0)")
+    p.add_argument("--emit", action="append", default=[], choices=["int"],
+                   help="also produce a backend form: int = the integer program (program.npz in --out; prints its costs)")
+    p.add_argument("--verify-int", action="store_true",
+                   help="run the integer program and the fake-quant module on the test set and print their agreement per layer")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -151,9 +155,20 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     if args.dump_ir:
         _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")
+    artifacts = {}
+    if "int" in args.emit or args.verify_int:
+        program = compiled.lower()
+        x = data.x_test.numpy()
+        if "int" in args.emit:
+            print("\nInteger program (costs per test sample):")
+            print(program.costs(x[:1]).text())
+            artifacts["program.npz"] = program.save
+        if args.verify_int:
+            print("\nInteger program vs fake-quant module (float64), test set:")
+            print(program.verify(compiled, x).text())
     if args.out:
-        compiled.save(args.out)
-        print(f"wrote {args.out}/ ({', '.join(SAVED_FILES)})")
+        compiled.save(args.out, artifacts)
+        print(f"wrote {args.out}/ ({', '.join([*SAVED_FILES, *artifacts])})")
 
 
 def _move_into(src: Path, dst: Path) -> None:

@@ -165,6 +165,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, files: Files) -> dict[str, Ru
         "happy": _happy_args(files),
         # No --out: saving is covered by the happy path; this checks loading with --allow-pickle.
         "allow_pickle": [str(files.pickled), "--allow-pickle", "--passes", "lsq", "--bits", "3", "--dump-ir", "ir"],
+        "emit_int": [str(files.checkpoint), "--passes", "asq,post", "--bits", "4", "--emit", "int", "--verify-int", "--out", "out"],
         **{name: make(files) for name, make in BAD.items()},
     }
     works = {name: tmp_path_factory.mktemp(name) for name in jobs}
@@ -270,3 +271,45 @@ def test_existing_folder_with_user_files_is_not_wiped(
     # Refusing (exit 2) or writing beside the file are both fine; deleting it is not.
     assert code in (0, 2)
     assert (keep / "notes.txt").read_text() == "precious\n"
+
+
+def test_emit_int_writes_a_program_that_agrees_with_the_module(runs: dict[str, Run], files: Files, tmp_path: Path) -> None:
+    from qcompiler import Compiled
+    from qcompiler.runtime.program import Program
+    from qcompiler.runtime.run import main as run_main
+
+    run = runs["emit_int"]
+    assert run.returncode == 0, run.stderr
+    assert "Integer program (costs per test sample):" in run.stdout and "energy ratio" in run.stdout
+    agree = float(run.stdout.split("classes agree ")[1].split(";")[0])
+    assert agree >= 0.995, run.stdout
+    assert (run.out / "program.npz").is_file() and "program.npz" in run.stdout
+    # The saved program reloads and computes the saved module's classes; qcompile-run prints them.
+    x = load_digits().x_test[:16]
+    program = Program.load(run.out / "program.npz")
+    module = Compiled.load(run.out).module
+    expected = module(x).argmax(1).tolist()
+    assert program.run(x.numpy()).argmax(1).tolist() == expected
+    np.savez(tmp_path / "in.npz", x=x.numpy())
+    assert run_main([str(run.out / "program.npz"), str(tmp_path / "in.npz"), "--out", str(tmp_path / "logits.npz")]) == 0
+    with np.load(tmp_path / "logits.npz") as z:
+        assert z["logits"].argmax(1).tolist() == expected
+
+
+def test_qcompile_run_bad_inputs_are_one_line(runs: dict[str, Run], tmp_path: Path, capsys) -> None:
+    from qcompiler.runtime.run import main as run_main
+
+    program = runs["emit_int"].out / "program.npz"
+    truncated = tmp_path / "cut.npz"
+    truncated.write_bytes(program.read_bytes()[:2000])
+    np.savez(tmp_path / "in.npz", y=np.zeros(3))
+    cases = {
+        "missing input": ([str(program), str(tmp_path / "none.npz")], "does not exist"),
+        "wrong key": ([str(program), str(tmp_path / "in.npz")], "has no array 'x'"),
+        "truncated program": ([str(truncated), str(tmp_path / "in.npz")], "not a valid integer program"),
+    }
+    for name, (argv, fragment) in cases.items():
+        assert run_main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qcompile-run: error:") and fragment in err[0], (name, err)
+    assert not (tmp_path / "logits.npz").exists()
