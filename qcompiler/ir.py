@@ -206,7 +206,7 @@ class WeightCodes:
     bits: int
     qmin: int
     qmax: int
-    codes: torch.Tensor  # int64, the weight's shape
+    codes: torch.Tensor  # the weight's shape; int8 up to 8 bits, int16 up to 16 (numerics.code_dtype)
     scale: torch.Tensor  # float32, per output channel
     bias: torch.Tensor | None  # the layer's float bias, if any
     base: float = 0.0  # power grids: 2 or sqrt 2

@@ -100,16 +100,35 @@ def quantize_float(x: Array, step: Step, qmin: int, qmax: int) -> Array:
     return round_clamp_(x / step, qmin, qmax)
 
 
-def quantize_codes(x: Array, step: Step, qmin: int, qmax: int) -> Array:
-    """Integer codes ``clamp(round(x / step), qmin, qmax)`` as int64 (what a deployed model stores).
+def quantize_codes(x: Array, step: Step, qmin: int, qmax: int, narrow_dtype: bool = False) -> Array:
+    """Integer codes ``clamp(round(x / step), qmin, qmax)`` (what a deployed model stores).
+
+    int64, or with ``narrow_dtype`` the narrowest signed integer type that holds
+    ``[qmin, qmax]`` (:func:`code_dtype`), as stored weights are.
 
     >>> quantize_codes(torch.tensor([-0.3, 0.26, 0.625, 9.0]), torch.tensor(0.25), -8, 7)
     tensor([-1,  1,  2,  7])
     >>> quantize_codes(np.array([-0.3, 0.26, 0.625, 9.0], dtype=np.float32), np.float32(0.25), -8, 7)
     array([-1,  1,  2,  7])
+    >>> quantize_codes(torch.tensor([0.3, -9.0]), 0.25, -8, 7, narrow_dtype=True)
+    tensor([ 1, -8], dtype=torch.int8)
     """
     q = quantize_float(x, step, qmin, qmax)
-    return q.to(torch.int64) if isinstance(q, torch.Tensor) else q.astype(np.int64)
+    dtype = code_dtype(qmin, qmax) if narrow_dtype else torch.int64
+    return q.to(dtype) if isinstance(q, torch.Tensor) else q.astype(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest signed integer type holding every code in ``[qmin, qmax]``.
+
+    >>> code_dtype(-128, 127), code_dtype(0, 255), code_dtype(-7, 7)
+    (torch.int8, torch.int16, torch.int8)
+    """
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    return torch.int64
 
 
 # --------------------------------------------------------------------------- adder layers

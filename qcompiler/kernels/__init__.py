@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -85,9 +86,14 @@ def _load() -> ModuleType | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob(f"{name}*.so")):
         print("qcompiler: compiling the fused quantizer kernels (first use only, ~1 min)", file=sys.stderr)
+    # Build from a copy inside the cache entry: ninja rebuilds whenever the source's
+    # path changes, so two checkouts sharing the cache would otherwise rebuild in turn.
+    source = build_dir / SOURCE.name
+    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+        shutil.copyfile(SOURCE, source)
     try:
         return cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=_cflags(), extra_ldflags=LDFLAGS, build_directory=str(build_dir)
+            name, [str(source)], extra_cflags=_cflags(), extra_ldflags=LDFLAGS, build_directory=str(build_dir)
         )
     except Exception as exc:  # no compiler, no ninja, headers missing: all mean "use eager"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -51,18 +51,18 @@ def weight_codes(gm: fx.GraphModule, layer: fx.Node) -> ir.WeightCodes:
     bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
     if isinstance(module, QAdderConv2d):
         lo, hi = numerics.int_range(module.weight_bits, signed=True, narrow=True)
-        codes = module.weight_codes().to(torch.int64)
+        codes = module.weight_codes().to(numerics.code_dtype(lo, hi))
         return ir.WeightCodes(grid, module.weight_bits, lo, hi, codes, module.weight_steps().clone(), bias)
     q = module.weight_quant
     if isinstance(q, PowerGridQuantizer):
-        codes = q.codes(weight)
+        codes = q.codes(weight).to(numerics.code_dtype(-q.positive_levels, q.positive_levels))
         post = q.grid == "post"
         return ir.WeightCodes(
             grid, q.bits, -q.positive_levels, q.positive_levels, codes, positive(q.alpha.detach()).clone(), bias,
             base=q.base, max_exponent=numerics.largest_exponent(codes),
             post_mantissa=numerics.POST_MANTISSA if post else 0, post_shift=numerics.POST_SHIFT if post else 0,
         )
-    return ir.WeightCodes(grid, q.bits, q.qmin, q.qmax, q.codes(weight), positive(q.step.detach()).clone(), bias)
+    return ir.WeightCodes(grid, q.bits, q.qmin, q.qmax, q.codes(weight, narrow_dtype=True), positive(q.step.detach()).clone(), bias)
 
 
 def float_reason(gm: fx.GraphModule, node: fx.Node, domains) -> str:

@@ -210,6 +210,6 @@ class UniformQuantizer(nn.Module):
         return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
 
     @torch.no_grad()
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes the deployed model stores for ``x``."""
-        return quantize_codes(x, self._step_view(x), self.qmin, self.qmax)
+    def codes(self, x: torch.Tensor, narrow_dtype: bool = False) -> torch.Tensor:
+        """Integer codes the deployed model stores for ``x`` (int64, or the narrowest type that holds them)."""
+        return quantize_codes(x, self._step_view(x), self.qmin, self.qmax, narrow_dtype)

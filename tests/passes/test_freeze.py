@@ -25,7 +25,8 @@ def _assert_records_equal_module_state(gm):
     for layer in ir.compute_layers(gm):
         codes = ir.get(layer, ir.CODES, ir.WeightCodes)
         module = gm.get_submodule(layer.target)
-        assert torch.equal(codes.codes, module.weight_quant.codes(module.weight.detach()))
+        assert torch.equal(codes.codes.long(), module.weight_quant.codes(module.weight.detach()))
+        assert codes.codes.dtype == (torch.int8 if codes.bits <= 8 else torch.int16)
         assert codes.qmin <= int(codes.codes.min()) and int(codes.codes.max()) <= codes.qmax
         if codes.grid == "post":
             assert codes.max_exponent == numerics.largest_exponent(codes.codes)
