@@ -81,6 +81,29 @@ class Compiled:
         self.freeze()
         return lower(self)
 
+    def export_onnx(self, path: str | Path, format: str = "custom") -> Path:  # noqa: A002 - the issue's name
+        """Write this model as ONNX (:mod:`qcompiler.runtime.onnx_export`); freezes and verifies first.
+
+        ``format`` is ``"custom"`` (our ``qcompiler`` ops, every scheme) or ``"qdq"``
+        (standard QuantizeLinear/DequantizeLinear, uniform schemes). The write is atomic.
+
+        >>> compiled.export_onnx("model.onnx")  # doctest: +SKIP
+        """
+        from .runtime.onnx_export import export_onnx
+
+        return export_onnx(self, path, format)
+
+    def verify_onnx(self, path: str | Path, x: torch.Tensor, batch_size: int = 64):
+        """Run the exported file in onnxruntime and this module on ``x``: max |diff| over the output range, classes.
+
+        >>> compiled.verify_onnx("model.onnx", data.x_test).ok()  # doctest: +SKIP
+        True
+        """
+        from .runtime.onnx_export import onnx_parity
+
+        self.freeze()
+        return onnx_parity(self, path, x, batch_size)
+
     @classmethod
     def load(cls, out_dir: str | Path) -> Compiled:
         """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""

@@ -1,0 +1,214 @@
+"""ONNX export (custom form): valid files, deterministic bytes, parity with the fake-quant module, op bodies."""
+
+import dataclasses
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from qcompiler import ir
+from qcompiler.data import load_digits
+from qcompiler.errors import QCompileError
+from qcompiler.numerics import int_range
+from qcompiler.quantizers.adder import QAdderConv2d
+from qcompiler.quantizers.asq import ASQQuantizer
+from qcompiler.quantizers.power_grid import PowerGridQuantizer
+from qcompiler.quantizers.uniform import UniformQuantizer
+from qcompiler.runtime import onnx_ops
+from qcompiler.runtime.onnx_export import ExportError, onnx_parity, session, to_onnx
+from qcompiler.nn.adder import AdderConv2d
+from qcompiler.zoo import adder_resnet20, plain_cnn, resnet20
+
+MODELS = {
+    "resnet20": lambda: resnet20(in_channels=1, width=4),
+    "plain_cnn": lambda: plain_cnn(width=4),
+    "adder_resnet20": lambda: adder_resnet20(in_channels=1, width=4),
+}
+SCHEMES = {
+    "resnet20": ["lsq", "lsq,pot", "lsq,post", "asq", "asq,post"],
+    "plain_cnn": ["lsq", "lsq,pot", "lsq,post", "asq", "asq,post"],
+    "adder_resnet20": ["outlier-clamp,adder-groups", "adder-shared"],
+}
+CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
+
+# ORT's convolution (MLAS) and torch's (oneDNN) sum in different orders, so a conv output can
+# differ in its last bit. Where the exact value lies within ~1e-7 of a rounding tie of the next
+# quantizer, the two float32 runs round to different codes (the float64 module agrees with
+# neither more than with the other); on these seeds and shapes that happens here, one code of a
+# background value that the residual stream then carries (untrained models: batch norm is the
+# identity, so a background value sits at half the join quantizer's max-calibrated range, x/step =
+# 63.500001 against a step of max/127). Classes still agree on every sample; every other case
+# agrees to 1.2e-7 of the output range.
+NEAR_TIE = {("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
+            ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(model: str, passes: str, bits: int):
+    torch.manual_seed(0)
+    c = qcompiler.compile(MODELS[model](), qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits),
+                          calib_data=load_digits())
+    c.freeze()
+    return c
+
+
+def run(model: onnx.ModelProto, **feeds) -> np.ndarray:
+    return session(model).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("model,passes", CASES)
+def test_checker_and_shape_inference(model, passes):
+    m = to_onnx(compiled(model, passes, 4).module)
+    onnx.checker.check_model(m, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+    shaped = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    fx_names = {n.name for n in compiled(model, passes, 4).module.graph.nodes} | {"output"}
+    for node in inferred.graph.node:
+        for out in node.output:
+            t = shaped[out].type.tensor_type
+            assert t.HasField("shape"), out
+            dims = t.shape.dim
+            assert all(d.HasField("dim_value") or d.HasField("dim_param") for d in dims), out
+            if out in fx_names:  # activations: a dynamic batch, static per-sample shape
+                assert dims[0].dim_param == "N" and all(d.HasField("dim_value") for d in dims[1:]), out
+    assert m.opset_import[0].version == onnx_ops.OPSET
+
+
+def test_reexport_is_byte_identical_and_atomic(tmp_path):
+    c = compiled("resnet20", "asq,post", 4)
+    a = c.export_onnx(tmp_path / "a.onnx")
+    b = c.export_onnx(tmp_path / "b.onnx")
+    assert a.read_bytes() == b.read_bytes()
+    c.export_onnx(tmp_path / "a.onnx")  # replacing an existing file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]  # no temporary file left
+
+
+def test_low_bit_weights_are_integer_codes():
+    m = to_onnx(compiled("resnet20", "lsq", 4).module)
+    kinds = {i.name: i.data_type for i in m.graph.initializer}
+    assert kinds["stages_0_conv1.codes"] == onnx.TensorProto.INT4
+    assert kinds["stem_0.codes"] == onnx.TensorProto.INT8  # pinned at 8 bits
+    post = to_onnx(compiled("resnet20", "lsq,post", 4).module)
+    ops = {n.op_type for n in post.graph.node} | {n.op_type for f in post.functions for n in f.node}
+    assert "PowerGridDecode" in ops and "Gather" in ops and "Pow" not in ops
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("model,passes", CASES)
+def test_parity_with_fake_quant_module(model, passes, bits):
+    c = compiled(model, passes, bits)
+    parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
+    assert parity.classes_agree == 1.0, parity.text()  # every case, the near-tie ones included
+    within = parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6)
+    if (model, passes, bits) in NEAR_TIE:
+        assert not within, "the near tie no longer flips: remove the case from NEAR_TIE"
+        pytest.xfail(f"one near-tie code (float32 conv summation order): {parity.text()}")
+    assert within, parity.text()
+
+
+def test_verify_onnx_api(tmp_path):
+    c = compiled("plain_cnn", "lsq,post", 4)
+    parity = c.verify_onnx(c.export_onnx(tmp_path / "m.onnx"), load_digits().x_test[:64])
+    assert parity.ok() and parity.samples == 64 and "classes agree 100.00 %" in parity.text()
+
+
+# --------------------------------------------------------------------------- function bodies on edge values
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (2, True), (4, True), (8, False), (8, True)])
+def test_uniform_quantize_body_matches_lsq(bits, signed):
+    q = UniformQuantizer(bits, signed)
+    q.step.data.fill_(0.25)
+    qmin, qmax = int_range(bits, signed)
+    ties = (np.arange(qmin - 2, qmax + 3) + 0.5) * 0.25  # every .5 tie, beyond both clamp limits
+    x = np.concatenate([ties, [0.0, -0.0, qmin * 0.25, qmax * 0.25, 1e9, -1e9]]).astype(np.float32)
+    m = onnx_ops.op_model("UniformQuantize", {"x": x, "step": np.float32(0.25)}, qmin=qmin, qmax=qmax)
+    got = run(m, x=x)
+    with torch.no_grad():
+        want = q(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, onnx_ops.reference("UniformQuantize", x, 0.25, qmin=qmin, qmax=qmax))
+
+
+def test_asq_quantize_body_matches_asq_quantizer():
+    torch.manual_seed(0)
+    q = ASQQuantizer(4, signed=True, channels=8, generator=torch.Generator().manual_seed(1)).eval()
+    q.step.data.fill_(0.1)
+    nn.init.normal_(q.adapter.fc2.weight, std=0.5)  # betas well away from 1
+    x = torch.randn(5, 8, 4, 4)
+    x[0] = 0.0  # a zero sample
+    x[1, :, 0, 0] = 50.0  # clamp limits
+    ins = {"x": x.numpy(), "step": np.float32(0.1)} | {k: v.detach().numpy() for k, v in zip(
+        ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), q.adapter.weights())}
+    m = onnx_ops.op_model("AsqQuantize", ins, qmin=q.qmin, qmax=q.qmax)
+    got = run(m, x=ins["x"])
+    with torch.no_grad():
+        want, step = q(x).numpy(), q.sample_step(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.rint(got / step), np.rint(want / step))  # the same codes
+
+
+@pytest.mark.parametrize("grid", ["pot", "post"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_power_grid_decode_body_matches_quantizer(grid, bits):
+    from qcompiler.runtime.onnx_export import _int_codes, _signed_levels
+
+    k = 2 ** (bits - 1) - 1
+    q = PowerGridQuantizer(bits, grid, channels=2)
+    q.alpha.data.copy_(torch.tensor([0.75, 1.5]))
+    codes = torch.arange(-k, k + 1).repeat(2, 1)  # every code: zero, the largest and the smallest level
+    w = q.decode(codes)
+    with torch.no_grad():
+        want = q(w).numpy()  # levels project onto themselves
+    assert torch.equal(q.codes(w), codes)
+    rec = ir.WeightCodes(grid, bits, -k, k, codes, q.alpha.detach(), None, base=q.base,
+                         post_mantissa=0xB504F3 if grid == "post" else 0, post_shift=24 if grid == "post" else 0)
+    ins = {"codes": _int_codes(codes.numpy(), bits), "table": _signed_levels(rec, k),
+           "alpha": q.alpha.detach().numpy().reshape(2, 1)}
+    got = run(onnx_ops.op_model("PowerGridDecode", ins, dynamic=(), levels=k))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, onnx_ops.reference("PowerGridDecode", codes.numpy(), ins["table"], ins["alpha"], levels=k))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_adder_conv_body_matches_quantized_adder(bits):
+    torch.manual_seed(0)
+    layer = AdderConv2d(3, 5, kernel_size=3, stride=1, padding=1, bias=False)
+    step = 0.125
+    q = QAdderConv2d.from_float(layer, torch.zeros(5), torch.tensor([step]), bits, bits)
+    qmax = 2**bits - 1
+    x = (torch.randint(0, 2 * qmax + 4, (2, 3, 6, 6)).float() * 0.5 + 0.5) * step  # .5 ties and values past qmax
+    x[0, 0] = 0.0
+    w = (q.weight_codes() * q.weight_step_ratio).numpy()
+    at = dict(qmax=qmax, kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    got = run(onnx_ops.op_model("AdderConv2d", {"x": x.numpy(), "step": np.float32(step), "w": w}, **at), x=x.numpy())
+    with torch.no_grad():
+        want = q.eval()(x).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_non_positive_step_is_refused():
+    c = compiled("plain_cnn", "lsq", 4)
+    gm = c.module
+    node = next(n for n in gm.graph.nodes if ir.STEP in n.meta)
+    old = node.meta[ir.STEP]
+    try:
+        for bad in (0.0, -0.5, float("nan")):
+            node.meta[ir.STEP] = dataclasses.replace(old, step=bad)
+            with pytest.raises(ExportError, match=f"{node.name}.*must be positive and finite") as err:
+                to_onnx(gm)
+            assert isinstance(err.value, QCompileError) and "\n" not in str(err.value)
+    finally:
+        node.meta[ir.STEP] = old
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ExportError, match="custom"):
+        to_onnx(compiled("plain_cnn", "lsq", 4).module, "tflite")
