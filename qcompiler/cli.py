@@ -48,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")
     p.add_argument("--seed", type=int, help="seed for calibration order, ASQ adapter initialisation and QAT (default: 0)")
-    p.add_argument("--emit", action="append", default=[], choices=["int"],
-                   help="also produce a backend form: int = the integer program (program.npz in --out; prints its costs)")
+    p.add_argument("--emit", action="append", default=[], choices=["int", "onnx"],
+                   help="also produce a backend form (repeatable): int = the integer program (program.npz in --out; "
+                        "prints its costs), onnx = model.onnx in --out")
+    p.add_argument("--onnx-format", default="custom", choices=["custom", "qdq"],
+                   help="custom: our qcompiler ops with standard-op function bodies (every scheme, default); "
+                        "qdq: QuantizeLinear/DequantizeLinear for onnxruntime's int8 kernels (uniform schemes)")
+    p.add_argument("--verify-onnx", action="store_true",
+                   help="export, run the file in onnxruntime and the fake-quant module on the test set, print their agreement")
     p.add_argument("--verify-int", action="store_true",
                    help="run the integer program and the fake-quant module on the test set and print their agreement per layer")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
@@ -166,6 +172,17 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
         if args.verify_int:
             print("\nInteger program vs fake-quant module (float64), test set:")
             print(program.verify(compiled, x).text())
+    if "onnx" in args.emit or args.verify_onnx:
+        onnx_tmp = Path(tempfile.mkdtemp(prefix="qcompile-onnx-")) / "model.onnx"
+        try:
+            compiled.export_onnx(onnx_tmp, format=args.onnx_format)
+            if args.verify_onnx:
+                print("\n" + compiled.verify_onnx(onnx_tmp, data.x_test).text())
+            if "onnx" in args.emit:
+                artifacts["model.onnx"] = lambda path, src=onnx_tmp.read_bytes(): path.write_bytes(src)
+                print(f"\nONNX ({args.onnx_format} form): {onnx_tmp.stat().st_size} bytes")
+        finally:
+            shutil.rmtree(onnx_tmp.parent, ignore_errors=True)
     if args.out:
         compiled.save(args.out, artifacts)
         print(f"wrote {args.out}/ ({', '.join([*SAVED_FILES, *artifacts])})")

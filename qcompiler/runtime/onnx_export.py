@@ -430,9 +430,7 @@ def to_onnx(gm: fx.GraphModule, fmt: str = "custom") -> onnx.ModelProto:
     if fmt not in FORMATS:
         raise ExportError(f"unknown ONNX format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "qdq":
-        from .onnx_qdq import to_qdq
-
-        return to_qdq(gm)
+        raise ExportError("the qdq ONNX form is not available yet; use the custom form (--onnx-format custom)")
     em = _Emitter(gm, fmt)
     output = None
     for node in gm.graph.nodes:
