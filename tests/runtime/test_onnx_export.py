@@ -212,3 +212,78 @@ def test_non_positive_step_is_refused():
 def test_unknown_format_is_refused():
     with pytest.raises(ExportError, match="custom"):
         to_onnx(compiled("plain_cnn", "lsq", 4).module, "tflite")
+
+
+# --------------------------------------------------------------------------- QDQ form
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    """The op counts of the graph onnxruntime runs after its optimizers (QDQ fusion included)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    session(model, opts)
+    ops: dict[str, int] = {}
+    for n in onnx.load(opts.optimized_model_filepath).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
+    c = compiled("resnet20", "lsq", 8)
+    m = to_onnx(c.module, "qdq")
+    onnx.checker.check_model(m, full_check=True)
+    assert not {"BatchNormalization", "Relu"} & {n.op_type for n in m.graph.node}  # folded / clamped by the quantizer
+    ops = optimized_ops(m, tmp_path)
+    layers = len(ir.compute_layers(c.module))
+    assert ops.get("QLinearConv", 0) + ops.get("QGemm", 0) == layers, ops
+    assert ops.get("QLinearAdd", 0) == 9 and "Conv" not in ops and "Add" not in ops, ops
+    parity = onnx_parity(c, m, load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qdq_narrow_lsq_agrees(bits):
+    c = compiled("plain_cnn", "lsq", bits)
+    parity = onnx_parity(c, to_onnx(c.module, "qdq"), load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+def test_qdq_negative_gamma_flips_codes_or_keeps_a_negative_step():
+    import copy
+
+    from qcompiler.runtime.onnx_qdq import fold_sign
+
+    f = fold_sign(np.array([[3, -128], [5, -7]]), np.array([0.5, 0.25]), np.array([-1.0, -2.0]), -128)
+    assert f.codes.tolist() == [[3, -128], [-5, 7]] and f.scale.tolist() == [-0.5, 0.5] and f.negative_steps == 1
+    c = copy.copy(compiled("resnet20", "lsq", 8))
+    c.module = copy.deepcopy(c.module)
+    with torch.no_grad():
+        for m in c.module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[::2] *= -1  # every other channel negative
+        node = next(n for n in c.module.graph.nodes if n.name == "stages_0_conv1")
+        conv = c.module.get_submodule(node.target)
+        conv.weight[0, 0, 0, 0] = -1e3  # clamps to code -128 in channel 0, whose gamma is negative
+    c.freeze()
+    assert node.meta[ir.CODES].codes[0].min() == -128
+    m = to_onnx(c.module, "qdq")
+    scales = [numpy_helper_to_array(i) for i in m.graph.initializer if i.name.endswith("conv1.scale")]
+    assert any((s < 0).any() for s in scales) and all((s > 0).any() for s in scales)  # both ways taken
+    parity = onnx_parity(c, m, load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+def numpy_helper_to_array(t: onnx.TensorProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(t)
+
+
+@pytest.mark.parametrize("model,passes,what", [
+    ("resnet20", "asq", "per-sample step"), ("resnet20", "lsq,post", "post weights"),
+    ("adder_resnet20", "outlier-clamp,adder-groups", "adder")])
+def test_qdq_refuses_what_it_cannot_express(model, passes, what):
+    with pytest.raises(ExportError, match=f"{what}.*custom form") as err:
+        to_onnx(compiled(model, passes, 4).module, "qdq")
+    assert "\n" not in str(err.value)
