@@ -29,7 +29,7 @@ Example:
     ...                       qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
     >>> c.freeze(); model = to_onnx(c.module)
     >>> [n.op_type for n in model.graph.node]
-    ['UniformQuantize', 'DequantizeLinear', 'Gemm', 'Relu', 'UniformQuantize', 'DequantizeLinear', 'Gemm', 'Identity']
+    ['UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Relu', 'UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Identity']
 """
 
 from __future__ import annotations
@@ -129,9 +129,12 @@ class _Emitter:
         _positive(scale, f"layer {name!r} weight scale")
         stored = self.init(f"{name}.codes", _int_codes(c, codes.bits))
         if codes.grid == "uniform":
-            zero = self.init(f"{name}.zero_point", np.zeros(scale.shape, dtype=_code_dtype(codes.bits)))
-            s = self.init(f"{name}.scale", scale)
-            return self.node("DequantizeLinear", [stored, s, zero], f"{name}.weight", f"{name}/weight", axis=0)
+            # Cast and Mul, not DequantizeLinear: onnxruntime folds these constants once at load
+            # (its constant folding leaves DequantizeLinear alone, for QDQ fusion), and Cast of an
+            # integer code times a float32 step is the same single rounding
+            s = self.init(f"{name}.scale", scale.reshape(-1, *([1] * (c.ndim - 1))))
+            exact = self.node("Cast", [stored], f"{name}.codes_f", f"{name}/cast", to=TensorProto.FLOAT)
+            return self.node("Mul", [exact, s], f"{name}.weight", f"{name}/weight")
         if codes.grid in ("pot", "post"):
             levels = max(abs(codes.qmin), abs(codes.qmax))
             table = self.init(f"{name}.levels", _signed_levels(codes, levels))
@@ -489,12 +492,24 @@ class OnnxParity:
                 f"{self.output_range:.3g}; classes agree {100 * self.classes_agree:.2f} % of {self.samples}")
 
 
-def session(model: onnx.ModelProto | str | Path, options=None):
-    """A stock CPU ``onnxruntime`` session (no extension library) on a model or a file."""
+# onnxruntime rewrites that change float32 arithmetic, not the function: folding a batch norm
+# (or a constant Mul/Add) into the convolution's weights rounds differently from running it after
+# the convolution, and the NCHWc convolution kernels (chosen once the weights are constants) sum
+# in another order. Parity checks the file as written, so it runs without them; deployment keeps them.
+REASSOCIATING = ("ConvBNFusion", "ConvMulFusion", "ConvAddFusion", "NchwcTransformer")
+
+
+def session(model: onnx.ModelProto | str | Path, options=None, as_written: bool = False):
+    """A stock CPU ``onnxruntime`` session (no extension library) on a model or a file.
+
+    ``as_written`` turns off the optimizers (:data:`REASSOCIATING`) that fold one float op into
+    another and so round differently from the file's op-by-op arithmetic.
+    """
     import onnxruntime as ort
 
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    extra = {"disabled_optimizers": list(REASSOCIATING)} if as_written else {}
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"], **extra)
 
 
 @torch.no_grad()
@@ -506,7 +521,7 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
     >>> parity.ok()  # doctest: +SKIP
     True
     """
-    sess = session(model, options)
+    sess = session(model, options, as_written=True)
     name = sess.get_inputs()[0].name
     module = compiled.module.eval()
     got, want = [], []

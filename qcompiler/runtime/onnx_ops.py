@@ -142,7 +142,9 @@ def _asq_quantize(b: _Body) -> None:
 
 def _power_grid_decode(b: _Body) -> None:
     # integer codes (INT4/INT8) to exact floats, shifted to table indices 0 .. 2 * levels
-    codes = b.op("DequantizeLinear", "codes", b.const(1.0))
+    # (Cast, not DequantizeLinear: onnxruntime constant-folds a Cast of initializers, so the
+    # table lookup runs once at load)
+    codes = b.op("Cast", "codes", to=TensorProto.FLOAT)
     index = b.op("Cast", b.op("Add", codes, b.attr_const("levels", "int")), to=TensorProto.INT64)
     b.op("Mul", b.op("Gather", "table", index, axis=0), "alpha", out="w")
 

@@ -43,6 +43,10 @@ CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 # identity, so a background value sits at half the join quantizer's max-calibrated range, x/step =
 # 63.500001 against a step of max/127). Classes still agree on every sample; every other case
 # agrees to 1.2e-7 of the output range.
+# Whether such a case flips also depends on the process (run alone, resnet20 lsq 2-bit flips; after
+# the other cases it does not: torch's convolution picks its algorithm per process state), so a
+# NEAR_TIE case may pass; one outside the set must. Parity runs the file as written, without
+# onnxruntime's Conv+BatchNorm folding and NCHWc kernels (onnx_export.REASSOCIATING).
 NEAR_TIE = {("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
             ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)}
 
@@ -104,8 +108,7 @@ def test_parity_with_fake_quant_module(model, passes, bits):
     parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
     assert parity.classes_agree == 1.0, parity.text()  # every case, the near-tie ones included
     within = parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6)
-    if (model, passes, bits) in NEAR_TIE:
-        assert not within, "the near tie no longer flips: remove the case from NEAR_TIE"
+    if (model, passes, bits) in NEAR_TIE and not within:
         pytest.xfail(f"one near-tie code (float32 conv summation order): {parity.text()}")
     assert within, parity.text()
 
