@@ -135,9 +135,13 @@ def _asq_quantize(b: _Body) -> None:
     bound = b.attr_const("beta_bound", "float", as_float=False)
     beta = b.op("Exp", b.op("Mul", bound, b.op("Tanh", b.op("Div", z, bound))))  # the same order as the module
     step = b.op("Mul", "step", beta)  # (N, 1): one step per sample
-    flat = b.op("Reshape", "x", b.const([0, -1], np.int64))
-    codes = b.quantize(flat, step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
-    b.op("Reshape", b.op("Mul", codes, step), b.op("Shape", "x"), out="y")
+    # the step as (N, 1, ..., 1) to broadcast over x, rather than x reshaped to (N, -1) and back:
+    # x's rank and per-sample shape are static, so onnxruntime folds these shape ops at load
+    ones = b.op("ConstantOfShape", b.op("Shape", b.op("Shape", "x", start=1)),
+                value=onnx.numpy_helper.from_array(np.ones(1, np.int64)))
+    step = b.op("Reshape", step, b.op("Concat", b.const([-1], np.int64), ones, axis=0))
+    codes = b.quantize("x", step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
+    b.op("Mul", codes, step, out="y")
 
 
 def _power_grid_decode(b: _Body) -> None:
