@@ -137,11 +137,13 @@ def _asq_quantize(b: _Body) -> None:
     step = b.op("Mul", "step", beta)  # (N, 1): one step per sample
     # the step as (N, 1, ..., 1) to broadcast over x, rather than x reshaped to (N, -1) and back:
     # x's rank and per-sample shape are static, so onnxruntime folds these shape ops at load
-    ones = b.op("ConstantOfShape", b.op("Shape", b.op("Shape", "x", start=1)),
-                value=onnx.numpy_helper.from_array(np.ones(1, np.int64)))
+    # (ones from x's per-sample shape by Mul and Add, which ONNX shape inference propagates)
+    ones = b.op("Add", b.op("Mul", b.op("Shape", "x", start=1), b.const(0, np.int64)), b.const(1, np.int64))
     step = b.op("Reshape", step, b.op("Concat", b.const([-1], np.int64), ones, axis=0))
     codes = b.quantize("x", step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
-    b.op("Mul", codes, step, out="y")
+    # a zero-copy Reshape to x's shape, so shape inference (which does not see through the
+    # step's shape) knows y's
+    b.op("Reshape", b.op("Mul", codes, step), b.op("Shape", "x"), out="y")
 
 
 def _power_grid_decode(b: _Body) -> None:
@@ -200,7 +202,7 @@ def make_node(name: str, inputs: list[str], outputs: list[str], node_name: str, 
     missing = {k for k, a in decl.items() if a.required and k not in attrs}
     assert not unknown and not missing, f"{name}: unknown {sorted(unknown)}, missing {sorted(missing)}"
     assert len(inputs) == len(op.inputs) and len(outputs) == len(op.outputs), name
-    return helper.make_node(name, inputs, outputs, name=node_name, domain=DOMAIN, **attrs)
+    return helper.make_node(name, inputs, outputs, name=node_name or None, domain=DOMAIN, **attrs)
 
 
 def op_model(name: str, inputs: dict[str, np.ndarray], dynamic: tuple[str, ...] = ("x",), **attrs) -> onnx.ModelProto:

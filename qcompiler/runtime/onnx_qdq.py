@@ -37,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -47,7 +47,7 @@ from torch import nn
 
 from .. import ir
 from ..numerics import round_half_even
-from .onnx_export import ExportError, _conv_attrs, _Emitter, _positive
+from .onnx_export import ExportError, _bn_alpha, _conv_attrs, _Emitter, _positive
 
 MAX_BITS = 8
 INT32 = np.iinfo(np.int32)
@@ -84,8 +84,6 @@ def fold_sign(codes: np.ndarray, scale: np.ndarray, factor: np.ndarray, qmin: in
 
 @dataclass
 class _QdqEmitter(_Emitter):
-    folded: set[str] = field(default_factory=set)  # batch norms folded into the layer before them
-
     def init(self, name: str, value) -> str:
         # scalars stay 0-d (``np.ascontiguousarray`` would make them shape [1]): onnxruntime
         # fuses a join only when its quantizers' steps and zero points are scalars
@@ -120,15 +118,6 @@ class _QdqEmitter(_Emitter):
 
     # ------------------------------------------------------------------ layers
 
-    def following_bn(self, node: fx.Node) -> nn.Module | None:
-        """The eval-mode batch norm that alone reads ``node``, if any (it is folded)."""
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            return None
-        m = self.gm.get_submodule(users[0].target)
-        ok = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training and m.running_mean is not None
-        return m if ok else None
-
     def layer(self, node: fx.Node) -> None:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
@@ -151,8 +140,9 @@ class _QdqEmitter(_Emitter):
         bn = self.following_bn(node) if info.kind != "linear" else None
         if bn is not None:
             bn_node = next(iter(node.users))
-            inv = bn.weight.detach().double().numpy() / np.sqrt(bn.running_var.double().numpy() + bn.eps)
-            bias = (bias - bn.running_mean.double().numpy()) * inv + bn.bias.detach().double().numpy()
+            inv = _bn_alpha(bn)
+            beta = bn.bias.detach().double().numpy() if bn.bias is not None else 0.0
+            bias = (bias - bn.running_mean.double().numpy()) * inv + beta
             folded = fold_sign(c, scale, inv, -(2 ** (MAX_BITS - 1)))
             c, scale = folded.codes, folded.scale
             self.folded.add(bn_node.name)
@@ -207,12 +197,6 @@ class _QdqEmitter(_Emitter):
     def batchnorm(self, node: fx.Node, m) -> None:
         if node.name not in self.folded:
             super().batchnorm(node, m)
-
-    def node_of(self, node: fx.Node) -> None:
-        if node.name in self.folded:
-            self.declare(node)  # the layer before it wrote this tensor
-            return
-        super().node_of(node)
 
 
 def to_qdq(gm: fx.GraphModule) -> onnx.ModelProto:

@@ -290,3 +290,21 @@ def test_qdq_refuses_what_it_cannot_express(model, passes, what):
     with pytest.raises(ExportError, match=f"{what}.*custom form") as err:
         to_onnx(compiled(model, passes, 4).module, "qdq")
     assert "\n" not in str(err.value)
+
+
+def test_4bit_resnet20_file_is_under_0_15x_the_float_file():
+    """ResNet-20 at the zoo's default width: weight codes alone are 0.125x of float32."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    c = qcompiler.compile(resnet20(), qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4),
+                          calib_data=torch.randn(16, 3, 32, 32))
+    c.freeze()
+    ours = len(to_onnx(c.module).SerializeToString())
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet20().eval(), torch.randn(1, 3, 32, 32), f, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "N"}})
+    assert ours <= 0.15 * len(f.getvalue()), (ours, len(f.getvalue()))
