@@ -135,14 +135,10 @@ def _asq_quantize(b: _Body) -> None:
     bound = b.attr_const("beta_bound", "float", as_float=False)
     beta = b.op("Exp", b.op("Mul", bound, b.op("Tanh", b.op("Div", z, bound))))  # the same order as the module
     step = b.op("Mul", "step", beta)  # (N, 1): one step per sample
-    # the step as (N, 1, ..., 1) to broadcast over x, rather than x reshaped to (N, -1) and back:
-    # x's rank and per-sample shape are static, so onnxruntime folds these shape ops at load
-    # (ones from x's per-sample shape by Mul and Add, which ONNX shape inference propagates)
-    ones = b.op("Add", b.op("Mul", b.op("Shape", "x", start=1), b.const(0, np.int64)), b.const(1, np.int64))
-    step = b.op("Reshape", step, b.op("Concat", b.const([-1], np.int64), ones, axis=0))
-    codes = b.quantize("x", step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
-    # a zero-copy Reshape to x's shape, so shape inference (which does not see through the
-    # step's shape) knows y's
+    # x as (N, -1) against the (N, 1) step, and back: Reshape copies nothing, and (unlike a
+    # step reshaped to x's rank, whose shape ops onnxruntime does not fold) it is three ops
+    flat = b.op("Reshape", "x", b.const([0, -1], np.int64))
+    codes = b.quantize(flat, step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
     b.op("Reshape", b.op("Mul", codes, step), b.op("Shape", "x"), out="y")
 
 
