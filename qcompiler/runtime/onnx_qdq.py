@@ -82,6 +82,27 @@ def fold_sign(codes: np.ndarray, scale: np.ndarray, factor: np.ndarray, qmin: in
     return FoldedSign(codes * sign, np.where(flip, -step, step), int(np.sum((step < 0) & ~flip)))
 
 
+def widen_codes(codes: np.ndarray, scale: np.ndarray, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the codes times the largest ``2^j`` that keeps them within ``±limit``, the step over it.
+
+    The weights are the same numbers (a power-of-two step division is exact), but the
+    accumulator's grid ``s_x * s_w[c]``, on which QLinearConv adds the INT32 bias, is
+    ``2^j`` times finer, so the bias is rounded ``2^j`` times less. LSQ-initialised 8-bit
+    weights rarely use their full range; 2- and 4-bit ones always leave room in INT8.
+
+    >>> c, s = widen_codes(np.array([[3, -7], [100, 1]]), np.array([1.0, 1.0]))
+    >>> c.tolist(), s.tolist()
+    ([[48, -112], [100, 1]], [0.0625, 1.0])
+    """
+    axes = tuple(range(1, codes.ndim))
+    peak = np.maximum(np.abs(codes).max(axis=axes), 1)
+    j = np.floor(np.log2(limit / peak)).astype(np.int64)
+    j = np.where(peak * 2.0 ** (j + 1) <= limit, j + 1, j)  # log2 rounding at exact powers
+    j = np.where(peak * 2.0**j > limit, j - 1, j).clip(0, None)
+    shape = (-1, *([1] * (codes.ndim - 1)))
+    return codes * (2**j).reshape(shape), scale / 2.0**j
+
+
 @dataclass
 class _QdqEmitter(_Emitter):
     def init(self, name: str, value) -> str:
@@ -147,6 +168,7 @@ class _QdqEmitter(_Emitter):
             c, scale = folded.codes, folded.scale
             self.folded.add(bn_node.name)
             out = bn_node.name
+        c, scale = widen_codes(c, scale)
         scale32 = scale.astype(np.float32)
         stored = self.init(f"{name}.codes", c.astype(np.int8))
         s = self.init(f"{name}.scale", scale32)
@@ -206,4 +228,4 @@ def to_qdq(gm: fx.GraphModule) -> onnx.ModelProto:
     return to_onnx(gm, "qdq")
 
 
-__all__ = ["FoldedSign", "fold_sign", "to_qdq"]
+__all__ = ["FoldedSign", "fold_sign", "to_qdq", "widen_codes"]
