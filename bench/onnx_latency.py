@@ -2,7 +2,7 @@
 
 ResNet-20 (3x32x32, the zoo's default width 16), calibrated on random inputs (latency
 and size do not depend on accuracy). One process, one ``SessionOptions`` for every
-session (default graph optimizations, ``--threads`` intra-op threads), batch 1 and 64.
+session (default graph optimizations, ``--threads`` intra-op threads, 1 by default), batch 1 and 64.
 Each timed round runs every model once in a rotating order, so a load change on a
 shared machine hits all of them alike; the number is the median over rounds of the
 per-run time. The float reference is ``torch.onnx.export`` of the float model (batch
@@ -90,9 +90,12 @@ def latency(files: dict[str, bytes], batch: int, threads: int, rounds: int, runs
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    # one intra-op thread by default: on a small shared machine onnxruntime's default pool (one
+    # thread per core, spinning) made every model 2-4x slower and the timings noisy
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (0: onnxruntime's default)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--append", action="store_true", help="add the table to the markdown file")
     args = ap.parse_args()
     files = exports()
     lines = [f"machine: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} cores visible to torch, "
@@ -116,7 +119,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        args.markdown.write_text("# ONNX latency and size (bench/onnx_latency.py)\n\n" + text + "\n")
+        old = args.markdown.read_text() if args.append and args.markdown.exists() else "# ONNX latency and size (bench/onnx_latency.py)\n"
+        args.markdown.write_text(old + "\n" + text + "\n")
     return 0 if ok else 1
 
 
