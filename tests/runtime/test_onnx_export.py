@@ -235,6 +235,9 @@ def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
 
 
 def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
+    # An untrained model's batch norms have zero bias, so QLinearConv's INT32 bias rounding
+    # (onnx_qdq's docstring) does not show here; on trained digits models the QDQ form agrees
+    # on 94.7-99.1 % of classes at 8 bits (bench/results/onnx_parity.md), short of 99.5 %.
     c = compiled("resnet20", "lsq", 8)
     m = to_onnx(c.module, "qdq")
     onnx.checker.check_model(m, full_check=True)
