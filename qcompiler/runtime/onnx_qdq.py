@@ -179,7 +179,13 @@ class _QdqEmitter(_Emitter):
         s = self.init(f"{name}.scale", scale32)
         zero = self.init(f"{name}.zero_point", np.zeros(scale.shape, np.int8))
         w = self.node("DequantizeLinear", [stored, s, zero], f"{name}.weight", f"{name}/weight", axis=0)
-        b = self.int_bias(node, bias, scale32) if (codes.bias is not None or bn is not None) else []
+        has_bias = codes.bias is not None or bn is not None
+        if has_bias and info.kind != "linear" and not self.fused(bn_node if bn is not None else node):
+            # onnxruntime runs this conv in float (a Clip or a float op before the next
+            # quantizer): a float bias then computes what the module does, an INT32 one would not
+            b = [self.init(f"{name}.bias", bias.astype(np.float32))]
+        else:
+            b = self.int_bias(node, bias, scale32) if has_bias else []
         x = self.src(node)
         if info.kind == "linear":
             if len(info.input_shape) != 1:
@@ -187,6 +193,18 @@ class _QdqEmitter(_Emitter):
             self.node("Gemm", [x, w, *b], out, name, transB=1)
         else:
             self.node("Conv", [x, w, *b], out, name, **_conv_attrs(info))
+
+    def fused(self, out: fx.Node) -> bool:
+        """Whether the tensor ``out`` reaches a full-range UINT8 quantizer through ReLUs only,
+        so that onnxruntime fuses the conv computing it into a QLinearConv."""
+        while len(out.users) == 1:
+            (out,) = out.users
+            frozen = ir.find(out, ir.STEP, ir.FrozenAct)
+            if frozen is not None:
+                return frozen.qmax - frozen.qmin == 2**MAX_BITS - 1 and frozen.adapter is None
+            if out.op != "call_module" or not isinstance(self.gm.get_submodule(out.target), nn.ReLU):
+                return False
+        return False
 
     def int_bias(self, node: fx.Node, bias: np.ndarray, scale: np.ndarray) -> list[str]:
         """The bias as INT32 codes on the accumulator's grid ``s_x * s_w[c]`` (what QLinearConv adds).
