@@ -1,22 +1,29 @@
 """ONNX export of a frozen compiled graph: our custom ops (``custom``) or standard QDQ (``qdq``).
 
-The emitter walks the fx graph once, in order, and emits one ONNX node named after
-each fx node (auxiliary nodes are ``<fx name>/<what>``); the tensor an fx node
-produces is named after it too. It reads only records (``qc.step``, ``qc.codes``,
-``qc.adder_q``, ``qc.layer``, ``qc.join``) and the modules' frozen values (batch-norm
-statistics, pooling shapes), as the integer backend does, and re-derives nothing.
+The emitter walks the fx graph once, in order, and emits the ONNX nodes of each fx
+node; the tensor an fx node produces is named after it (auxiliary tensors
+``<fx name>.<what>``), and nodes are unnamed (their names would cost ~2 % of a 4-bit
+file and say nothing the tensor names do not). It reads only records (``qc.step``,
+``qc.codes``, ``qc.adder_q``, ``qc.layer``, ``qc.join``) and the modules' frozen values
+(batch-norm statistics, pooling shapes), as the integer backend does, and re-derives
+nothing. Shapes are left to ONNX shape inference (no value_info).
 
 Custom form (docs/design.md §1, form 2):
 
 * activation quantizers are ``qcompiler.UniformQuantize`` / ``qcompiler.AsqQuantize``
   (:mod:`.onnx_ops`), each with its step as an initializer;
-* uniform weights are INT4 (widths <= 4) or INT8 code initializers decoded by a
-  standard per-axis ``DequantizeLinear``; POT/POST weights are codes decoded by
-  ``qcompiler.PowerGridDecode`` through a level table (``Gather``, no ``Pow``);
+* uniform weights are INT4 (widths <= 4) or INT8 code initializers decoded by ``Cast``
+  and a per-channel ``Mul`` (onnxruntime folds both once, at session load; it leaves a
+  ``DequantizeLinear`` of constants alone, so that would decode on every run); a batch
+  norm reading only such a conv is folded into its per-channel step and a bias;
+  POT/POST weights are codes decoded by ``qcompiler.PowerGridDecode`` through a level
+  table (``Gather``, no ``Pow``, also folded at load);
+* other batch norms are ``BatchNormalization`` with two vectors of their own
+  (``alpha``, ``beta``) and a shared zero mean and unit variance;
 * adder layers are one ``qcompiler.AdderConv2d`` per scale group, whose outputs are
   concatenated and put back in channel order;
 * everything else is a standard op computing what the fake-quant module computes in
-  float32, so the file's outputs match the module's.
+  float32, so the file's outputs match the module's up to float32 rounding order.
 
 The file is opset 21, its batch size is dynamic, the same graph gives the same bytes,
 and :func:`save_onnx` writes it atomically (a temporary file, then ``os.replace``).
@@ -29,7 +36,7 @@ Example:
     ...                       qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
     >>> c.freeze(); model = to_onnx(c.module)
     >>> [n.op_type for n in model.graph.node]
-    ['UniformQuantize', 'DequantizeLinear', 'Gemm', 'Relu', 'UniformQuantize', 'DequantizeLinear', 'Gemm', 'Identity']
+    ['UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Relu', 'UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Identity']
 """
 
 from __future__ import annotations
@@ -70,9 +77,9 @@ class _Emitter:
     fmt: str = "custom"
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
-    value_info: list[onnx.ValueInfoProto] = field(default_factory=list)
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     used: set[str] = field(default_factory=set)  # custom ops the graph uses
+    folded: set[str] = field(default_factory=set)  # batch norms folded into the layer before them
 
     # ------------------------------------------------------------------ helpers
 
@@ -82,20 +89,19 @@ class _Emitter:
         return name
 
     def node(self, op: str, inputs: list[str], output: str, name: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        # nodes are unnamed: the tensor a node computes carries the fx node's name (auxiliary
+        # ones ``<fx name>.<what>``), and a name per node would cost ~2 % of a 4-bit file
+        del name
+        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
     def custom(self, op: str, inputs: list[str], output: str, name: str, **attrs) -> str:
         self.used.add(op)
-        self.nodes.append(onnx_ops.make_node(op, inputs, [output], name, **attrs))
+        self.nodes.append(onnx_ops.make_node(op, inputs, [output], "", **attrs))  # unnamed, as in node()
         return output
 
     def unsupported(self, node: fx.Node, why: str) -> UnsupportedError:
         return UnsupportedError(f"onnx export: `{node.format_node()}`: {why}")
-
-    def declare(self, node: fx.Node) -> None:
-        """The fx node's shape (dynamic batch) as the value info of its tensor."""
-        self.value_info.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, [BATCH, *_shape(node)]))
 
     def src(self, node: fx.Node, i: int = 0) -> str:
         a = node.args[i]
@@ -129,9 +135,12 @@ class _Emitter:
         _positive(scale, f"layer {name!r} weight scale")
         stored = self.init(f"{name}.codes", _int_codes(c, codes.bits))
         if codes.grid == "uniform":
-            zero = self.init(f"{name}.zero_point", np.zeros(scale.shape, dtype=_code_dtype(codes.bits)))
-            s = self.init(f"{name}.scale", scale)
-            return self.node("DequantizeLinear", [stored, s, zero], f"{name}.weight", f"{name}/weight", axis=0)
+            # Cast and Mul, not DequantizeLinear: onnxruntime folds these constants once at load
+            # (its constant folding leaves DequantizeLinear alone, for QDQ fusion), and Cast of an
+            # integer code times a float32 step is the same single rounding
+            s = self.init(f"{name}.scale", scale.reshape(-1, *([1] * (c.ndim - 1))))
+            exact = self.node("Cast", [stored], f"{name}.codes_f", f"{name}/cast", to=TensorProto.FLOAT)
+            return self.node("Mul", [exact, s], f"{name}.weight", f"{name}/weight")
         if codes.grid in ("pot", "post"):
             levels = max(abs(codes.qmin), abs(codes.qmax))
             table = self.init(f"{name}.levels", _signed_levels(codes, levels))
@@ -148,10 +157,21 @@ class _Emitter:
 
     # ------------------------------------------------------------------ layers
 
+    def following_bn(self, node: fx.Node) -> nn.Module | None:
+        """The eval-mode batch norm that alone reads ``node``, if any (it is folded into the layer)."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        m = self.gm.get_submodule(users[0].target)
+        ok = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training and m.running_mean is not None
+        return m if ok else None
+
     def layer(self, node: fx.Node) -> None:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         quantized = codes is not None and ir.FLOAT not in node.meta
+        if quantized and codes.grid == "uniform" and info.kind != "linear" and self.following_bn(node) is not None:
+            return self.folded_layer(node, info, codes)
         if info.kind == "adder2d":
             if not quantized or ir.ADDER_Q not in node.meta:
                 raise self.unsupported(node, "float adder layers have no ONNX form; quantize them (adder-groups, adder-shared)")
@@ -173,6 +193,31 @@ class _Emitter:
             return
         self.node("Conv", [x, w, *b], node.name, node.name, **_conv_attrs(info))
 
+    def folded_layer(self, node: fx.Node, info: ir.LayerInfo, codes: ir.WeightCodes) -> None:
+        """A uniform conv and the batch norm after it as one Conv: the codes times ``s_c * alpha_c``.
+
+        ``alpha = gamma / sqrt(var + eps)``; the bias is ``(b - mean) * alpha + beta``. One
+        vector per layer instead of the batch norm's four, and the convolution onnxruntime runs
+        anyway (its ConvBNFusion folds the same way). It rounds differently from the module's
+        conv-then-batch-norm in the last bit, like the convolution's own summation order.
+        """
+        bn_node = next(iter(node.users))
+        bn = self.following_bn(node)
+        alpha = _bn_alpha(bn)
+        mean = bn.running_mean.double().numpy()
+        b = codes.bias.detach().double().numpy() if codes.bias is not None else 0.0
+        beta = bn.bias.detach().double().numpy() if bn.bias is not None else 0.0
+        scale = codes.scale.detach().double().numpy() * alpha
+        c = codes.codes.numpy().astype(np.int64)
+        _positive(codes.scale.detach().float().numpy(), f"layer {node.name!r} weight scale")
+        stored = self.init(f"{node.name}.codes", _int_codes(c, codes.bits))
+        s = self.init(f"{node.name}.scale", scale.astype(np.float32).reshape(-1, *([1] * (c.ndim - 1))))
+        exact = self.node("Cast", [stored], f"{node.name}.codes_f", f"{node.name}/cast", to=TensorProto.FLOAT)
+        w = self.node("Mul", [exact, s], f"{node.name}.weight", f"{node.name}/weight")
+        bias = self.init(f"{node.name}.bias", ((b - mean) * alpha + beta).astype(np.float32))
+        self.folded.add(bn_node.name)
+        self.node("Conv", [self.src(node), w, bias], bn_node.name, node.name, **_conv_attrs(info))
+
     def adder(self, node: fx.Node, info: ir.LayerInfo, codes: ir.WeightCodes) -> None:
         """One ``AdderConv2d`` per scale group, concatenated and put back in channel order."""
         rec = ir.get(node, ir.ADDER_Q, ir.AdderScales)
@@ -183,7 +228,7 @@ class _Emitter:
         _positive(np.asarray(rec.act_steps), f"adder layer {node.name!r} group step")
         c = codes.codes.numpy().astype(np.int64)
         group = np.asarray(rec.group_of_channel, dtype=np.int64)
-        attrs = _conv_attrs(info)
+        attrs = _conv_attrs(info, keep_defaults=True)  # AdderConv2d's attributes are required
         attrs.pop("group")
         qmax = 2**rec.act_bits - 1
         ratio = self.init(f"{node.name}.ratio", np.float32(rec.weight_step_ratio))
@@ -251,12 +296,22 @@ class _Emitter:
     def batchnorm(self, node: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> None:
         if m.training or m.running_mean is None:
             raise self.unsupported(node, "batch norm without running statistics (call .eval())")
+        # two vectors per layer instead of four: alpha = gamma / sqrt(var + eps) and
+        # beta = bias - mean * alpha, in float32 as PyTorch's CPU batch norm computes them in eval
+        # mode; the mean (zeros) and variance (ones, epsilon 0) are shared by every layer of a width,
+        # so BatchNormalization computes x * alpha + beta: (x - 0) / sqrt(1 + 0) is x exactly
         c = m.num_features
-        gamma = m.weight.detach() if m.weight is not None else torch.ones(c)
-        beta = m.bias.detach() if m.bias is not None else torch.zeros(c)
-        names = [self.init(f"{node.name}.{k}", v.float().numpy())
-                 for k, v in (("scale", gamma), ("bias", beta), ("mean", m.running_mean), ("var", m.running_var))]
-        self.node("BatchNormalization", [self.src(node), *names], node.name, node.name, epsilon=float(m.eps))
+        gamma = m.weight.detach().float() if m.weight is not None else torch.ones(c)
+        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(c)
+        alpha = gamma * (1.0 / torch.sqrt(m.running_var.float() + m.eps))
+        beta = bias - m.running_mean.float() * alpha
+        a = self.init(f"{node.name}.alpha", alpha.numpy())
+        b = self.init(f"{node.name}.beta", beta.numpy())
+        mean, var = f"batchnorm.zeros{c}", f"batchnorm.ones{c}"
+        if mean not in self.inits:
+            self.init(mean, np.zeros(c, np.float32))
+            self.init(var, np.ones(c, np.float32))
+        self.node("BatchNormalization", [self.src(node), a, b, mean, var], node.name, node.name, epsilon=0.0)
 
     def pool(self, node: fx.Node, op: str, kernel, stride, padding, dilation, ceil_mode, **extra) -> None:
         d = len(_shape(node)) - 1
@@ -344,6 +399,8 @@ class _Emitter:
             raise self.unsupported(node, f"{fname} has no ONNX form here")
 
     def node_of(self, node: fx.Node) -> None:
+        if node.name in self.folded:  # the layer before it computed this tensor
+            return
         if node.op == "placeholder":
             self.inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, [BATCH, *_shape(node)]))
             return
@@ -359,7 +416,6 @@ class _Emitter:
             self.module_op(node)
         else:
             self.function_call(node)
-        self.declare(node)
 
     def model(self, output: fx.Node) -> onnx.ModelProto:
         out = output.args[0]
@@ -367,8 +423,8 @@ class _Emitter:
             raise UnsupportedError("onnx export: only a single tensor output is supported")
         self.node("Identity", [out.name], "output", "output")
         outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, [BATCH, *_shape(out)])]
-        graph = helper.make_graph(self.nodes, "qcompiler", self.inputs, outputs, list(self.inits.values()),
-                                  value_info=self.value_info)
+        # no value_info: shape inference recovers every shape (batch dimension "N" included)
+        graph = helper.make_graph(self.nodes, "qcompiler", self.inputs, outputs, list(self.inits.values()))
         opsets = [helper.make_opsetid("", onnx_ops.OPSET)]
         functions = [onnx_ops.function_proto(op) for op in sorted(self.used)]
         if functions:
@@ -386,6 +442,12 @@ def _positive(v, what: str) -> None:
     if a.size and not (np.all(np.isfinite(a)) and np.all(a > 0)):
         bad = a[~(np.isfinite(a) & (a > 0))].flat[0]
         raise ExportError(f"{what} is {bad:g}; a quantizer step must be positive and finite (re-run freeze after training)")
+
+
+def _bn_alpha(m: nn.Module) -> np.ndarray:
+    """A batch norm's per-channel factor ``gamma / sqrt(var + eps)``, float64."""
+    gamma = m.weight.detach().double().numpy() if m.weight is not None else 1.0
+    return gamma / np.sqrt(m.running_var.double().numpy() + m.eps)
 
 
 def _code_dtype(bits: int):
@@ -413,10 +475,17 @@ def _signed_levels(codes: ir.WeightCodes, levels: int) -> np.ndarray:
     return np.concatenate([-pos[::-1], [np.float32(0)], pos]).astype(np.float32)
 
 
-def _conv_attrs(info: ir.LayerInfo) -> dict:
+def _conv_attrs(info: ir.LayerInfo, keep_defaults: bool = False) -> dict:
+    """Conv attributes; those at ONNX's defaults (strides, dilations 1, no padding, group 1) left out."""
     before, after = info.padding[0::2], info.padding[1::2]
-    return {"kernel_shape": list(info.kernel_size), "strides": list(info.stride), "pads": [*before, *after],
-            "dilations": list(info.dilation), "group": info.groups}
+    attrs = {"kernel_shape": list(info.kernel_size), "strides": list(info.stride), "pads": [*before, *after],
+             "dilations": list(info.dilation), "group": info.groups}
+    if keep_defaults:
+        return attrs
+    del attrs["kernel_shape"]  # Conv infers it from the weight
+    defaults = {"strides": [1] * len(info.stride), "pads": [0] * len(info.padding), "dilations": [1] * len(info.dilation),
+                "group": 1}
+    return {k: v for k, v in attrs.items() if defaults.get(k) != v}
 
 
 def to_onnx(gm: fx.GraphModule, fmt: str = "custom") -> onnx.ModelProto:
@@ -430,8 +499,11 @@ def to_onnx(gm: fx.GraphModule, fmt: str = "custom") -> onnx.ModelProto:
     if fmt not in FORMATS:
         raise ExportError(f"unknown ONNX format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "qdq":
-        raise ExportError("the qdq ONNX form is not available yet; use the custom form (--onnx-format custom)")
-    em = _Emitter(gm, fmt)
+        from .onnx_qdq import _QdqEmitter  # it builds on this module's emitter
+
+        em = _QdqEmitter(gm, fmt)
+    else:
+        em = _Emitter(gm, fmt)
     output = None
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -486,12 +558,24 @@ class OnnxParity:
                 f"{self.output_range:.3g}; classes agree {100 * self.classes_agree:.2f} % of {self.samples}")
 
 
-def session(model: onnx.ModelProto | str | Path, options=None):
-    """A stock CPU ``onnxruntime`` session (no extension library) on a model or a file."""
+# onnxruntime rewrites that change float32 arithmetic, not the function: folding a batch norm
+# (or a constant Mul/Add) into the convolution's weights rounds differently from running it after
+# the convolution, and the NCHWc convolution kernels (chosen once the weights are constants) sum
+# in another order. Parity checks the file as written, so it runs without them; deployment keeps them.
+REASSOCIATING = ("ConvBNFusion", "ConvMulFusion", "ConvAddFusion", "NchwcTransformer")
+
+
+def session(model: onnx.ModelProto | str | Path, options=None, as_written: bool = False):
+    """A stock CPU ``onnxruntime`` session (no extension library) on a model or a file.
+
+    ``as_written`` turns off the optimizers (:data:`REASSOCIATING`) that fold one float op into
+    another and so round differently from the file's op-by-op arithmetic.
+    """
     import onnxruntime as ort
 
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    extra = {"disabled_optimizers": list(REASSOCIATING)} if as_written else {}
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"], **extra)
 
 
 @torch.no_grad()
@@ -503,7 +587,7 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
     >>> parity.ok()  # doctest: +SKIP
     True
     """
-    sess = session(model, options)
+    sess = session(model, options, as_written=True)
     name = sess.get_inputs()[0].name
     module = compiled.module.eval()
     got, want = [], []

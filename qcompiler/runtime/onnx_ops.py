@@ -135,6 +135,8 @@ def _asq_quantize(b: _Body) -> None:
     bound = b.attr_const("beta_bound", "float", as_float=False)
     beta = b.op("Exp", b.op("Mul", bound, b.op("Tanh", b.op("Div", z, bound))))  # the same order as the module
     step = b.op("Mul", "step", beta)  # (N, 1): one step per sample
+    # x as (N, -1) against the (N, 1) step, and back: Reshape copies nothing, and (unlike a
+    # step reshaped to x's rank, whose shape ops onnxruntime does not fold) it is three ops
     flat = b.op("Reshape", "x", b.const([0, -1], np.int64))
     codes = b.quantize(flat, step, b.attr_const("qmin", "int"), b.attr_const("qmax", "int"))
     b.op("Reshape", b.op("Mul", codes, step), b.op("Shape", "x"), out="y")
@@ -142,7 +144,9 @@ def _asq_quantize(b: _Body) -> None:
 
 def _power_grid_decode(b: _Body) -> None:
     # integer codes (INT4/INT8) to exact floats, shifted to table indices 0 .. 2 * levels
-    codes = b.op("DequantizeLinear", "codes", b.const(1.0))
+    # (Cast, not DequantizeLinear: onnxruntime constant-folds a Cast of initializers, so the
+    # table lookup runs once at load)
+    codes = b.op("Cast", "codes", to=TensorProto.FLOAT)
     index = b.op("Cast", b.op("Add", codes, b.attr_const("levels", "int")), to=TensorProto.INT64)
     b.op("Mul", b.op("Gather", "table", index, axis=0), "alpha", out="w")
 
@@ -194,7 +198,7 @@ def make_node(name: str, inputs: list[str], outputs: list[str], node_name: str, 
     missing = {k for k, a in decl.items() if a.required and k not in attrs}
     assert not unknown and not missing, f"{name}: unknown {sorted(unknown)}, missing {sorted(missing)}"
     assert len(inputs) == len(op.inputs) and len(outputs) == len(op.outputs), name
-    return helper.make_node(name, inputs, outputs, name=node_name, domain=DOMAIN, **attrs)
+    return helper.make_node(name, inputs, outputs, name=node_name or None, domain=DOMAIN, **attrs)
 
 
 def op_model(name: str, inputs: dict[str, np.ndarray], dynamic: tuple[str, ...] = ("x",), **attrs) -> onnx.ModelProto:

@@ -43,6 +43,10 @@ CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 # identity, so a background value sits at half the join quantizer's max-calibrated range, x/step =
 # 63.500001 against a step of max/127). Classes still agree on every sample; every other case
 # agrees to 1.2e-7 of the output range.
+# Whether such a case flips also depends on the process (run alone, resnet20 lsq 2-bit flips; after
+# the other cases it does not: torch's convolution picks its algorithm per process state), so a
+# NEAR_TIE case may pass; one outside the set must. Parity runs the file as written, without
+# onnxruntime's Conv+BatchNorm folding and NCHWc kernels (onnx_export.REASSOCIATING).
 NEAR_TIE = {("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
             ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)}
 
@@ -104,8 +108,7 @@ def test_parity_with_fake_quant_module(model, passes, bits):
     parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
     assert parity.classes_agree == 1.0, parity.text()  # every case, the near-tie ones included
     within = parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6)
-    if (model, passes, bits) in NEAR_TIE:
-        assert not within, "the near tie no longer flips: remove the case from NEAR_TIE"
+    if (model, passes, bits) in NEAR_TIE and not within:
         pytest.xfail(f"one near-tie code (float32 conv summation order): {parity.text()}")
     assert within, parity.text()
 
@@ -212,3 +215,99 @@ def test_non_positive_step_is_refused():
 def test_unknown_format_is_refused():
     with pytest.raises(ExportError, match="custom"):
         to_onnx(compiled("plain_cnn", "lsq", 4).module, "tflite")
+
+
+# --------------------------------------------------------------------------- QDQ form
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    """The op counts of the graph onnxruntime runs after its optimizers (QDQ fusion included)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    session(model, opts)
+    ops: dict[str, int] = {}
+    for n in onnx.load(opts.optimized_model_filepath).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
+    # An untrained model's batch norms have zero bias, so QLinearConv's INT32 bias rounding
+    # (onnx_qdq's docstring) does not show here; on trained digits models the QDQ form agrees
+    # on 94.7-99.1 % of classes at 8 bits (bench/results/onnx_parity.md), short of 99.5 %.
+    c = compiled("resnet20", "lsq", 8)
+    m = to_onnx(c.module, "qdq")
+    onnx.checker.check_model(m, full_check=True)
+    assert not {"BatchNormalization", "Relu"} & {n.op_type for n in m.graph.node}  # folded / clamped by the quantizer
+    ops = optimized_ops(m, tmp_path)
+    layers = len(ir.compute_layers(c.module))
+    assert ops.get("QLinearConv", 0) + ops.get("QGemm", 0) == layers, ops
+    assert ops.get("QLinearAdd", 0) == 9 and "Conv" not in ops and "Add" not in ops, ops
+    parity = onnx_parity(c, m, load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qdq_narrow_lsq_agrees(bits):
+    c = compiled("plain_cnn", "lsq", bits)
+    parity = onnx_parity(c, to_onnx(c.module, "qdq"), load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+def test_qdq_negative_gamma_flips_codes_or_keeps_a_negative_step():
+    import copy
+
+    from qcompiler.runtime.onnx_qdq import fold_sign
+
+    f = fold_sign(np.array([[3, -128], [5, -7]]), np.array([0.5, 0.25]), np.array([-1.0, -2.0]), -128)
+    assert f.codes.tolist() == [[3, -128], [-5, 7]] and f.scale.tolist() == [-0.5, 0.5] and f.negative_steps == 1
+    c = copy.copy(compiled("resnet20", "lsq", 8))
+    c.module = copy.deepcopy(c.module)
+    with torch.no_grad():
+        for m in c.module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[::2] *= -1  # every other channel negative
+        node = next(n for n in c.module.graph.nodes if n.name == "stages_0_conv1")
+        conv = c.module.get_submodule(node.target)
+        conv.weight[0, 0, 0, 0] = -1e3  # clamps to code -128 in channel 0, whose gamma is negative
+    c.freeze()
+    assert node.meta[ir.CODES].codes[0].min() == -128
+    m = to_onnx(c.module, "qdq")
+    scales = [numpy_helper_to_array(i) for i in m.graph.initializer if i.name.endswith("conv1.scale")]
+    assert any((s < 0).any() for s in scales) and all((s > 0).any() for s in scales)  # both ways taken
+    parity = onnx_parity(c, m, load_digits().x_test)
+    assert parity.classes_agree >= 0.995, parity.text()
+
+
+def numpy_helper_to_array(t: onnx.TensorProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(t)
+
+
+@pytest.mark.parametrize("model,passes,what", [
+    ("resnet20", "asq", "per-sample step"), ("resnet20", "lsq,post", "post weights"),
+    ("adder_resnet20", "outlier-clamp,adder-groups", "adder")])
+def test_qdq_refuses_what_it_cannot_express(model, passes, what):
+    with pytest.raises(ExportError, match=f"{what}.*custom form") as err:
+        to_onnx(compiled(model, passes, 4).module, "qdq")
+    assert "\n" not in str(err.value)
+
+
+def test_4bit_resnet20_file_is_under_0_15x_the_float_file():
+    """ResNet-20 at the zoo's default width: weight codes alone are 0.125x of float32."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    c = qcompiler.compile(resnet20(), qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4),
+                          calib_data=torch.randn(16, 3, 32, 32))
+    c.freeze()
+    ours = len(to_onnx(c.module).SerializeToString())
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet20().eval(), torch.randn(1, 3, 32, 32), f, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "N"}})
+    assert ours <= 0.15 * len(f.getvalue()), (ours, len(f.getvalue()))

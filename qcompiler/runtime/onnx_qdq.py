@@ -1,0 +1,254 @@
+"""The standard QDQ form of a compiled graph: QuantizeLinear/DequantizeLinear around float ops.
+
+Every activation quantizer becomes ``QuantizeLinear -> DequantizeLinear`` on UINT8
+(zero point 0, or 128 when signed), every quantized layer reads its weight as INT8
+codes through a per-channel ``DequantizeLinear`` and its bias as INT32 codes on the
+accumulator's grid. That is the pattern onnxruntime's QDQ transformer fuses into its
+integer kernels (``QLinearConv``, ``QGemm``, ``QLinearAdd``), which it does only when
+nothing float sits between a ``DequantizeLinear`` and the next ``QuantizeLinear``:
+
+* a batch norm reading only a quantized layer is folded into it: each output channel's
+  weight step becomes ``s_c * gamma_c / sigma_c`` and its bias
+  ``(b_c - mean_c) gamma_c / sigma_c + beta_c``; the codes stay (see :func:`fold_sign`
+  for a negative ``gamma``);
+* a ReLU between a layer and the next quantizer stays: onnxruntime drops it because the
+  unsigned quantizer (zero point 0) clamps at zero anyway;
+* residual joins already read quantized operands and feed a quantizer (``qc.join``).
+
+Only uniform schemes at up to 8 bits have this form; ASQ's per-sample step, POT/POST
+grids and adder layers are refused with a one-line :class:`ExportError` naming the
+``custom`` form. A quantizer narrower than its INT8/UINT8 type clips to its own range
+first (a float ``Clip``, which stops the fusion of the op before it, exact: ``round(clip(x, n s, p s) / s) = clamp(round(x / s), n, p)``).
+
+Where it differs from the fake-quant module: the graph as written, run unfused with a
+float bias, agrees with the module to float32 rounding (1e-7 of the output range on a
+trained ResNet-20), but QLinearConv adds the bias as INT32 on the accumulator's grid
+``s_x * s_w[c]`` (onnxruntime quantizes a float bias itself when it fuses), an error of
+up to half an accumulator step in every output, which moves values that lie that close
+to a tie of the next quantizer by one code. :func:`widen_codes` makes that grid finer
+where the INT8 weight codes leave room; what remains is a property of the integer
+kernel, not of the file (bench/results/onnx_parity.md has the class agreement).
+
+Example:
+    >>> import qcompiler, torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> c = qcompiler.compile(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+    ...                       qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
+    >>> c.freeze(); model = to_qdq(c.module)
+    >>> [n.op_type for n in model.graph.node][:5]
+    ['QuantizeLinear', 'DequantizeLinear', 'DequantizeLinear', 'DequantizeLinear', 'Gemm']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+import torch.fx as fx
+from torch import nn
+
+from .. import ir
+from ..numerics import round_half_even
+from .onnx_export import ExportError, _bn_alpha, _conv_attrs, _Emitter, _positive
+
+MAX_BITS = 8
+INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class FoldedSign:
+    """Per-channel weight codes and steps after folding a per-channel factor ``k_c`` into the step.
+
+    ``codes`` keep their magnitude; a channel whose factor is negative has its codes
+    negated so its step stays positive, except a channel holding ``-2^(b-1)`` (no positive
+    counterpart in b bits): that channel keeps its codes and a negative step, which
+    ``DequantizeLinear`` multiplies like any other (``negative_steps`` counts them).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    negative_steps: int
+
+
+def fold_sign(codes: np.ndarray, scale: np.ndarray, factor: np.ndarray, qmin: int) -> FoldedSign:
+    """Fold ``factor`` (per output channel) into the weight steps ``scale``.
+
+    >>> f = fold_sign(np.array([[1, -2], [3, -128]]), np.array([0.5, 0.5]), np.array([-2.0, -1.0]), -128)
+    >>> f.codes.tolist(), f.scale.tolist(), f.negative_steps
+    ([[-1, 2], [3, -128]], [1.0, -0.5], 1)
+    """
+    step = scale.astype(np.float64) * factor
+    axes = tuple(range(1, codes.ndim))
+    flip = (step < 0) & ~np.any(codes == qmin, axis=axes)
+    sign = np.where(flip, -1, 1).reshape(-1, *([1] * (codes.ndim - 1)))
+    return FoldedSign(codes * sign, np.where(flip, -step, step), int(np.sum((step < 0) & ~flip)))
+
+
+def widen_codes(codes: np.ndarray, scale: np.ndarray, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the codes times the largest ``2^j`` that keeps them within ``±limit``, the step over it.
+
+    The weights are the same numbers (a power-of-two step division is exact), but the
+    accumulator's grid ``s_x * s_w[c]``, on which QLinearConv adds the INT32 bias, is
+    ``2^j`` times finer, so the bias is rounded ``2^j`` times less. LSQ-initialised 8-bit
+    weights rarely use their full range; 2- and 4-bit ones always leave room in INT8.
+
+    >>> c, s = widen_codes(np.array([[3, -7], [100, 1]]), np.array([1.0, 1.0]))
+    >>> c.tolist(), s.tolist()
+    ([[48, -112], [100, 1]], [0.0625, 1.0])
+    """
+    axes = tuple(range(1, codes.ndim))
+    peak = np.maximum(np.abs(codes).max(axis=axes), 1)
+    j = np.floor(np.log2(limit / peak)).astype(np.int64)
+    j = np.where(peak * 2.0 ** (j + 1) <= limit, j + 1, j)  # log2 rounding at exact powers
+    j = np.where(peak * 2.0**j > limit, j - 1, j).clip(0, None)
+    shape = (-1, *([1] * (codes.ndim - 1)))
+    return codes * (2**j).reshape(shape), scale / 2.0**j
+
+
+@dataclass
+class _QdqEmitter(_Emitter):
+    def init(self, name: str, value) -> str:
+        # scalars stay 0-d (``np.ascontiguousarray`` would make them shape [1]): onnxruntime
+        # fuses a join only when its quantizers' steps and zero points are scalars
+        assert name not in self.inits, name
+        self.inits[name] = numpy_helper.from_array(np.array(value, order="C"), name)
+        return name
+
+    def refuse(self, node: fx.Node, what: str) -> ExportError:
+        return ExportError(f"qdq ONNX form: {node.name!r} {what}; use the custom form (--onnx-format custom)")
+
+    # ------------------------------------------------------------------ quantizers
+
+    def quantizer(self, node: fx.Node) -> None:
+        frozen = ir.get(node, ir.STEP, ir.FrozenAct)
+        if frozen.adapter is not None:
+            raise self.refuse(node, "is an ASQ quantizer, whose per-sample step QDQ cannot express")
+        if frozen.bits > MAX_BITS:
+            raise self.refuse(node, f"quantizes to {frozen.bits} bits (QDQ here: up to {MAX_BITS})")
+        _positive(frozen.step, f"activation quantizer {node.name!r} step")
+        # UINT8 for every activation, signed ones with zero point 128: onnxruntime fuses a
+        # join (QLinearAdd) only when both operands and the result have one type
+        zp = 0 if frozen.qmin >= 0 else 2 ** (MAX_BITS - 1)
+        x = self.src(node)
+        if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):
+            lo, hi = (self.init(f"{node.name}.{k}", np.float32(q) * np.float32(frozen.step))
+                      for k, q in (("lo", frozen.qmin), ("hi", frozen.qmax)))
+            x = self.node("Clip", [x, lo, hi], f"{node.name}.clipped", f"{node.name}/clip")
+        s = self.init(f"{node.name}.step", np.float32(frozen.step))
+        zero = self.init(f"{node.name}.zero_point", np.uint8(zp))
+        q = self.node("QuantizeLinear", [x, s, zero], f"{node.name}.q", f"{node.name}/quantize")
+        self.node("DequantizeLinear", [q, s, zero], node.name, node.name)
+
+    # ------------------------------------------------------------------ layers
+
+    def layer(self, node: fx.Node) -> None:
+        info = ir.get(node, ir.LAYER, ir.LayerInfo)
+        codes = ir.find(node, ir.CODES, ir.WeightCodes)
+        if codes is None or ir.FLOAT in node.meta:
+            if info.kind == "adder2d":
+                raise self.refuse(node, "is a float adder layer")
+            return super().layer(node)  # a float layer: a float op, unfused
+        if codes.grid != "uniform":
+            raise self.refuse(node, f"has {codes.grid} weights (QDQ: uniform grids only)")
+        if codes.bits > MAX_BITS:
+            raise self.refuse(node, f"has {codes.bits}-bit weights (QDQ here: up to {MAX_BITS})")
+        if info.padding_mode != "zeros":
+            raise self.unsupported(node, f"padding_mode={info.padding_mode!r}")
+        name = node.name
+        c = codes.codes.numpy().astype(np.int64)
+        scale = codes.scale.detach().double().numpy()
+        _positive(scale, f"layer {name!r} weight scale")
+        bias = codes.bias.detach().double().numpy() if codes.bias is not None else np.zeros(len(scale))
+        out = name
+        bn = self.following_bn(node) if info.kind != "linear" else None
+        if bn is not None:
+            bn_node = next(iter(node.users))
+            inv = _bn_alpha(bn)
+            beta = bn.bias.detach().double().numpy() if bn.bias is not None else 0.0
+            bias = (bias - bn.running_mean.double().numpy()) * inv + beta
+            folded = fold_sign(c, scale, inv, -(2 ** (MAX_BITS - 1)))
+            c, scale = folded.codes, folded.scale
+            self.folded.add(bn_node.name)
+            out = bn_node.name
+        c, scale = widen_codes(c, scale)
+        scale32 = scale.astype(np.float32)
+        stored = self.init(f"{name}.codes", c.astype(np.int8))
+        s = self.init(f"{name}.scale", scale32)
+        zero = self.init(f"{name}.zero_point", np.zeros(scale.shape, np.int8))
+        w = self.node("DequantizeLinear", [stored, s, zero], f"{name}.weight", f"{name}/weight", axis=0)
+        has_bias = codes.bias is not None or bn is not None
+        if has_bias and info.kind != "linear" and not self.fused(bn_node if bn is not None else node):
+            # onnxruntime runs this conv in float (a Clip or a float op before the next
+            # quantizer): a float bias then computes what the module does, an INT32 one would not
+            b = [self.init(f"{name}.bias", bias.astype(np.float32))]
+        else:
+            b = self.int_bias(node, bias, scale32) if has_bias else []
+        x = self.src(node)
+        if info.kind == "linear":
+            if len(info.input_shape) != 1:
+                raise self.unsupported(node, "a linear layer on (N, ..., C) inputs in the qdq form")
+            self.node("Gemm", [x, w, *b], out, name, transB=1)
+        else:
+            self.node("Conv", [x, w, *b], out, name, **_conv_attrs(info))
+
+    def fused(self, out: fx.Node) -> bool:
+        """Whether the tensor ``out`` reaches a full-range UINT8 quantizer through ReLUs only,
+        so that onnxruntime fuses the conv computing it into a QLinearConv."""
+        while len(out.users) == 1:
+            (out,) = out.users
+            frozen = ir.find(out, ir.STEP, ir.FrozenAct)
+            if frozen is not None:
+                return frozen.qmax - frozen.qmin == 2**MAX_BITS - 1 and frozen.adapter is None
+            if out.op != "call_module" or not isinstance(self.gm.get_submodule(out.target), nn.ReLU):
+                return False
+        return False
+
+    def int_bias(self, node: fx.Node, bias: np.ndarray, scale: np.ndarray) -> list[str]:
+        """The bias as INT32 codes on the accumulator's grid ``s_x * s_w[c]`` (what QLinearConv adds).
+
+        A layer whose input is not quantized keeps a float bias (it is not fused anyway).
+        """
+        src = node.args[0]
+        frozen = ir.find(src, ir.STEP, ir.FrozenAct) if isinstance(src, fx.Node) else None
+        if frozen is None:
+            return [self.init(f"{node.name}.bias", bias.astype(np.float32))]
+        acc = (np.float32(frozen.step) * scale).astype(np.float32)
+        q = round_half_even(bias / acc.astype(np.float64))
+        if np.any(np.abs(q) > INT32.max):
+            raise self.refuse(node, "has a bias beyond INT32 codes on its accumulator grid")
+        codes = self.init(f"{node.name}.bias_codes", q.astype(np.int32))
+        s = self.init(f"{node.name}.bias_scale", acc)
+        return [self.node("DequantizeLinear", [codes, s], f"{node.name}.bias", f"{node.name}/bias", axis=0)]
+
+    def adder(self, node, info, codes) -> None:
+        raise self.refuse(node, "is an adder layer (no standard integer kernel)")
+
+    def module_op(self, node: fx.Node) -> None:
+        m = self.gm.get_submodule(node.target)
+        if isinstance(m, nn.ReLU) and self.clamps_at_zero(node):
+            # the unsigned quantizer reading it clamps at zero anyway; onnxruntime would drop
+            # the ReLU too, but only after it has matched (and missed) the join's pattern
+            self.node("Identity", [self.src(node)], node.name, node.name)
+            return
+        super().module_op(node)
+
+    def clamps_at_zero(self, node: fx.Node) -> bool:
+        """Whether every reader of ``node`` is a quantizer whose codes start at zero."""
+        return all(ir.find(u, ir.STEP, ir.FrozenAct) is not None and u.meta[ir.STEP].qmin == 0 for u in node.users)
+
+    def batchnorm(self, node: fx.Node, m) -> None:
+        if node.name not in self.folded:
+            super().batchnorm(node, m)
+
+
+def to_qdq(gm: fx.GraphModule) -> onnx.ModelProto:
+    """The QDQ model of a frozen compiled graph (uniform schemes up to 8 bits)."""
+    from .onnx_export import to_onnx
+
+    return to_onnx(gm, "qdq")
+
+
+__all__ = ["FoldedSign", "fold_sign", "to_qdq", "widen_codes"]
