@@ -2,8 +2,8 @@
 
 The emitter walks the fx graph once, in order, and emits the ONNX nodes of each fx
 node; the tensor an fx node produces is named after it (auxiliary tensors
-``<fx name>.<what>``), and nodes are unnamed (their names would cost ~2 % of a 4-bit
-file and say nothing the tensor names do not). It reads only records (``qc.step``,
+``<fx name>.<what>``), and so is the ONNX node computing it, so Netron's view maps
+back to the IR dump (the names cost ~2 % of a 4-bit file). It reads only records (``qc.step``,
 ``qc.codes``, ``qc.adder_q``, ``qc.layer``, ``qc.join``) and the modules' frozen values
 (batch-norm statistics, pooling shapes), as the integer backend does, and re-derives
 nothing. Shapes are left to ONNX shape inference (no value_info).
@@ -89,15 +89,14 @@ class _Emitter:
         return name
 
     def node(self, op: str, inputs: list[str], output: str, name: str, **attrs) -> str:
-        # nodes are unnamed: the tensor a node computes carries the fx node's name (auxiliary
-        # ones ``<fx name>.<what>``), and a name per node would cost ~2 % of a 4-bit file
+        # a node is named after the tensor it computes: the fx node's name, or ``<fx name>.<what>``
         del name
-        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
     def custom(self, op: str, inputs: list[str], output: str, name: str, **attrs) -> str:
         self.used.add(op)
-        self.nodes.append(onnx_ops.make_node(op, inputs, [output], "", **attrs))  # unnamed, as in node()
+        self.nodes.append(onnx_ops.make_node(op, inputs, [output], output, **attrs))  # named as in node()
         return output
 
     def unsupported(self, node: fx.Node, why: str) -> UnsupportedError:

@@ -82,6 +82,17 @@ def test_checker_and_shape_inference(model, passes):
     assert m.opset_import[0].version == onnx_ops.OPSET
 
 
+def test_node_names_follow_the_fx_node_names():
+    c = compiled("resnet20", "asq,post", 4)
+    m = to_onnx(c.module)
+    names = [n.name for n in m.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    # every quantizer, layer and join of the IR dump is an ONNX node of the same name
+    for node in c.module.graph.nodes:
+        if node.op == "call_module" or node.meta.get("qc.join") is not None:
+            assert any(n == node.name or n.startswith(node.name + ".") for n in names), node.name
+
+
 def test_reexport_is_byte_identical_and_atomic(tmp_path):
     c = compiled("resnet20", "asq,post", 4)
     a = c.export_onnx(tmp_path / "a.onnx")
