@@ -47,11 +47,11 @@ from ..analysis import join_operands, op_kind
 from ..errors import UnsupportedError
 from ..numerics import post_table
 from .fixedpoint import multipliers
+from .interpreter import F32_EXACT, F64_EXACT
 from .isa import ISA, Instr
 from .program import Program
 
 WIDE_BITS = 31  # a materialized intermediate fits a signed 32-bit register
-F64_EXACT = 2.0**53  # float64 holds every integer below this exactly
 
 
 @dataclass
@@ -239,12 +239,11 @@ class _Lowering:
         attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
                  "dilation": list(info.dilation), "groups": info.groups, "a_bits": rec.act_bits,
                  "w_bits": rec.weight_bits, "k": k}
+        per_out = (np.abs(w).reshape(w.shape[0], -1).sum(1) + qmax * k).astype(np.float64)
+        attrs["acc_bound"] = int(per_out.max(initial=0))
         self.emit("sad", node.name, bufs, consts, attrs, node.name)
-        if acc.terms[0].factor is not None:
-            raise self.unsupported(node, "adder layer reading an ASQ grid")
         shape = _shape(node)
         steps = np.asarray(rec.act_steps, dtype=np.float64)[group]
-        per_out = (np.abs(w).reshape(w.shape[0], -1).sum(1) + qmax * k).astype(np.float64)
         offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
         if rec.compensation_applies and rec.folded_into not in ("bias", ""):
             raise self.unsupported(node, f"adder compensation folded into {rec.folded_into!r} but still applying")
@@ -274,9 +273,11 @@ class _Lowering:
             op, (w_int, unit, consts, extra) = "shift_acc", self.power_weights(node, codes, wc, a_max)
             attrs |= extra
         k = int(np.prod(w_int.shape[1:]))
-        attrs |= {"k": k, "exact_f64": bool(a_max * int(np.abs(w_int).max(initial=0)) * k < F64_EXACT)}
-        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
+        bound = a_max * int(np.abs(w_int).max(initial=0)) * k  # every partial sum's magnitude is below it
+        attrs |= {"k": k, "exact_f32": bool(bound < F32_EXACT), "exact_f64": bool(bound < F64_EXACT)}
         per_out = np.abs(w_int).reshape(w_int.shape[0], -1).sum(1).astype(np.float64) * a_max
+        attrs["acc_bound"] = int(per_out.max(initial=0))  # no result can exceed it: the overflow check may skip the scan
+        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
         scale = per_channel(codes.scale.double() * src.step * unit, shape)
         offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
         return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
