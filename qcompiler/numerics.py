@@ -194,14 +194,21 @@ def shift_round_half_even(acc: Integers, shift: int) -> Integers:
     tensor([ 2,  4, -2, -4])
     >>> shift_round_half_even(np.array([5, 5, 6, 7]), np.array([0, 1, 2, 1]))  # per-element shifts
     array([5, 2, 2, 4])
+    >>> shift_round_half_even(np.array([2**62 + 1, 2**62, -(2**62) - 1, 5]), np.array([63, 63, 63, 70]))
+    array([ 1,  0, -1,  0])
     """
     if isinstance(shift, np.ndarray):  # one shift per element (broadcast): per-channel requantization
         if np.any(shift < 0):
             raise ValueError(f"shift must be >= 0, got {int(shift.min())}")
-        floor = acc >> shift
-        rest = acc & ((1 << shift) - 1)
-        half = (1 << shift) >> 1  # 0 where shift == 0: nothing was shifted out, no carry
-        return floor + ((rest > half) | ((rest == half) & (half > 0) & ((floor & 1) == 1)))
+        s = np.minimum(shift, 62)  # int64 shifts of 63 or more wrap: those are decided below
+        floor = acc >> s
+        rest = acc & ((1 << s) - 1)
+        half = (1 << s) >> 1  # 0 where shift == 0: nothing was shifted out, no carry
+        out = floor + ((rest > half) | ((rest == half) & (half > 0) & ((floor & 1) == 1)))
+        if np.any(shift > 62):  # |acc / 2^63| <= 1: +-1 beyond a quarter of the range, else 0 (ties to even)
+            top = (acc > 2**62).astype(out.dtype) - (acc < -(2**62))
+            out = np.where(shift > 62, np.where(shift == 63, top, 0), out)
+        return out
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     if shift == 0:

@@ -41,9 +41,13 @@ def multipliers(reals: list[np.ndarray], offset: np.ndarray, bits: int = 31) -> 
     for r in rs:
         m, s = fixed_point_multipliers(r, bits)
         # a smaller multiplier has a larger shift: round it down to the common shift
-        down = shift_round_half_even(m, np.maximum(s - sh, 0))
+        # (|m| < 2^bits: beyond bits + 1 places it rounds to 0, and int64 shifts past 63 would wrap)
+        down = shift_round_half_even(m, np.clip(s - sh, 0, bits + 1))
         ms.append(np.where(m == 0, 0, np.where(s >= sh, down, m << np.maximum(sh - s, 0))).reshape(shape))
-    b = round_half_even(np.ldexp(off, sh)).astype(np.int64)  # exact power-of-two scaling, then half-even
+    b = round_half_even(np.ldexp(off, sh))  # exact power-of-two scaling, then half-even
+    # a POST accumulator's tiny scale makes sh large: b can pass int64, but it is still an exact
+    # float64 integer (a 53-bit mantissa scaled by 2^sh), which the wide path reads exactly
+    b = b.astype(np.int64) if np.all(np.abs(b) < 2.0**62) else b
     return ms, sh.reshape(shape), b.reshape(shape)
 
 
@@ -61,7 +65,8 @@ def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndar
     if exact_f64:
         return _apply_f64(xs, ms, sh, b, lo, hi)
     kind = object if wide else np.int64
-    total = np.asarray(b, dtype=np.int64).astype(kind)
+    b = np.asarray(b)
+    total = np.frompyfunc(int, 1, 1)(b) if wide else b.astype(np.int64)  # int(float) is exact
     for x, m in zip(xs, ms):
         total = total + x.astype(np.int64).astype(kind) * np.asarray(m).astype(kind)  # floats holding integers too
     if not wide:

@@ -66,6 +66,30 @@ def patches(x: np.ndarray, attrs: dict, pad_value) -> np.ndarray:
     return v[index]
 
 
+def adaptive_windows(size: int, out: int) -> list[list[int]]:
+    """Adaptive pooling's windows ``[floor(i * size / out), ceil((i + 1) * size / out))`` (torch's rule).
+
+    >>> adaptive_windows(5, 3)
+    [[0, 2], [1, 4], [3, 5]]
+    """
+    return [[i * size // out, -(-(i + 1) * size // out)] for i in range(out)]
+
+
+def adaptive_sum(x: np.ndarray, windows: list[list[list[int]]]) -> np.ndarray:
+    """Sums over adaptive windows (they may overlap), one spatial axis at a time through prefix sums."""
+    for axis, wins in enumerate(windows, start=2):
+        c = np.cumsum(x, axis=axis)
+        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
+        starts, ends = (np.array([w[i] for w in wins]) for i in (0, 1))
+        x = c.take(ends, axis=axis) - c.take(starts, axis=axis)
+    return x
+
+
+def index_tuple(index: list) -> tuple:
+    """The NumPy index of an ``index`` instruction: the batch axis whole, then per axis a slice or an integer."""
+    return (slice(None), *(slice(*i) if isinstance(i, list) else i for i in index))
+
+
 def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray:
     """Sum or max over each pooling window."""
     p = patches(x, attrs, pad_value)
@@ -413,7 +437,11 @@ class Interpreter:
         return window_reduce(env[ins.srcs[0]], ins.attrs, "max", ins.attrs["pad_value"])
 
     def op_sumpool(self, ins: Instr, env) -> np.ndarray:
-        y = window_reduce(env[ins.srcs[0]].astype(np.int64, copy=False), ins.attrs, "sum", 0)
+        x = env[ins.srcs[0]].astype(np.int64, copy=False)
+        if "windows" in ins.attrs:
+            y = adaptive_sum(x, ins.attrs["windows"])
+        else:
+            y = window_reduce(x, ins.attrs, "sum", 0)
         self.check(ins, y)
         return y
 
@@ -423,9 +451,16 @@ class Interpreter:
     def op_concat(self, ins: Instr, env) -> np.ndarray:
         return np.concatenate([env[s] for s in ins.srcs], axis=ins.attrs["axis"])
 
+    def op_permute(self, ins: Instr, env) -> np.ndarray:
+        return env[ins.srcs[0]].transpose(0, *ins.attrs["perm"])
+
+    def op_index(self, ins: Instr, env) -> np.ndarray:
+        return env[ins.srcs[0]][index_tuple(ins.attrs["index"])]
+
     def op_reshape(self, ins: Instr, env) -> np.ndarray:
         x = env[ins.srcs[0]]
         return x.reshape(x.shape[0], *ins.attrs["shape"])
 
 
-__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "patches", "window_reduce"]
+__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "adaptive_sum", "adaptive_windows", "index_tuple",
+           "patches", "window_reduce"]
