@@ -141,3 +141,17 @@ def test_sad_is_the_adder_layers_l1_distance(groups):
     for o in range(6):
         want = -adder_conv2d(torch.from_numpy(a[group[o]]), torch.from_numpy(w), 1, 1, 1, groups)[:, o]
         assert np.array_equal(got[:, o], want.numpy()) and np.array_equal(direct[:, o], want.numpy())
+
+
+def test_permute_index_and_adaptive_sumpool():
+    rng = np.random.default_rng(6)
+    x = rng.integers(-8, 8, size=(2, 3, 5, 7))
+    assert np.array_equal(run1("permute", ["x"], None, {"perm": [2, 3, 1]}, {"x": x}), x.transpose(0, 2, 3, 1))
+    got = run1("index", ["x"], None, {"index": [[1, None, None], 2, [None, None, 2]]}, {"x": x})
+    assert np.array_equal(got, x[:, 1:, 2, ::2])
+    from qcompiler.runtime.interpreter import adaptive_windows
+
+    windows = [adaptive_windows(5, 3), adaptive_windows(7, 4)]  # overlapping windows of 2 and 3
+    got = run1("sumpool", ["x"], None, {"windows": windows, "kernel": [2, 3]}, {"x": x})
+    sums = np.array([[x[:, :, a:b, c:d].sum(axis=(2, 3)) for c, d in windows[1]] for a, b in windows[0]])
+    assert np.array_equal(got, sums.transpose(2, 3, 0, 1))
