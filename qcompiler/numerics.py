@@ -192,7 +192,23 @@ def shift_round_half_even(acc: Integers, shift: int) -> Integers:
     array([ 1,  2, -1, -2,  3])
     >>> shift_round_half_even(torch.tensor([5, 7, -5, -7]), 1)
     tensor([ 2,  4, -2, -4])
+    >>> shift_round_half_even(np.array([5, 5, 6, 7]), np.array([0, 1, 2, 1]))  # per-element shifts
+    array([5, 2, 2, 4])
+    >>> shift_round_half_even(np.array([2**62 + 1, 2**62, -(2**62) - 1, 5]), np.array([63, 63, 63, 70]))
+    array([ 1,  0, -1,  0])
     """
+    if isinstance(shift, np.ndarray):  # one shift per element (broadcast): per-channel requantization
+        if np.any(shift < 0):
+            raise ValueError(f"shift must be >= 0, got {int(shift.min())}")
+        s = np.minimum(shift, 62)  # int64 shifts of 63 or more wrap: those are decided below
+        floor = acc >> s
+        rest = acc & ((1 << s) - 1)
+        half = (1 << s) >> 1  # 0 where shift == 0: nothing was shifted out, no carry
+        out = floor + ((rest > half) | ((rest == half) & (half > 0) & ((floor & 1) == 1)))
+        if np.any(shift > 62):  # |acc / 2^63| <= 1: +-1 beyond a quarter of the range, else 0 (ties to even)
+            top = (acc > 2**62).astype(out.dtype) - (acc < -(2**62))
+            out = np.where(shift > 62, np.where(shift == 63, top, 0), out)
+        return out
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     if shift == 0:
@@ -228,6 +244,28 @@ def fixed_point_multiplier(real: float, bits: int = 31) -> tuple[int, int]:
     if multiplier == 2**bits:  # the mantissa rounded up to the next power of two
         multiplier, exponent = 2 ** (bits - 1), exponent + 1
     return (multiplier if real > 0 else -multiplier), bits - exponent
+
+
+def fixed_point_multipliers(real: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fixed_point_multiplier` elementwise on a float64 array: int64 ``(multiplier, shift)``.
+
+    The same arithmetic (``frexp``, exact scaling by ``2^bits``, half-even rounding,
+    carry into the exponent), vectorized for per-sample requantization under ASQ.
+
+    >>> m, s = fixed_point_multipliers(np.array([0.75, -0.1, 0.0]), bits=8)
+    >>> m.tolist(), s.tolist()
+    ([192, -205, 0], [8, 11, 0])
+    """
+    real = np.asarray(real, dtype=np.float64)
+    if not np.all(np.isfinite(real)):
+        raise ValueError("cannot represent a non-finite value as a fixed-point multiplier")
+    mantissa, exponent = np.frexp(np.abs(real))
+    multiplier = np.rint(np.ldexp(mantissa, bits)).astype(np.int64)
+    carry = multiplier == 2**bits  # the mantissa rounded up to the next power of two
+    multiplier = np.where(carry, 2 ** (bits - 1), multiplier)
+    exponent = exponent.astype(np.int64) + carry
+    zero = real == 0.0
+    return np.where(zero, 0, np.where(real > 0, multiplier, -multiplier)), np.where(zero, 0, bits - exponent)
 
 
 # --------------------------------------------------------------------------- power grids (POT / POST)
@@ -404,6 +442,7 @@ __all__ = [
     "adder_weight_codes",
     "adder_weight_step_ratio",
     "fixed_point_multiplier",
+    "fixed_point_multipliers",
     "grid_codes",
     "grid_exponents",
     "grid_levels",

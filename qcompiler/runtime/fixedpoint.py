@@ -19,48 +19,87 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ..numerics import fixed_point_multiplier, round_half_even, shift_round_half_even
+from ..numerics import fixed_point_multipliers, round_half_even, shift_round_half_even
 
 
 def multipliers(reals: list[np.ndarray], offset: np.ndarray, bits: int = 31) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """``(m_t, sh, b)``, int64 arrays of the broadcast shape of ``reals`` and ``offset``."""
+    """``(m_t, sh, b)``, int64 arrays of the broadcast shape of ``reals`` and ``offset``.
+
+    Vectorized (ASQ forms them per sample and channel at run time).
+    """
     shape = np.broadcast_shapes(*(np.shape(r) for r in reals), np.shape(offset))
-    rs = [np.broadcast_to(np.asarray(r, dtype=np.float64), shape).reshape(-1) for r in reals]
+    rs = np.stack([np.broadcast_to(np.asarray(r, dtype=np.float64), shape).reshape(-1) for r in reals])
     off = np.broadcast_to(np.asarray(offset, dtype=np.float64), shape).reshape(-1)
-    ms = [np.zeros(off.size, dtype=np.int64) for _ in rs]
-    sh = np.zeros(off.size, dtype=np.int64)
-    b = np.zeros(off.size, dtype=np.int64)
-    for i in range(off.size):
-        lead = max((float(r[i]) for r in rs), key=abs)
-        _, shift = fixed_point_multiplier(lead, bits)
-        if shift < 0:
-            raise ValueError(f"requantization multiplier {lead} is too large for {bits}-bit fixed point")
-        sh[i] = shift
-        for t, r in enumerate(rs):
-            m, s = fixed_point_multiplier(float(r[i]), bits)
-            # a smaller multiplier has a larger shift: round it down to the common shift
-            ms[t][i] = 0 if m == 0 else (shift_round_half_even(m, s - shift) if s >= shift else m << (shift - s))
-        b[i] = int(round_half_even(np.float64(off[i]) * 2.0**shift))  # exact power-of-two scaling, then half-even
-    return [m.reshape(shape) for m in ms], sh.reshape(shape), b.reshape(shape)
+    lead = np.take_along_axis(rs, np.argmax(np.abs(rs), axis=0)[None], axis=0)[0]
+    _, sh = fixed_point_multipliers(lead, bits)
+    if np.any(sh < 0):
+        bad = float(lead[np.argmin(sh)])
+        raise ValueError(f"requantization multiplier {bad} is too large for {bits}-bit fixed point")
+    ms = []
+    for r in rs:
+        m, s = fixed_point_multipliers(r, bits)
+        # a smaller multiplier has a larger shift: round it down to the common shift
+        # (|m| < 2^bits: beyond bits + 1 places it rounds to 0, and int64 shifts past 63 would wrap)
+        down = shift_round_half_even(m, np.clip(s - sh, 0, bits + 1))
+        ms.append(np.where(m == 0, 0, np.where(s >= sh, down, m << np.maximum(sh - s, 0))).reshape(shape))
+    b = round_half_even(np.ldexp(off, sh))  # exact power-of-two scaling, then half-even
+    # a POST accumulator's tiny scale makes sh large: b can pass int64, but it is still an exact
+    # float64 integer (a 53-bit mantissa scaled by 2^sh), which the wide path reads exactly
+    b = b.astype(np.int64) if np.all(np.abs(b) < 2.0**62) else b
+    return ms, sh.reshape(shape), b.reshape(shape)
 
 
-def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, wide: bool = False) -> np.ndarray:
+def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, wide: bool = False,
+          exact_f64: bool = False) -> np.ndarray:
     """``clamp(shift_round_half_even(sum_t x_t * m_t + b, sh), lo, hi)``, one shift per element.
 
-    int64 arithmetic, or with ``wide`` exact Python integers (a 48-bit POST accumulator
-    times a 31-bit multiplier needs ~80 bits; slower, and only where the bound needs it).
+    int64 arithmetic; with ``wide`` exact Python integers (a 48-bit POST accumulator
+    times a 31-bit multiplier needs ~80 bits; slower, and only where the bound needs
+    it); with ``exact_f64`` (the caller checked ``sum_t max|x_t| max|m_t| + max|b| < 2^53``)
+    float64, where every product and partial sum is the same exact integer, scaling by
+    ``2^-sh`` is exact, and ``round_half_even`` of that exact quotient is
+    ``shift_round_half_even``: the same result, ~5x faster.
     """
+    if exact_f64:
+        return _apply_f64(xs, ms, sh, b, lo, hi)
     kind = object if wide else np.int64
-    total = np.asarray(b, dtype=np.int64).astype(kind)
+    b = np.asarray(b)
+    total = np.frompyfunc(int, 1, 1)(b) if wide else b.astype(np.int64)  # int(float) is exact
     for x, m in zip(xs, ms):
-        total = total + x.astype(kind) * np.asarray(m).astype(kind)
+        total = total + x.astype(np.int64).astype(kind) * np.asarray(m).astype(kind)  # floats holding integers too
+    if not wide:
+        return np.clip(shift_round_half_even(total, np.asarray(sh, dtype=np.int64)), lo, hi).astype(np.int64)
     shifts = np.broadcast_to(sh, total.shape)
     out = np.empty(total.shape, dtype=kind)
     for s in np.unique(sh):
         mask = shifts == s
         out[mask] = shift_round_half_even(total[mask], int(s))
     return np.clip(out, lo, hi).astype(np.int64)
+
+
+def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
+    """:func:`apply` in float64 (torch's threaded elementwise kernels): codes as exact floats.
+
+    ``m_t 2^-sh`` and ``b 2^-sh`` are exact (a power-of-two scaling), so ``x_t m_t 2^-sh``
+    and the sum are the exact ``(sum_t x_t m_t + b) 2^-sh`` below ``2^53``; rounding that
+    half to even is ``shift_round_half_even``. The codes come back as float32 when they
+    fit its ``2^24`` exactly (the next ``mac`` reads float32), else float64.
+    """
+    sh = np.asarray(sh, dtype=np.int64)
+    total = torch.from_numpy(np.ldexp(np.asarray(b, dtype=np.float64), -sh))
+    for x, m in zip(xs, ms):
+        mf = torch.from_numpy(np.ldexp(np.asarray(m, dtype=np.float64), -sh))
+        total = torch.addcmul(total, torch.from_numpy(np.ascontiguousarray(x)), mf)
+    round_half_even(total, out=total)
+    lo, hi = (v.flat[0] if np.ndim(v) and np.all(v == v.flat[0]) else v for v in (np.asarray(lo), np.asarray(hi)))
+    if np.ndim(lo) or np.ndim(hi):  # per channel or per sample (a clamp folded into the code bounds)
+        total.clamp_(*(torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in (lo, hi)))
+    else:
+        total.clamp_(float(lo), float(hi))
+    narrow = max(int(np.max(np.abs(lo))), int(np.max(np.abs(hi)))) < 2**24
+    return (total.float() if narrow else total).numpy()
 
 
 __all__ = ["apply", "multipliers"]

@@ -17,8 +17,8 @@ Example:
     >>> w = np.array([[[1, -1]]])  # one output channel, one input channel, kernel 2
     >>> p = Program([Instr("mac", "y", ("x",), ("w",), {"kind": "conv1d", "stride": [1], "padding": [0, 0],
     ...             "dilation": [1], "groups": 1, "exact_f64": True})], {"w": w}, ("x",), ("y",))
-    >>> p.run(np.array([[[3, 5, 2]]])).tolist()
-    [[[-2, 3]]]
+    >>> p.run(np.array([[[3, 5, 2]]])).tolist()  # exact integers, held in float64
+    [[[-2.0, 3.0]]]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import QCompileError
@@ -65,6 +66,30 @@ def patches(x: np.ndarray, attrs: dict, pad_value) -> np.ndarray:
     return v[index]
 
 
+def adaptive_windows(size: int, out: int) -> list[list[int]]:
+    """Adaptive pooling's windows ``[floor(i * size / out), ceil((i + 1) * size / out))`` (torch's rule).
+
+    >>> adaptive_windows(5, 3)
+    [[0, 2], [1, 4], [3, 5]]
+    """
+    return [[i * size // out, -(-(i + 1) * size // out)] for i in range(out)]
+
+
+def adaptive_sum(x: np.ndarray, windows: list[list[list[int]]]) -> np.ndarray:
+    """Sums over adaptive windows (they may overlap), one spatial axis at a time through prefix sums."""
+    for axis, wins in enumerate(windows, start=2):
+        c = np.cumsum(x, axis=axis)
+        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
+        starts, ends = (np.array([w[i] for w in wins]) for i in (0, 1))
+        x = c.take(ends, axis=axis) - c.take(starts, axis=axis)
+    return x
+
+
+def index_tuple(index: list) -> tuple:
+    """The NumPy index of an ``index`` instruction: the batch axis whole, then per axis a slice or an integer."""
+    return (slice(None), *(slice(*i) if isinstance(i, list) else i for i in index))
+
+
 def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray:
     """Sum or max over each pooling window."""
     p = patches(x, attrs, pad_value)
@@ -72,25 +97,166 @@ def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray
     return p.sum(axis=axes) if how == "sum" else p.max(axis=axes)
 
 
-def conv(x: np.ndarray, w: np.ndarray, a: dict) -> np.ndarray:
-    """Exact integer convolution / linear map of codes ``x`` with integer weights ``w`` (int64 result)."""
-    dtype = np.float64 if a["exact_f64"] else np.int64
+F32_EXACT = 2**24  # float32 holds every integer below this exactly
+F64_EXACT = 2**53  # float64 likewise
+
+
+def exact_dtype(bound: int):
+    """The fastest dtype whose matmul is exact when every partial sum stays below ``bound``.
+
+    BLAS sums integer-valued products in some order; each partial sum is an integer of
+    magnitude at most ``bound``, so float32 (float64) is exact below ``2^24`` (``2^53``).
+    NumPy's int64 matmul does not use BLAS and is ~100x slower: the last resort.
+
+    >>> exact_dtype(15 * 7 * 576), exact_dtype(255 * 127 * 4608), exact_dtype(2**60)
+    (<class 'numpy.float32'>, <class 'numpy.float64'>, <class 'numpy.int64'>)
+    """
+    return np.float32 if bound < F32_EXACT else np.float64 if bound < F64_EXACT else np.int64
+
+
+def _dtype(a: dict):
+    if a.get("exact_f32"):
+        return np.float32
+    return np.float64 if a.get("exact_f64") else np.int64
+
+
+def conv(x: np.ndarray, w: np.ndarray, a: dict, dtype=None) -> np.ndarray:
+    """Exact convolution / linear map of integers ``x`` with integer weights ``w``.
+
+    The result holds exact integers in ``dtype`` (default: the narrowest exact one the
+    lowering recorded, ``exact_f32`` / ``exact_f64``; else int64). A convolution runs
+    channels-last as one matmul per kernel offset, accumulated in place, which avoids
+    the im2col copy (``K`` times the input): the slices are views, BLAS reads them.
+    Groups with one input channel each (depthwise) are an elementwise multiply-add.
+    """
+    dtype = dtype or _dtype(a)
     if a["kind"] == "linear":
-        y = x.astype(dtype) @ w.T.astype(dtype)
-    else:
-        groups = a["groups"]
-        p = patches(x.astype(dtype), {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"],
-                                      "dilation": a["dilation"]}, 0)
-        n, c, out = p.shape[0], p.shape[1], p.shape[2:2 + w.ndim - 2]
-        cg, og = c // groups, w.shape[0] // groups
-        ys = []
-        for g in range(groups):
-            pg = np.moveaxis(p[:, g * cg:(g + 1) * cg], 1, 1 + len(out))  # (N, *out, Cg, *K)
-            pg = pg.reshape(n * int(np.prod(out)), -1)
-            wg = w[g * og:(g + 1) * og].reshape(og, -1).astype(dtype)
-            ys.append((pg @ wg.T).reshape(n, *out, og))
-        y = np.moveaxis(np.concatenate(ys, axis=-1), -1, 1)
-    return np.rint(y).astype(np.int64) if dtype is np.float64 else y
+        return x.astype(dtype, copy=False) @ w.T.astype(dtype)
+    if dtype is not np.int64:
+        return _torch_conv(x, w, a, dtype)
+    d = w.ndim - 2
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    o, cg, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    groups, pads, stride, dil = a["groups"], a["padding"], a["stride"], a["dilation"]
+    padded = [s + pads[2 * i] + pads[2 * i + 1] for i, s in enumerate(spatial)]
+    out = [(p - dl * (k - 1) - 1) // st + 1 for p, k, st, dl in zip(padded, kernel, stride, dil)]
+    xl = np.zeros((n, *padded, c), dtype=dtype)
+    xl[(slice(None), *(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(spatial)))] = np.moveaxis(x, 1, -1)
+    og = o // groups
+    wl = np.moveaxis(w, 1, -1).astype(dtype)  # (O, *K, Cg)
+    y = np.zeros((n, *out, o), dtype=dtype)
+    for off in np.ndindex(*kernel):
+        window = (slice(None), *(slice(k * dl, k * dl + (m - 1) * st + 1, st)
+                                 for k, dl, m, st in zip(off, dil, out, stride)))
+        xs = xl[window]  # (N, *out, C), a view
+        wk = wl[(slice(None), *off)]  # (O, Cg)
+        if groups == 1:
+            y += xs @ wk.T
+        elif cg == 1:  # depthwise: output o = g * og + j reads input channel g
+            y += (xs[..., :, None] * wk.reshape(groups, og)).reshape(*xs.shape[:-1], o)
+        else:
+            prod = xs.reshape(*xs.shape[:-1], groups, 1, cg) @ np.moveaxis(wk.reshape(groups, og, cg), -1, -2)
+            y += prod.reshape(*xs.shape[:-1], o)
+    return np.moveaxis(y, -1, 1)
+
+
+SAD_MATMUL_LEVELS = 32  # beyond this many distinct weight values the direct SAD is faster
+
+
+def sad_as_matmuls(xs: list[np.ndarray], w: np.ndarray, group: np.ndarray, a: dict) -> np.ndarray:
+    """``sum_k |x_k - w_k|`` over each window, as exact convolutions.
+
+    ``|x - w| = x + w - 2 min(x, w)``. With ``0 = v_0 < v_1 < ... < v_L`` the distinct
+    positive weights and ``x >= 0`` (unsigned codes), ``min(x, w) = min(w, 0) + sum_i
+    [w >= v_i] clip(x - v_(i-1), 0, v_i - v_(i-1))``, so per output channel
+    ``sum_k |x_k - w_k| = sum_k x_k + sum_k |w_k| - 2 conv(D(x), J)`` with ``D`` the ``L``
+    clipped slices of ``x`` stacked as channels and ``J`` the 0/1 indicators
+    ``[w >= v_i]``: one convolution with ``L`` times the channels, exact in float32 while
+    ``K * max x`` stays below ``2^24``. Padding is zero codes; ``D(0) = 0``, as needed.
+    """
+    o, cg = w.shape[:2]
+    groups = a["groups"]
+    levels = np.unique(w[w > 0]).astype(np.int64)
+    prev = np.concatenate([[0], levels[:-1]])
+    gaps = levels - prev
+    a_max = max(_absmax(x) for x in xs)
+    k = int(np.prod(w.shape[1:]))
+    dtype = exact_dtype(k * (a_max + 2 * int(np.abs(w).max(initial=0))) + 1)
+    spatial = w.ndim - 2
+    lv = (1, -1) + (1,) * (w.ndim - 2)
+    ind = (w[:, :, None] >= levels.reshape(lv)).astype(dtype)  # (O, Cg, L, *K)
+    ind = ind.reshape(o, cg * len(levels), *w.shape[2:])
+    ones = np.ones((groups, cg, *w.shape[2:]), dtype=dtype)
+    wabs = np.abs(w).reshape(o, -1).sum(1).astype(dtype).reshape(1, o, *([1] * spatial))
+    y = None
+    for g, x in enumerate(xs):
+        sel = np.flatnonzero(group == g)
+        if sel.size == 0:
+            continue
+        xf = x.astype(dtype, copy=False)
+        shape = (1, 1, -1) + (1,) * spatial
+        d = np.clip(xf[:, :, None] - prev.reshape(shape).astype(dtype), 0, gaps.reshape(shape).astype(dtype))
+        d = d.reshape(x.shape[0], x.shape[1] * len(levels), *x.shape[2:])
+        if not len(levels):  # no positive weight: min(x, w) = w everywhere, already in sum |w|
+            mins = 0.0
+        elif groups == 1:
+            mins = conv(d, ind[sel], a, dtype)
+        else:
+            mins = conv(d, ind, a, dtype)[:, sel]
+        if groups == 1:
+            sums = conv(xf, ones, a, dtype)  # (N, 1, *out): the window sum of x
+        else:
+            sums = conv(xf, ones, a, dtype)[:, sel // (o // groups)]
+        part = sums + wabs[:, sel] - 2 * mins
+        if y is None:
+            y = np.empty((part.shape[0], o, *part.shape[2:]), dtype=dtype)
+        y[:, sel] = part
+    return y
+
+
+def sad_direct(xs: list[np.ndarray], w: np.ndarray, group: np.ndarray, a: dict) -> np.ndarray:
+    """``sum_k |x_k - w_k|`` over each window, one int64 broadcast per output channel (the reference)."""
+    win = {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"], "dilation": a["dilation"]}
+    ps = [patches(x.astype(np.int64), win, 0) for x in xs]  # zero codes in the padding
+    cg, og = w.shape[1], w.shape[0] // a["groups"]
+    spatial = w.ndim - 2
+    y = None
+    for o in range(w.shape[0]):
+        p = ps[int(group[o])]
+        c0 = (o // og) * cg
+        wo = w[o].reshape(cg, *([1] * spatial), *w.shape[2:])
+        d = np.abs(p[:, c0:c0 + cg] - wo).sum(axis=(1, *range(2 + spatial, 2 + 2 * spatial)))
+        if y is None:
+            y = np.empty((d.shape[0], w.shape[0], *d.shape[1:]), dtype=np.int64)
+        y[:, o] = d
+    return y
+
+
+def _absmax(x: np.ndarray) -> int:
+    """``max |x|`` as a Python int, without an ``|x|`` temporary."""
+    x = np.asarray(x)
+    return 0 if x.size == 0 else int(max(x.max(), -x.min()))
+
+
+def _torch_conv(x: np.ndarray, w: np.ndarray, a: dict, dtype) -> np.ndarray:
+    """:func:`conv` in float through torch's CPU convolution (oneDNN, direct algorithm).
+
+    Exact for the same reason as a BLAS matmul: the direct algorithm sums integer-valued
+    products, every partial sum below the bound. ``tests/runtime/test_isa.py`` checks it
+    against the NumPy int64 path at the float32 bound, where Winograd or FFT would round.
+    """
+    d = w.ndim - 2
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))
+    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=dtype))
+    pads = a["padding"]
+    before, after = pads[0::2], pads[1::2]
+    if before != after:  # torch pads symmetrically: pad the input first (last dim first for F.pad)
+        xt = torch.nn.functional.pad(xt, [p for i in reversed(range(d)) for p in (before[i], after[i])])
+        before = [0] * d
+    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[d - 1]
+    with torch.no_grad():
+        y = fn(xt, wt, None, a["stride"], before, a["dilation"], a["groups"])
+    return y.numpy()
 
 
 def _per_sample(f: np.ndarray, ndim: int) -> np.ndarray:
@@ -131,7 +297,13 @@ class Interpreter:
     def check(self, ins: Instr, y: np.ndarray, bits: int | None = None) -> None:
         bits = bits or ISA[ins.op].acc_bits
         lim = 2 ** (bits - 1)
-        mags = np.abs(y.reshape(y.shape[0], y.shape[1], -1)).max(axis=(0, 2)) if y.ndim >= 2 else np.abs(y)
+        if ins.attrs.get("acc_bound", lim) < lim:
+            return  # the lowering's static bound already proves every result fits
+        if y.ndim >= 2:
+            hi, lo = y.max(axis=(0, *range(2, y.ndim))), y.min(axis=(0, *range(2, y.ndim)))
+            mags = np.maximum(np.abs(hi), np.abs(lo))
+        else:
+            mags = np.abs(y)
         if mags.size and mags.max() >= lim:
             c = int(np.argmax(mags))
             ov = Overflow(ins.layer, ins.op, c, int(mags[c]), bits)
@@ -210,22 +382,18 @@ class Interpreter:
         return y
 
     def op_sad(self, ins: Instr, env) -> np.ndarray:
-        """Adder layers: per output channel, the sum of absolute differences on its scale group's codes."""
+        """Adder layers: per output channel, the sum of absolute differences on its scale group's codes.
+
+        As matmuls (exact, see :func:`sad_as_matmuls`) when the weights take few distinct
+        positive values, else directly (one broadcast per output channel).
+        """
         a = ins.attrs
         w, group = self.c(ins.consts[0]), self.c(ins.consts[1])
-        win = {"padding": a["padding"], "kernel": list(w.shape[2:]), "stride": a["stride"], "dilation": a["dilation"]}
-        ps = [patches(env[buf].astype(np.int64), win, 0) for buf in ins.srcs]  # zero codes in the padding
-        cg, og = w.shape[1], w.shape[0] // a["groups"]
-        spatial = w.ndim - 2
-        y = None
-        for o in range(w.shape[0]):
-            p = ps[int(group[o])]
-            c0 = (o // og) * cg
-            wo = w[o].reshape(cg, *([1] * spatial), *w.shape[2:])
-            d = np.abs(p[:, c0:c0 + cg] - wo).sum(axis=(1, *range(2 + spatial, 2 + 2 * spatial)))
-            if y is None:
-                y = np.empty((d.shape[0], w.shape[0], *d.shape[1:]), dtype=np.int64)
-            y[:, o] = d
+        xs = [env[buf] for buf in ins.srcs]
+        if len(np.unique(w[w > 0])) <= SAD_MATMUL_LEVELS and all(x.min(initial=0) >= 0 for x in xs):
+            y = sad_as_matmuls(xs, w, group, a)
+        else:
+            y = sad_direct(xs, w, group, a)
         self.check(ins, y)
         return y
 
@@ -256,18 +424,24 @@ class Interpreter:
             ms, sh, b = multipliers(reals, off, a["mult_bits"])
             lo_r, hi_r = a["clip"]
             lo, hi = code_bounds(-np.inf if lo_r is None else lo_r, np.inf if hi_r is None else hi_r, out_step, a["qmin"], a["qmax"])
-        # the int64 sum must not wrap: check the worst case of this batch before computing it
-        worst = sum(int(np.abs(x).max(initial=0)) * int(np.abs(m).max(initial=0)) for x, m in zip(xs, ms)) + int(np.abs(b).max(initial=0))
+        # the int64 sum must not wrap: check the worst case before computing it, statically when
+        # the lowering's bound on the inputs already proves it (no pass over the data), else on this batch
+        static_worst = 2 ** (a["in_bits"] + a["mult_bits"]) + _absmax(b)
+        worst = static_worst if static_worst < F64_EXACT else sum(_absmax(x) * _absmax(m) for x, m in zip(xs, ms)) + _absmax(b)
         wide = a.get("wide", False)
         if worst >= 2**63 and not wide:
             raise AccumulatorOverflow(Overflow(ins.layer, ins.op, -1, worst, 64).message())
-        return apply(xs, ms, sh, b, lo, hi, wide=wide and worst >= 2**63)
+        return apply(xs, ms, sh, b, lo, hi, wide=wide and worst >= 2**63, exact_f64=worst < F64_EXACT)
 
     def op_maxpool(self, ins: Instr, env) -> np.ndarray:
         return window_reduce(env[ins.srcs[0]], ins.attrs, "max", ins.attrs["pad_value"])
 
     def op_sumpool(self, ins: Instr, env) -> np.ndarray:
-        y = window_reduce(env[ins.srcs[0]].astype(np.int64, copy=False), ins.attrs, "sum", 0)
+        x = env[ins.srcs[0]].astype(np.int64, copy=False)
+        if "windows" in ins.attrs:
+            y = adaptive_sum(x, ins.attrs["windows"])
+        else:
+            y = window_reduce(x, ins.attrs, "sum", 0)
         self.check(ins, y)
         return y
 
@@ -277,9 +451,16 @@ class Interpreter:
     def op_concat(self, ins: Instr, env) -> np.ndarray:
         return np.concatenate([env[s] for s in ins.srcs], axis=ins.attrs["axis"])
 
+    def op_permute(self, ins: Instr, env) -> np.ndarray:
+        return env[ins.srcs[0]].transpose(0, *ins.attrs["perm"])
+
+    def op_index(self, ins: Instr, env) -> np.ndarray:
+        return env[ins.srcs[0]][index_tuple(ins.attrs["index"])]
+
     def op_reshape(self, ins: Instr, env) -> np.ndarray:
         x = env[ins.srcs[0]]
         return x.reshape(x.shape[0], *ins.attrs["shape"])
 
 
-__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "patches", "window_reduce"]
+__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "adaptive_sum", "adaptive_windows", "index_tuple",
+           "patches", "window_reduce"]

@@ -62,10 +62,15 @@ ISA: dict[str, OpDecl] = {
         OpDecl("maxpool", "x: int (N, C, *S)", 64, 64,
                "y = max over each window (padding never wins)", "cmp"),
         OpDecl("sumpool", "x: int (N, C, *S)", 64, 64,
-               "y = sum over each window, zero padding; the divisor goes into the next requant", "add"),
+               "y = sum over each window, zero padding (adaptive: windows [floor(i*S/O), ceil((i+1)*S/O))); "
+               "the divisor goes into the next requant", "add"),
         OpDecl("relu", "x: int (N, ...)", 64, 64, "y = max(x, 0)", "cmp"),
         OpDecl("concat", "xs: int (N, ...)", 64, 64, "y = concatenate(xs, axis)", "move"),
         OpDecl("reshape", "x: int (N, ...)", 64, 64, "y = x.reshape(N, *shape) (no data movement)", "move"),
+        OpDecl("permute", "x: int (N, ...)", 64, 64, "y = x.transpose(0, *perm) (perm over the non-batch axes, 1-based)",
+               "move"),
+        OpDecl("index", "x: int (N, ...)", 64, 64,
+               "y = x[:, *index] (per non-batch axis: [start, stop, step] or an integer, which drops the axis)", "move"),
         OpDecl("dequant", "terms x_t: int (N, ...) [, per-sample steps]", 64, 0,
                "y = clip(sum_t x_t * scale_t + offset, lo, hi) as float64 (the network output)", "host", host=True),
     )

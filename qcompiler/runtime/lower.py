@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -44,14 +45,14 @@ from torch import nn
 
 from .. import ir
 from ..analysis import join_operands, op_kind
-from ..errors import UnsupportedError
+from ..errors import QCompileError, UnsupportedError
 from ..numerics import post_table
 from .fixedpoint import multipliers
+from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, index_tuple
 from .isa import ISA, Instr
 from .program import Program
 
 WIDE_BITS = 31  # a materialized intermediate fits a signed 32-bit register
-F64_EXACT = 2.0**53  # float64 holds every integer below this exactly
 
 
 @dataclass
@@ -170,6 +171,7 @@ class _Lowering:
             ms, sh, b = multipliers([t.scale / step for t in acc.terms], acc.offset / step, attrs["mult_bits"])
             names += [self.const(f"{dst}.mult{t}", m) for t, m in enumerate(ms)]
             names += [self.const(f"{dst}.shift", sh), self.const(f"{dst}.bias", b)]
+            attrs["wide"] = attrs["wide"] or b.dtype != np.int64  # a bias past int64 (float64, exact)
             lo, hi = code_bounds(acc.lo, acc.hi, step, qmin, qmax)
             names += [self.const(f"{dst}.lo", np.asarray(lo, dtype=np.int64)), self.const(f"{dst}.hi", np.asarray(hi, dtype=np.int64))]
         srcs = [t.buf for t in acc.terms] + [f for f in factors if f is not None] + ([out_factor] if out_factor else [])
@@ -230,8 +232,15 @@ class _Lowering:
         codes = ir.get(node, ir.CODES, ir.WeightCodes)
         acc = self.acc(node, self.values[node.args[0]])
         qmin, qmax = 0, 2**rec.act_bits - 1
+        # the module quantizes with its float32 ``act_steps`` buffer, while the record keeps the
+        # pass's float64 values (up to 2^-24 apart): read the steps the module computes with
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        buffer = getattr(module, "act_steps", None)
+        act_steps = tuple(buffer.double().tolist()) if isinstance(buffer, torch.Tensor) else tuple(rec.act_steps)
+        # under ASQ the input's terms carry per-sample factors: the per-group requant forms its
+        # multipliers per sample (the group steps themselves are static)
         bufs = [self.requant(acc, f"{node.name}.a{g}", step, qmin, qmax, None, node.name)
-                for g, step in enumerate(rec.act_steps)]
+                for g, step in enumerate(act_steps)]
         w = codes.codes.numpy().astype(np.int64) * rec.weight_step_ratio  # in activation steps
         group = np.asarray(rec.group_of_channel, dtype=np.int64)
         consts = [self.const(f"{node.name}.w", w), self.const(f"{node.name}.group", group)]
@@ -239,12 +248,11 @@ class _Lowering:
         attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
                  "dilation": list(info.dilation), "groups": info.groups, "a_bits": rec.act_bits,
                  "w_bits": rec.weight_bits, "k": k}
-        self.emit("sad", node.name, bufs, consts, attrs, node.name)
-        if acc.terms[0].factor is not None:
-            raise self.unsupported(node, "adder layer reading an ASQ grid")
-        shape = _shape(node)
-        steps = np.asarray(rec.act_steps, dtype=np.float64)[group]
         per_out = (np.abs(w).reshape(w.shape[0], -1).sum(1) + qmax * k).astype(np.float64)
+        attrs["acc_bound"] = int(per_out.max(initial=0))
+        self.emit("sad", node.name, bufs, consts, attrs, node.name)
+        shape = _shape(node)
+        steps = np.asarray(act_steps, dtype=np.float64)[group]
         offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
         if rec.compensation_applies and rec.folded_into not in ("bias", ""):
             raise self.unsupported(node, f"adder compensation folded into {rec.folded_into!r} but still applying")
@@ -274,9 +282,11 @@ class _Lowering:
             op, (w_int, unit, consts, extra) = "shift_acc", self.power_weights(node, codes, wc, a_max)
             attrs |= extra
         k = int(np.prod(w_int.shape[1:]))
-        attrs |= {"k": k, "exact_f64": bool(a_max * int(np.abs(w_int).max(initial=0)) * k < F64_EXACT)}
-        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
+        bound = a_max * int(np.abs(w_int).max(initial=0)) * k  # every partial sum's magnitude is below it
+        attrs |= {"k": k, "exact_f32": bool(bound < F32_EXACT), "exact_f64": bool(bound < F64_EXACT)}
         per_out = np.abs(w_int).reshape(w_int.shape[0], -1).sum(1).astype(np.float64) * a_max
+        attrs["acc_bound"] = int(per_out.max(initial=0))  # no result can exceed it: the overflow check may skip the scan
+        self.emit(op, node.name, [src.buf], consts, attrs, node.name)
         scale = per_channel(codes.scale.double() * src.step * unit, shape)
         offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
         return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
@@ -424,10 +434,82 @@ class _Lowering:
         in_shape = self.acc(node, v).shape[1:]
         out = [output_size] * len(in_shape) if isinstance(output_size, int) else list(output_size)
         out = [i if o is None else o for o, i in zip(out, in_shape)]
-        if any(i % o for i, o in zip(in_shape, out)):
-            raise self.unsupported(node, "adaptive average pooling whose output does not divide the input")
-        kernel = [i // o for i, o in zip(in_shape, out)]
-        return self.avgpool(node, v, kernel, kernel, 0, False, True, None)
+        if not any(i % o for i, o in zip(in_shape, out)):
+            kernel = [i // o for i, o in zip(in_shape, out)]
+            return self.avgpool(node, v, kernel, kernel, 0, False, True, None)
+        # windows of different sizes (torch's floor/ceil rule): the divisor is a per-position scale
+        acc = self.acc(node, v)
+        if acc.clamped or len(acc.terms) > 1:
+            acc = self.materialize(acc, node)
+        t = acc.terms[0]
+        _uniform(node, self, [t.scale, t.bound], acc.shape, range(1, len(acc.shape)))
+        windows = [adaptive_windows(i, o) for i, o in zip(in_shape, out)]
+        lengths = [np.array([e - b for b, e in w], dtype=np.float64) for w in windows]
+        div = functools.reduce(np.multiply.outer, lengths)[None]  # (1, *out)
+        kernel = [int(length.max()) for length in lengths]
+        self.emit("sumpool", node.name, [t.buf], (), {"windows": windows, "kernel": kernel}, node.name)
+        lead = (slice(None),) + (slice(0, 1),) * len(in_shape)
+        scale, bound = (np.broadcast_to(a, acc.shape)[lead] for a in (t.scale, t.bound))
+        return Acc([replace(t, buf=node.name, scale=scale / div, bound=bound * float(np.prod(kernel)))],
+                   acc.offset, _shape(node))
+
+    def reduce(self, node: fx.Node, v: object, how: str) -> Acc:
+        """``mean`` / ``sum`` over spatial axes: a ``sumpool`` whose window is the whole axis.
+
+        Over the channel axis the channels' scales differ, so it is not a sum of codes.
+        """
+        acc = self.acc(node, v)
+        nd = len(acc.shape) + 1
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        dims = sorted({d % nd for d in ([dim] if isinstance(dim, int) else list(dim or ()))})
+        if not dims or dims[0] < 2:
+            raise self.unsupported(node, f"{how} over the batch or channel axis (every channel has its own scale)")
+        if acc.clamped or len(acc.terms) > 1:
+            acc = self.materialize(acc, node)
+        t = acc.terms[0]
+        _uniform(node, self, [t.scale, t.bound, acc.offset], acc.shape, [d - 1 for d in dims])
+        kernel = [acc.shape[d - 1] if d in dims else 1 for d in range(2, nd)]
+        attrs = {"kernel": kernel, "stride": kernel, "padding": [0] * (2 * len(kernel)), "dilation": [1] * len(kernel)}
+        pooled = tuple(1 if i + 1 in dims else n for i, n in enumerate(acc.shape))
+        buf = self.emit("sumpool", node.name if keepdim else f"{node.name}.sum", [t.buf], (), attrs, node.name)
+        count = float(np.prod(kernel))
+        lead = tuple(slice(0, 1) if i + 1 in dims else slice(None) for i in range(len(acc.shape)))
+        scale, bound, offset = (np.broadcast_to(a, acc.shape)[lead] for a in (t.scale, t.bound, acc.offset))
+        scale, offset = (scale / count, offset) if how == "mean" else (scale, offset * count)
+        out = Acc([replace(t, buf=buf, scale=scale, bound=bound * count)], offset, pooled)
+        return out if keepdim else self.reshape(node, out)
+
+    def permute(self, node: fx.Node, v: object, perm: list[int]) -> object:
+        """``permute`` / ``transpose`` of the non-batch axes; per-position scales move along."""
+        nd = len(_shape(node)) + 1
+        perm = [p % nd for p in perm]
+        if perm[0] != 0:
+            raise self.unsupported(node, "a permutation that moves the batch axis")
+        axes = [p - 1 for p in perm[1:]]
+        if isinstance(v, Grid):
+            self.emit("permute", node.name, [v.buf], (), {"perm": perm[1:]}, node.name)
+            return replace(v, buf=node.name, shape=_shape(node))
+        acc = self.acc(node, v)
+        move = lambda a: np.ascontiguousarray(np.broadcast_to(a, acc.shape).transpose(axes))  # noqa: E731
+        terms = [replace(t, buf=self.emit("permute", f"{node.name}.{i}", [t.buf], (), {"perm": perm[1:]}, node.name),
+                         scale=move(t.scale), bound=move(t.bound)) for i, t in enumerate(acc.terms)]
+        return replace(acc, terms=terms, offset=move(acc.offset), shape=_shape(node))
+
+    def index(self, node: fx.Node, v: object) -> object:
+        """``x[:, ...]`` with slices and integers on the non-batch axes."""
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
+            raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
+        index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
+        if isinstance(v, Grid):
+            self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)
+            return replace(v, buf=node.name, shape=_shape(node))
+        acc = self.acc(node, v)
+        pick = lambda a: np.ascontiguousarray(np.broadcast_to(a, acc.shape)[index_tuple(index)[1:]])  # noqa: E731
+        terms = [replace(t, buf=self.emit("index", f"{node.name}.{i}", [t.buf], (), {"index": index}, node.name),
+                         scale=pick(t.scale), bound=pick(t.bound)) for i, t in enumerate(acc.terms)]
+        return replace(acc, terms=terms, offset=pick(acc.offset), shape=_shape(node))
 
     def reshape(self, node: fx.Node, v: object) -> object:
         shape = _shape(node)
@@ -491,8 +573,23 @@ class _Lowering:
             if fname in ("max_pool1d", "max_pool2d"):
                 kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
                 return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
+        if kind == "keep" and fname in ("permute", "transpose"):
+            dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else [a])]
+            dims = dims or list(node.kwargs.get("dims", ()))
+            nd = len(_shape(node)) + 1
+            if fname == "transpose":
+                d0, d1 = (d % nd for d in (dims or [node.kwargs["dim0"], node.kwargs["dim1"]]))
+                dims = list(range(nd))
+                dims[d0], dims[d1] = d1, d0
+            return self.permute(node, v, dims)
+        if kind == "keep" and fname == "getitem":
+            return self.index(node, v)
         if kind == "affine" and fname in ("relu6",):
             return self.clip(node, v, 0.0, 6.0)
+        if kind == "affine" and fname in ("mean", "sum"):
+            return self.reduce(node, v, fname)
+        if kind == "affine" and fname in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+            return self.adaptive_avgpool(node, v, node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None))
         if kind == "scalar":
             return self.scalar(node, v)
         raise self.unsupported(node, f"{fname} has no integer lowering yet")
@@ -523,6 +620,15 @@ def code_bounds(lo: float, hi: float, step, qmin: int, qmax: int):
     return (int(lo_c) if np.ndim(lo_c) == 0 else lo_c), (int(hi_c) if np.ndim(hi_c) == 0 else hi_c)
 
 
+def _uniform(node: fx.Node, lw: _Lowering, arrays, shape: tuple[int, ...], axes) -> None:
+    """A sum over ``axes`` is a sum of codes only where the scales (and offsets) do not vary along them."""
+    for a in arrays:
+        full = np.broadcast_to(a, shape)
+        for ax in axes:
+            if full.shape[ax] > 1 and not np.all(full == full.take([0], axis=ax)):
+                raise lw.unsupported(node, "pooling over positions whose scales differ")
+
+
 def _reshaped(a: np.ndarray, old: tuple[int, ...], new: tuple[int, ...]) -> np.ndarray:
     """Per-channel arrays follow a reshape: broadcast to the old shape, then reshape (scalars stay)."""
     if np.ndim(a) == 0:
@@ -547,10 +653,15 @@ def lower(compiled) -> Program:
     lw = _Lowering(gm)
     out = None
     for node in gm.graph.nodes:
-        if node.op == "output":
-            out = lw.output(node)
-            continue
-        lw.values[node] = lw.node(node)
+        try:
+            if node.op == "output":
+                out = lw.output(node)
+                continue
+            lw.values[node] = lw.node(node)
+        except QCompileError:
+            raise
+        except Exception as e:  # a form the handlers did not foresee: one line, never a traceback
+            raise lw.unsupported(node, f"cannot be lowered ({type(e).__name__}: {e})") from None
     if len(lw.inputs) != 1 or out is None:
         raise UnsupportedError("integer backend: the model must have exactly one input and one tensor output")
     meta = {"quantizers": lw.quantizers, "passes": str(compiled.spec.passes)}

@@ -57,3 +57,25 @@ def test_requant_per_channel_shifts():
     got = apply([x], ms, sh, b, -100, 100)
     want = np.rint(x * reals + np.array([0.25, -0.5, 0.0]).reshape(3, 1))
     assert np.array_equal(got, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(0, 80)), min_size=1, max_size=20))
+def test_shift_round_half_even_per_element_shifts_is_exact_rounding(pairs):
+    # per-channel requantization shifts one array by many amounts, past int64's 63 too (POST accumulators)
+    acc = np.array([a for a, _ in pairs], dtype=np.int64)
+    sh = np.array([s for _, s in pairs], dtype=np.int64)
+    got = shift_round_half_even(acc, sh)
+    assert [int(g) for g in got] == [round_half_even(Fraction(a, 2**s)) for a, s in pairs]
+
+
+def test_requant_paths_agree_on_large_accumulators():
+    # int64, float64 (below 2^53) and exact Python integers give the same codes
+    rng = np.random.default_rng(0)
+    reals = [rng.uniform(-1, 1, size=(4, 1)) * 2.0**-40, rng.uniform(-1, 1, size=(4, 1)) * 2.0**-60]
+    ms, sh, b = multipliers(reals, rng.uniform(-1, 1, size=(4, 1)) * 2.0**-25)  # b within int64
+    xs = [rng.integers(-(2**30), 2**30, size=(3, 4, 5)), rng.integers(-(2**20), 2**20, size=(3, 4, 5))]
+    want = apply(xs, ms, sh, b, -128, 127, wide=True)
+    assert np.array_equal(apply(xs, ms, sh, b, -128, 127), want)
+    small = [x >> 10 for x in xs]
+    assert np.array_equal(apply(small, ms, sh, b, -128, 127, exact_f64=True), apply(small, ms, sh, b, -128, 127, wide=True))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qcompiler import numerics
 from qcompiler.quantizers.asq import adapter_forward
-from qcompiler.runtime.interpreter import Interpreter
+from qcompiler.runtime.interpreter import Interpreter, sad_direct
 from qcompiler.runtime.isa import ISA, Instr, isa_table
 from qcompiler.runtime.program import Program
 
@@ -41,9 +41,9 @@ def test_mac_conv2d_equals_exact_convolution(groups, stride, padding, dilation):
              "groups": groups}
     want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride, padding=padding,
                     dilation=dilation, groups=groups).long().numpy()
-    for exact in (True, False):  # the float64 fast path and the int64 path agree
-        got = run1("mac", ["x"], {"w": w}, attrs | {"exact_f64": exact}, {"x": x})
-        assert got.dtype == np.int64 and np.array_equal(got, want)
+    for f32, f64 in ((True, True), (False, True), (False, False)):  # float32, float64 and int64 paths agree
+        got = run1("mac", ["x"], {"w": w}, attrs | {"exact_f32": f32, "exact_f64": f64}, {"x": x})
+        assert got.dtype == (np.float32 if f32 else np.float64 if f64 else np.int64) and np.array_equal(got, want)
 
 
 def test_mac_conv1d_asymmetric_padding_and_linear():
@@ -137,6 +137,21 @@ def test_sad_is_the_adder_layers_l1_distance(groups):
     group = np.array([0, 1, 1, 0, 1, 0])
     attrs = {"kind": "adder2d", "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": groups}
     got = run1("sad", ["a0", "a1"], {"w": w, "g": group}, attrs, {"a0": a[0], "a1": a[1]})
+    direct = sad_direct(a, w, group, attrs)  # the broadcast reference the matmul form replaces
     for o in range(6):
         want = -adder_conv2d(torch.from_numpy(a[group[o]]), torch.from_numpy(w), 1, 1, 1, groups)[:, o]
-        assert np.array_equal(got[:, o], want.numpy())
+        assert np.array_equal(got[:, o], want.numpy()) and np.array_equal(direct[:, o], want.numpy())
+
+
+def test_permute_index_and_adaptive_sumpool():
+    rng = np.random.default_rng(6)
+    x = rng.integers(-8, 8, size=(2, 3, 5, 7))
+    assert np.array_equal(run1("permute", ["x"], None, {"perm": [2, 3, 1]}, {"x": x}), x.transpose(0, 2, 3, 1))
+    got = run1("index", ["x"], None, {"index": [[1, None, None], 2, [None, None, 2]]}, {"x": x})
+    assert np.array_equal(got, x[:, 1:, 2, ::2])
+    from qcompiler.runtime.interpreter import adaptive_windows
+
+    windows = [adaptive_windows(5, 3), adaptive_windows(7, 4)]  # overlapping windows of 2 and 3
+    got = run1("sumpool", ["x"], None, {"windows": windows, "kernel": [2, 3]}, {"x": x})
+    sums = np.array([[x[:, :, a:b, c:d].sum(axis=(2, 3)) for c, d in windows[1]] for a, b in windows[0]])
+    assert np.array_equal(got, sums.transpose(2, 3, 0, 1))

@@ -1,0 +1,101 @@
+"""Lowering coverage added for the zoo: reductions, permutes, indexing, adaptive pooling, the other zoo models.
+
+Each case compiles a small model on digits, lowers it and checks agreement with the float64
+fake-quant module at the issue's bar; what cannot be lowered raises one QCompileError line.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from qcompiler.data import Dataset, load_digits
+from qcompiler.errors import QCompileError
+from qcompiler.zoo import ZOO
+
+
+def agrees(model: nn.Module, passes: str = "lsq", bits: int = 4, data: Dataset | None = None):
+    data = data or load_digits()
+    torch.manual_seed(0)
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits), calib_data=data)
+    program = c.lower()
+    report = program.verify(c, data.x_test.numpy()[:200])
+    assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()
+    return program
+
+
+class Head(nn.Module):
+    """conv-BN-ReLU, then ``tail`` (the op under test), then a linear classifier."""
+
+    def __init__(self, tail, features: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.tail = tail
+        self.fc = nn.Linear(features, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.tail(self.relu(self.bn(self.conv(x)))), 1))
+
+
+class Mean(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class SumKeep(nn.Module):
+    def forward(self, x):
+        return torch.sum(x, dim=-1, keepdim=True)
+
+
+class PermuteSlice(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)[:, 1:, ::2]
+
+
+class ChannelMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("tail,features,op", [
+    (Mean(), 4, "sumpool"), (SumKeep(), 32, "sumpool"), (PermuteSlice(), 7 * 4 * 4, "permute"),
+    (nn.AdaptiveAvgPool2d(3), 36, "sumpool"),  # 8 -> 3 does not divide: windows of 3 and 4
+])
+def test_reductions_permutes_indexing_and_adaptive_pooling_agree(tail, features, op):
+    program = agrees(Head(tail, features))
+    assert op in {i.op for i in program.instructions}
+
+
+def test_asq_through_a_permute_agrees():
+    agrees(Head(PermuteSlice(), 7 * 4 * 4), passes="asq")
+
+
+def test_what_cannot_be_lowered_is_one_qcompile_error_line():
+    data = load_digits()
+    c = qcompiler.compile(Head(ChannelMean(), 64), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    with pytest.raises(QCompileError) as e:
+        c.lower()
+    message = str(e.value)
+    assert "\n" not in message and "mean" in message and "channel" in message
+
+
+@pytest.mark.parametrize("name,kwargs,passes,bits", [
+    ("resnet18", {"width": 4, "in_channels": 1, "num_classes": 10}, "lsq", 4),  # max-pool stem, adaptive pool
+    ("mobilenetv2", {"width_mult": 0.25, "in_channels": 1}, "lsq", 4),  # ReLU6, depthwise groups
+    ("mobilenetv2", {"width_mult": 0.25, "in_channels": 1}, "asq,post", 8),
+    ("conv1d_net", {"width": 4}, "lsq,pot", 8),  # 1-D, grouped
+    ("conv1d_net", {"width": 4}, "asq", 4),
+])
+def test_other_zoo_models_agree(name, kwargs, passes, bits):
+    data = load_digits()
+    if name == "conv1d_net":  # each 8x8 image as 64 samples
+        data = Dataset(data.x_train.reshape(-1, 1, 64), data.y_train, data.x_test.reshape(-1, 1, 64), data.y_test)
+    agrees(ZOO[name](**kwargs), passes, bits, data)
+
+
+def test_adder_layers_reading_an_asq_grid_agree():
+    from qcompiler.zoo import adder_resnet20
+
+    program = agrees(adder_resnet20(in_channels=1, width=4), "asq,outlier-clamp,adder-groups", 4)
+    assert {"sad", "asq_beta"} <= {i.op for i in program.instructions}
