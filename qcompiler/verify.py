@@ -90,8 +90,11 @@ def quantized_layer_records(f: Facts, node: fx.Node) -> str | None:
     if info.kind == "adder2d":
         if isinstance(module, QAdderConv2d) != (ir.ADDER_Q in node.meta) or (wq is None) != (ir.ADDER_Q not in node.meta):
             return "adder layer: module, qc.adder_q and qc.weight records disagree"
-        if isinstance(module, QAdderConv2d) and not _finite_positive(module.act_steps):
-            return "adder group steps are not positive and finite"
+        if isinstance(module, QAdderConv2d):
+            if not _finite_positive(module.act_steps):
+                return "adder group steps are not positive and finite"
+            if tuple(module.act_steps.double().tolist()) != ir.get(node, ir.ADDER_Q, ir.AdderScales).act_steps:
+                return "qc.adder_q act_steps differ from the module's act_steps buffer"
         return None
     has_quant = hasattr(module, "weight_quant")
     if wq is None:

@@ -167,7 +167,8 @@ class AdderGroups(Pass):
         layer.meta[ir.ADDER_Q] = ir.AdderScales(
             method=self.method, act_bits=a_bits, weight_bits=w_bits, weight_step_ratio=q.weight_step_ratio,
             input_range=r_x, group_of_channel=tuple(labels.tolist()), group_ranges=tuple(group_ranges),
-            act_steps=tuple(act_steps), weight_clamped=self.weight_clamp,
+            # the steps the module computes with (its float32 buffer), not their float64 origin
+            act_steps=tuple(q.act_steps.double().tolist()), weight_clamped=self.weight_clamp,
             compensation=compensation, folded_into=folded,
             # run() re-estimates every batch norm after this, and the new running mean
             # absorbs any per-channel constant: only a bias keeps it.

@@ -232,11 +232,7 @@ class _Lowering:
         codes = ir.get(node, ir.CODES, ir.WeightCodes)
         acc = self.acc(node, self.values[node.args[0]])
         qmin, qmax = 0, 2**rec.act_bits - 1
-        # the module quantizes with its float32 ``act_steps`` buffer, while the record keeps the
-        # pass's float64 values (up to 2^-24 apart): read the steps the module computes with
-        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        buffer = getattr(module, "act_steps", None)
-        act_steps = tuple(buffer.double().tolist()) if isinstance(buffer, torch.Tensor) else tuple(rec.act_steps)
+        act_steps = rec.act_steps  # the module's float32 steps (the verifier checks they agree)
         # under ASQ the input's terms carry per-sample factors: the per-group requant forms its
         # multipliers per sample (the group steps themselves are static)
         bufs = [self.requant(acc, f"{node.name}.a{g}", step, qmin, qmax, None, node.name)
