@@ -4,7 +4,10 @@
 fake-quant module computes when it runs in float64 on the CPU
 (``copy.deepcopy(compiled.module).double()``), except at exact ties of the
 module's ``x / step``, which are counted. :func:`verify_program` runs both on the
-same inputs and compares every activation quantizer's codes.
+same inputs and compares every activation quantizer's codes twice: fed the
+reference's codes of the quantizers before it (the per-layer check: one tie decided
+the other way would otherwise reach every later layer through the residual stream),
+and end to end, the program on its own codes throughout, as deployed (the classes).
 
 Example:
     >>> import qcompiler, torch
@@ -35,9 +38,10 @@ class LayerAgreement:
 
     name: str
     count: int
-    identical: float  # fraction of codes equal
-    max_diff: int
+    identical: float  # fraction of codes equal, this quantizer fed the reference's earlier codes
+    max_diff: int  # largest code difference, same inputs
     ties: int  # codes where the module's x / step is exactly half-way
+    end_to_end: float = 1.0  # fraction equal when the program runs on its own codes throughout
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,9 @@ class AgreementReport:
                 and self.classes_agree >= classes)
 
     def text(self) -> str:
-        rows = [f"{'quantizer':40s} {'codes':>9s} {'identical':>10s} {'max diff':>8s} {'ties':>5s}"]
+        rows = [f"{'quantizer':40s} {'codes':>9s} {'identical':>10s} {'max diff':>8s} {'ties':>5s} {'end to end':>10s}"]
         for la in self.layers:
-            rows.append(f"{la.name:40s} {la.count:9d} {la.identical:10.6f} {la.max_diff:8d} {la.ties:5d}")
+            rows.append(f"{la.name:40s} {la.count:9d} {la.identical:10.6f} {la.max_diff:8d} {la.ties:5d} {la.end_to_end:10.6f}")
         rows.append(f"classes agree {self.classes_agree:.4f}; output max |diff| {self.output_max_abs_diff:.3g}; "
                     f"first divergent: {self.first_divergent or 'none'}")
         return "\n".join(rows)
@@ -93,12 +97,17 @@ def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
     x = np.asarray(x, dtype=np.float32)  # the network input the float32 model would see
     ref_out, ref = reference_codes(compiled, x)
     names = tuple(program.meta["quantizers"])
-    out, kept, _ = program.trace(x, keep=names, on_overflow="record")
+    # Per layer, each quantizer reads the reference's codes of the quantizers before it:
+    # a requantization is checked on the same inputs, and a tie decided the other way
+    # (counted) does not spread through the residual stream into every later layer.
+    _, forced, _ = program.trace(x, keep=names, on_overflow="record", force={n: ref[n][0] for n in names})
+    out, free, _ = program.trace(x, keep=names, on_overflow="record")  # end to end, as deployed
     layers, first = [], None
     for name in names:
-        got, (want, tie) = kept[name], ref[name]
-        diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
-        la = LayerAgreement(name, int(diff.size), float((diff == 0).mean()), int(diff.max(initial=0)), int(tie.sum()))
+        want, tie = ref[name]
+        diff = np.abs(forced[name].astype(np.int64) - want.astype(np.int64))
+        end_to_end = float((free[name].astype(np.int64) == want.astype(np.int64)).mean())
+        la = LayerAgreement(name, int(diff.size), float((diff == 0).mean()), int(diff.max(initial=0)), int(tie.sum()), end_to_end)
         if first is None and np.any(diff[~tie] != 0):
             first = name
         layers.append(la)

@@ -272,7 +272,16 @@ class Interpreter:
     overflows: list[Overflow] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every buffer's per-sample shape, as run
 
-    def run(self, x: np.ndarray, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def run(
+        self, x: np.ndarray, keep: tuple[str, ...] = (), force: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run on ``x``; returns the output and the buffers named in ``keep`` as computed.
+
+        ``force`` replaces buffers by given values right after they are computed, so
+        every later instruction reads those (the agreement check feeds each layer the
+        reference's codes, so one tie cannot spread into every later layer).
+        """
+        force = force or {}
         p = self.program
         last: dict[str, int] = {}
         for i, ins in enumerate(p.instructions):
@@ -287,6 +296,8 @@ class Interpreter:
             self.shapes[ins.dst] = tuple(out.shape[1:])
             if ins.dst in pinned:
                 kept[ins.dst] = out
+            if ins.dst in force:
+                env[ins.dst] = np.asarray(force[ins.dst]).astype(out.dtype, copy=False).reshape(out.shape)
             for s in ins.srcs:
                 if last.get(s) == i and s not in pinned:
                     del env[s]  # its last reader ran: free it

@@ -56,12 +56,13 @@ class Program:
 
         return Interpreter(self).run(x)[0]
 
-    def trace(self, x: np.ndarray, keep: tuple[str, ...] = (), on_overflow: str = "raise"):
-        """``(output, {name: buffer} for keep, overflows)``: a run that keeps intermediate buffers."""
+    def trace(self, x: np.ndarray, keep: tuple[str, ...] = (), on_overflow: str = "raise", force=None):
+        """``(output, {name: buffer} for keep, overflows)``: a run that keeps intermediate buffers
+        (and replaces the buffers in ``force`` by the given values once computed)."""
         from .interpreter import Interpreter
 
         it = Interpreter(self, on_overflow=on_overflow)
-        out, kept = it.run(x, keep)
+        out, kept = it.run(x, keep, force)
         return out, kept, it.overflows
 
     def verify(self, compiled, x):
