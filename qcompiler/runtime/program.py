@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +93,15 @@ class Program:
         doc = self._document()
         doc["digest"] = _digest(doc, self.consts)
         text = json.dumps(doc, sort_keys=True).encode()
-        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-            np.savez(f, **self.consts, **{_JSON_KEY: np.frombuffer(text, dtype=np.uint8)})
+        # staged beside the destination and moved into place: never a half-written program
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        try:
+            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+                np.savez(f, **self.consts, **{_JSON_KEY: np.frombuffer(text, dtype=np.uint8)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
