@@ -180,30 +180,36 @@ def _is_tensor(node: fx.Node) -> bool:
     return meta is None or hasattr(meta, "shape")
 
 
+def is_identity(m: nn.Module) -> bool:
+    """A module whose output is its input: ``nn.Identity``, dropout, an empty ``nn.Sequential`` (an identity shortcut)."""
+    return isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Sequential) and len(m) == 0)
+
+
+# The op kind of each function and method target (the tables above do not overlap).
+_FUNCTION_KINDS = {
+    **dict.fromkeys(_GRID_KEEPING_FUNCTIONS, "keep"),
+    **dict.fromkeys(_AFFINE_FUNCTIONS, "affine"),
+    **dict.fromkeys(_SCALAR_ARITHMETIC, "scalar"),
+}
+_METHOD_KINDS = {
+    **dict.fromkeys(_CONST_METHODS, "const"),
+    **dict.fromkeys(_GRID_KEEPING_METHODS, "keep"),
+    **dict.fromkeys(_AFFINE_METHODS, "affine"),
+    **dict.fromkeys(("mul", "div", "add", "sub"), "scalar"),
+}
+
+
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """``"keep"`` (codes unchanged), ``"affine"``, ``"scalar"`` (arithmetic with a number), ``"const"`` or ``"other"``."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, _GRID_KEEPING_MODULES) or (isinstance(m, nn.Sequential) and len(m) == 0):
+        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m):
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
     if node.op == "call_function":
-        if node.target in _GRID_KEEPING_FUNCTIONS:
-            return "keep"
-        if node.target in _AFFINE_FUNCTIONS:
-            return "affine"
-        if node.target in _SCALAR_ARITHMETIC:
-            return "scalar"
-        return "other"
+        return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
-        if node.target in _CONST_METHODS:
-            return "const"
-        if node.target in _GRID_KEEPING_METHODS:
-            return "keep"
-        if node.target in _AFFINE_METHODS:
-            return "affine"
-        if node.target in ("mul", "div", "add", "sub"):
-            return "scalar"
+        return _METHOD_KINDS.get(node.target, "other")
     return "other"
 
 

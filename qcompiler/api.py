@@ -78,7 +78,6 @@ class Compiled:
         """
         from .runtime import lower  # the backend imports this module's peers
 
-        self.freeze()
         return lower(self)
 
     def export_onnx(self, path: str | Path, format: str = "custom") -> Path:  # noqa: A002 - the issue's name

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
-from ..analysis import GRID, join_kind, join_operands, tensor_domains
+from ..analysis import GRID, is_identity, join_kind, join_operands, tensor_domains
 from ..quantizers import UniformQuantizer
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
@@ -34,7 +34,6 @@ from .observe import observe_ranges
 from .rewrite import init_act_step, insert_quantizer
 
 _RELU = (nn.ReLU,)
-_IDENTITIES = (nn.Identity, nn.Sequential, nn.Dropout)
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
 
 
@@ -63,9 +62,7 @@ def passthrough_source(gm: fx.GraphModule, reader: fx.Node, operand: fx.Node) ->
     An identity shortcut reads the very tensor the block's first layer reads; the
     quantizer belongs on that tensor, so both see one set of codes.
     """
-    while operand.op == "call_module" and isinstance(gm.get_submodule(operand.target), _IDENTITIES) and len(operand.users) == 1:
-        if isinstance(gm.get_submodule(operand.target), nn.Sequential) and len(gm.get_submodule(operand.target)):
-            break
+    while operand.op == "call_module" and is_identity(gm.get_submodule(operand.target)) and len(operand.users) == 1:
         reader, operand = operand, operand.args[0]
     return reader, operand
 
