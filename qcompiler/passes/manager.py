@@ -139,7 +139,9 @@ class PassManager:
                 raise
             except Exception as e:
                 before = ", ".join(r.name for r in runs) or "none"
-                raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {e}") from e
+                # fx appends the failing node's source on more lines; the user gets one (--debug shows all)
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise PassError(f"error in pass {p.name!r} after passes [{before}]: {type(e).__name__}: {reason}") from e
             seconds = time.perf_counter() - start
             if not result.modified and not p.analysis and not p.quiet_when_unchanged:
                 warnings.warn(f"pass {p.name!r} found nothing to change in this model ({p.purpose})", NoChangeWarning, stacklevel=2)
