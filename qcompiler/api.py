@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .atomic import stage_dir
 from .data import Dataset
-from .errors import DataError, QCompileError, SpecError
+from .errors import DataError, PipelineError, QCompileError, SpecError
 from .frontend import trace
+from .modelio import check_finite
 from .passes import REGISTRY, PassContext, PassManager, plan
+from .passes.manager import NoChangeWarning
 from . import ir
 from .passes.freeze import freeze
 from .verify import verify_graph
@@ -104,14 +108,31 @@ class Compiled:
         return onnx_parity(self, path, x, batch_size)
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> Compiled:
-        """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""
+    def load(cls, out_dir: str | Path, *, trust: bool = False) -> Compiled:
+        """Read back what :meth:`save` wrote, records included.
+
+        ``module.pt`` is a pickled ``GraphModule`` (its generated code travels with it),
+        and unpickling runs code from the file: a tampered folder could run anything.
+        So loading needs ``trust=True``, to be given only for folders you wrote.
+
+        >>> c = Compiled.load("runs/resnet20-lsq4", trust=True)  # doctest: +SKIP
+        """
         out = Path(out_dir)
-        module = torch.load(out / "module.pt", weights_only=False)
-        records = torch.load(out / "records.pt", weights_only=False)
+        if not trust:
+            raise QCompileError(
+                f"Compiled.load({str(out)!r}) would unpickle module.pt, which runs code from the file; "
+                "pass trust=True if you wrote this folder yourself"
+            )
+        if not out.is_dir():
+            raise QCompileError(f"compiled folder {str(out)!r} does not exist; give the --out folder of a qcompile run")
+        module = _load_trusted(out / "module.pt", fx.GraphModule)
+        records = _load_trusted(out / "records.pt", dict)
         for node in module.graph.nodes:
             node.meta.update(records.get(node.name, {}))
-        spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
+        try:
+            spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise QCompileError(f"{str(out / 'spec.json')!r} is missing or corrupt ({e}); save the model again") from None
         # No pass ran in this process: the rebuilt report has layers but no pass sections.
         return cls(module, spec, build_report(module, [], 0.0, spec))
 
@@ -124,9 +145,9 @@ class Compiled:
         """
         out = Path(out_dir)
         check_replaceable(out, SAVED_FILES + ARTIFACT_FILES, "output folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        check_finite_state(self.module)
         self.freeze()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = stage_dir(out)
         try:
             torch.save(self.module, tmp / "module.pt")
             # Pickling a GraphModule drops node.meta; the records travel beside it.
@@ -144,6 +165,40 @@ class Compiled:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+
+def _load_trusted(path: Path, kind: type):
+    try:
+        obj = torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise QCompileError(f"{str(path)!r} is missing; the folder is not a complete qcompile output") from None
+    except Exception as e:  # a damaged pickle raises anything
+        raise QCompileError(f"{str(path)!r} is truncated or corrupt ({type(e).__name__}); save the model again") from None
+    if not isinstance(obj, kind):
+        raise QCompileError(f"{str(path)!r} holds a {type(obj).__name__}, not a {kind.__name__}; save the model again")
+    return obj
+
+
+def check_finite_state(module: nn.Module) -> None:
+    """Never save NaN or Inf: a diverged QAT run must fail loudly, not produce a broken model."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise QCompileError(
+                f"the compiled model's {name!r} holds NaN or infinite values (QAT diverged?); nothing was saved; "
+                "lower --lr or check the data for extreme values"
+            )
+
+
+def check_applicable(gm: fx.GraphModule, passes: Sequence, force: bool) -> None:
+    """A pass asked for on a model without the layers it works on is a mistake (a wrong pipeline or model)."""
+    for p in passes:
+        kinds = type(p).needs_layers
+        if kinds and not any(isinstance(m, kinds) for m in gm.modules()):
+            what = " or ".join(k.__name__ for k in kinds)
+            message = f"pass {p.name!r} works on {what} layers and this model has none"
+            if not force:
+                raise PipelineError(f"{message}; remove it from the passes, or force it (--force, force=True)")
+            warnings.warn(f"{message}; it will change nothing", NoChangeWarning, stacklevel=3)
 
 
 def check_overrides(gm: fx.GraphModule, spec: QuantSpec) -> None:
@@ -176,6 +231,12 @@ def calibration_batches(calib_data: object, limit: int, seed: int = 0) -> list[t
         raise DataError(f"calib_data of type {type(calib_data).__name__} is not supported; give a tensor, a Dataset or an iterable of batches")
     if not batches or batches[0].numel() == 0:
         raise DataError("calibration data is empty; give at least one batch")
+    for i, b in enumerate(batches[1:], start=2):
+        if b.shape[1:] != batches[0].shape[1:] or b.dtype != batches[0].dtype:
+            raise DataError(
+                f"calibration batch {i} holds samples of shape {tuple(b.shape[1:])} ({b.dtype}), batch 1 of "
+                f"{tuple(batches[0].shape[1:])} ({batches[0].dtype}); give batches of one sample shape and dtype"
+            )
     return batches
 
 
@@ -188,6 +249,7 @@ def compile(  # noqa: A001 - the natural name for the entry point
     dump_ir: str | Path | None = None,
     verify: bool | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> Compiled:
     """Compile a float ``model`` into a fake-quant model; the model itself is not modified.
 
@@ -201,6 +263,8 @@ def compile(  # noqa: A001 - the natural name for the entry point
         dump_ir: folder for the per-pass IR dumps (text and DOT).
         verify: check the IR rules and run the graph after each pass (outputs finite);
             ``None`` reads the ``QCOMPILER_VERIFY`` environment variable (the tests set it).
+        force: run passes that have nothing to work on in this model (adder passes on
+            a model without adder layers) with a warning instead of refusing them.
 
     Example:
         >>> import qcompiler
@@ -215,6 +279,14 @@ def compile(  # noqa: A001 - the natural name for the entry point
         spec = QuantSpec()
     elif isinstance(spec, (str, Path)):
         spec = QuantSpec.load(spec)
+    elif not isinstance(spec, QuantSpec):
+        raise SpecError(
+            f"spec must be a QuantSpec, a path to a .json/.toml spec or None, got {type(spec).__name__}; "
+            "for a dict use QuantSpec.from_dict(...)"
+        )
+    if not isinstance(model, nn.Module):
+        raise QCompileError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_finite(model, "the model")
     batches = calibration_batches(calib_data, spec.calib_batches, spec.seed)
     if example_inputs is None:
         if not batches:
@@ -231,6 +303,7 @@ def compile(  # noqa: A001 - the natural name for the entry point
     gm = trace(model, ctx.example_inputs, spec.leaf_modules)
     trace_seconds = time.perf_counter() - start
     check_overrides(gm, spec)
+    check_applicable(gm, passes, force)
     if verify is None:
         verify = os.environ.get("QCOMPILER_VERIFY", "") not in ("", "0")
     manager = PassManager(passes, dump_dir=Path(dump_ir) if dump_ir is not None else None, verify=verify)

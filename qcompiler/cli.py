@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -17,14 +18,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .api import SAVED_FILES, check_replaceable
-from .errors import QCompileError, SpecError
+from .atomic import stage_dir
+from .api import ARTIFACT_FILES, SAVED_FILES, check_replaceable
+from .errors import DataError, QCompileError, SpecError
 from .spec import QuantSpec, check_bits, parse_pass_names
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other error
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+DUMP_FILES = "[0-9][0-9]_*.*"  # what --dump-ir writes: 00_input.txt, 01_pin-first-last.dot, ...
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the integer program and the fake-quant module on the test set and print their agreement per layer")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
+    p.add_argument("--force", action="store_true",
+                   help="run passes that have nothing to work on in this model (e.g. adder passes without adder layers) instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="verify the graph after every pass and show tracebacks")
     return p
@@ -93,6 +100,8 @@ def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
 def _check_writable(path: str, flag: str) -> None:
     """Fail before any work if ``path`` (a folder to create) cannot be written."""
     p = Path(path)
+    if p.is_symlink():
+        raise QCompileError(f"{flag} {path!r} is a symbolic link; give the real folder ({os.path.realpath(p)!r}) or a new one")
     if p.exists() and not p.is_dir():
         raise QCompileError(f"{flag} {path!r} is a file; give a folder path")
     parent = p if p.exists() else p.parent
@@ -104,18 +113,68 @@ def _check_writable(path: str, flag: str) -> None:
         raise QCompileError(f"{flag} {path!r} is not writable; choose a folder you can write to")
 
 
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies under it (both resolved, so ``a/../b`` and links count)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Outputs never replace, hold or nest inside an input or each other."""
+    for flag, value in (("MODEL", args.model), ("--spec", args.spec), ("--data", args.data),
+                        ("--out", args.out), ("--dump-ir", args.dump_ir)):
+        if value is not None and not value.strip():
+            raise QCompileError(f"{flag} is an empty path; give a file or folder name")
+    inputs = [("the model", args.model)]
+    inputs += [("the spec", args.spec)] if args.spec else []
+    inputs += [("the data", args.data)] if args.data and args.data != "digits" else []
+    outputs = [(flag, value) for flag, value in (("--out", args.out), ("--dump-ir", args.dump_ir)) if value]
+    for flag, out in outputs:
+        _check_writable(out, flag)
+        for what, src in inputs:
+            if _within(Path(src), Path(out)):
+                raise QCompileError(f"{flag} {out!r} holds {what} {src!r}, which writing it would destroy; choose another folder")
+    if args.out and args.dump_ir:
+        if _within(Path(args.out), Path(args.dump_ir)) or _within(Path(args.dump_ir), Path(args.out)):
+            raise QCompileError(f"--out {args.out!r} and --dump-ir {args.dump_ir!r} overlap; give them separate folders")
+    for flag, out in outputs:
+        check_replaceable(Path(out), SAVED_FILES + ARTIFACT_FILES if flag == "--out" else DUMP_FILES, flag)
+        if Path(out).is_dir() and any(Path(out).iterdir()):
+            warnings.warn(f"{flag} {out!r} holds an earlier run's output; it will be replaced")
+
+
+def _check_training_flags(args: argparse.Namespace) -> None:
+    if args.train_epochs < 0:
+        raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise SpecError(f"--lr must be a finite positive number, got {args.lr}; try e.g. --lr 0.01")
+    if args.batch_size < 1:
+        raise SpecError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def check_labels(module, data) -> None:
+    """Labels must index the model's outputs: checked on the traced model, before any training."""
+    import torch
+
+    with torch.no_grad():
+        out = module(data.x_test[:1])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return  # not a classifier: accuracy is not reported against these labels
+    classes = out.shape[1]
+    top = int(max(data.y_train.max(), data.y_test.max()))
+    if top >= classes:
+        raise DataError(f"the data has labels up to {top} but the model has {classes} outputs; "
+                        f"give data with labels 0..{classes - 1} or a model with {top + 1} outputs")
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here: data loading pulls in scikit-learn, which argument errors never need.
     from .data import load_data
     from .modelio import load_model
 
     spec = _spec_from_args(args)
-    for path, flag, ours in ((args.out, "--out", SAVED_FILES), (args.dump_ir, "--dump-ir", "[0-9][0-9]_*.*")):
-        if path:
-            _check_writable(path, flag)
-            check_replaceable(Path(path), ours, flag)
-    if args.train_epochs < 0:
-        raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
+    _check_paths(args)
+    _check_training_flags(args)
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as e:
@@ -127,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.arch, arch_kwargs, allow_pickle=args.allow_pickle)
     progress = not args.quiet and sys.stderr.isatty()
 
-    dump_tmp = tempfile.mkdtemp(prefix="qcompile-ir-") if args.dump_ir else None
+    # Staged beside the destination, so the final move is a rename on the same file system.
+    dump_tmp = stage_dir(Path(args.dump_ir)) if args.dump_ir else None
     try:
         _compile_train_report(args, spec, data, model, dump_tmp, progress)
     finally:
@@ -136,19 +196,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _applied(compiled) -> str:
+    """What the compile actually did, from the report (not from the flags asked)."""
+    layers = compiled.report.layers
+    quantized = [r for r in layers if r.weight_bits is not None or r.act_bits is not None]
+    if not quantized:
+        return "no layer quantized"
+    widths = sorted({(r.weight_bits, r.act_bits) for r in quantized if not r.pinned}, key=str)
+    pinned = sorted({(r.weight_bits, r.act_bits) for r in quantized if r.pinned}, key=str)
+    fmt = lambda wa: f"W{wa[0] if wa[0] is not None else '(float)'}A{wa[1] if wa[1] is not None else '(float)'}"  # noqa: E731
+    text = ", ".join(fmt(wa) for wa in widths) or "-"
+    if pinned:
+        text += f"; first/last at {', '.join(fmt(wa) for wa in pinned)}"
+    floats = len(layers) - len(quantized)
+    return text + (f"; {floats} layer(s) in float" if floats else "")
+
+
 def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     from . import compile as qcompile_model
     from .train import TrainConfig, evaluate, train
 
     compiled = qcompile_model(
-        model, spec, calib_data=data, dump_ir=dump_tmp, verify=args.debug, progress=progress
+        model, spec, calib_data=data, dump_ir=dump_tmp, verify=args.debug, progress=progress, force=args.force
     )
+    check_labels(compiled.module, data)
     float_acc = evaluate(model, data)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__} ({n_params / 1e6:.3f} M params); data: {args.data} "
           f"({len(data.y_train)} train / {len(data.y_test)} test)")
-    pinned = f", first/last at {spec.pin_bits} bits" if spec.pin_first_last else ""
-    print(f"passes: {','.join(spec.passes)}; W{spec.weight_bits}A{spec.act_bits}{pinned}\n")
+    print(f"passes: {','.join(spec.passes)}; {_applied(compiled)}\n")
     print(compiled.report.text() + "\n")  # layers, passes, and each pass's own section
     print(f"float accuracy:           {float_acc:6.2f} %")
     print(f"quantized, before QAT:    {evaluate(compiled.module, data):6.2f} %")
@@ -191,8 +267,7 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
 def _move_into(src: Path, dst: Path) -> None:
     if dst.exists():  # checked before any work: holds only earlier dumps
         shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))
+    os.replace(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a vanished folder, a permission change mid-run
+        if args.debug:
+            raise
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"qcompile: error: cannot read or write{where}: {e.strerror or e}; free space or choose another "
+              "folder (nothing was written)", file=sys.stderr)
+        return 2
+    except Exception as e:  # our bug, not the user's: say so in one line
+        if args.debug:
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"qcompile: internal error: {type(e).__name__}: {reason}; rerun with --debug for the traceback "
+              "and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

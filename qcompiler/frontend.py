@@ -119,6 +119,14 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
         cause = e.__cause__ or e
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        param = next((t for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()), None)
+        dtypes = {str(x.dtype).removeprefix("torch.") for x in example_inputs}
+        if param is not None and ("scalar type" in reason or "dtype" in reason) and dtypes != {str(param.dtype).removeprefix("torch.")}:
+            want = str(param.dtype).removeprefix("torch.")
+            raise DataError(
+                f"input of dtype {', '.join(sorted(dtypes))} does not match the model's {want} weights ({reason}); "
+                f"convert the data or the model to one dtype (e.g. x.to(torch.{want}))"
+            ) from None
         raise DataError(
             f"input of shape {shapes} does not fit the model ({reason}); give data shaped as the model expects"
         ) from None

@@ -7,6 +7,11 @@ unless the user opts in. The safe formats load with ``weights_only=True``:
   ``"package.module:factory"`` plus its keyword arguments and the state dict;
 * a bare **state dict**, with the architecture given separately (``--arch``).
 
+A checkpoint's architecture name is data from the file, and calling it would run
+whatever function the file names (``os:system`` is a valid ``module:factory``). So
+only factories of :mod:`qcompiler.zoo` are called on the file's word; any other
+must be named by the user (``--arch``, or ``arch=`` in the API).
+
 Example:
     >>> import tempfile, os
     >>> from qcompiler.zoo import plain_cnn
@@ -29,6 +34,7 @@ from torch import nn
 from .errors import ModelLoadError
 
 CHECKPOINT_FORMAT = "qcompiler-checkpoint-1"
+ZOO_MODULE = "qcompiler.zoo"
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, arch: str, arch_kwargs: dict[str, Any] | None = None) -> None:
@@ -65,17 +71,29 @@ def load_model(
 ) -> nn.Module:
     """Load a float model from a checkpoint, a state dict (+ ``arch``) or, if allowed, a pickle."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelLoadError(f"model path {str(p)!r} is a directory; give the model file inside it (e.g. model.pt)")
     if not p.is_file():
         raise ModelLoadError(f"model file {str(p)!r} does not exist; give the path of a saved model")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if not _is_code_pickle(e):
+            raise ModelLoadError(f"{str(p)!r} is truncated or corrupt ({_first_line(e)}); save the model again") from None
         if not allow_pickle:
             raise ModelLoadError(
                 f"{str(p)!r} is a pickled module and unpickling runs code from the file; pass --allow-pickle "
                 "if you trust it, or save a state_dict and give --arch package.module:factory"
             ) from None
         return _load_pickle(p)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = _first_line(e).split(". ")[0]
+        if _looks_like_torch_file(p) or isinstance(e, EOFError):
+            raise ModelLoadError(f"{str(p)!r} is truncated or corrupt ({reason}); save the model again") from None
+        raise ModelLoadError(
+            f"{str(p)!r} is not a PyTorch model file ({type(e).__name__}: {reason}); save it with torch.save or "
+            "qcompiler.modelio.save_checkpoint"
+        ) from None
     except Exception as e:  # torch.load raises many kinds for a file that is not its own
         raise ModelLoadError(
             f"{str(p)!r} is not a PyTorch model file ({type(e).__name__}); save it with torch.save or "
@@ -83,8 +101,13 @@ def load_model(
         ) from None
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        model = build_arch(arch or obj["arch"], {**obj["arch_kwargs"], **(arch_kwargs or {})})
-        return _load_state(model, obj["state_dict"], p)
+        state, file_arch, file_kwargs = obj.get("state_dict"), obj.get("arch"), obj.get("arch_kwargs", {})
+        if not isinstance(state, dict) or not isinstance(file_arch, str) or not isinstance(file_kwargs, dict):
+            raise ModelLoadError(f"{str(p)!r} is a damaged qcompiler checkpoint (arch, arch_kwargs or state_dict); save it again")
+        if arch is None:
+            check_file_arch(file_arch, p)
+        model = build_arch(arch or file_arch, {**file_kwargs, **(arch_kwargs or {})})
+        return _load_state(model, state, p)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise ModelLoadError(
@@ -98,13 +121,74 @@ def load_model(
     )
 
 
+def check_file_arch(arch: str, p: Path) -> None:
+    """Refuse to call a factory that only the file names, unless it is one of the zoo's."""
+    from .zoo import ZOO
+
+    mod_name, _, fn_name = arch.partition(":")
+    if mod_name == ZOO_MODULE and fn_name in ZOO:
+        return
+    raise ModelLoadError(
+        f"{str(p)!r} names its architecture {arch!r}, which is not a qcompiler.zoo model, and calling it would run "
+        f"code the file chose; if you trust it, name it yourself with --arch {arch}"
+    )
+
+
+def _is_code_pickle(e: Exception) -> bool:
+    """``weights_only`` refused a global (a class or function): the file is a pickled object, not damaged."""
+    text = str(e)
+    return "Unsupported global" in text or "GLOBAL" in text or "weights_only" in text.split("\n")[0]
+
+
+def _looks_like_torch_file(p: Path) -> bool:
+    """torch.save writes a zip archive (or, in the legacy format, a pickle protocol 2 header)."""
+    with p.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80\x02")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> nn.Module:
+    expected = model.state_dict()
+    problem = _first_mismatch(expected, state)
+    if problem:
+        raise ModelLoadError(f"the weights in {str(p)!r} do not fit the architecture ({problem}); check --arch and its arguments")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelLoadError(f"the weights in {str(p)!r} do not fit the architecture ({first}); check --arch and its arguments") from None
+        raise ModelLoadError(
+            f"the weights in {str(p)!r} do not fit the architecture ({_first_line(e)}); check --arch and its arguments"
+        ) from None
+    check_finite(model, p)
     return model
+
+
+def _first_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """The first missing, unexpected or mis-shaped key, in the model's own order."""
+    for k, v in expected.items():
+        if k not in state:
+            return f"missing key {k!r}"
+        if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape):
+            return f"{k!r} has shape {tuple(state[k].shape)} in the file, the model expects {tuple(v.shape)}"
+    for k in state:
+        if k not in expected:
+            return f"unexpected key {k!r}"
+    return None
+
+
+def check_finite(model: nn.Module, where: Path | str) -> None:
+    """Name the first parameter or buffer holding NaN or Inf: every pass after this would fail obscurely."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelLoadError(
+                f"{name!r} in {where if isinstance(where, str) else repr(str(where))} holds {bad} NaN or infinite "
+                "value(s); retrain or repair the model before compiling"
+            )
 
 
 def _load_pickle(p: Path) -> nn.Module:
@@ -114,4 +198,5 @@ def _load_pickle(p: Path) -> nn.Module:
         raise ModelLoadError(f"{str(p)!r} cannot be unpickled ({type(e).__name__}: {e}); is its class importable?") from None
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(f"{str(p)!r} holds a {type(obj).__name__}, not an nn.Module")
+    check_finite(obj, p)
     return obj

@@ -57,7 +57,7 @@ class LayerOverride:
         return fnmatch.fnmatchcase(node_name, self.pattern) or bool(module_path) and fnmatch.fnmatchcase(module_path, self.pattern)
 
     def __post_init__(self) -> None:
-        if not self.pattern:
+        if not isinstance(self.pattern, str) or not self.pattern:
             raise SpecError("a layer override needs a non-empty 'pattern' (a node name or glob)")
         if self.weight_bits is not None:
             check_bits(self.weight_bits, f"override {self.pattern!r} weight_bits")
@@ -117,23 +117,30 @@ class QuantSpec:
         if isinstance(self.passes, str):
             object.__setattr__(self, "passes", parse_pass_names(self.passes))
         else:
-            object.__setattr__(self, "passes", tuple(self.passes))
+            object.__setattr__(self, "passes", _names(self.passes, "passes", 'e.g. ["asq", "post"] or "asq,post"'))
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
         for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not self.pin_first_last and "pin-first-last" in self.passes:
+            raise SpecError("the passes list 'pin-first-last' but pinning is off (--no-pin, pin_first_last=false); keep one of them")
+        if self.overrides is None or isinstance(self.overrides, (str, bytes, dict)) or not _iterable(self.overrides):
+            raise SpecError(f"overrides must be a list of {{pattern, weight_bits, act_bits}} tables, got {self.overrides!r}")
         overrides = tuple(
             o if isinstance(o, LayerOverride) else LayerOverride(**_known(o, LayerOverride, "override"))
             for o in self.overrides
         )
         object.__setattr__(self, "overrides", overrides)
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+        object.__setattr__(self, "leaf_modules", _names(self.leaf_modules, "leaf_modules", 'e.g. ["mypkg.layers:Gate"]'))
+        if not _is_int(self.seed) or self.seed < 0:
+            raise SpecError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.calib_batches) or self.calib_batches < 1:
             raise SpecError(f"calib_batches must be a positive integer, got {self.calib_batches!r}")
-        if not 0.5 < float(self.outlier_alpha) <= 1.0:
-            raise SpecError(f"outlier_alpha must lie in (0.5, 1], got {self.outlier_alpha!r}; the paper uses 0.999")
-        if not isinstance(self.adder_groups, int) or self.adder_groups < 1:
+        if isinstance(self.outlier_alpha, bool) or not isinstance(self.outlier_alpha, (int, float)) \
+                or not 0.5 < float(self.outlier_alpha) <= 1.0:
+            raise SpecError(f"outlier_alpha must be a number in (0.5, 1], got {self.outlier_alpha!r}; the paper uses 0.999")
+        if not _is_int(self.adder_groups) or self.adder_groups < 1:
             raise SpecError(f"adder_groups must be a positive integer, got {self.adder_groups!r}")
 
     def layer_bits(self, layer: str, pinned_bits: int | None, module_path: str = "") -> tuple[int, int]:
@@ -206,6 +213,29 @@ def parse_pass_names(text: str) -> tuple[str, ...]:
     names = tuple(p.strip() for p in text.split(",") if p.strip())
     if not names:
         raise SpecError("the pass list is empty; give e.g. --passes lsq")
+    return names
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _iterable(v: object) -> bool:
+    try:
+        iter(v)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def _names(value: object, what: str, example: str) -> tuple[str, ...]:
+    """A list of non-empty strings (a bare string is one name's letters, never what was meant)."""
+    if value is None or isinstance(value, (str, bytes, dict)) or not _iterable(value):
+        raise SpecError(f"{what} must be a list of names, {example}; got {value!r}")
+    names = tuple(value)  # type: ignore[arg-type]
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise SpecError(f"{what} must hold non-empty names, {example}; got {bad[0]!r}")
     return names
 
 

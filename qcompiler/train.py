@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Dataset
+from .errors import QCompileError, SpecError
 from .nn.modes import training_mode
 from .quantizers import UniformQuantizer
 from .quantizers.power_grid import PowerGridQuantizer
@@ -41,6 +42,16 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+                raise SpecError(f"{name} must be an integer >= {1 if name == 'batch_size' else 0}, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise SpecError(f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -80,6 +91,12 @@ def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(),
         running, batches = 0.0, 0
         for x, y in loader:
             loss = F.cross_entropy(module(x), y)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise QCompileError(
+                    f"the training loss became {loss.item()} at step {bar.n + 1}; lower the learning rate "
+                    f"(now {config.lr}) or check the data for extreme values"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -287,7 +287,7 @@ def test_emit_int_writes_a_program_that_agrees_with_the_module(runs: dict[str, R
     # The saved program reloads and computes the saved module's classes; qcompile-run prints them.
     x = load_digits().x_test[:16]
     program = Program.load(run.out / "program.npz")
-    module = Compiled.load(run.out).module
+    module = Compiled.load(run.out, trust=True).module
     expected = module(x).argmax(1).tolist()
     assert program.run(x.numpy()).argmax(1).tolist() == expected
     np.savez(tmp_path / "in.npz", x=x.numpy())

@@ -32,6 +32,7 @@ from ..errors import SpecError
 from ..quantizers.adder import QAdderConv2d
 from ..report import ReportSection, text_table
 from ..spec import QuantSpec
+from ..nn import AdderConv2d
 from .base import CALIBRATION_DATA, STAGE_ADDER, Pass, PassContext, PassResult
 from .calibrate import reestimate_batchnorm
 from .rewrite import MULTIPLY_LAYERS, layer_bits, lsq_act_quantizer, quantize_multiply_layers
@@ -87,6 +88,7 @@ class AdderGroups(Pass):
     produces = frozenset({"adder-quant"})
     conflicts = frozenset({"adder-shared"})
     method = "redistribution"
+    needs_layers = (AdderConv2d,)
 
     def __init__(self, groups: int = 4, weight_clamp: bool = True, seed: int = 0) -> None:
         self.groups, self.weight_clamp, self.seed = groups, weight_clamp, seed

@@ -62,6 +62,9 @@ class Pass(abc.ABC):
     analysis: ClassVar[bool] = False
     # Inserted by the planner where it may legitimately find nothing (a model with no joins).
     quiet_when_unchanged: ClassVar[bool] = False
+    # Module types without which the pass has nothing to do (adder passes need adder layers):
+    # asked for on a model that has none, it is a mistake, refused unless forced.
+    needs_layers: ClassVar[tuple[type, ...]] = ()
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> Pass:

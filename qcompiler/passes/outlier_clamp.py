@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..spec import QuantSpec
+from ..nn import AdderConv2d
 from .base import CALIBRATION_DATA, STAGE_CALIBRATE, Pass, PassContext, PassResult
 from .calibrate import run_calibration
 
@@ -43,6 +44,7 @@ class OutlierClamp(Pass):
     stage = STAGE_CALIBRATE
     requires = frozenset({CALIBRATION_DATA})
     produces = frozenset({"adder-input-range"})
+    needs_layers = (AdderConv2d,)
 
     def __init__(self, alpha: float = 0.9992) -> None:
         self.alpha = alpha

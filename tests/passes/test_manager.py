@@ -385,9 +385,12 @@ def test_second_run_of_pipeline_adds_nothing() -> None:
     assert len(gm.graph.nodes) == n_nodes
 
 
-def test_a_pass_that_changes_nothing_warns():
+def test_an_adder_pass_without_adder_layers_is_refused_unless_forced():
     from qcompiler.passes.manager import NoChangeWarning
     from qcompiler.zoo import plain_cnn
 
-    with pytest.warns(NoChangeWarning, match="'adder-groups' found nothing to change"):
+    with pytest.raises(qcompiler.errors.PipelineError, match="'adder-groups' works on AdderConv2d layers and this model has none"):
         qcompiler.compile(plain_cnn(width=4), qcompiler.QuantSpec(passes="adder-groups"), calib_data=torch.randn(8, 1, 8, 8))
+    with pytest.warns(NoChangeWarning, match="'adder-groups' found nothing to change"):
+        qcompiler.compile(plain_cnn(width=4), qcompiler.QuantSpec(passes="adder-groups"), calib_data=torch.randn(8, 1, 8, 8),
+                          force=True)
