@@ -3,8 +3,8 @@
 The graph runs over the calibration batches and the input of every compute layer
 feeds a bounded-memory :class:`RangeObserver`; the summary is written as a
 ``TensorRange`` record on the node that produces it. In a distributed compile the
-observers are reduced over the ranks first, so every rank writes the same records. The graph itself is not
-changed: observation is an analysis, not a rewrite.
+observers are reduced over the ranks first, so every rank writes the same records.
+The graph itself is not changed: observation is an analysis, not a rewrite.
 """
 
 from __future__ import annotations
