@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import distributed
 from .atomic import stage_dir
 from .data import Dataset
 from .errors import DataError, PipelineError, QCompileError, SpecError
@@ -210,12 +212,24 @@ def check_overrides(gm: fx.GraphModule, spec: QuantSpec) -> None:
             raise SpecError(f"override pattern {o.pattern!r} matches no layer; patterns match node names ({names}, ...) or module paths")
 
 
-def calibration_batches(calib_data: object, limit: int, seed: int = 0) -> list[torch.Tensor]:
-    """Up to ``limit`` input batches from a Dataset, a tensor or an iterable of batches."""
+def calibration_batches(
+    calib_data: object, limit: int, seed: int = 0, ranks: distributed.Ranks = distributed.LOCAL
+) -> list[torch.Tensor]:
+    """Up to ``limit`` input batches from a Dataset, a tensor or an iterable of batches.
+
+    A Dataset is the whole data set, so in a distributed compile the ranks share its
+    first ``limit`` batches (at least one each) and together see what one process
+    would; tensors and iterables are taken to be this rank's share already.
+    """
     if calib_data is None:
         return []
     if isinstance(calib_data, Dataset):
-        calib_data = calib_data.loader("train", batch_size=CALIB_BATCH_SIZE, shuffle=True, seed=seed)
+        loader = calib_data.loader("train", batch_size=CALIB_BATCH_SIZE, shuffle=True, seed=seed)
+        if ranks.distributed:
+            first = itertools.islice(loader, max(limit, ranks.size))
+            calib_data = distributed.shard(list(first), ranks)
+        else:
+            calib_data = loader
     if isinstance(calib_data, torch.Tensor):
         batches = list(calib_data.split(CALIB_BATCH_SIZE))[:limit]
     elif isinstance(calib_data, Iterable):
@@ -250,6 +264,7 @@ def compile(  # noqa: A001 - the natural name for the entry point
     verify: bool | None = None,
     progress: bool = False,
     force: bool = False,
+    process_group: object = None,
 ) -> Compiled:
     """Compile a float ``model`` into a fake-quant model; the model itself is not modified.
 
@@ -265,6 +280,11 @@ def compile(  # noqa: A001 - the natural name for the entry point
             ``None`` reads the ``QCOMPILER_VERIFY`` environment variable (the tests set it).
         force: run passes that have nothing to work on in this model (adder passes on
             a model without adder layers) with a warning instead of refusing them.
+        process_group: the ranks that compile together, each on its own share of
+            ``calib_data``, reducing what calibration measures so that every rank's
+            module is identical (:mod:`qcompiler.distributed`). ``None``: the default
+            group when ``torch.distributed`` is initialised; ``False``: this process
+            alone. Every rank of the group must call ``compile``.
 
     Example:
         >>> import qcompiler
@@ -287,7 +307,8 @@ def compile(  # noqa: A001 - the natural name for the entry point
     if not isinstance(model, nn.Module):
         raise QCompileError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite(model, "the model")
-    batches = calibration_batches(calib_data, spec.calib_batches, spec.seed)
+    ranks = distributed.ranks(process_group)
+    batches = calibration_batches(calib_data, spec.calib_batches, spec.seed, ranks)
     if example_inputs is None:
         if not batches:
             raise DataError("give example_inputs= or calib_data= so the model can be traced")
@@ -296,12 +317,14 @@ def compile(  # noqa: A001 - the natural name for the entry point
         example_inputs = (batches[0][:1],)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    ctx = PassContext(spec=spec, example_inputs=tuple(example_inputs), calib_batches=batches, progress=progress)
+    ctx = PassContext(spec=spec, example_inputs=tuple(example_inputs), calib_batches=batches, progress=progress, ranks=ranks)
     passes = plan(spec.passes, spec, ctx.provided(), REGISTRY)  # every check before any work
 
     start = time.perf_counter()
     gm = trace(model, ctx.example_inputs, spec.leaf_modules)
     trace_seconds = time.perf_counter() - start
+    # Passes derive weight quantizers and adder groups from the weights: rank 0's, as DDP would use.
+    distributed.broadcast_module(gm, ranks)
     check_overrides(gm, spec)
     check_applicable(gm, passes, force)
     if verify is None:
@@ -310,4 +333,5 @@ def compile(  # noqa: A001 - the natural name for the entry point
     gm, runs = manager.run(gm, ctx)
     gm.eval()
     verify_graph(gm, final=True)
+    distributed.check_identical(gm, ranks)
     return Compiled(gm, spec, build_report(gm, runs, trace_seconds, spec))

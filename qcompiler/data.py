@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qcompiler.errors import DataError
 
@@ -63,17 +63,25 @@ class Dataset:
         """One more than the largest label in either split."""
         return int(max(self.y_train.max().item(), self.y_test.max().item())) + 1
 
-    def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(
+        self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)
+    ) -> DataLoader:
         """A ``DataLoader`` over ``split`` ("train" or "test") yielding ``(x, y)`` batches.
 
         Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so the
-        batch order is the same on every run.
+        batch order is the same on every run. ``shard=(rank, ranks)`` gives one
+        data-parallel process its share through a ``DistributedSampler`` (call
+        ``loader.sampler.set_epoch(epoch)`` to reshuffle each epoch).
         """
         if split not in _SPLITS:
             raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1; pass a positive batch size")
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        rank, ranks = shard
+        if ranks > 1:
+            sampler = DistributedSampler(TensorDataset(x, y), num_replicas=ranks, rank=rank, shuffle=shuffle, seed=seed)
+            return DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=sampler)
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 

@@ -5,6 +5,12 @@ scalars (min, max, sum of ``|x|``, count) and a fixed-size histogram of ``|x|``.
 When a batch exceeds the histogram's range, the range doubles (as often as needed)
 and adjacent bins merge pairwise, so counts are never re-estimated: the histogram
 is exact up to its bin width, which is at most ``2 * max|x| / bins``.
+
+The range is always a power of two: the smallest one above ``max|x|``. So it does
+not depend on the order the batches came in, and two observers of the same width
+(two shards of the data, two ranks of a distributed compile) merge exactly: the
+narrower histogram doubles up to the wider range and the counts add
+(:meth:`RangeObserver.merge`, :func:`qcompiler.distributed.reduce_observers`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,18 @@ import torch
 
 from .errors import DataError
 from .ir import TensorRange
+
+# The range of a histogram that has seen only zeros (any power of two would do).
+ZERO_EDGE = 2.0**-27
+
+
+def power_of_two_above(v: float) -> float:
+    """The smallest power of two strictly greater than ``v >= 0`` (``ZERO_EDGE`` for 0).
+
+    >>> power_of_two_above(3.0), power_of_two_above(4.0), power_of_two_above(0.3)
+    (4.0, 8.0, 0.5)
+    """
+    return math.ldexp(1.0, math.frexp(v)[1]) if v > 0 else ZERO_EDGE
 
 
 class RangeObserver:
@@ -48,16 +66,31 @@ class RangeObserver:
         top = float(a.max())
         if not math.isfinite(top):
             raise DataError("calibration data produced a non-finite activation (inf or nan); check the data and the model")
-        if self.edge == 0.0:
-            self.edge = top * (1 + 1e-6) if top > 0 else 1e-8
-        while top >= self.edge:
-            self._double()
-        self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.edge).double()
+        self.widen_to(power_of_two_above(top))
+        self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.edge).double().cpu()
 
-    def _double(self) -> None:
-        merged = self.hist.view(-1, 2).sum(dim=1)
-        self.hist = torch.cat([merged, torch.zeros_like(merged)])
-        self.edge *= 2
+    def widen_to(self, edge: float) -> None:
+        """Make the histogram cover ``[0, edge)``, a power of two, by doubling; never narrows."""
+        self.hist, self.edge = widened(self.hist, self.edge or edge, edge)
+
+    def merge(self, other: RangeObserver) -> None:
+        """Add what ``other`` observed, as if this observer had seen its batches too.
+
+        >>> a, b, both = RangeObserver(64), RangeObserver(64), RangeObserver(64)
+        >>> x, y = torch.rand(100), 10 * torch.rand(100)
+        >>> a.update(x); b.update(y); both.update(x); both.update(y)
+        >>> a.merge(b)
+        >>> torch.equal(a.hist, both.hist) and a.summary() == both.summary()
+        True
+        """
+        assert self.bins == other.bins, "observers of different widths do not merge"
+        if other.count == 0:
+            return
+        self.widen_to(other.edge)
+        self.hist = self.hist + widened(other.hist, other.edge, self.edge)[0]
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.abs_sum += other.abs_sum
+        self.count += other.count
 
     def abs_percentile(self, q: float) -> float:
         """The ``q``-quantile of ``|x|`` (linear within a bin)."""
@@ -82,3 +115,16 @@ class RangeObserver:
             abs_p9999=self.abs_percentile(0.9999),
             count=self.count,
         )
+
+
+def widened(hist: torch.Tensor, edge: float, target: float) -> tuple[torch.Tensor, float]:
+    """``hist`` over ``[0, edge)`` re-binned to cover ``[0, target)`` (powers of two) by merging bins pairwise.
+
+    >>> widened(torch.tensor([1.0, 2.0, 3.0, 4.0]), 1.0, 2.0)
+    (tensor([3., 7., 0., 0.]), 2.0)
+    """
+    while edge < target:
+        merged = hist.view(-1, 2).sum(dim=1)
+        hist = torch.cat([merged, torch.zeros_like(merged)])
+        edge *= 2
+    return hist, edge

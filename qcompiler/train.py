@@ -4,6 +4,13 @@ SGD with momentum and a cosine learning-rate schedule without restarts, as in LS
 and ASQ. Quantizer parameters (steps, clips, adapters' outputs) and batch-norm
 parameters get no weight decay: shrinking a step towards zero is not
 regularisation, it is a different quantizer.
+
+The module trains where its parameters are (batches follow it to a CUDA device),
+and data-parallel when it is wrapped in ``DistributedDataParallel``: each rank then
+reads its own shard of the train split (``config.batch_size`` per rank), DDP
+averages the gradients, quantizer steps included, the batch-norm statistics end
+as rank 0's (:func:`~qcompiler.distributed.sync_buffers`), so every rank ends
+with the same module, and every rank returns the losses averaged over all ranks.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .data import Dataset
 from .errors import QCompileError, SpecError
 from .nn.modes import training_mode
@@ -67,8 +77,19 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _ranks(module: nn.Module) -> distributed.Ranks:
+    """The data-parallel ranks ``module`` trains on: DDP's process group, else this process."""
+    return distributed.ranks(module.process_group) if isinstance(module, DistributedDataParallel) else distributed.LOCAL
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), progress: bool | None = None) -> list[float]:
     """Train ``module`` in place on ``data``'s train split; returns per-epoch mean loss.
+
+    ``module`` may be wrapped in ``DistributedDataParallel`` (see the module docstring).
 
     Example:
         >>> from qcompiler.data import load_digits
@@ -81,15 +102,19 @@ def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(),
         progress = sys.stderr.isatty()
     torch.manual_seed(config.seed)
     opt = torch.optim.SGD(_param_groups(module, config.weight_decay), lr=config.lr, momentum=config.momentum)
-    loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    ranks, device = _ranks(module), _device(module)
+    loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed, shard=(ranks.rank, ranks.size))
     total = max(config.epochs * len(loader), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     module.train()
     losses = []
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        if ranks.distributed:
+            loader.sampler.set_epoch(epoch)
         running, batches = 0.0, 0
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(module(x), y)
             if not torch.isfinite(loss):
                 bar.close()
@@ -107,6 +132,9 @@ def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(),
             bar.set_postfix(loss=f"{running / batches:.3f}")
         losses.append(running / max(batches, 1))
     bar.close()
+    if ranks.distributed:
+        distributed.sync_buffers(module)
+        losses = [v / ranks.size for v in distributed.all_reduce_values(losses, dist.ReduceOp.SUM, ranks)]
     module.eval()
     return losses
 
@@ -115,8 +143,10 @@ def train(module: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(),
 def evaluate(module: nn.Module, data: Dataset, split: str = "test", batch_size: int = 256) -> float:
     """Top-1 accuracy in percent on ``split``, in eval mode."""
     correct = total = 0
+    device = _device(module)
     with training_mode(module, False):
         for x, y in data.loader(split, batch_size=batch_size):
+            x, y = x.to(device), y.to(device)
             correct += int((module(x).argmax(1) == y).sum())
             total += len(y)
     return 100.0 * correct / max(total, 1)

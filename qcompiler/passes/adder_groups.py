@@ -106,7 +106,7 @@ class AdderGroups(Pass):
             changed = True
         if changed:
             self.quantize_multiply_layers(gm, ctx)
-            reestimate_batchnorm(gm, ctx.calib_batches, ctx.progress)
+            reestimate_batchnorm(gm, ctx.calib_batches, ctx.progress, ctx.ranks)
         return PassResult(gm, changed)
 
     @staticmethod

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from ..distributed import LOCAL, Ranks
 from ..report import ReportSection
 from ..spec import QuantSpec
 
@@ -36,12 +37,18 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the spec and the data."""
+    """What a pass may read besides the graph: the spec and the data.
+
+    ``ranks``: the processes compiling together (:mod:`qcompiler.distributed`);
+    ``calib_batches`` are this rank's share, and a pass that measures them reduces
+    what it measured over ``ranks`` before using it.
+    """
 
     spec: QuantSpec
     example_inputs: tuple[torch.Tensor, ...]
     calib_batches: list[torch.Tensor] = field(default_factory=list)
     progress: bool = False
+    ranks: Ranks = LOCAL
 
     def provided(self) -> set[str]:
         return {CALIBRATION_DATA} if self.calib_batches else set()

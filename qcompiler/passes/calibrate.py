@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from ..distributed import LOCAL, Ranks, reduce_batchnorm
 from ..nn.modes import training_mode
 
 
@@ -44,12 +45,13 @@ def run_calibration(
             interp.run(x)
 
 
-def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], progress: bool = False) -> int:
+def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], progress: bool = False, ranks: Ranks = LOCAL) -> int:
     """Recompute every batch norm's running statistics on ``batches``; returns how many.
 
     Quantization shifts the distributions batch norm was fitted to; a cumulative
     average (``momentum=None``) over the calibration data replaces the old
-    statistics. Only the batch norms run in training mode; nothing is trained.
+    statistics, averaged over all ``ranks``' batches in a distributed compile.
+    Only the batch norms run in training mode; nothing is trained.
     """
     norms = [m for m in gm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -63,6 +65,7 @@ def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], pr
                 m.train()
             for x in tqdm(batches, desc="batch-norm", disable=not progress, leave=False):
                 gm(x)
+            reduce_batchnorm(norms, len(batches), ranks)
         finally:
             for m, momentum in saved:
                 m.momentum = momentum

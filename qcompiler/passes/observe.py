@@ -2,8 +2,9 @@
 
 The graph runs over the calibration batches and the input of every compute layer
 feeds a bounded-memory :class:`RangeObserver`; the summary is written as a
-``TensorRange`` record on the node that produces it. The graph itself is not
-changed: observation is an analysis, not a rewrite.
+``TensorRange`` record on the node that produces it. In a distributed compile the
+observers are reduced over the ranks first, so every rank writes the same records.
+The graph itself is not changed: observation is an analysis, not a rewrite.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from .. import ir
+from ..distributed import reduce_observers
 from ..observers import RangeObserver
 from .base import CALIBRATION_DATA, STAGE_ANALYSIS, Pass, PassContext, PassResult
 from .calibrate import run_calibration
@@ -34,6 +36,7 @@ def observe_ranges(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node
     """Run the calibration data and write a ``qc.range`` record on each of ``nodes``; returns whether any changed."""
     observers = {node.name: RangeObserver() for node in nodes}
     run_calibration(gm, ctx.calib_batches, {k: o.update for k, o in observers.items()}, desc, ctx.progress)
+    reduce_observers(observers, ctx.ranks)
     changed = False
     for node in gm.graph.nodes:
         if node.name in observers:

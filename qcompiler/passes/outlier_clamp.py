@@ -9,9 +9,11 @@ one grid an adder layer shares with its weights. Memory is one batch's tensor.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from .. import ir
+from ..distributed import all_reduce_values
 from ..spec import QuantSpec
 from ..nn import AdderConv2d
 from .base import CALIBRATION_DATA, STAGE_CALIBRATE, Pass, PassContext, PassResult
@@ -57,10 +59,14 @@ class OutlierClamp(Pass):
         adders = [n for n in ir.compute_layers(gm) if ir.get(n, ir.LAYER, ir.LayerInfo).kind == "adder2d"]
         stats = {n.args[0].name: _RunningMax(self.alpha) for n in adders}
         run_calibration(gm, ctx.calib_batches, {k: s.update for k, s in stats.items()}, "outlier-clamp", ctx.progress)
+        # a max over batches and a count: over all ranks' batches, exactly (in name order on every rank)
+        names = sorted(stats)
+        ranges = dict(zip(names, all_reduce_values([stats[k].value for k in names], dist.ReduceOp.MAX, ctx.ranks)))
+        counts = dict(zip(names, all_reduce_values([stats[k].batches for k in names], dist.ReduceOp.SUM, ctx.ranks)))
         changed = False
         for layer in adders:
-            s = stats[layer.args[0].name]
-            record = ir.ClampRange(alpha=self.alpha, range=s.value, batches=s.batches)
+            name = layer.args[0].name
+            record = ir.ClampRange(alpha=self.alpha, range=ranges[name], batches=int(counts[name]))
             changed |= layer.meta.get(ir.ADDER_IN) != record
             layer.meta[ir.ADDER_IN] = record
         return PassResult(gm, changed)

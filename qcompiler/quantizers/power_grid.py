@@ -124,7 +124,7 @@ class PowerGridQuantizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Weights from codes: ``alpha * sign * base^-(m-1)`` (zero for ``m = 0``), on the level table."""
-        levels = power_levels(self.bits, self.base, torch.float64)  # levels[K - k] = base^-k
+        levels = power_levels(self.bits, self.base, torch.float64).to(codes.device)  # levels[K - k] = base^-k
         m = codes.abs().long()
         mag = levels[torch.where(m > 0, self.positive_levels - (m - 1), torch.zeros_like(m))]
         alpha = positive(self.alpha).double().view(-1, *([1] * (codes.dim() - 1)))
