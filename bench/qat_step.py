@@ -5,11 +5,16 @@ The three models are timed in interleaved rounds (so machine noise hits all of t
 alike); each model's ratio to float is the median over rounds of its time over the
 float model's time in the same round.
 
-    python bench/qat_step.py [--repeats 30] [--threads N] [--check]
+    python bench/qat_step.py [--repeats 30] [--threads N] [--check] [--no-memory]
 
 Target (issue 3): ASQ+POST 4-bit <= 1.3x float. With the fused kernels built
 (qcompiler.kernels), an "ASQ+POST, eager" row times the same model on the eager
 quantizers in the same rounds.
+
+Peak memory (issue 16, target <= 1.3x float): each model's step runs in a fresh process;
+after two warm-up steps the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)
+and the step's memory is the peak over three steps minus the resident size before them:
+activations saved for backward, gradients and the quantizers' temporaries.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import gc
+import multiprocessing
 import statistics
 import sys
 import time
@@ -29,6 +37,7 @@ from qcompiler import kernels
 from qcompiler.zoo import resnet18
 
 TARGET = 1.3
+MEMORY_TARGET = 1.3
 
 
 def _step_fn(model, x, y, fused: bool = True):
@@ -47,25 +56,63 @@ def _step_fn(model, x, y, fused: bool = True):
     return step
 
 
+def _build(name: str, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = resnet18(in_channels=3, num_classes=10)
+    if name == "float":
+        return model
+    calib = torch.randn(32, 3, size, size)
+    passes = {"LSQ 4-bit": "lsq", "ASQ+POST 4-bit": "asq,post"}[name]
+    return qcompiler.compile(model, qcompiler.QuantSpec(passes=passes), calib_data=calib).module
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _step_memory(name: str, size: int, batch: int, threads: int) -> int:
+    """Bytes a training step adds at its peak over what is resident before it (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    model = _build(name, size)
+    torch.manual_seed(1)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    step = _step_fn(model, x, y)
+    step(), step()  # momentum buffers exist, the allocator has seen the step's sizes
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    for _ in range(3):
+        step()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def memory_ratios(size: int, batch: int, threads: int) -> dict[str, tuple[int, float]]:
+    """Peak step memory of each model and its ratio to float's, each measured in its own process."""
+    ctx = multiprocessing.get_context("spawn")
+    peaks = {}
+    for name in ("float", "LSQ 4-bit", "ASQ+POST 4-bit"):
+        with ctx.Pool(1) as pool:
+            peaks[name] = pool.apply(_step_memory, (name, size, batch, threads))
+    return {name: (b, b / peaks["float"]) for name, b in peaks.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
+    p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
-    model = resnet18(in_channels=3, num_classes=10)
-    calib = torch.randn(32, 3, args.size, args.size)
-    models = {
-        "float": model,
-        "LSQ 4-bit": qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=calib).module,
-        "ASQ+POST 4-bit": qcompiler.compile(model, qcompiler.QuantSpec(passes="asq,post"), calib_data=calib).module,
-    }
+    models = {name: _build(name, args.size) for name in ("float", "LSQ 4-bit", "ASQ+POST 4-bit")}
     steps = {name: _step_fn(m, x, y) for name, m in models.items()}
     if kernels.fused() is not None:  # what the fused kernels buy, measured in the same rounds
         eager = copy.deepcopy(models["ASQ+POST 4-bit"])
@@ -87,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}")
     ok = ratios["ASQ+POST 4-bit"] <= TARGET
     print(f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)")
+    if not args.no_memory:
+        memory = memory_ratios(args.size, args.batch, args.threads)
+        print(f"\npeak memory of a training step over what is resident before it (fresh process per model)")
+        print(f"{'model':18s} {'MiB':>8s} {'x float':>8s}")
+        for name, (b, r) in memory.items():
+            print(f"{name:18s} {b / 2**20:8.1f} {r:8.2f}")
+        worst = max(r for _, r in memory.values())
+        mem_ok = worst <= MEMORY_TARGET
+        print(f"target: every model <= {MEMORY_TARGET}x float's step memory: {'MET' if mem_ok else 'MISSED'} ({worst:.2f}x)")
+        ok = ok and mem_ok
     return 1 if args.check and not ok else 0
 
 
