@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-multiply", action="store_true",
                    help="adder pipelines: keep the multiply layers (stem, 1x1 shortcuts, classifier) in float, as the AdderNet papers' tables do")
     p.add_argument("--leaf", action="append", default=[], help="package.module:Class the tracer keeps opaque (repeatable)")
-    p.add_argument("--data", default="digits", help="digits (built in) or a .npz file with x and y (default: digits)")
+    p.add_argument("--data", default="digits", help="digits or digits-hard (built in; digits-hard: 16x16 warped, occluded, noisy digits) or a .npz file with x and y (default: digits)")
     p.add_argument("--train-epochs", type=int, default=0, help="QAT epochs after compiling (default: 0)")
     p.add_argument("--lr", type=float, default=0.01, help="QAT learning rate (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="QAT batch size (default: 64)")

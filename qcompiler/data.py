@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qcompiler.errors import DataError
 
-__all__ = ["Dataset", "load_data", "load_digits", "load_npz"]
+__all__ = ["Dataset", "load_data", "load_digits", "load_digits_hard", "load_npz"]
 
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
@@ -117,6 +117,83 @@ def load_digits(seed_split: int = SPLIT_SEED) -> Dataset:
         x_test=torch.from_numpy((x_test - mean) / std),
         y_test=torch.from_numpy(y_test),
     )
+
+
+HARD_SIZE = 16  # digits-hard images are 16x16
+HARD_SEED = 1234
+
+
+@functools.lru_cache(maxsize=None)
+def load_digits_hard(seed_split: int = SPLIT_SEED) -> Dataset:
+    """A harder digits set: each 8x8 digit upsampled to 16x16, then warped, occluded and noised.
+
+    The float ResNet-20 reaches ~99 % on plain digits, where every quantization scheme
+    down to 2 bits sits within noise of float; this set is built so that it lands near
+    90 % and the schemes can be told apart. It is generated, never downloaded: the same
+    stratified split as :func:`load_digits` is taken first (so no test image shares its
+    source digit with a training image), then every image gets, from a generator seeded
+    with a fixed seed, a random affine warp (rotation up to 20 degrees, scale 0.85-1.15,
+    shear up to 0.2, shift up to 1.5 px; bilinear), with probability 0.4 a 4x4 occluding
+    square, and Gaussian pixel noise (sigma 0.15 of the ink range). Standardised like
+    :func:`load_digits`. Cached per process. A float ResNet-20 trained 15 epochs at
+    lr 0.1 reaches 89.8 % and 90.0 % on its test split (seeds 0 and 1).
+
+    Example:
+        >>> data = load_digits_hard()
+        >>> data.input_shape, len(data.x_train), len(data.x_test)
+        ((1, 16, 16), 1347, 450)
+    """
+    from sklearn.datasets import load_digits as sklearn_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_load_digits()
+    images = (bunch.images / 16.0).astype(np.float64)
+    labels = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=TEST_FRACTION, random_state=seed_split, stratify=labels
+    )
+    rng = np.random.default_rng(HARD_SEED)
+    x_train, x_test = (np.stack([_distort(img, rng) for img in split])[:, None].astype(np.float32) for split in (x_train, x_test))
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return Dataset(
+        x_train=torch.from_numpy((x_train - mean) / std),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        y_test=torch.from_numpy(y_test),
+    )
+
+
+def _distort(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One 8x8 digit (values 0..1) as a warped, occluded, noisy ``HARD_SIZE`` square."""
+    n = HARD_SIZE
+    angle = rng.uniform(-np.pi / 9, np.pi / 9)
+    scale = rng.uniform(0.85, 1.15)
+    shear = rng.uniform(-0.2, 0.2)
+    shift = rng.uniform(-1.5, 1.5, size=2)
+    # Output pixel centres, relative to the image centre, mapped back into the 8x8 source.
+    c = (np.arange(n) + 0.5 - n / 2)
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    cos, sin = np.cos(angle), np.sin(angle)
+    inverse = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]]) / scale
+    src = inverse @ np.stack([yy.ravel() - shift[0], xx.ravel() - shift[1]])
+    out = _bilinear(img, src[0] * 8 / n + 4 - 0.5, src[1] * 8 / n + 4 - 0.5).reshape(n, n)
+    if rng.uniform() < 0.4:
+        top, left = rng.integers(0, n - 4, size=2)
+        out[top:top + 4, left:left + 4] = 0.0
+    return out + rng.normal(0.0, 0.15, size=out.shape)
+
+
+def _bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Samples of ``img`` at fractional pixel positions; zero outside."""
+    padded = np.pad(img, 1)
+    y, x = y + 1, x + 1
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    inside = (y0 >= 0) & (x0 >= 0) & (y0 < padded.shape[0] - 1) & (x0 < padded.shape[1] - 1)
+    y0, x0 = np.clip(y0, 0, padded.shape[0] - 2), np.clip(x0, 0, padded.shape[1] - 2)
+    fy, fx = y - y0, x - x0
+    top = padded[y0, x0] * (1 - fx) + padded[y0, x0 + 1] * fx
+    bottom = padded[y0 + 1, x0] * (1 - fx) + padded[y0 + 1, x0 + 1] * fx
+    return np.where(inside, top * (1 - fy) + bottom * fy, 0.0)
 
 
 def _check_inputs(x: np.ndarray, name: str, path: Path) -> np.ndarray:
@@ -255,13 +332,15 @@ def load_npz(path: str | Path) -> Dataset:
 
 
 def load_data(name_or_path: str | Path) -> Dataset:
-    """``"digits"`` for the built-in digits, or the path of an ``.npz`` file.
+    """``"digits"`` / ``"digits-hard"`` for the built-in sets, or the path of an ``.npz`` file.
 
     Raises:
         DataError: anything else, or a bad ``.npz`` file (see ``load_npz``).
     """
     if str(name_or_path) == "digits":
         return load_digits()
+    if str(name_or_path) == "digits-hard":
+        return load_digits_hard()
     if str(name_or_path).lower().endswith(".npz"):
         return load_npz(name_or_path)
-    raise DataError(f"unknown data {str(name_or_path)!r}; use 'digits' or the path of a .npz file")
+    raise DataError(f"unknown data {str(name_or_path)!r}; use 'digits', 'digits-hard' or the path of a .npz file")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler.data import Dataset, load_data, load_digits, load_npz
+from qcompiler.data import Dataset, load_data, load_digits, load_digits_hard, load_npz
 from qcompiler.errors import DataError
 
 
@@ -59,6 +59,22 @@ def test_load_data_digits() -> None:
 
 
 # --------------------------------------------------------------------------- loader
+
+
+def test_digits_hard_is_a_deterministic_harder_digits() -> None:
+    hard = load_data("digits-hard")
+    assert hard is load_digits_hard()  # cached
+    again = load_digits_hard.__wrapped__()  # generated anew: the same bits
+    assert torch.equal(hard.x_train, again.x_train) and torch.equal(hard.x_test, again.x_test)
+    assert hard.input_shape == (1, 16, 16) and hard.x_train.dtype == torch.float32
+    plain = load_digits()
+    # the same stratified split of the same source digits, so the labels match one to one
+    assert torch.equal(hard.y_train, plain.y_train) and torch.equal(hard.y_test, plain.y_test)
+    assert abs(float(hard.x_train.mean())) < 1e-4 and abs(float(hard.x_train.std()) - 1) < 1e-3
+    # warped and noised: a plain 2x upsampling of each digit explains little of the image
+    up = torch.nn.functional.interpolate(plain.x_train, scale_factor=2, mode="bilinear")
+    corr = torch.nn.functional.cosine_similarity(up.flatten(1), hard.x_train.flatten(1)).mean()
+    assert 0.1 < float(corr) < 0.8, float(corr)
 
 
 def test_loader_batches_and_seeded_shuffle() -> None:
