@@ -169,7 +169,7 @@ def check_labels(module, data) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: data loading pulls in scikit-learn, which argument errors never need.
-    from .data import load_data
+    from .data import fit_to_model, load_data
     from .modelio import load_model
 
     spec = _spec_from_args(args)
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     data = load_data(args.data)
     model = load_model(args.model, args.arch, arch_kwargs, allow_pickle=args.allow_pickle)
+    data = fit_to_model(data, model)
     progress = not args.quiet and sys.stderr.isatty()
 
     # Staged beside the destination, so the final move is a rename on the same file system.

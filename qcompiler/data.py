@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qcompiler.errors import DataError
 
-__all__ = ["Dataset", "load_data", "load_digits", "load_digits_hard", "load_npz"]
+__all__ = ["Dataset", "fit_to_model", "load_data", "load_digits", "load_digits_hard", "load_npz"]
 
 TEST_FRACTION = 0.25
 SPLIT_SEED = 0
@@ -197,7 +197,7 @@ def _bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _check_inputs(x: np.ndarray, name: str, path: Path) -> np.ndarray:
-    """Validate an input array and return it as float32, ``(N, H, W)`` becoming ``(N, 1, H, W)``."""
+    """Validate an input array and return it as float32, its shape kept (:func:`fit_to_model` adapts it)."""
     if x.ndim < 2:
         raise DataError(
             f"{path}: '{name}' has shape {x.shape}; it needs a sample axis and at least one feature axis, e.g. (N, F)"
@@ -209,8 +209,6 @@ def _check_inputs(x: np.ndarray, name: str, path: Path) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{path}: '{name}' contains NaN or infinite values; clean or impute them before saving")
-    if x.ndim == 3:
-        x = x[:, None, :, :]
     return x
 
 
@@ -281,9 +279,10 @@ def load_npz(path: str | Path) -> Dataset:
     """Load a user data set from an ``.npz`` file with arrays ``x`` and ``y``.
 
     Optional ``x_test`` / ``y_test`` give the test split; without them the data
-    is split 75/25, stratified, with ``random_state=0``. ``x`` is cast to float32
-    and ``(N, H, W)`` becomes ``(N, 1, H, W)``; it is not standardised. Labels
-    must be non-negative integers.
+    is split 75/25, stratified, with ``random_state=0``. ``x`` is cast to float32 and
+    keeps its shape (``(N, C, L)`` signals, ``(N, F)`` features, ``(N, C, H, W)`` images;
+    :func:`fit_to_model` adds a missing channel axis for the model); it is not
+    standardised. Labels must be non-negative integers.
 
     Raises:
         DataError: the file is missing or not an npz archive, a key is missing,
@@ -295,7 +294,7 @@ def load_npz(path: str | Path) -> Dataset:
         >>> file = os.path.join(tempfile.mkdtemp(), "toy.npz")
         >>> np.savez(file, x=np.zeros((8, 4, 4)), y=np.arange(8) % 2)
         >>> load_npz(file).input_shape
-        (1, 4, 4)
+        (4, 4)
     """
     path = Path(path)
     arrays = _read_npz(path)
@@ -329,6 +328,43 @@ def load_npz(path: str | Path) -> Dataset:
         x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
         y_test=torch.from_numpy(np.ascontiguousarray(y_test)),
     )
+
+
+def fit_to_model(data: Dataset, model: torch.nn.Module) -> Dataset:
+    """``data`` shaped for ``model``'s first convolution: the model's first layer decides.
+
+    A single-channel model given samples without a channel axis (``(H, W)`` images for
+    a Conv2d, ``(L,)`` signals for a Conv1d) gets one added; single-channel images
+    given to a Conv1d model become signals of length ``H * W``. A model whose first
+    layer is a Linear takes the data as it is. Anything else is an error that names
+    the shape the layer expects.
+
+    Example:
+        >>> from qcompiler.zoo import conv1d_net
+        >>> fit_to_model(load_digits(), conv1d_net()).input_shape
+        (1, 64)
+    """
+    name, layer = next(((n, m) for n, m in model.named_modules() if isinstance(m, _FIRST_LAYERS)), (None, None))
+    if layer is None or isinstance(layer, torch.nn.Linear):
+        return data
+    dims = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}[next(k for k in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) if isinstance(layer, k))]
+    channels, sample = layer.in_channels, data.input_shape
+    if len(sample) == dims + 1 and sample[0] == channels:
+        return data
+    if len(sample) == dims and channels == 1:
+        reshape = lambda x: x.unsqueeze(1)  # noqa: E731
+    elif dims == 1 and len(sample) == 3 and sample[0] == channels:
+        reshape = lambda x: x.flatten(2)  # noqa: E731
+    else:
+        axes = ", ".join(["C", "L"] if dims == 1 else ["C", "H", "W"] if dims == 2 else ["C", "D", "H", "W"])
+        raise DataError(
+            f"the model's first layer {name!r} ({type(layer).__name__}, {channels} input channel(s)) takes samples shaped "
+            f"({axes}) with C = {channels}, but the data's samples are shaped {sample}; save x as (N, {axes})"
+        )
+    return Dataset(reshape(data.x_train), data.y_train, reshape(data.x_test), data.y_test)
+
+
+_FIRST_LAYERS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
 
 def load_data(name_or_path: str | Path) -> Dataset:

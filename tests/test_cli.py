@@ -140,7 +140,7 @@ BAD_FRAGMENTS: dict[str, tuple[str, ...]] = {
     "bits_1": ("--bits", "1"),
     "bits_33": ("--bits", "33"),
     "empty_npz": ("0 samples",),
-    "wrong_input_shape": ("3, 5, 5)", "does not fit"),
+    "wrong_input_shape": ("(3, 5, 5)", "takes samples shaped (C, H, W) with C = 1"),
     "untraceable": ("body.1", "--leaf untraceable_helpers:Gate"),
     "unsafe_pickle": ("--allow-pickle",),
     "missing_model": ("nope.pt", "does not exist"),

@@ -77,6 +77,30 @@ def test_digits_hard_is_a_deterministic_harder_digits() -> None:
     assert 0.1 < float(corr) < 0.8, float(corr)
 
 
+def _npz(tmp_path: Path, shape: tuple[int, ...]) -> Dataset:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, *shape)).astype(np.float32), y=np.arange(40) % 4)
+    return load_npz(tmp_path / "d.npz")
+
+
+def test_npz_shapes_follow_the_models_first_layer(tmp_path: Path) -> None:
+    from qcompiler.data import fit_to_model
+    from qcompiler.zoo import conv1d_net, plain_cnn, resnet20
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    assert fit_to_model(_npz(tmp_path, (12,)), mlp).input_shape == (12,)  # (N, F) for an MLP
+    assert fit_to_model(_npz(tmp_path, (3, 32)), conv1d_net(in_channels=3)).input_shape == (3, 32)  # (N, C, L) kept
+    assert fit_to_model(_npz(tmp_path, (32,)), conv1d_net(in_channels=1)).input_shape == (1, 32)  # channel added
+    assert fit_to_model(_npz(tmp_path, (8, 8)), plain_cnn()).input_shape == (1, 8, 8)  # grey images
+    assert fit_to_model(_npz(tmp_path, (3, 8, 8)), resnet20(in_channels=3)).input_shape == (3, 8, 8)
+    assert fit_to_model(load_digits(), conv1d_net()).input_shape == (1, 64)  # images to a 1-D model
+    with pytest.raises(DataError, match=r"'features.0.0' \(Conv1d, 3 input channel\(s\)\) takes samples shaped \(C, L\) "
+                                        r"with C = 3, but the data's samples are shaped \(8, 8\)"):
+        fit_to_model(_npz(tmp_path, (8, 8)), conv1d_net(in_channels=3))
+    with pytest.raises(DataError, match=r"save x as \(N, C, H, W\)"):
+        fit_to_model(_npz(tmp_path, (2, 8, 8)), resnet20(in_channels=3))
+
+
 def test_loader_batches_and_seeded_shuffle() -> None:
     data = load_digits()
     batches = list(data.loader("test", batch_size=100, shuffle=False, seed=0))
@@ -122,7 +146,7 @@ def test_npz_without_test_split_is_split_75_25(tmp_path: Path) -> None:
     np.savez(path, x=x, y=y)
 
     data = load_npz(path)
-    assert data.x_train.shape == (30, 1, 6, 6) and data.x_test.shape == (10, 1, 6, 6)
+    assert data.x_train.shape == (30, 6, 6) and data.x_test.shape == (10, 6, 6)  # kept: the model decides
     assert torch.bincount(data.y_test).tolist() == [5, 5]
     # Not standardised: values are exactly the saved ones.
     assert sorted(torch.cat([data.x_train, data.x_test]).flatten().tolist()) == x.flatten().tolist()
