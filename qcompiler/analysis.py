@@ -53,19 +53,31 @@ def _frontier(g: nx.DiGraph, sources: list[str], layers: set[str], forward: bool
 
 
 def first_layers(gm: fx.GraphModule) -> list[str]:
-    """Compute layers that read a network input directly (through no other layer)."""
+    """Compute layers on the main path next to the network input: every path from an input to them is layer-free.
+
+    A layer that a skip connection also feeds with the raw input (a residual MLP's
+    third layer, every block of a pre-norm transformer) reads the output of earlier
+    layers too, so it is not a first layer. If no layer qualifies (each one also reads
+    another layer's output), the layers the input reaches first are taken.
+    """
     g = to_networkx(gm)
     layers = {n.name for n in ir.compute_layers(gm)}
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return _frontier(g, inputs, layers, forward=True)
+    frontier = _frontier(g, inputs, layers, forward=True)
+    return [n for n in frontier if not (nx.ancestors(g, n) & layers)] or frontier
 
 
 def last_layers(gm: fx.GraphModule) -> list[str]:
-    """Compute layers whose result reaches the output through no other layer."""
+    """Compute layers on the main path next to the output: every path from them to the output is layer-free.
+
+    The mirror of :func:`first_layers`: a layer whose result also flows through a
+    skip connection past later layers to the output is not a last layer.
+    """
     g = to_networkx(gm)
     layers = {n.name for n in ir.compute_layers(gm)}
     outputs = [n.name for n in gm.graph.nodes if n.op == "output"]
-    return _frontier(g, outputs, layers, forward=False)
+    frontier = _frontier(g, outputs, layers, forward=False)
+    return [n for n in frontier if not (nx.descendants(g, n) & layers)] or frontier
 
 
 def to_dot(gm: fx.GraphModule, label) -> str:

@@ -85,3 +85,36 @@ def test_pins_found_after_quantizers_are_inserted() -> None:
         gm, runs = PassManager([PinFirstLast()]).run(gm, ctx)
     assert not runs[0].modified
     assert sorted(n.name for n in gm.graph.nodes if ir.PIN in n.meta) == ["_0", "_5"]
+
+
+class _ResidualMLP(torch.nn.Module):
+    """Residual blocks on a skip stream; ``project`` adds an input and an output projection."""
+
+    def __init__(self, project: bool, d: int = 16) -> None:
+        super().__init__()
+        self.project = project
+        width = d if project else 64
+        self.inp = torch.nn.Linear(64, d) if project else torch.nn.Identity()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width)) for _ in range(3)
+        )
+        self.out = torch.nn.Linear(d, 10) if project else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_skip_connections_do_not_spread_the_pins(project: bool) -> None:
+    """Only the first and last layers of the main path are pinned, not every layer the skip stream reaches."""
+    import qcompiler
+
+    compiled = qcompiler.compile(_ResidualMLP(project), calib_data=torch.randn(16, 1, 8, 8))
+    pinned = {r.name: r.pinned for r in compiled.report.layers if r.pinned}
+    if project:
+        assert pinned == {"inp": "reads the network input", "out": "produces the network output"}
+    else:  # the skip stream carries the raw input to every block and every block's result to the output
+        assert pinned == {"blocks_0_0": "reads the network input", "blocks_2_2": "produces the network output"}
