@@ -162,13 +162,18 @@ class FloatRegion:
 @dataclass(frozen=True, eq=False)
 class FrozenAdapter:
     """An ASQ adapter's weights: ``beta = exp(L tanh(z / L))`` with
-    ``z = fc2(relu(fc1(mean over positions of x)))`` and ``L = beta_bound``."""
+    ``z = fc2(relu(fc1(mean over positions of x)))`` and ``L = beta_bound``.
+
+    ``feature_axis`` is where the features are: 1 for ``(N, C, ...)`` maps (the mean
+    runs over space), -1 for ``(N, ..., C)`` tokens (the mean runs over the tokens).
+    """
 
     fc1_weight: torch.Tensor
     fc1_bias: torch.Tensor
     fc2_weight: torch.Tensor
     fc2_bias: torch.Tensor
     beta_bound: float
+    feature_axis: int = 1
 
 
 @dataclass(frozen=True, eq=False)

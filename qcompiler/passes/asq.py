@@ -50,7 +50,10 @@ def asq_act_quantizer(
     if ir.PIN in layer.meta:
         return lsq_act_quantizer(layer, info, bits, rng, ctx)
     generator = adapter_generator(ctx.spec.seed, layer.name)
-    return ASQQuantizer(bits, signed=rng.signed, channels=info.in_channels, generator=generator), "asq"
+    # A Linear reads features on the last axis, maybe after token axes: its adapter pools over the tokens.
+    feature_axis = -1 if info.kind == "linear" else 1
+    return ASQQuantizer(bits, signed=rng.signed, channels=info.in_channels, generator=generator,
+                        feature_axis=feature_axis), "asq"
 
 
 class ASQ(Pass):

@@ -35,7 +35,7 @@ def frozen_act(q: UniformQuantizer) -> ir.FrozenAct:
     adapter = None
     if isinstance(q, ASQQuantizer):
         w1, b1, w2, b2 = (t.detach().clone() for t in q.adapter.weights())
-        adapter = ir.FrozenAdapter(w1, b1, w2, b2, beta_bound=BETA_BOUND)
+        adapter = ir.FrozenAdapter(w1, b1, w2, b2, beta_bound=BETA_BOUND, feature_axis=q.adapter.feature_axis)
     return ir.FrozenAct(
         bits=q.bits, signed=q.signed, qmin=q.qmin, qmax=q.qmax,
         step=float(positive(q.step.detach())), rounding="half-to-even", adapter=adapter,

@@ -41,9 +41,31 @@ def adapter_hidden(channels: int) -> int:
     return max(channels // 4, MIN_HIDDEN)
 
 
-def pool(x: torch.Tensor) -> torch.Tensor:
-    """Global average pool over everything after the channel axis: ``(N, C, ...)`` → ``(N, C)``."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+def pool(x: torch.Tensor, feature_axis: int = 1) -> torch.Tensor:
+    """Mean over every position of a sample, per feature: ``(N, C)``.
+
+    ``feature_axis`` 1: ``(N, C, ...)`` (convolutions pool over space); -1:
+    ``(N, ..., C)`` (a Linear over tokens pools over them, one ``beta`` per sample).
+
+    >>> pool(torch.ones(2, 5, 3), feature_axis=-1).shape, pool(torch.ones(2, 5, 3)).shape
+    (torch.Size([2, 3]), torch.Size([2, 5]))
+    """
+    if x.dim() <= 2:
+        return x
+    if feature_axis == 1:
+        return x.flatten(2).mean(-1)
+    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+
+
+def unpool(grad_pooled: torch.Tensor, x: torch.Tensor, feature_axis: int = 1) -> torch.Tensor:
+    """The gradient of :func:`pool` w.r.t. ``x``: each feature's gradient spread evenly over its positions."""
+    if x.dim() <= 2:
+        return grad_pooled
+    positions = x[0].numel() // grad_pooled.shape[1]
+    spread = grad_pooled / positions
+    if feature_axis == 1:
+        return spread.view(*spread.shape, *([1] * (x.dim() - 2)))
+    return spread.view(spread.shape[0], *([1] * (x.dim() - 2)), spread.shape[1])
 
 
 def adapter_forward(pooled, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,8 +111,11 @@ class Adapter(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
+    feature_axis = 1  # class default: adapters pickled before token inputs were supported
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None, feature_axis: int = 1) -> None:
         super().__init__()
+        self.feature_axis = feature_axis  # 1: (N, C, ...) maps; -1: (N, ..., C) tokens
         hidden = adapter_hidden(channels)
         # skip_init: every draw below comes from ``generator``, none from the global RNG
         self.fc1 = nn.utils.skip_init(nn.Linear, channels, hidden)
@@ -103,7 +128,7 @@ class Adapter(nn.Module):
         return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return adapter_forward(pool(x), *self.weights())[0]
+        return adapter_forward(pool(x, self.feature_axis), *self.weights())[0]
 
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -131,9 +156,10 @@ class _ASQ(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, w1, b1, w2, b2, qmin: int, qmax: int, grad_scale: float, kernel):  # type: ignore[override]
+    def forward(ctx, x, step, w1, b1, w2, b2, qmin: int, qmax: int, grad_scale: float, kernel, feature_axis: int):  # type: ignore[override]
         x = x.contiguous()
-        pooled = pool(x)
+        pooled = pool(x, feature_axis)
+        ctx.feature_axis = feature_axis
         beta, hidden, bounded = adapter_forward(pooled, w1, b1, w2, b2)
         s = positive(step)
         sample_step = (s * beta).contiguous()
@@ -154,12 +180,10 @@ class _ASQ(torch.autograd.Function):
         grad_w1 = dhidden.t() @ pooled if need[2] else None
         grad_b1 = dhidden.sum(0) if need[3] else None
         if need[0]:
-            dpooled = dhidden @ w1
-            spread = dpooled / (x[0, 0].numel() if x.dim() > 2 else 1)
-            grad_x.add_(spread.view(*spread.shape, *([1] * (x.dim() - 2))))
+            grad_x.add_(unpool(dhidden @ w1, x, ctx.feature_axis))
         else:
             grad_x = None
-        return grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+        return grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
 
 
 class ASQQuantizer(UniformQuantizer):
@@ -175,9 +199,10 @@ class ASQQuantizer(UniformQuantizer):
         torch.Size([3])
     """
 
-    def __init__(self, bits: int, signed: bool, channels: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, bits: int, signed: bool, channels: int, generator: torch.Generator | None = None,
+                 feature_axis: int = 1) -> None:
         super().__init__(bits, signed)
-        self.adapter = Adapter(channels, generator)
+        self.adapter = Adapter(channels, generator, feature_axis)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample step factor, shape ``(batch,)``."""
@@ -192,7 +217,8 @@ class ASQQuantizer(UniformQuantizer):
         kernel = kernels.usable(x, self.step.expand(x.shape[0], *([1] * (x.dim() - 1)))) if x.dim() >= 2 else None
         # float32 adapter weights too: the fused backward does their matmuls itself
         if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):
-            return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel)
+            return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel,
+                              self.adapter.feature_axis)
         return lsq_quantize(x, self.sample_step(x), self.qmin, self.qmax, self.grad_scale(x))
 
     @torch.no_grad()

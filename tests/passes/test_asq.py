@@ -51,3 +51,32 @@ def test_asq_conflicts_with_lsq():
 
     with pytest.raises(PipelineError, match="conflict"):
         qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="lsq,asq"), calib_data=torch.randn(4, 1, 6, 6))
+
+
+class _TokenMLP(torch.nn.Module):
+    """Linear layers on ``(B, T, C)`` tokens, T == C so a wrong pooling axis would not crash."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv1d(1, c, 8, stride=8)
+        self.mlp1, self.mlp2, self.head = torch.nn.Linear(c, 2 * c), torch.nn.Linear(2 * c, c), torch.nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.flatten(1).unsqueeze(1)).transpose(1, 2)
+        t = t + self.mlp2(torch.relu(self.mlp1(t)))
+        return self.head(t.mean(1))
+
+
+def test_asq_on_token_inputs_pools_over_tokens() -> None:
+    import qcompiler
+    from qcompiler.quantizers.asq import ASQQuantizer
+
+    compiled = qcompiler.compile(_TokenMLP(), qcompiler.QuantSpec(passes="asq"), calib_data=torch.randn(16, 1, 8, 8))
+    x = torch.randn(3, 1, 8, 8)
+    assert compiled.module(x).shape == (3, 10)
+    layers = {n.name: n for n in ir.compute_layers(compiled.module)}
+    act = ir.input_act(layers["mlp1"])
+    q = compiled.module.get_submodule(act.module)
+    assert act.method == "asq" and isinstance(q, ASQQuantizer) and q.adapter.feature_axis == -1
+    frozen = ir.get(layers["mlp1"].args[0], ir.STEP, ir.FrozenAct)
+    assert frozen.adapter is not None and frozen.adapter.feature_axis == -1

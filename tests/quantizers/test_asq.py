@@ -6,7 +6,7 @@ import torch
 
 from qcompiler.numerics import quantize_float
 from qcompiler.quantizers.asq import BETA_BOUND, Adapter, ASQQuantizer, adapter_hidden
-from qcompiler.quantizers.uniform import lsq_quantize
+from qcompiler.quantizers.uniform import lsq_quantize, positive
 
 
 def test_beta_is_per_sample_and_one_at_init():
@@ -97,3 +97,50 @@ def test_small_channel_fallback():
     a = Adapter(2)
     assert a.fc1.out_features == 4
     assert a(torch.rand(3, 2)).shape == (3,)  # linear-layer inputs (no spatial dims) work too
+
+
+def _hand_asq(q: ASQQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """ASQ on ``(B, T, C)`` by hand: one beta per sample from the features averaged over the tokens."""
+    w1, b1, w2, b2 = (t.detach() for t in q.adapter.weights())
+    pooled = x.mean(dim=1)  # (B, C): over tokens, not over features
+    z = torch.relu(pooled @ w1.T + b1) @ w2.T + b2
+    beta = torch.exp(math.log(8.0) * torch.tanh(z.squeeze(-1) / math.log(8.0)))
+    step = positive(q.step.detach()) * beta
+    codes = torch.clamp(torch.round(x / step.view(-1, 1, 1)), q.qmin, q.qmax)
+    return codes * step.view(-1, 1, 1)
+
+
+def test_token_inputs_pool_over_tokens_and_match_a_hand_computation():
+    from qcompiler import kernels
+
+    torch.manual_seed(0)
+    for tokens in (5, 12):  # 12 == features: a wrong axis would not crash, it would be silently wrong
+        q = ASQQuantizer(bits=4, signed=True, channels=12, feature_axis=-1)
+        torch.nn.init.normal_(q.adapter.fc2.weight, std=1.0)
+        x = torch.randn(3, tokens, 12) * torch.tensor([0.5, 1.0, 4.0]).view(-1, 1, 1)
+        q.init_from(x)
+        expected = _hand_asq(q, x)
+        for fused in (True, False):
+            with (kernels.disabled() if not fused else torch.no_grad()):
+                got = q(x)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert q.beta(x).shape == (3,) and q.beta(x).unique().numel() == 3
+
+
+def test_token_input_gradients_agree_between_fused_and_eager():
+    from qcompiler import kernels
+
+    torch.manual_seed(1)
+    q = ASQQuantizer(bits=4, signed=True, channels=6, feature_axis=-1)
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+    x0 = torch.randn(4, 7, 6)
+    q.init_from(x0)
+    grads = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        q.zero_grad()
+        with (kernels.disabled() if not fused else torch.enable_grad()):
+            (q(x) * torch.linspace(-1, 1, 6)).sum().backward()
+        grads.append([x.grad.clone(), q.step.grad.clone(), *(p.grad.clone() for p in q.adapter.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
