@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +35,36 @@ ARTIFACT_FILES = ("program.npz", "model.onnx")
 def check_replaceable(path: Path, ours: tuple[str, ...] | str, what: str) -> None:
     """Refuse to replace a folder that holds anything but our own outputs.
 
-    ``ours`` is a tuple of file names or a glob pattern.
+    ``ours`` is a glob pattern or a tuple of them (a plain file name matches itself).
     """
     if not path.exists():
         return
     if not path.is_dir():
         raise QCompileError(f"{what} {str(path)!r} is a file; give a folder path")
+    patterns = (ours,) if isinstance(ours, str) else ours
     for f in path.iterdir():
-        mine = f.match(ours) if isinstance(ours, str) else f.name in ours
+        mine = any(f.match(p) for p in patterns)
         if not (f.is_file() and mine):
             raise QCompileError(f"{what} {str(path)!r} exists and holds other files ({f.name}); choose a new folder")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``out`` to write into; on success it replaces ``out``.
+
+    On a failure the staging folder is removed and ``out`` is untouched, so a
+    crash or a full disk never leaves a half-written output.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclass
@@ -124,10 +145,8 @@ class Compiled:
         """
         out = Path(out_dir)
         check_replaceable(out, SAVED_FILES + ARTIFACT_FILES, "output folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
         self.freeze()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with staged_folder(out) as tmp:
             torch.save(self.module, tmp / "module.pt")
             # Pickling a GraphModule drops node.meta; the records travel beside it.
             records = {n.name: ir.records(n) for n in self.module.graph.nodes if ir.records(n)}
@@ -137,12 +156,6 @@ class Compiled:
             for name, write in (artifacts or {}).items():
                 assert name in ARTIFACT_FILES, name
                 write(tmp / name)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 
