@@ -124,6 +124,16 @@ class Compiled:
         self.freeze()
         return onnx_parity(self, path, x, batch_size)
 
+    def write_report(self, out_dir: str | Path, calib_data: object = None, program=None, **options):
+        """Write the HTML report (``index.html`` and PNG figures) into ``out_dir``; see
+        :func:`qcompiler.html_report.write_html_report`. The write is atomic.
+
+        >>> compiled.write_report("runs/report", calib_data=data, program=compiled.lower())  # doctest: +SKIP
+        """
+        from .html_report import write_html_report  # matplotlib loads only when a report is drawn
+
+        return write_html_report(self, out_dir, calib_data=calib_data, program=program, **options)
+
     @classmethod
     def load(cls, out_dir: str | Path) -> Compiled:
         """Read back what :meth:`save` wrote, records included (unpickles: trusted files only)."""

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from .api import SAVED_FILES, check_replaceable
+from .html_report import REPORT_FILES, check_apart
 from .errors import QCompileError, SpecError
 from .spec import QuantSpec, check_bits, parse_pass_names
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the integer program and the fake-quant module on the test set and print their agreement per layer")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
+    p.add_argument("--report", help="folder for an HTML report: per-layer histograms of weights and activations with "
+                                    "the chosen levels, ASQ's beta, the bit map, float regions, costs (with --emit int)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="verify the graph after every pass and show tracebacks")
     return p
@@ -110,10 +113,12 @@ def run(args: argparse.Namespace) -> int:
     from .modelio import load_model
 
     spec = _spec_from_args(args)
-    for path, flag, ours in ((args.out, "--out", SAVED_FILES), (args.dump_ir, "--dump-ir", "[0-9][0-9]_*.*")):
+    for path, flag, ours in ((args.out, "--out", SAVED_FILES), (args.dump_ir, "--dump-ir", "[0-9][0-9]_*.*"),
+                             (args.report, "--report", REPORT_FILES)):
         if path:
             _check_writable(path, flag)
             check_replaceable(Path(path), ours, flag)
+    check_apart(args.report, "--report", {"--out": args.out, "--dump-ir": args.dump_ir})
     if args.train_epochs < 0:
         raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
     try:
@@ -162,6 +167,7 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
         _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")
     artifacts = {}
+    program = None
     if "int" in args.emit or args.verify_int:
         program = compiled.lower()
         x = data.x_test.numpy()
@@ -186,6 +192,9 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     if args.out:
         compiled.save(args.out, artifacts)
         print(f"wrote {args.out}/ ({', '.join([*SAVED_FILES, *artifacts])})")
+    if args.report:
+        page = compiled.write_report(args.report, calib_data=data, program=program, progress=progress)
+        print(f"report: {page.page} ({len(page.figures)} figures)")
 
 
 def _move_into(src: Path, dst: Path) -> None:
