@@ -336,7 +336,7 @@ class Figures:
         if len(values) == 0:
             return None
         fig, ax = plt.subplots(figsize=(6.4, 3.0))
-        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.16, top=0.9)  # fixed: a layout engine costs 2x the drawing
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.16, top=0.9)  # fixed: a layout engine costs 2x the drawing
         span = [float(values.min()), float(values.max()), *(b.x for b in grid.bounds)]
         lo, hi = min(span), max(span)
         counts, edges = np.histogram(values, bins=100, range=(lo, hi) if hi > lo else (lo - 0.5, hi + 0.5))
@@ -645,8 +645,9 @@ def _header(compiled: Compiled, batches: Sequence[torch.Tensor], costs: bool) ->
     samples = sum(len(b) for b in batches)
     data = (f"{samples} calibration samples in {len(batches)} batch(es)" if batches
             else "no calibration data given: no activation histograms, no β")
+    pinned = " (pinned layers excepted)" if any(r.pinned for r in compiled.report.layers) else ""
     return (f"<p>Passes <b>{esc(', '.join(spec.passes))}</b>; weights {spec.weight_bits} bits, activations "
-            f"{spec.act_bits} bits (pinned layers excepted); {len(compiled.report.layers)} compute layers. "
+            f"{spec.act_bits} bits{pinned}; {len(compiled.report.layers)} compute layers. "
             f"Histograms over {esc(data)}; "
             f"{'the integer program costs are at the end' if costs else 'no integer program given'}.</p>")
 
