@@ -120,23 +120,6 @@ class Observed:
         return np.concatenate(self.betas) if self.betas else np.zeros(0)
 
 
-def check_apart(report: str | None, flag: str, others: dict[str, str | None]) -> None:
-    """Refuse a report folder that is, holds or lies in another output folder: one write would replace the other.
-
-    >>> check_apart("runs/m/report", "--report", {"--out": "runs/m"})
-    Traceback (most recent call last):
-    ...
-    qcompiler.errors.QCompileError: --report 'runs/m/report' and --out 'runs/m' overlap; give folders apart from each other
-    """
-    if not report:
-        return
-    mine = Path(report).resolve()
-    for other_flag, other in others.items():
-        if other and (mine == Path(other).resolve() or Path(other).resolve() in mine.parents
-                      or mine in Path(other).resolve().parents):
-            raise QCompileError(f"{flag} {report!r} and {other_flag} {other!r} overlap; give folders apart from each other")
-
-
 # --------------------------------------------------------------------------- data over the calibration batches
 
 
@@ -595,6 +578,23 @@ def passes_section(report: CompileReport) -> str:
 # --------------------------------------------------------------------------- the page
 
 
+def check_apart(report: str | None, flag: str, others: dict[str, str | None]) -> None:
+    """Refuse a report folder that is, holds or lies in another output folder: one write would replace the other.
+
+    >>> check_apart("runs/m/report", "--report", {"--out": "runs/m"})
+    Traceback (most recent call last):
+    ...
+    qcompiler.errors.QCompileError: --report 'runs/m/report' and --out 'runs/m' overlap; give folders apart from each other
+    """
+    if not report:
+        return
+    mine = Path(report).resolve()
+    for other_flag, other in others.items():
+        if other and (mine == Path(other).resolve() or Path(other).resolve() in mine.parents
+                      or mine in Path(other).resolve().parents):
+            raise QCompileError(f"{flag} {report!r} and {other_flag} {other!r} overlap; give folders apart from each other")
+
+
 def write_html_report(compiled: Compiled, out_dir: str | Path, calib_data: object = None,
                       program: Program | None = None, max_layers: int | None = 100,
                       progress: bool = False) -> HtmlReport:
@@ -607,7 +607,7 @@ def write_html_report(compiled: Compiled, out_dir: str | Path, calib_data: objec
             any form ``compile`` takes; the spec's ``calib_batches`` batches of it. Without
             it the page has weights, bits, float regions and costs only.
         program: the integer program (``compiled.lower()``): adds its cost tables, taken
-            from a run on the first calibration sample.
+            from a run on one sample (costs depend on shapes only).
         max_layers: draw figures for at most this many compute layers (tables for all).
 
     The folder is written beside ``out_dir`` and moved into place, so a failure
@@ -632,12 +632,22 @@ def write_html_report(compiled: Compiled, out_dir: str | Path, calib_data: objec
             drawn = figures if max_layers is None or i < max_layers else None
             sections.append(layer_section(gm, layer, rows[layer.name], observed, drawn))
         sections.append(joins_section(gm, observed, figures))
-        if program is not None and batches:
-            sections.append(cost_section(program.costs(batches[0][:1].numpy()), figures))
+        sample = cost_sample(gm, batches) if program is not None else None
+        if sample is not None:
+            sections.append(cost_section(program.costs(sample), figures))
         sections.append(passes_section(report))
-        body = [_header(compiled, batches, program is not None and bool(batches)), _nav(sections), *sections]
+        body = [_header(compiled, batches, sample is not None), _nav(sections), *sections]
         (tmp / "index.html").write_text(page("qcompiler report", body), encoding="utf-8")
     return HtmlReport(out / "index.html", tuple(figures.written))
+
+
+def cost_sample(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> np.ndarray | None:
+    """One input sample for the program's cost count, which reads only shapes: the first
+    calibration sample, else zeros of the traced input's shape."""
+    if batches:
+        return batches[0][:1].numpy()
+    meta = next((n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"), None)
+    return np.zeros((1, *meta.shape[1:]), dtype=np.float32) if meta is not None else None
 
 
 def _header(compiled: Compiled, batches: Sequence[torch.Tensor], costs: bool) -> str:

@@ -186,10 +186,11 @@ def test_adder_layers_draw_their_group_ranges(tmp_path):
     assert "scale group range(s) r_g" in written.page.read_text()
 
 
-def test_without_calibration_data_the_page_says_so(tmp_path, compiled):
-    written = write_html_report(compiled, tmp_path / "r")
+def test_without_calibration_data_the_page_says_so_and_still_counts_costs(tmp_path, compiled):
+    written = write_html_report(compiled, tmp_path / "r", program=compiled.lower())
     assert not any(f.file.endswith(("-input.png", "-beta.png")) for f in written.figures)
-    assert "no calibration data given" in written.page.read_text()
+    text = written.page.read_text()
+    assert "no calibration data given" in text and "Integer program costs" in text
 
 
 def test_a_report_replaces_an_earlier_one_but_no_other_folder(tmp_path, compiled):
