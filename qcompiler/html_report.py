@@ -79,8 +79,8 @@ class HtmlReport:
 
 @dataclass(frozen=True)
 class Bound:
-    """A bold vertical line: a clip bound, a group range. An empty label shares the
-    previous line's legend entry (the negative side of a symmetric bound)."""
+    """A bold vertical line: a clip bound, a group range. One with an empty label has no
+    legend entry (the negative side of a symmetric bound, drawn in the same colour)."""
 
     x: float
     label: str = ""
@@ -258,23 +258,27 @@ def _group_colour(g: int) -> str:
 # --------------------------------------------------------------------------- figures
 
 
+def new_figure(width: float, height: float):
+    """A figure and its one axes, outside pyplot: no global backend or figure registry is
+    touched (a user's notebook keeps its own), and nothing needs closing."""
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
 def save_figure(fig: MplFigure, path: Path, values: int) -> Figure:
     """Write ``fig`` to ``path`` as PNG; refuses a figure with an untitled or unlabelled axes, or no data."""
-    import matplotlib.pyplot as plt
-
-    try:
-        for ax in fig.axes:
-            missing = [what for what, text in (("title", ax.get_title()), ("x label", ax.get_xlabel()),
-                                               ("y label", ax.get_ylabel())) if not text]
-            if missing:
-                raise ValueError(f"figure {path.name} has no {', '.join(missing)}: every figure is titled with labelled axes")
-        if values <= 0:
-            raise ValueError(f"figure {path.name} has no data")
-        ax = fig.axes[0]
-        fig.savefig(path, dpi=DPI)
-        return Figure(path.name, ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), values)
-    finally:
-        plt.close(fig)
+    for ax in fig.axes:
+        missing = [what for what, text in (("title", ax.get_title()), ("x label", ax.get_xlabel()),
+                                           ("y label", ax.get_ylabel())) if not text]
+        if missing:
+            raise ValueError(f"figure {path.name} has no {', '.join(missing)}: every figure is titled with labelled axes")
+    if values <= 0:
+        raise ValueError(f"figure {path.name} has no data")
+    ax = fig.axes[0]
+    fig.savefig(path, dpi=DPI, format="png")  # Agg, whatever backend pyplot uses
+    return Figure(path.name, ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), values)
 
 
 def _log_y(ax) -> None:
@@ -313,12 +317,10 @@ class Figures:
     def histogram(self, name: str, values: np.ndarray, grid: Grid, title: str, xlabel: str,
                   log: bool = False) -> Figure | None:
         """A histogram of ``values`` with ``grid`` drawn over it; ``None`` when there is nothing to draw."""
-        import matplotlib.pyplot as plt
-
         values = values[np.isfinite(values)]
         if len(values) == 0:
             return None
-        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        fig, ax = new_figure(6.4, 3.0)
         fig.subplots_adjust(left=0.15, right=0.97, bottom=0.16, top=0.9)  # fixed: a layout engine costs 2x the drawing
         span = [float(values.min()), float(values.max()), *(b.x for b in grid.bounds)]
         lo, hi = min(span), max(span)
@@ -342,12 +344,10 @@ class Figures:
     def bars(self, name: str, labels: Sequence[str], series: dict[str, Sequence[float]], title: str,
              xlabel: str, ylabel: str, log: bool = False, hatched: dict[str, Sequence[bool]] | None = None) -> Figure | None:
         """Grouped bars, one group per label; ``hatched`` marks bars standing for something else (float)."""
-        import matplotlib.pyplot as plt
-
         if not labels:
             return None
         width_in = max(6.4, 0.28 * len(labels) + 1.5)
-        fig, ax = plt.subplots(figsize=(width_in, 4.2))
+        fig, ax = new_figure(width_in, 4.2)
         longest = max(len(str(label)) for label in labels)  # rotated tick labels need this much room below
         fig.subplots_adjust(left=0.95 / width_in, right=1 - 0.2 / width_in, top=0.92, bottom=min(0.6, 0.12 + 0.012 * longest))
         width = 0.8 / len(series)
@@ -615,9 +615,6 @@ def write_html_report(compiled: Compiled, out_dir: str | Path, calib_data: objec
     """
     from .api import calibration_batches, check_replaceable, staged_folder
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     out = Path(out_dir)
     check_replaceable(out, REPORT_FILES, "report folder")
     compiled.freeze()

@@ -8,7 +8,6 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -21,13 +20,12 @@ from qcompiler.cli import main as qcompile_main
 from qcompiler.data import load_digits
 from qcompiler.errors import QCompileError
 from qcompiler.html_report import (
-    REPORT_FILES, act_grid, observe_inputs, quantizer_inputs, save_figure, slug, weight_view, write_html_report,
+    REPORT_FILES, act_grid, new_figure, observe_inputs, quantizer_inputs, save_figure, slug, weight_view, write_html_report,
 )
 from qcompiler.modelio import save_checkpoint
 from qcompiler.nn.adder import AdderConv2d
 from qcompiler.zoo import plain_cnn, resnet20
 
-matplotlib.use("Agg")
 SPEC = qcompiler.QuantSpec(passes="asq,post", weight_bits=4, act_bits=4, calib_batches=2)
 
 
@@ -157,11 +155,9 @@ def test_beta_is_the_adapter_s_per_sample_factor(compiled, data):
 
 
 def test_save_figure_refuses_a_figure_without_title_labels_or_data(tmp_path):
-    import matplotlib.pyplot as plt
-
     for title, xlabel, ylabel, values, missing in (("", "x", "y", 1, "title"), ("t", "x", "", 1, "y label"),
                                                    ("t", "x", "y", 0, "no data")):
-        fig, ax = plt.subplots()
+        fig, ax = new_figure(4, 3)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         with pytest.raises(ValueError, match=missing):
             save_figure(fig, tmp_path / "f.png", values)
