@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 from .api import SAVED_FILES, check_replaceable
-from .html_report import REPORT_FILES, check_apart
 from .errors import QCompileError, SpecError
+from .html_report import REPORT_FILES, check_apart
 from .spec import QuantSpec, check_bits, parse_pass_names
 
 
