@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import distributed
-from .atomic import stage_dir
+from .atomic import staged_folder
 from .data import Dataset
 from .errors import DataError, PipelineError, QCompileError, SpecError
 from .frontend import trace
@@ -40,14 +40,15 @@ ARTIFACT_FILES = ("program.npz", "model.onnx")
 def check_replaceable(path: Path, ours: tuple[str, ...] | str, what: str) -> None:
     """Refuse to replace a folder that holds anything but our own outputs.
 
-    ``ours`` is a tuple of file names or a glob pattern.
+    ``ours`` is a glob pattern or a tuple of them (a plain file name matches itself).
     """
     if not path.exists():
         return
     if not path.is_dir():
         raise QCompileError(f"{what} {str(path)!r} is a file; give a folder path")
+    patterns = (ours,) if isinstance(ours, str) else ours
     for f in path.iterdir():
-        mine = f.match(ours) if isinstance(ours, str) else f.name in ours
+        mine = any(f.match(p) for p in patterns)
         if not (f.is_file() and mine):
             raise QCompileError(f"{what} {str(path)!r} exists and holds other files ({f.name}); choose a new folder")
 
@@ -109,6 +110,16 @@ class Compiled:
         self.freeze()
         return onnx_parity(self, path, x, batch_size)
 
+    def write_report(self, out_dir: str | Path, calib_data: object = None, program=None, **options):
+        """Write the HTML report (``index.html`` and PNG figures) into ``out_dir``; see
+        :func:`qcompiler.html_report.write_html_report`. The write is atomic.
+
+        >>> compiled.write_report("runs/report", calib_data=data, program=compiled.lower())  # doctest: +SKIP
+        """
+        from .html_report import write_html_report  # matplotlib loads only when a report is drawn
+
+        return write_html_report(self, out_dir, calib_data=calib_data, program=program, **options)
+
     @classmethod
     def load(cls, out_dir: str | Path, *, trust: bool = False) -> Compiled:
         """Read back what :meth:`save` wrote, records included.
@@ -149,8 +160,7 @@ class Compiled:
         check_replaceable(out, SAVED_FILES + ARTIFACT_FILES, "output folder")
         check_finite_state(self.module)
         self.freeze()
-        tmp = stage_dir(out)
-        try:
+        with staged_folder(out) as tmp:
             torch.save(self.module, tmp / "module.pt")
             # Pickling a GraphModule drops node.meta; the records travel beside it.
             records = {n.name: ir.records(n) for n in self.module.graph.nodes if ir.records(n)}
@@ -160,12 +170,6 @@ class Compiled:
             for name, write in (artifacts or {}).items():
                 assert name in ARTIFACT_FILES, name
                 write(tmp / name)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 

@@ -14,8 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,3 +34,21 @@ def stage_dir(dst: Path) -> Path:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``out`` to write into; on success it replaces ``out``.
+
+    On a failure the staging folder is removed and ``out`` is untouched, so a crash
+    or a full disk never leaves a half-written output.
+    """
+    tmp = stage_dir(out)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

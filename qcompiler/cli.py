@@ -29,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+BUILT_IN_DATA = ("digits", "digits-hard")
 DUMP_FILES = "[0-9][0-9]_*.*"  # what --dump-ir writes: 00_input.txt, 01_pin-first-last.dot, ...
 
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the integer program and the fake-quant module on the test set and print their agreement per layer")
     p.add_argument("--out", help="folder to write the compiled module, spec and report into")
     p.add_argument("--dump-ir", help="folder for the IR dump after every pass (text and DOT)")
+    p.add_argument("--report", help="folder for an HTML report: per-layer histograms of weights and activations with "
+                                    "the chosen levels, ASQ's beta, the bit map, float regions, costs (with --emit int)")
     p.add_argument("--force", action="store_true",
                    help="run passes that have nothing to work on in this model (e.g. adder passes without adder layers) instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -121,24 +124,29 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Outputs never replace, hold or nest inside an input or each other."""
+    from .html_report import REPORT_FILES  # the report's own files; matplotlib is not imported here
+
     for flag, value in (("MODEL", args.model), ("--spec", args.spec), ("--data", args.data),
-                        ("--out", args.out), ("--dump-ir", args.dump_ir)):
+                        ("--out", args.out), ("--dump-ir", args.dump_ir), ("--report", args.report)):
         if value is not None and not value.strip():
             raise QCompileError(f"{flag} is an empty path; give a file or folder name")
     inputs = [("the model", args.model)]
     inputs += [("the spec", args.spec)] if args.spec else []
-    inputs += [("the data", args.data)] if args.data and args.data != "digits" else []
-    outputs = [(flag, value) for flag, value in (("--out", args.out), ("--dump-ir", args.dump_ir)) if value]
+    inputs += [("the data", args.data)] if args.data and args.data not in BUILT_IN_DATA else []
+    ours = {"--out": SAVED_FILES + ARTIFACT_FILES, "--dump-ir": DUMP_FILES, "--report": REPORT_FILES}
+    outputs = [(flag, value) for flag, value in (("--out", args.out), ("--dump-ir", args.dump_ir),
+                                                 ("--report", args.report)) if value]
     for flag, out in outputs:
         _check_writable(out, flag)
         for what, src in inputs:
             if _within(Path(src), Path(out)):
                 raise QCompileError(f"{flag} {out!r} holds {what} {src!r}, which writing it would destroy; choose another folder")
-    if args.out and args.dump_ir:
-        if _within(Path(args.out), Path(args.dump_ir)) or _within(Path(args.dump_ir), Path(args.out)):
-            raise QCompileError(f"--out {args.out!r} and --dump-ir {args.dump_ir!r} overlap; give them separate folders")
+    for i, (flag, out) in enumerate(outputs):
+        for other_flag, other in outputs[i + 1:]:
+            if _within(Path(out), Path(other)) or _within(Path(other), Path(out)):
+                raise QCompileError(f"{flag} {out!r} and {other_flag} {other!r} overlap; give them separate folders")
     for flag, out in outputs:
-        check_replaceable(Path(out), SAVED_FILES + ARTIFACT_FILES if flag == "--out" else DUMP_FILES, flag)
+        check_replaceable(Path(out), ours[flag], flag)
         if Path(out).is_dir() and any(Path(out).iterdir()):
             warnings.warn(f"{flag} {out!r} holds an earlier run's output; it will be replaced")
 
@@ -239,6 +247,7 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
         _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")
     artifacts = {}
+    program = None
     if "int" in args.emit or args.verify_int:
         program = compiled.lower()
         x = data.x_test.numpy()
@@ -263,6 +272,9 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     if args.out:
         compiled.save(args.out, artifacts)
         print(f"wrote {args.out}/ ({', '.join([*SAVED_FILES, *artifacts])})")
+    if args.report:
+        page = compiled.write_report(args.report, calib_data=data, program=program, progress=progress)
+        print(f"report: {page.page} ({len(page.figures)} figures)")
 
 
 def _move_into(src: Path, dst: Path) -> None:
