@@ -275,4 +275,60 @@ def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> 
     return Domain(FLOAT)  # e.g. a product of two activations, a sigmoid
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands"]
+@dataclass(frozen=True)
+class FloatWeightOp:
+    """An op with learned weights that no pass quantizes: it stays in float, and says so."""
+
+    node: str
+    kind: str
+    params: int
+    reason: str
+
+
+# Functions whose weight operand, when a Parameter, makes the call a weight-bearing layer.
+_WEIGHT_FUNCTIONS = {
+    F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear",
+    F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d", F.embedding: "embedding", F.bilinear: "bilinear",
+}
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[FloatWeightOp]:
+    """Ops holding weight matrices (dim >= 2) that are not quantized compute layers, in graph order.
+
+    Normalisation layers (per-channel affine vectors) and modules of the ``skip`` types
+    (the quantizers themselves, whose ASQ adapters have small weight matrices) are not
+    counted: they are not layers a user expects at the requested width.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if ir.LAYER in node.meta:
+            continue
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, _NORMS + skip):
+                continue
+            weights = [p for p in m.parameters() if p.dim() >= 2]
+            if weights:
+                kind = type(m).__name__
+                found.append(FloatWeightOp(node.name, kind.lower(), sum(p.numel() for p in m.parameters()),
+                                           f"{kind} has no quantized form here"))
+        elif node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+            params = [_attr(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+            params = [p for p in params if isinstance(p, nn.Parameter) and p.dim() >= 2]
+            if params:
+                name = _WEIGHT_FUNCTIONS[node.target]
+                found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params),
+                                           f"functional {name} with a Parameter weight has no quantized form here"))
+    return found
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops"]

@@ -338,4 +338,25 @@ def compile(  # noqa: A001 - the natural name for the entry point
     gm.eval()
     verify_graph(gm, final=True)
     distributed.check_identical(gm, ranks)
-    return Compiled(gm, spec, build_report(gm, runs, trace_seconds, spec))
+    report = build_report(gm, runs, trace_seconds, spec)
+    warn_about_float(report, spec)
+    return Compiled(gm, spec, report)
+
+
+class FloatLayerWarning(UserWarning):
+    """Layers with weights stayed in float, or no layer reached the requested width."""
+
+
+def warn_about_float(report: CompileReport, spec: QuantSpec) -> None:
+    """A "4-bit" compile must not hide that some (or all) weight layers are not at 4 bits."""
+    left = [r for r in report.layers if r.weight_quantizer.startswith("float: ")]
+    if left:
+        names = ", ".join(f"{r.name} ({r.weight_quantizer.removeprefix('float: ')})" for r in left[:3])
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        warnings.warn(f"{len(left)} layer(s) with weights stay in float: {names}{more}; see the layer table",
+                      FloatLayerWarning, stacklevel=3)
+    requested = {spec.weight_bits, spec.act_bits}
+    reached = [r for r in report.layers if r.weight_bits in requested or r.act_bits in requested]
+    if report.layers and not reached:
+        warnings.warn(f"no layer is at the requested W{spec.weight_bits}A{spec.act_bits}: every quantized layer is "
+                      "pinned, overridden or in float; see the layer table", FloatLayerWarning, stacklevel=3)

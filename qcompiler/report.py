@@ -143,6 +143,9 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
                 macs=info.macs,
             )
         )
+    rows += float_weight_rows(gm)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    rows.sort(key=lambda r: order.get(r.name, 0))
     sections = (run.pass_type.report_section(gm, spec) for run in passes)
     joins = [n for n in gm.graph.nodes if ir.JOIN in n.meta]
     return CompileReport(
@@ -151,6 +154,18 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         float_regions=tuple((n.name, n.meta[ir.FLOAT].reason) for n in gm.graph.nodes if ir.FLOAT in n.meta),
         unrecorded_float=tuple(unrecorded_float(gm)),
     )
+
+
+def float_weight_rows(gm: fx.GraphModule) -> list[LayerReport]:
+    """A row for every op with weights that stays in float, with the reason: never a silent float layer."""
+    from .analysis import float_weight_ops
+    from .train import QUANTIZER_TYPES
+
+    return [
+        LayerReport(name=op.node, kind=op.kind, weight_bits=None, act_bits=None, weight_quantizer=f"float: {op.reason}",
+                    act_quantizer="-", pinned="", params=op.params, macs=0)
+        for op in float_weight_ops(gm, skip=QUANTIZER_TYPES)
+    ]
 
 
 def text_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
