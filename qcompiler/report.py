@@ -136,7 +136,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
                 kind=info.kind,
                 weight_bits=wq.bits if wq else None,
                 act_bits=act_bits,
-                weight_quantizer=f"{wq.grid} {wq.granularity}" if wq else "-",
+                weight_quantizer=f"{wq.grid} {wq.granularity}{shared_note(layer)}" if wq else "-",
                 act_quantizer=act_quantizer,
                 pinned=pin.reason if pin and wq else "",  # a float layer is not held at any width
                 params=info.params,
@@ -154,6 +154,14 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         float_regions=tuple((n.name, n.meta[ir.FLOAT].reason) for n in gm.graph.nodes if ir.FLOAT in n.meta),
         unrecorded_float=tuple(unrecorded_float(gm)),
     )
+
+
+def shared_note(layer: fx.Node) -> str:
+    """`` (shared: a, b)`` when the layer's module (so its weights and weight grid) serves several call sites."""
+    from .passes.rewrite import call_sites
+
+    sites = call_sites(layer)
+    return f" (shared: {', '.join(n.name for n in sites)})" if len(sites) > 1 else ""
 
 
 def float_weight_rows(gm: fx.GraphModule) -> list[LayerReport]:

@@ -83,3 +83,30 @@ def test_layers_left_in_float_get_a_row_and_a_warning() -> None:
     assert any(m.startswith("2 layer(s) with weights stay in float: up (ConvTranspose2d") for m in messages), messages
     # c1 and fc are pinned at 8 bits and the rest is float: nothing is at the requested 4 bits
     assert any(m.startswith("no layer is at the requested W4A4") for m in messages), messages
+
+
+class _SharedConv(torch.nn.Module):
+    """One conv module called at two sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.shared, self.fc = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.c0(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_module_called_twice_has_one_weight_grid_and_the_report_says_so() -> None:
+    from qcompiler import ir
+
+    spec = qcompiler.QuantSpec(passes="lsq", overrides=(qcompiler.spec.LayerOverride("shared_1", weight_bits=6),))
+    compiled = qcompiler.compile(_SharedConv(), spec, calib_data=torch.randn(8, 1, 8, 8))
+    rows = {r.name: r for r in compiled.report.layers}
+    # one weight tensor, one grid: the widest width any call site asks for, at both sites
+    assert rows["shared"].weight_bits == rows["shared_1"].weight_bits == 6
+    assert rows["shared"].act_bits == rows["shared_1"].act_bits == 4
+    assert rows["shared"].weight_quantizer == rows["shared_1"].weight_quantizer == "uniform per-channel (shared: shared, shared_1)"
+    layers = {n.name: n for n in ir.compute_layers(compiled.module)}
+    assert compiled.module.get_submodule("shared.weight_quant").bits == 6
+    assert ir.get(layers["shared"], ir.WEIGHT, ir.WeightQuant) == ir.get(layers["shared_1"], ir.WEIGHT, ir.WeightQuant)

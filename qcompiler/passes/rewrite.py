@@ -100,9 +100,27 @@ def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, init:
 
 
 def layer_bits(layer: fx.Node, spec) -> tuple[int, int]:
-    """(weight bits, activation bits) of ``layer`` after pinning and overrides."""
-    pin = ir.find(layer, ir.PIN, ir.Pin)
-    return spec.layer_bits(layer.name, pin.bits if pin else None, str(layer.target))
+    """(weight bits, activation bits) of ``layer`` after pinning and overrides.
+
+    A module called at several sites has one weight tensor and so one weight grid:
+    its weight width is the widest any of its call sites asks for (a pinned site wins),
+    and every site reports that grid. Input widths stay per site.
+    """
+    def bits(node: fx.Node) -> tuple[int, int]:
+        pin = ir.find(node, ir.PIN, ir.Pin)
+        return spec.layer_bits(node.name, pin.bits if pin else None, str(node.target))
+
+    w_bits, a_bits = bits(layer)
+    for site in call_sites(layer):
+        w_bits = max(w_bits, bits(site)[0])
+    return w_bits, a_bits
+
+
+def call_sites(layer: fx.Node) -> list[fx.Node]:
+    """Every call of the module ``layer`` calls, ``layer`` included, in graph order."""
+    if layer.op != "call_module":
+        return [layer]
+    return [n for n in layer.graph.nodes if n.op == "call_module" and n.target == layer.target]
 
 
 def quantize_multiply_layers(
