@@ -119,6 +119,9 @@ class _Emitter:
             self.custom("UniformQuantize", [x, step], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax)
             return
         a = frozen.adapter
+        if a.feature_axis != 1:  # AsqQuantize's body pools channels-first maps
+            raise UnsupportedError(f"onnx export: ASQ quantizer {node.name!r} pools over tokens (features on the last "
+                                   "axis), which the AsqQuantize op does not support yet")
         ws = [self.init(f"{node.name}.{k}", getattr(a, k).detach().float().numpy())
               for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
         self.custom("AsqQuantize", [x, step, *ws], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax,
