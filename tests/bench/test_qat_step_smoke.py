@@ -22,7 +22,7 @@ def test_qat_step_bench_runs_and_reports_ratios(capsys):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1"]) == 0
+    assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1", "--no-memory"]) == 0
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^(float|LSQ 4-bit|ASQ\+POST 4-bit|ASQ\+POST, eager)\s+[0-9.]+\s+([0-9.]+)$", out, re.MULTILINE))
     expected = {"float", "LSQ 4-bit", "ASQ+POST 4-bit"} | ({"ASQ+POST, eager"} if kernels.fused() else set())
