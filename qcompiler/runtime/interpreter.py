@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,6 +186,15 @@ def _im2col_shifted(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.nd
     return cols.reshape(-1, total)
 
 
+def _scratch(work: dict, size: int, dtype) -> np.ndarray:
+    """A flat buffer of at least ``size`` elements: one per dtype in ``work``, the largest asked for."""
+    key = ("im2col", np.dtype(dtype).str)
+    buf = work.get(key)
+    if buf is None or buf.size < size:
+        buf = work[key] = np.empty(size, dtype=dtype)
+    return buf
+
+
 COLS_CHUNK = 1 << 20  # im2col entries per batch chunk: 4 MB of float32, still in cache when the matmul reads it
 
 
@@ -207,12 +217,7 @@ def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = N
     step = max(1, min(n, COLS_CHUNK // (rows * positions)))
     plain = all(k == 1 for k in kernel) and all(s == 1 for s in a["stride"]) and not any(a["padding"])
     if not plain:  # a 1x1, stride-1, unpadded kernel reads xc itself
-        key = ("im2col", rows * step * positions, np.dtype(dtype).str)
-        buf = work.get(key) if work is not None else None
-        if buf is None:
-            buf = np.empty(rows * step * positions, dtype=dtype)
-            if work is not None:
-                work[key] = buf
+        buf = _scratch({} if work is None else work, rows * step * positions, dtype)
     for n0 in range(0, n, step):
         chunk = xc[:, n0:n0 + step]
         cols = chunk.reshape(c, -1).astype(dtype, copy=False) if plain else im2col(chunk, kernel, a, buf)
@@ -305,6 +310,18 @@ def _absmax(x: np.ndarray) -> int:
     return 0 if x.size == 0 else int(max(x.max(), -x.min()))
 
 
+_WORK = threading.local()
+
+
+def _thread_work() -> dict:
+    """This thread's scratch buffers, kept across runs: a program run per batch would
+    otherwise fault in a fresh multi-megabyte im2col buffer every time. Per thread,
+    so two threads running programs never share one."""
+    if not hasattr(_WORK, "buffers"):
+        _WORK.buffers = {}
+    return _WORK.buffers
+
+
 def _per_sample(f: np.ndarray, ndim: int) -> np.ndarray:
     return f.reshape(-1, *([1] * (ndim - 1)))
 
@@ -317,7 +334,7 @@ class Interpreter:
     on_overflow: str = "raise"  # "raise" | "record"
     overflows: list[Overflow] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every buffer's per-sample shape, as run
-    work: dict = field(default_factory=dict, repr=False)  # scratch buffers reused across runs (see conv_cf)
+    work: dict | None = field(default=None, repr=False)  # scratch buffers (see conv_cf); None: the running thread's
 
     def run(
         self, x: np.ndarray, keep: tuple[str, ...] = (), force: dict[str, np.ndarray] | None = None
@@ -369,6 +386,9 @@ class Interpreter:
                 raise AccumulatorOverflow(ov.message())
             self.overflows.append(ov)
 
+    def scratch(self) -> dict:
+        return self.work if self.work is not None else _thread_work()
+
     def c(self, name: str) -> np.ndarray:
         return self.program.consts[name]
 
@@ -417,7 +437,7 @@ class Interpreter:
     # ------------------------------------------------------------------ integer units
 
     def op_mac(self, ins: Instr, env) -> np.ndarray:
-        y = conv(env[ins.srcs[0]], self.c(ins.consts[0]), ins.attrs, work=self.work)
+        y = conv(env[ins.srcs[0]], self.c(ins.consts[0]), ins.attrs, work=self.scratch())
         self.check(ins, y)
         return y
 
@@ -435,7 +455,7 @@ class Interpreter:
             unit = np.where(odd, table[1], np.int64(1) << a["post_shift"])
         else:
             unit = np.int64(1)
-        y = conv(env[ins.srcs[0]], sign * (unit << shift), a, work=self.work)
+        y = conv(env[ins.srcs[0]], sign * (unit << shift), a, work=self.scratch())
         self.check(ins, y)
         return y
 
@@ -449,7 +469,7 @@ class Interpreter:
         w, group = self.c(ins.consts[0]), self.c(ins.consts[1])
         xs = [env[buf] for buf in ins.srcs]
         if len(np.unique(w[w > 0])) <= SAD_MATMUL_LEVELS and all(x.min(initial=0) >= 0 for x in xs):
-            y = sad_as_matmuls(xs, w, group, a, self.work)
+            y = sad_as_matmuls(xs, w, group, a, self.scratch())
         else:
             y = sad_direct(xs, w, group, a)
         self.check(ins, y)
