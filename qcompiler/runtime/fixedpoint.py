@@ -84,6 +84,8 @@ def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndar
 
 PARALLEL_MIN = 1 << 18  # elements: below this a thread hand-off costs more than it saves
 _POOL: list[ThreadPoolExecutor] = []
+if hasattr(os, "register_at_fork"):  # a forked child has no worker thread behind the pool: start its own
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _parallel(fn, shape: tuple[int, ...]) -> None:
