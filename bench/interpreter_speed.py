@@ -6,7 +6,8 @@ default width on random calibration data; batch 64 of 3x32x32. Each round times 
 float eval and the integer program of both models in a rotating order (the machine is
 a noisy VM: a fixed order would charge one side for the other's cache and frequency
 state); the ratios are of medians. Targets: int ResNet-20 <= 3x float, int adder
-ResNet-20 <= 25x float.
+ResNet-20 <= 25x float. The integer program runs on the NumPy interpreter only (no
+torch kernel anywhere in it); the float eval is torch with its default threads.
 
 Run: ``PYTHONPATH=. python bench/interpreter_speed.py [--rounds 7]``
 """
@@ -34,6 +35,17 @@ def build(name: str):
     calib = torch.randn(256, 3, 32, 32)
     compiled = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes, weight_bits=4, act_bits=4), calib_data=calib)
     return model, compiled.lower()
+
+
+def blas() -> str:
+    """NumPy's BLAS as threadpoolctl sees it (library, version, kernels, threads), if installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+    pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    return ", ".join(f"{p['internal_api']} {p['version']} ({p.get('architecture', '?')} kernels, "
+                     f"{p['num_threads']} threads)" for p in pools) or "none found"
 
 
 def timed(fn) -> float:
@@ -67,6 +79,7 @@ def main() -> None:
     print(f"CPU: {platform.processor() or platform.machine()}, torch cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}, "
           f"numpy {np.__version__}, torch {torch.__version__}")
+    print(f"NumPy BLAS: {blas()}; integer program: NumPy interpreter only")
     print(f"batch 64 x 3x32x32, {args.rounds} rounds, median ms (min..max)\n")
     print("| model | float eval ms | int program ms | ratio | target | met |")
     print("|---|---|---|---|---|---|")

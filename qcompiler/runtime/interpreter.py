@@ -6,10 +6,15 @@ result against the instruction's declared ``acc_bits`` (:mod:`.isa`): an overflo
 raises :class:`AccumulatorOverflow` naming the layer and the channel, or is
 recorded in ``overflows`` with ``on_overflow="record"``.
 
-Speed: NumPy's integer matmul does not use BLAS and is ~100x slower than float,
-so a ``mac`` whose worst case ``max|x| * max|w| * K`` stays below ``2^53`` runs as a
-float64 im2col matmul, which is exact there (the lowering records the bound as
-``exact_f64``); the others run in int64.
+Pure Python + NumPy (no torch): NumPy's integer matmul does not use BLAS and is ~100x
+slower than float, so a ``mac`` whose worst case ``max|x| * max|w| * K`` stays below
+``2^24`` (``2^53``) runs as a float32 (float64) BLAS matmul, exact there (the lowering
+records ``exact_f32`` / ``exact_f64``); the others run in int64. Convolutions are one
+im2col matmul per chunk of images, channels-first (:func:`conv_cf`); buffers stay
+logically ``(N, C, *S)`` but are laid out channels-first in memory, which NumPy's
+elementwise ops preserve, so no instruction transposes between layers.
+``requant`` runs exactly in float64 (:mod:`.fixedpoint`) and ``sad`` as convolutions
+(:func:`sad_as_matmuls`). docs/runtime.md, *Speed*, has the numbers.
 
 Example:
     >>> from qcompiler.runtime.isa import Instr
@@ -23,11 +28,10 @@ Example:
 
 from __future__ import annotations
 
-import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import QCompileError
@@ -121,104 +125,165 @@ def _dtype(a: dict):
     return np.float64 if a.get("exact_f64") else np.int64
 
 
-# Exact float convolutions (integer codes, sums below 2^24 / 2^53) run on torch's CPU
-# kernel: the interpreter's own NumPy loop below computes the same integers (tests
-# compare them) but is ~4x slower on ResNet-20. ``QCOMPILER_NUMPY_CONV=1`` selects it.
-TORCH_CONV = os.environ.get("QCOMPILER_NUMPY_CONV", "") in ("", "0")
+def out_shape(spatial, kernel, a: dict) -> list[int]:
+    """A convolution's output size per spatial axis."""
+    pads, stride, dil = a["padding"], a["stride"], a["dilation"]
+    return [(s + pads[2 * i] + pads[2 * i + 1] - dl * (k - 1) - 1) // st + 1
+            for i, (s, k, st, dl) in enumerate(zip(spatial, kernel, stride, dil))]
 
 
-def conv(x: np.ndarray, w: np.ndarray, a: dict, dtype=None) -> np.ndarray:
-    """Exact convolution / linear map of integers ``x`` with integer weights ``w``.
+def im2col(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.ndarray) -> np.ndarray:
+    """The windows of channels-first ``xc`` ``(C, N, *S)`` as a ``(C * prod(kernel), N * prod(out))`` matrix.
+
+    Row ``c * prod(kernel) + k`` holds input channel ``c`` at kernel offset ``k`` for every
+    output position, zero-padded, written into ``out`` (flat, at least that large, in the
+    matmul's dtype): one block copy per offset whose rows are whole output lines, which
+    channels-first keeps contiguous (channels-last would copy ``C`` values at a time).
+    """
+    pads, stride, dil = a["padding"], a["stride"], a["dilation"]
+    c, n, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
+    size = out_shape(spatial, kernel, a)
+    if all(s == 1 for s in stride) and size == list(spatial):
+        return _im2col_shifted(xc, kernel, a, out)
+    if any(pads):
+        padded = np.zeros((c, n, *(s + pads[2 * i] + pads[2 * i + 1] for i, s in enumerate(spatial))), dtype=out.dtype)
+        padded[(slice(None), slice(None), *(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(spatial)))] = xc
+    else:
+        padded = xc
+    cols = out[:c * int(np.prod(kernel)) * n * int(np.prod(size))].reshape(c, *kernel, n, *size)
+    for off in np.ndindex(*kernel):
+        window = tuple(slice(k * dl, k * dl + (m - 1) * st + 1, st) for k, dl, m, st in zip(off, dil, size, stride))
+        cols[(slice(None), *off)] = padded[(slice(None), slice(None), *window)]
+    return cols.reshape(c * int(np.prod(kernel)), -1)
+
+
+def _im2col_shifted(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.ndarray) -> np.ndarray:
+    """:func:`im2col` of a stride-1 convolution whose output keeps the input's size.
+
+    Then every kernel offset reads the input at one fixed shift ``delta`` of the flat
+    ``(N, *S)`` index: each offset is one contiguous copy of ``C`` rows, shifted, after
+    which the positions whose neighbour lies outside the image (the padding, and the
+    rows that wrapped into the next line or image) are zeroed, a thin border per axis.
+    """
+    pads, dil = a["padding"], a["dilation"]
+    c, spatial = xc.shape[0], xc.shape[2:]
+    flat = xc.reshape(c, -1)  # a view: the batch chunk of each channel is contiguous
+    total = flat.shape[1]
+    strides = np.cumprod((1, *spatial[::-1]))[::-1][1:]  # flat distance of one step along each spatial axis
+    cols = out[:c * int(np.prod(kernel)) * total].reshape(c, -1, total)
+    for k, off in enumerate(np.ndindex(*kernel)):
+        shift = [o * dl - pads[2 * i] for i, (o, dl) in enumerate(zip(off, dil))]
+        delta = int(np.dot(shift, strides))
+        lo, hi = max(0, -delta), min(total, total - delta)
+        col = cols[:, k]
+        col[:, lo:hi] = flat[:, lo + delta:hi + delta]
+        grid = col.reshape(c, -1, *spatial)
+        for axis, (sh, size) in enumerate(zip(shift, spatial), start=2):
+            if sh:  # positions whose neighbour along this axis is padding (this also covers the
+                # ends of the flat copy, which wrap into the next line or image)
+                border = slice(size - sh, None) if sh > 0 else slice(None, -sh)
+                grid[(slice(None),) * axis + (border,)] = 0
+    return cols.reshape(-1, total)
+
+
+def _scratch(work: dict, size: int, dtype) -> np.ndarray:
+    """A flat buffer of at least ``size`` elements: one per dtype in ``work``, the largest asked for."""
+    key = ("im2col", np.dtype(dtype).str)
+    buf = work.get(key)
+    if buf is None or buf.size < size:
+        buf = work[key] = np.empty(size, dtype=dtype)
+    return buf
+
+
+COLS_CHUNK = 1 << 20  # im2col entries per batch chunk: 4 MB of float32, still in cache when the matmul reads it
+
+
+def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = None) -> np.ndarray:
+    """Exact convolution of channels-first codes ``xc`` ``(C, N, *S)``: ``(O, N, *out)`` in ``dtype``.
+
+    Per chunk of images one matmul (per group): ``W (O/g, C/g * K) @ im2col (C/g * K, n * out)``.
+    This orientation gives BLAS the long output axis as its ``M`` dimension, which OpenBLAS
+    runs ~1.3x faster than the channels-last ``(n * out, K) @ (K, O)`` at ResNet widths,
+    and the result is already channels-first for the next instruction. The chunks keep
+    the im2col matrix in cache; its buffer comes from ``work`` (reused across calls: a
+    fresh one this large costs page faults every time).
+    """
+    o, kernel, groups = w.shape[0], w.shape[2:], a["groups"]
+    c, n, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
+    size = out_shape(spatial, kernel, a)
+    rows, positions = c * int(np.prod(kernel)), int(np.prod(size))
+    wm = w.reshape(groups, o // groups, -1).astype(dtype)
+    y = np.empty((o, n, *size), dtype=dtype)
+    step = max(1, min(n, COLS_CHUNK // (rows * positions)))
+    plain = all(k == 1 for k in kernel) and all(s == 1 for s in a["stride"]) and not any(a["padding"])
+    if not plain:  # a 1x1, stride-1, unpadded kernel reads xc itself
+        buf = _scratch({} if work is None else work, rows * step * positions, dtype)
+    for n0 in range(0, n, step):
+        chunk = xc[:, n0:n0 + step]
+        cols = chunk.reshape(c, -1).astype(dtype, copy=False) if plain else im2col(chunk, kernel, a, buf)
+        # each output row's chunk is contiguous: the matmul writes into y directly
+        np.matmul(wm, cols.reshape(groups, rows // groups, -1), out=y[:, n0:n0 + step].reshape(groups, o // groups, -1))
+    return y
+
+
+def conv(x: np.ndarray, w: np.ndarray, a: dict, dtype=None, work: dict | None = None) -> np.ndarray:
+    """Exact convolution / linear map of integer codes ``x`` ``(N, C, *S)`` with integer weights ``w``.
 
     The result holds exact integers in ``dtype`` (default: the narrowest exact one the
-    lowering recorded, ``exact_f32`` / ``exact_f64``; else int64). A convolution runs
-    channels-last as one matmul per kernel offset, accumulated in place, which avoids
-    the im2col copy (``K`` times the input): the slices are views, BLAS reads them.
-    Groups with one input channel each (depthwise) are an elementwise multiply-add.
+    lowering recorded, ``exact_f32`` / ``exact_f64``; else int64, NumPy's slow non-BLAS
+    matmul). Convolutions run channels-first (:func:`conv_cf`) and return the logical
+    ``(N, O, *out)`` as a view of the channels-first result: NumPy's elementwise ops keep
+    an operand's memory order, so the requantization after it writes channels-first too
+    and the next convolution reads it without a transpose.
     """
     dtype = dtype or _dtype(a)
     if a["kind"] == "linear":
         return x.astype(dtype, copy=False) @ w.T.astype(dtype)
-    if dtype is not np.int64 and TORCH_CONV:
-        return _torch_conv(x, w, a, dtype)
-    d = w.ndim - 2
-    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    o, cg, kernel = w.shape[0], w.shape[1], w.shape[2:]
-    groups, pads, stride, dil = a["groups"], a["padding"], a["stride"], a["dilation"]
-    padded = [s + pads[2 * i] + pads[2 * i + 1] for i, s in enumerate(spatial)]
-    out = [(p - dl * (k - 1) - 1) // st + 1 for p, k, st, dl in zip(padded, kernel, stride, dil)]
-    xl = np.zeros((n, *padded, c), dtype=dtype)
-    xl[(slice(None), *(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(spatial)))] = np.moveaxis(x, 1, -1)
-    og = o // groups
-    wl = np.moveaxis(w, 1, -1).astype(dtype)  # (O, *K, Cg)
-    y = np.zeros((n, *out, o), dtype=dtype)
-    for off in np.ndindex(*kernel):
-        window = (slice(None), *(slice(k * dl, k * dl + (m - 1) * st + 1, st)
-                                 for k, dl, m, st in zip(off, dil, out, stride)))
-        xs = xl[window]  # (N, *out, C), a view
-        wk = wl[(slice(None), *off)]  # (O, Cg)
-        if groups == 1:
-            y += xs @ wk.T
-        elif cg == 1:  # depthwise: output o = g * og + j reads input channel g
-            y += (xs[..., :, None] * wk.reshape(groups, og)).reshape(*xs.shape[:-1], o)
-        else:
-            prod = xs.reshape(*xs.shape[:-1], groups, 1, cg) @ np.moveaxis(wk.reshape(groups, og, cg), -1, -2)
-            y += prod.reshape(*xs.shape[:-1], o)
-    return np.moveaxis(y, -1, 1)
+    return np.moveaxis(conv_cf(np.moveaxis(x, 1, 0), w, a, dtype, work), 0, 1)
 
 
 SAD_MATMUL_LEVELS = 32  # beyond this many distinct weight values the direct SAD is faster
 
 
-def sad_as_matmuls(xs: list[np.ndarray], w: np.ndarray, group: np.ndarray, a: dict) -> np.ndarray:
-    """``sum_k |x_k - w_k|`` over each window, as exact convolutions.
+def sad_as_matmuls(xs: list[np.ndarray], w: np.ndarray, group: np.ndarray, a: dict, work: dict | None = None) -> np.ndarray:
+    """``sum_k |x_k - w_k|`` over each window, as one exact convolution per scale group.
 
     ``|x - w| = x + w - 2 min(x, w)``. With ``0 = v_0 < v_1 < ... < v_L`` the distinct
     positive weights and ``x >= 0`` (unsigned codes), ``min(x, w) = min(w, 0) + sum_i
     [w >= v_i] clip(x - v_(i-1), 0, v_i - v_(i-1))``, so per output channel
-    ``sum_k |x_k - w_k| = sum_k x_k + sum_k |w_k| - 2 conv(D(x), J)`` with ``D`` the ``L``
-    clipped slices of ``x`` stacked as channels and ``J`` the 0/1 indicators
-    ``[w >= v_i]``: one convolution with ``L`` times the channels, exact in float32 while
-    ``K * max x`` stays below ``2^24``. Padding is zero codes; ``D(0) = 0``, as needed.
+    ``sum_k |x_k - w_k| = sum_k |w_k| + conv([x; D(x)], [1; -2 J])`` with ``D`` the ``L``
+    clipped slices of ``x`` stacked after ``x`` as channels and ``J`` the 0/1 indicators
+    ``[w >= v_i]``. Every partial sum stays below ``K (3 max x + max |w|)``, so float32 is
+    exact at 4 to 8 bits. Padding is zero codes; ``D(0) = 0``, as needed.
     """
     o, cg = w.shape[:2]
-    groups = a["groups"]
+    groups, spatial = a["groups"], w.ndim - 2
     levels = np.unique(w[w > 0]).astype(np.int64)
     prev = np.concatenate([[0], levels[:-1]])
-    gaps = levels - prev
-    a_max = max(_absmax(x) for x in xs)
     k = int(np.prod(w.shape[1:]))
-    dtype = exact_dtype(k * (a_max + 2 * int(np.abs(w).max(initial=0))) + 1)
-    spatial = w.ndim - 2
-    lv = (1, -1) + (1,) * (w.ndim - 2)
-    ind = (w[:, :, None] >= levels.reshape(lv)).astype(dtype)  # (O, Cg, L, *K)
-    ind = ind.reshape(o, cg * len(levels), *w.shape[2:])
-    ones = np.ones((groups, cg, *w.shape[2:]), dtype=dtype)
-    wabs = np.abs(w).reshape(o, -1).sum(1).astype(dtype).reshape(1, o, *([1] * spatial))
+    a_max = max(_absmax(x) for x in xs)
+    dtype = exact_dtype(k * (3 * a_max + _absmax(w)) + 1)
+    # weights over the stacked channels (c, [x, D_1..D_L]): 1 for x, -2 [w >= v_i] for D_i
+    stacked = np.concatenate([np.ones_like(w[:, :, None]), -2 * (w[:, :, None] >= levels.reshape(1, 1, -1, *([1] * spatial)))], axis=2)
+    stacked = stacked.reshape(o, cg * (len(levels) + 1), *w.shape[2:])
+    wabs = np.abs(w).reshape(o, -1).sum(1).astype(dtype).reshape(o, *([1] * (spatial + 1)))
+    lv = (1, -1) + (1,) * (spatial + 1)
     y = None
     for g, x in enumerate(xs):
         sel = np.flatnonzero(group == g)
         if sel.size == 0:
             continue
-        xf = x.astype(dtype, copy=False)
-        shape = (1, 1, -1) + (1,) * spatial
-        d = np.clip(xf[:, :, None] - prev.reshape(shape).astype(dtype), 0, gaps.reshape(shape).astype(dtype))
-        d = d.reshape(x.shape[0], x.shape[1] * len(levels), *x.shape[2:])
-        if not len(levels):  # no positive weight: min(x, w) = w everywhere, already in sum |w|
-            mins = 0.0
-        elif groups == 1:
-            mins = conv(d, ind[sel], a, dtype)
-        else:
-            mins = conv(d, ind, a, dtype)[:, sel]
-        if groups == 1:
-            sums = conv(xf, ones, a, dtype)  # (N, 1, *out): the window sum of x
-        else:
-            sums = conv(xf, ones, a, dtype)[:, sel // (o // groups)]
-        part = sums + wabs[:, sel] - 2 * mins
+        xc = np.moveaxis(x, 1, 0).astype(dtype, copy=False)  # (C, N, *S)
+        d = np.empty((xc.shape[0], len(levels) + 1, *xc.shape[1:]), dtype=dtype)
+        d[:, 0] = xc
+        np.clip(xc[:, None] - prev.reshape(lv).astype(dtype), 0, (levels - prev).reshape(lv).astype(dtype), out=d[:, 1:])
+        d = d.reshape(-1, *xc.shape[1:])
+        part = conv_cf(d, stacked if groups > 1 else stacked[sel], a, dtype, work)
+        part = (part[sel] if groups > 1 else part) + wabs[sel]
         if y is None:
-            y = np.empty((part.shape[0], o, *part.shape[2:]), dtype=dtype)
-        y[:, sel] = part
-    return y
+            y = np.empty((o, *part.shape[1:]), dtype=dtype)
+        y[sel] = part
+    return np.moveaxis(y, 0, 1)
 
 
 def sad_direct(xs: list[np.ndarray], w: np.ndarray, group: np.ndarray, a: dict) -> np.ndarray:
@@ -245,25 +310,16 @@ def _absmax(x: np.ndarray) -> int:
     return 0 if x.size == 0 else int(max(x.max(), -x.min()))
 
 
-def _torch_conv(x: np.ndarray, w: np.ndarray, a: dict, dtype) -> np.ndarray:
-    """:func:`conv` in float through torch's CPU convolution (oneDNN, direct algorithm).
+_WORK = threading.local()
 
-    Exact for the same reason as a BLAS matmul: the direct algorithm sums integer-valued
-    products, every partial sum below the bound. ``tests/runtime/test_isa.py`` checks it
-    against the NumPy int64 path at the float32 bound, where Winograd or FFT would round.
-    """
-    d = w.ndim - 2
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))
-    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=dtype))
-    pads = a["padding"]
-    before, after = pads[0::2], pads[1::2]
-    if before != after:  # torch pads symmetrically: pad the input first (last dim first for F.pad)
-        xt = torch.nn.functional.pad(xt, [p for i in reversed(range(d)) for p in (before[i], after[i])])
-        before = [0] * d
-    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[d - 1]
-    with torch.no_grad():
-        y = fn(xt, wt, None, a["stride"], before, a["dilation"], a["groups"])
-    return y.numpy()
+
+def _thread_work() -> dict:
+    """This thread's scratch buffers, kept across runs: a program run per batch would
+    otherwise fault in a fresh multi-megabyte im2col buffer every time. Per thread,
+    so two threads running programs never share one."""
+    if not hasattr(_WORK, "buffers"):
+        _WORK.buffers = {}
+    return _WORK.buffers
 
 
 def _per_sample(f: np.ndarray, ndim: int) -> np.ndarray:
@@ -278,6 +334,7 @@ class Interpreter:
     on_overflow: str = "raise"  # "raise" | "record"
     overflows: list[Overflow] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every buffer's per-sample shape, as run
+    work: dict | None = field(default=None, repr=False)  # scratch buffers (see conv_cf); None: the running thread's
 
     def run(
         self, x: np.ndarray, keep: tuple[str, ...] = (), force: dict[str, np.ndarray] | None = None
@@ -329,6 +386,9 @@ class Interpreter:
                 raise AccumulatorOverflow(ov.message())
             self.overflows.append(ov)
 
+    def scratch(self) -> dict:
+        return self.work if self.work is not None else _thread_work()
+
     def c(self, name: str) -> np.ndarray:
         return self.program.consts[name]
 
@@ -377,7 +437,7 @@ class Interpreter:
     # ------------------------------------------------------------------ integer units
 
     def op_mac(self, ins: Instr, env) -> np.ndarray:
-        y = conv(env[ins.srcs[0]], self.c(ins.consts[0]), ins.attrs)
+        y = conv(env[ins.srcs[0]], self.c(ins.consts[0]), ins.attrs, work=self.scratch())
         self.check(ins, y)
         return y
 
@@ -395,7 +455,7 @@ class Interpreter:
             unit = np.where(odd, table[1], np.int64(1) << a["post_shift"])
         else:
             unit = np.int64(1)
-        y = conv(env[ins.srcs[0]], sign * (unit << shift), a)
+        y = conv(env[ins.srcs[0]], sign * (unit << shift), a, work=self.scratch())
         self.check(ins, y)
         return y
 
@@ -409,7 +469,7 @@ class Interpreter:
         w, group = self.c(ins.consts[0]), self.c(ins.consts[1])
         xs = [env[buf] for buf in ins.srcs]
         if len(np.unique(w[w > 0])) <= SAD_MATMUL_LEVELS and all(x.min(initial=0) >= 0 for x in xs):
-            y = sad_as_matmuls(xs, w, group, a)
+            y = sad_as_matmuls(xs, w, group, a, self.scratch())
         else:
             y = sad_direct(xs, w, group, a)
         self.check(ins, y)

@@ -46,6 +46,24 @@ def test_mac_conv2d_equals_exact_convolution(groups, stride, padding, dilation):
         assert got.dtype == (np.float32 if f32 else np.float64 if f64 else np.int64) and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("groups,padding,dilation", [(1, 1, 1), (2, 2, 2), (4, 1, 1)])
+def test_mac_same_size_convolutions_and_batch_chunks(groups, padding, dilation, monkeypatch):
+    """Stride 1 keeping the size takes im2col's flat-shift path; small chunks split the batch."""
+    from qcompiler.runtime import interpreter
+
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 16, size=(5, 4, 6, 7))
+    w = rng.integers(-8, 8, size=(8, 4 // groups, 3, 3))
+    attrs = {"kind": "conv2d", "stride": [1, 1], "padding": [padding] * 4, "dilation": [dilation] * 2,
+             "groups": groups, "exact_f32": True, "exact_f64": True}
+    want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=padding,
+                    dilation=dilation, groups=groups).long().numpy()
+    for chunk in (1 << 20, 3 * 4 * 9 * 42):  # whole batch; 3 images per chunk (5 = 3 + 2)
+        monkeypatch.setattr(interpreter, "COLS_CHUNK", chunk)
+        got = run1("mac", ["x"], {"w": w}, attrs, {"x": x})
+        assert np.array_equal(got, want)
+
+
 def test_mac_conv1d_asymmetric_padding_and_linear():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 16, size=(2, 3, 9))
