@@ -20,6 +20,7 @@ from .errors import DataError, QCompileError, SpecError
 from .frontend import trace
 from .passes import REGISTRY, PassContext, PassManager, plan
 from . import ir
+from .nn.exact import use_exact_eval
 from .passes.freeze import freeze
 from .verify import verify_graph
 from .report import CompileReport, build_report
@@ -234,7 +235,12 @@ def compile(  # noqa: A001 - the natural name for the entry point
     if verify is None:
         verify = os.environ.get("QCOMPILER_VERIFY", "") not in ("", "0")
     manager = PassManager(passes, dump_dir=Path(dump_ir) if dump_ir is not None else None, verify=verify)
+    # eval-mode batch norm and pooling as the ONNX file computes them, before the passes so that
+    # calibration sees the numerics a rerun would; again after, to link each batch norm to the
+    # quantized layer that folds it
+    use_exact_eval(gm)
     gm, runs = manager.run(gm, ctx)
+    use_exact_eval(gm)
     gm.eval()
     verify_graph(gm, final=True)
     return Compiled(gm, spec, build_report(gm, runs, trace_seconds, spec))
