@@ -125,21 +125,24 @@ class _Emitter:
         _positive(frozen.step, f"activation quantizer {node.name!r} step")
         step = self.init(f"{node.name}.step", np.float32(frozen.step))
         x = self.src(node)
-        if frozen.adapter is None:
-            if self.fmt == "qdq" or not any(self.integer_plan(u) is not None for u in node.users):
+        integer_users = [self.fmt == "custom" and self.integer_plan(u) is not None for u in node.users]
+        if not any(integer_users):
+            if frozen.adapter is None:
                 self.custom("UniformQuantize", [x, step], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax)
-                return
-            # integer layers read the codes; the values (codes times step) only if another op does
-            codes = self.custom("UniformCodes", [x, step], f"{node.name}.codes", f"{node.name}.codes",
-                                qmin=frozen.qmin, qmax=frozen.qmax)
-            if not all(self.integer_plan(u) is not None for u in node.users):
-                self.node("Mul", [codes, step], node.name, node.name)
+            else:
+                a = frozen.adapter
+                ws = [self.init(f"{node.name}.{k}", getattr(a, k).detach().float().numpy())
+                      for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+                self.custom("AsqQuantize", [x, step, *ws], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax,
+                            beta_bound=float(a.beta_bound))
             return
-        a = frozen.adapter
-        ws = [self.init(f"{node.name}.{k}", getattr(a, k).detach().float().numpy())
-              for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
-        self.custom("AsqQuantize", [x, step, *ws], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax,
-                    beta_bound=float(a.beta_bound))
+        # integer layers read the codes (under ASQ against the per-sample step, qcompiler.AsqStep);
+        # the values, codes times the step, only if another op reads them
+        s = self.grid_step(node, len(_shape(node)) + 1)
+        codes = self.custom("UniformCodes", [x, s], f"{node.name}.codes", f"{node.name}.codes",
+                            qmin=frozen.qmin, qmax=frozen.qmax)
+        if not all(integer_users):
+            self.node("Mul", [codes, s], node.name, node.name)
 
     def grid_step(self, q: fx.Node, rank: int) -> str:
         """The step of quantizer ``q``'s output, shaped to broadcast over a rank-``rank`` tensor.
@@ -154,7 +157,9 @@ class _Emitter:
         if key not in self.steps:
             sample = f"{q.name}.sample_step"
             if (q.name, 2) not in self.steps:
-                ws = [f"{q.name}.{k}" for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+                a = frozen.adapter
+                ws = [self.init(f"{q.name}.{k}", getattr(a, k).detach().float().numpy())
+                      for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
                 self.custom("AsqStep", [self.src(q), f"{q.name}.step", *ws], sample, sample,
                             beta_bound=float(frozen.adapter.beta_bound))
                 self.steps[(q.name, 2)] = sample
@@ -272,11 +277,7 @@ class _Emitter:
             out = bn_node.name
         unit = exact.channel_view(plan.unit, rank, axis)[0].numpy()  # per-sample shape
         step = self.grid_step(q, len(_shape(q)) + 1)
-        if frozen.adapter is None:
-            x = f"{q.name}.codes"  # UniformCodes, emitted by the quantizer
-        else:  # the codes back from the values and the per-sample step, exactly
-            x = self.node("Round", [self.node("Div", [q.name, step], f"{name}.x_div", f"{name}/divide")],
-                          f"{name}.x_codes", f"{name}/round")
+        x = f"{q.name}.codes"  # UniformCodes, emitted by the quantizer
         stored = self.init(f"{name}.codes", _int_codes(codes.codes.numpy().astype(np.int64), codes.bits))
         accs = []
         for part, which in zip(weight.parts(), ("", "_odd")):
