@@ -243,9 +243,6 @@ def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
 
 
 def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
-    # An untrained model's batch norms have zero bias, so QLinearConv's INT32 bias rounding
-    # (onnx_qdq's docstring) does not show here; on trained digits models the QDQ form agrees
-    # on 94.7-99.1 % of classes at 8 bits (bench/results/onnx_parity.md), short of 99.5 %.
     c = compiled("resnet20", "lsq", 8)
     m = to_onnx(c.module, "qdq")
     onnx.checker.check_model(m, full_check=True)
@@ -256,6 +253,35 @@ def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
     assert ops.get("QLinearAdd", 0) == 9 and "Conv" not in ops and "Add" not in ops, ops
     parity = onnx_parity(c, m, load_digits().x_test)
     assert parity.classes_agree >= 0.995, parity.text()
+
+
+def test_qdq_int32_bias_is_the_modules_integer_bias():
+    """Batch norms with a bias (as after training): QLinearConv adds the folded bias as INT32 on the
+    accumulator grid, and the deployed module adds the same integers (exact.integer_bias)."""
+    import copy
+
+    c = copy.copy(compiled("resnet20", "lsq", 8))
+    c.module = copy.deepcopy(c.module)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in c.module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+    c.freeze()
+    parity = onnx_parity(c, to_onnx(c.module, "qdq"), load_digits().x_test)
+    assert parity.classes_agree == 1.0 and parity.relative <= 1e-4, parity.text()
+
+
+def test_float_formula_layers_are_listed_in_the_metadata():
+    from qcompiler.runtime.onnx_export import FLOAT_LAYERS
+
+    plain = to_onnx(compiled("resnet20", "lsq", 4).module)
+    assert FLOAT_LAYERS not in {p.key for p in plain.metadata_props}  # every layer on integer codes
+    c = compiled("resnet20", "lsq,pot", 8)  # large exponents: 2^(K-k) past the 2^24 bound
+    listed = {p.key: p.value for p in to_onnx(c.module).metadata_props}.get(FLOAT_LAYERS, "")
+    layers = {n.name for n in ir.compute_layers(c.module)}
+    assert listed and set(listed.split(",")) <= layers
 
 
 @pytest.mark.parametrize("bits", [2, 4])
