@@ -112,6 +112,7 @@ class Compiled:
         records = torch.load(out / "records.pt", weights_only=False)
         for node in module.graph.nodes:
             node.meta.update(records.get(node.name, {}))
+        use_exact_eval(module)  # a module saved before the deployed numerics existed gets them too
         spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
         # No pass ran in this process: the rebuilt report has layers but no pass sections.
         return cls(module, spec, build_report(module, [], 0.0, spec))
