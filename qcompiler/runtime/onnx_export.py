@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import tempfile
