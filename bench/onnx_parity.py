@@ -10,6 +10,10 @@ as a fraction of the module's output range (target <= 1e-4) and class agreement
 
     python bench/onnx_parity.py                  # print the matrix
     python bench/onnx_parity.py --markdown PATH  # also write it as markdown
+    python bench/onnx_parity.py --models resnet20,resnet18,resnet50  # a subset (run two at once)
+
+A cell's ``f<k>`` counts the quantized layers that compute on dequantized floats because
+they have no exact integer form (``qcompiler.float_layers`` in the file's metadata).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qcompiler  # noqa: E402
 from qcompiler.data import Dataset, load_digits  # noqa: E402
-from qcompiler.runtime.onnx_export import onnx_parity, to_onnx  # noqa: E402
+from qcompiler.runtime.onnx_export import FLOAT_LAYERS, onnx_parity, to_onnx  # noqa: E402
 from qcompiler.train import TrainConfig, train  # noqa: E402
 from qcompiler.zoo import ZOO  # noqa: E402
 
@@ -47,11 +52,14 @@ def as_sequences(data: Dataset) -> Dataset:
 
 def cell(c, fmt: str, x: torch.Tensor) -> str:
     try:
-        p = onnx_parity(c, to_onnx(c.module, fmt), x)
+        model = to_onnx(c.module, fmt)
+        p = onnx_parity(c, model, x)
     except Exception as e:  # noqa: BLE001 - a cell reports its error, the matrix goes on
         return f"error: {type(e).__name__}: {str(e)[:80]}"
     flag = "" if p.ok() else (" *" if p.classes_agree == 1.0 else " **")
-    return f"{p.relative:.1e} / {100 * p.classes_agree:.1f} %{flag}"
+    floats = [q.value for q in model.metadata_props if q.key == FLOAT_LAYERS]
+    count = f" f{len(floats[0].split(','))}" if floats else ""
+    return f"{p.relative:.1e} / {100 * p.classes_agree:.1f} %{count}{flag}"
 
 
 def main() -> int:
@@ -61,6 +69,9 @@ def main() -> int:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     digits = load_digits()
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; python bench/onnx_parity.py {' '.join(sys.argv[1:])}; "
+          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch threads {torch.get_num_threads()}, onnxruntime {ort.__version__} (default threads)", flush=True)
     rows = ["| model | scheme | form | 2-bit | 4-bit | 8-bit |", "|---|---|---|---|---|---|"]
     t0 = time.time()
     for name in args.models.split(","):

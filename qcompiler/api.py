@@ -26,6 +26,7 @@ from .modelio import check_finite
 from .passes import REGISTRY, PassContext, PassManager, plan
 from .passes.manager import NoChangeWarning
 from . import ir
+from .nn.exact import use_exact_eval
 from .passes.freeze import freeze
 from .verify import verify_graph
 from .report import CompileReport, build_report
@@ -142,6 +143,7 @@ class Compiled:
         records = _load_trusted(out / "records.pt", dict)
         for node in module.graph.nodes:
             node.meta.update(records.get(node.name, {}))
+        use_exact_eval(module)  # a module saved before the deployed numerics existed gets them too
         try:
             spec = QuantSpec.from_dict(json.loads((out / "spec.json").read_text()))
         except (OSError, ValueError) as e:
@@ -334,7 +336,12 @@ def compile(  # noqa: A001 - the natural name for the entry point
     if verify is None:
         verify = os.environ.get("QCOMPILER_VERIFY", "") not in ("", "0")
     manager = PassManager(passes, dump_dir=Path(dump_ir) if dump_ir is not None else None, verify=verify)
+    # eval-mode batch norm and pooling as the ONNX file computes them, before the passes so that
+    # calibration sees the numerics a rerun would; again after, to link each batch norm to the
+    # quantized layer that folds it
+    use_exact_eval(gm)
     gm, runs = manager.run(gm, ctx)
+    use_exact_eval(gm)
     gm.eval()
     verify_graph(gm, final=True)
     distributed.check_identical(gm, ranks)

@@ -284,11 +284,13 @@ def test_emit_int_writes_a_program_that_agrees_with_the_module(runs: dict[str, R
     agree = float(run.stdout.split("classes agree ")[1].split(";")[0])
     assert agree >= 0.995, run.stdout
     assert (run.out / "program.npz").is_file() and "program.npz" in run.stdout
-    # The saved program reloads and computes the saved module's classes; qcompile-run prints them.
+    # The saved program reloads and computes the saved module's classes (deployed: eval mode
+    # without autograd, whose integer bias the program shares); qcompile-run prints them.
     x = load_digits().x_test[:16]
     program = Program.load(run.out / "program.npz")
     module = Compiled.load(run.out, trust=True).module
-    expected = module(x).argmax(1).tolist()
+    with torch.no_grad():
+        expected = module(x).argmax(1).tolist()
     assert program.run(x.numpy()).argmax(1).tolist() == expected
     np.savez(tmp_path / "in.npz", x=x.numpy())
     assert run_main([str(run.out / "program.npz"), str(tmp_path / "in.npz"), "--out", str(tmp_path / "logits.npz")]) == 0

@@ -3,6 +3,10 @@
 Like ``torch.ao.nn.qat``: each class subclasses the float layer, shares its
 parameters, and owns a ``weight_quant`` submodule. Batch norm stays a separate
 module (docs/design.md §4.6: folding it would move weights off their grid).
+
+In eval mode a layer reading an activation quantizer convolves integer codes
+(:func:`qcompiler.nn.exact.frozen_layer`), the form the ONNX file computes bit for bit;
+training keeps the float formula on dequantized values and the fused kernels.
 """
 
 from __future__ import annotations
@@ -11,26 +15,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact import deployed, frozen_layer
+
 
 class QConv1d(nn.Conv1d):
     """``nn.Conv1d`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias) if y is None else y
 
 
 class QConv2d(nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias) if y is None else y
 
 
 class QLinear(nn.Linear):
     """``nn.Linear`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.bias)
+        y = frozen_layer(self, x, F.linear, channel_axis=-1) if deployed(self) else None
+        return F.linear(x, self.weight_quant(self.weight), self.bias) if y is None else y
 
 
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {

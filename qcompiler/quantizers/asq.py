@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..nn import exact
 from ..numerics import quantize_codes
 from .uniform import UniformQuantizer, lsq_quantize, positive, positive_backward
 
-BETA_BOUND = math.log(8.0)  # beta stays in [1/8, 8]
+# beta stays in [1/8, 8]; ln 8 rounded to float32, so the float32 training path, the float64
+# eval path and an ONNX float attribute all hold one value
+BETA_BOUND = float(torch.tensor(math.log(8.0), dtype=torch.float32))
 MIN_HIDDEN = 4  # small-channel fallback: never fewer hidden units than this
 
 
@@ -209,11 +212,25 @@ class ASQQuantizer(UniformQuantizer):
         return self.adapter(x)
 
     def sample_step(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * beta`` shaped to broadcast over each sample of ``x``."""
-        beta = self.beta(x)
-        return (positive(self.step) * beta).view(-1, *([1] * (x.dim() - 1)))
+        """``s * beta`` shaped to broadcast over each sample of ``x``.
+
+        Deployed (eval mode, no autograd: :func:`~qcompiler.nn.exact.deployed`) the adapter (pooling,
+        both linear layers, tanh, exp) and the product run
+        in float64 and round once to ``x``'s dtype: onnxruntime sums the pooling and computes
+        tanh and exp in its own way, and float32 results would differ in the last bit, moving
+        every code of the sample near a tie; float64 differences almost never survive the
+        final rounding (the ONNX body does the same, :mod:`qcompiler.runtime.onnx_ops`).
+        """
+        if not exact.deployed(self):
+            beta = self.beta(x)
+            return (positive(self.step) * beta).view(-1, *([1] * (x.dim() - 1)))
+        weights = (w.detach().double() for w in self.adapter.weights())
+        beta = adapter_forward(pool(x.detach().double()), *weights)[0]
+        return (positive(self.step).double() * beta).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exact.deployed(self):
+            return self.frozen_forward(x, self.sample_step(x))
         kernel = kernels.usable(x, self.step.expand(x.shape[0], *([1] * (x.dim() - 1)))) if x.dim() >= 2 else None
         # float32 adapter weights too: the fused backward does their matmuls itself
         if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):

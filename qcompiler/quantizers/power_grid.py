@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, power_levels
+from ..nn import exact
+from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, largest_exponent, power_levels
 from .uniform import positive, positive_backward
 
 # The grid machinery lives in qcompiler.numerics; these names stay importable from here.
@@ -115,6 +116,12 @@ class PowerGridQuantizer(nn.Module):
         if kernel is not None:
             return _FusedPowerGrid.apply(w, self.alpha, grid_thresholds(self.bits, self.base), scale, kernel)
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)
+
+    @torch.no_grad()
+    def integer_weight(self, w: torch.Tensor) -> exact.IntegerWeight | None:
+        """``w`` as integers times a per-channel unit (POT), or None (POST has no integer form)."""
+        codes = self.codes(w)
+        return exact.integer_weight(self.grid, codes, positive(self.alpha.detach()), largest_exponent(codes))
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:

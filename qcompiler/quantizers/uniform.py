@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..nn import exact
 from ..numerics import int_range, quantize_codes, quantize_float, round_half_even
 
 __all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "positive_backward", "quantize_codes"]
@@ -202,12 +203,24 @@ class UniformQuantizer(nn.Module):
         return kernels.usable(x, self.step.view(-1, *([1] * (x.dim() - 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exact.deployed(self):
+            return self.frozen_forward(x, self._step_view(x))
         kernel = self._kernel(x)
         if kernel is not None:
             return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
         # Per-channel steps quantize weights: small, so keep the gradient factors.
         keep = self.step.dim() > 0
         return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
+
+    def frozen_forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Eval mode: ``clamp(round(x / step)) * step`` (three IEEE ops and a clamp, as the ONNX body),
+        tagged with its step for the layer reading it (:mod:`qcompiler.nn.exact`)."""
+        return exact.tag(quantize_float(x, step, self.qmin, self.qmax).mul_(step), step, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def integer_weight(self, w: torch.Tensor) -> exact.IntegerWeight:
+        """``w`` as integer codes times the per-channel step (the eval form of a layer)."""
+        return exact.integer_weight("uniform", self.codes(w), positive(self.step.detach()))
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor, narrow_dtype: bool = False) -> torch.Tensor:

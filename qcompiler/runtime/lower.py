@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
+from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
 from ..numerics import post_table
@@ -124,6 +125,7 @@ class _Lowering:
     values: dict[fx.Node, object] = field(default_factory=dict)
     quantizers: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
+    folded: set[str] = field(default_factory=set)  # batch norms a layer folds (exact.plan_layer)
 
     # ------------------------------------------------------------------ helpers
 
@@ -286,9 +288,34 @@ class _Lowering:
         per_out = np.abs(w_int).reshape(w_int.shape[0], -1).sum(1).astype(np.float64) * a_max
         attrs["acc_bound"] = int(per_out.max(initial=0))  # no result can exceed it: the overflow check may skip the scan
         self.emit(op, node.name, [src.buf], consts, attrs, node.name)
-        scale = per_channel(codes.scale.double() * src.step * unit, shape)
-        offset = per_channel(codes.bias, shape) if codes.bias is not None else np.zeros(())
+        channel, offset = self.deployed_constants(node, codes, src)
+        scale = per_channel(channel * src.step * unit, shape)
+        offset = per_channel(offset, shape) if offset is not None else np.zeros(())
         return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
+
+    def deployed_constants(self, node: fx.Node, codes: ir.WeightCodes, src: Grid) -> tuple[np.ndarray, np.ndarray | None]:
+        """The per-channel weight scale and the bias as the deployed module uses them, float64.
+
+        Where the module computes the layer on integer codes (:func:`exact.plan_layer`, decided
+        as in its float64 reference run), it folds the batch norm reading only this layer into
+        the scale and the bias, and with a scalar input step adds the bias in whole accumulator
+        steps; the batch norm then passes its input through here too.
+        """
+        scale = codes.scale.double().numpy()
+        bias = codes.bias.double().numpy() if codes.bias is not None else None
+        weight = exact.integer_weight(codes.grid, codes.codes, codes.scale, codes.max_exponent)
+        bn = exact.bn_link(self.gm.get_submodule(node.target))
+        step = src.step if src.factor is None else None
+        plan = exact.plan_layer(weight, codes.bias, bn, max(abs(src.qmin), abs(src.qmax)), step, torch.float64)
+        if plan is None:
+            return scale, bias
+        if bn is not None:
+            self.folded.add(next(iter(node.users)).name)
+        # the plan's unit is the folded scale times the grid's power of two (exact), as here
+        channel = plan.unit.double().numpy() * (scale / weight.unit.double().numpy())
+        if plan.int_bias is not None:
+            return channel, plan.int_bias.numpy() * (src.step * plan.unit.double().numpy())
+        return channel, plan.bias.double().numpy() if plan.bias is not None else None
 
     def power_weights(self, node: fx.Node, codes: ir.WeightCodes, wc: np.ndarray, a_max: int):
         """POT/POST codes as shifts (and POST's odd exponents as table look-ups) at one fixed-point scale.
@@ -374,6 +401,8 @@ class _Lowering:
         return replace(acc, lo=max(acc.lo, lo), hi=min(acc.hi, hi))
 
     def batchnorm(self, node: fx.Node, v: object, m: nn.modules.batchnorm._BatchNorm) -> Acc:
+        if node.name in self.folded:  # the layer before folded it, as the deployed module does
+            return v
         acc = self.acc(node, v)
         if acc.clamped:
             acc = self.materialize(acc, node)

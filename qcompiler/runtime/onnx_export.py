@@ -8,22 +8,28 @@ back to the IR dump (the names cost ~2 % of a 4-bit file). It reads only records
 (batch-norm statistics, pooling shapes), as the integer backend does, and re-derives
 nothing. Shapes are left to ONNX shape inference (no value_info).
 
-Custom form (docs/design.md §1, form 2):
+Custom form (docs/design.md §1, form 2). It computes what the deployed fake-quant module
+computes (eval mode, no autograd: :mod:`qcompiler.nn.exact`, docs/design.md §4.7), op for
+op, with the same float32 constants, so onnxruntime and PyTorch agree bit for bit:
 
 * activation quantizers are ``qcompiler.UniformQuantize`` / ``qcompiler.AsqQuantize``
-  (:mod:`.onnx_ops`), each with its step as an initializer;
-* uniform weights are INT4 (widths <= 4) or INT8 code initializers decoded by ``Cast``
-  and a per-channel ``Mul`` (onnxruntime folds both once, at session load; it leaves a
-  ``DequantizeLinear`` of constants alone, so that would decode on every run); a batch
-  norm reading only such a conv is folded into its per-channel step and a bias;
-  POT/POST weights are codes decoded by ``qcompiler.PowerGridDecode`` through a level
-  table (``Gather``, no ``Pow``, also folded at load);
-* other batch norms are ``BatchNormalization`` with two vectors of their own
-  (``alpha``, ``beta``) and a shared zero mean and unit variance;
+  (:mod:`.onnx_ops`), each with its step as an initializer; a uniform quantizer read only
+  by integer layers is ``qcompiler.UniformCodes`` (its codes, not times the step);
+* a quantized layer with an integer form (uniform, POT, POST; :func:`exact.plan_layer`)
+  convolves the input codes with integer weights, INT4 (widths <= 4) or INT8 code
+  initializers decoded by ``Cast`` (uniform) or a table (``qcompiler.PowerGridDecode``,
+  POT/POST; POST as an even and an odd convolution, ``acc_even + c * acc_odd``), which
+  onnxruntime folds once at load. The sums are exact in float32; the batch norm reading
+  only the layer is folded into the per-channel ``Mul`` by ``step * unit[c]``, the bias is
+  added before it in whole accumulator steps (a scalar input step) or after it (ASQ's
+  per-sample step, from ``qcompiler.AsqStep``);
+* a layer without one (a partial sum could reach 2^24) convolves dequantized weights, as
+  the module does there, and is listed in the file's metadata (:data:`FLOAT_LAYERS`);
+* other batch norms are ``Mul`` and ``Add`` with the module's two float32 vectors;
+  global average pooling is a ``ReduceMean`` in float64;
 * adder layers are one ``qcompiler.AdderConv2d`` per scale group, whose outputs are
   concatenated and put back in channel order;
-* everything else is a standard op computing what the fake-quant module computes in
-  float32, so the file's outputs match the module's up to float32 rounding order.
+* everything else is a standard op computing what the fake-quant module computes in float32.
 
 The file is opset 21, its batch size is dynamic, the same graph gives the same bytes,
 and :func:`save_onnx` writes it atomically (a temporary file, then ``os.replace``).
@@ -36,12 +42,11 @@ Example:
     ...                       qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(32, 4))
     >>> c.freeze(); model = to_onnx(c.module)
     >>> [n.op_type for n in model.graph.node]
-    ['UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Relu', 'UniformQuantize', 'Cast', 'Mul', 'Gemm', 'Identity']
+    ['UniformCodes', 'Cast', 'Gemm', 'Add', 'Mul', 'Relu', 'UniformCodes', 'Cast', 'Gemm', 'Add', 'Mul', 'Identity']
 """
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import tempfile
@@ -57,12 +62,14 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .. import ir
+from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
 from . import onnx_ops
 from .lower import _shape
 
 FORMATS = ("custom", "qdq")
+FLOAT_LAYERS = "qcompiler.float_layers"  # metadata: quantized layers without an exact integer form
 BATCH = "N"  # the dynamic batch dimension
 IR_VERSION = 10
 
@@ -80,6 +87,8 @@ class _Emitter:
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     used: set[str] = field(default_factory=set)  # custom ops the graph uses
     folded: set[str] = field(default_factory=set)  # batch norms folded into the layer before them
+    steps: dict[tuple[str, int], str] = field(default_factory=dict)  # (quantizer, rank) -> its step, broadcastable
+    inexact: list[str] = field(default_factory=list)  # quantized layers computed on dequantized floats
 
     # ------------------------------------------------------------------ helpers
 
@@ -115,17 +124,51 @@ class _Emitter:
         _positive(frozen.step, f"activation quantizer {node.name!r} step")
         step = self.init(f"{node.name}.step", np.float32(frozen.step))
         x = self.src(node)
-        if frozen.adapter is None:
-            self.custom("UniformQuantize", [x, step], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax)
-            return
-        a = frozen.adapter
-        if a.feature_axis != 1:  # AsqQuantize's body pools channels-first maps
+        if frozen.adapter is not None and frozen.adapter.feature_axis != 1:  # the ASQ ops pool channels-first maps
             raise UnsupportedError(f"onnx export: ASQ quantizer {node.name!r} pools over tokens (features on the last "
-                                   "axis), which the AsqQuantize op does not support yet")
-        ws = [self.init(f"{node.name}.{k}", getattr(a, k).detach().float().numpy())
-              for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
-        self.custom("AsqQuantize", [x, step, *ws], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax,
-                    beta_bound=float(a.beta_bound))
+                                   "axis), which the AsqQuantize and AsqStep ops do not support yet")
+        integer_users = [self.fmt == "custom" and self.integer_plan(u) is not None for u in node.users]
+        if not any(integer_users):
+            if frozen.adapter is None:
+                self.custom("UniformQuantize", [x, step], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax)
+            else:
+                a = frozen.adapter
+                ws = [self.init(f"{node.name}.{k}", getattr(a, k).detach().float().numpy())
+                      for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+                self.custom("AsqQuantize", [x, step, *ws], node.name, node.name, qmin=frozen.qmin, qmax=frozen.qmax,
+                            beta_bound=float(a.beta_bound))
+            return
+        # integer layers read the codes (under ASQ against the per-sample step, qcompiler.AsqStep);
+        # the values, codes times the step, only if another op reads them
+        s = self.grid_step(node, len(_shape(node)) + 1)
+        codes = self.custom("UniformCodes", [x, s], f"{node.name}.codes", f"{node.name}.codes",
+                            qmin=frozen.qmin, qmax=frozen.qmax)
+        if not all(integer_users):
+            self.node("Mul", [codes, s], node.name, node.name)
+
+    def grid_step(self, q: fx.Node, rank: int) -> str:
+        """The step of quantizer ``q``'s output, shaped to broadcast over a rank-``rank`` tensor.
+
+        A scalar for LSQ; ASQ's per-sample step ``(N, 1)`` (``AsqStep``, the adapter the
+        quantizer ran) reshaped to ``(N, 1, ..., 1)``. Emitted once per quantizer and rank.
+        """
+        frozen = ir.get(q, ir.STEP, ir.FrozenAct)
+        if frozen.adapter is None:
+            return f"{q.name}.step"
+        key = (q.name, rank)
+        if key not in self.steps:
+            sample = f"{q.name}.sample_step"
+            if (q.name, 2) not in self.steps:
+                a = frozen.adapter
+                ws = [self.init(f"{q.name}.{k}", getattr(a, k).detach().float().numpy())
+                      for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+                self.custom("AsqStep", [self.src(q), f"{q.name}.step", *ws], sample, sample,
+                            beta_bound=float(frozen.adapter.beta_bound))
+                self.steps[(q.name, 2)] = sample
+            if rank != 2:  # Unsqueeze, not Reshape: shape inference keeps the batch dimension N
+                axes = self.init(f"{sample}.axes{rank}", np.arange(2, rank, dtype=np.int64))
+                self.steps[key] = self.node("Unsqueeze", [sample, axes], f"{sample}{rank}", f"{sample}{rank}")
+        return self.steps[key]
 
     # ------------------------------------------------------------------ weights
 
@@ -172,8 +215,10 @@ class _Emitter:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         quantized = codes is not None and ir.FLOAT not in node.meta
-        if quantized and codes.grid == "uniform" and info.kind != "linear" and self.following_bn(node) is not None:
-            return self.folded_layer(node, info, codes)
+        if quantized and info.kind != "adder2d" and info.padding_mode == "zeros" and self.integer_layer(node, info, codes):
+            return
+        if quantized and info.kind != "adder2d" and self.fmt == "custom":
+            self.inexact.append(node.name)
         if info.kind == "adder2d":
             if not quantized or ir.ADDER_Q not in node.meta:
                 raise self.unsupported(node, "float adder layers have no ONNX form; quantize them (adder-groups, adder-shared)")
@@ -195,30 +240,85 @@ class _Emitter:
             return
         self.node("Conv", [x, w, *b], node.name, node.name, **_conv_attrs(info))
 
-    def folded_layer(self, node: fx.Node, info: ir.LayerInfo, codes: ir.WeightCodes) -> None:
-        """A uniform conv and the batch norm after it as one Conv: the codes times ``s_c * alpha_c``.
+    def integer_plan(self, node: fx.Node) -> tuple[ir.FrozenAct, exact.LayerPlan] | None:
+        """How the module computes ``node`` on integer codes when deployed (:func:`exact.frozen_layer`,
+        from the same record values and the same bounds), or None where it keeps the float formula."""
+        info, codes = ir.find(node, ir.LAYER, ir.LayerInfo), ir.find(node, ir.CODES, ir.WeightCodes)
+        if info is None or codes is None or ir.FLOAT in node.meta or info.kind == "adder2d" or info.padding_mode != "zeros":
+            return None
+        q = node.args[0]
+        frozen = ir.find(q, ir.STEP, ir.FrozenAct) if isinstance(q, fx.Node) else None
+        weight = exact.integer_weight(codes.grid, codes.codes, codes.scale, codes.max_exponent)
+        if frozen is None or weight is None:
+            return None
+        plan = _plan(self.gm, node, frozen, codes, weight)
+        return None if plan is None else (frozen, plan)
 
-        ``alpha = gamma / sqrt(var + eps)``; the bias is ``(b - mean) * alpha + beta``. One
-        vector per layer instead of the batch norm's four, and the convolution onnxruntime runs
-        anyway (its ConvBNFusion folds the same way). It rounds differently from the module's
-        conv-then-batch-norm in the last bit, like the convolution's own summation order.
+    def integer_layer(self, node: fx.Node, info: ir.LayerInfo, codes: ir.WeightCodes) -> bool:
+        """The layer on integer codes, as the deployed module computes it (:func:`exact.frozen_layer`).
+
+        The codes of the input (``UniformCodes``, or ``Round(x / step)`` under ASQ), the conv (or
+        Gemm) of the codes with the integer weights, exact in float32, then one ``Mul`` by
+        ``step * unit[c]``: after ``Add`` of the integer bias (a scalar step), or before ``Add``
+        of the float bias (ASQ). A batch norm reading only this layer is folded in, as the
+        module folds it. False (nothing emitted) where the module keeps the float formula.
         """
-        bn_node = next(iter(node.users))
-        bn = self.following_bn(node)
-        alpha = _bn_alpha(bn)
-        mean = bn.running_mean.double().numpy()
-        b = codes.bias.detach().double().numpy() if codes.bias is not None else 0.0
-        beta = bn.bias.detach().double().numpy() if bn.bias is not None else 0.0
-        scale = codes.scale.detach().double().numpy() * alpha
-        c = codes.codes.numpy().astype(np.int64)
+        found = self.integer_plan(node)
+        if found is None:
+            return False
+        q = node.args[0]
+        frozen, plan = found
+        weight = plan.weight
         _positive(codes.scale.detach().float().numpy(), f"layer {node.name!r} weight scale")
-        stored = self.init(f"{node.name}.codes", _int_codes(c, codes.bits))
-        s = self.init(f"{node.name}.scale", scale.astype(np.float32).reshape(-1, *([1] * (c.ndim - 1))))
-        exact = self.node("Cast", [stored], f"{node.name}.codes_f", f"{node.name}/cast", to=TensorProto.FLOAT)
-        w = self.node("Mul", [exact, s], f"{node.name}.weight", f"{node.name}/weight")
-        bias = self.init(f"{node.name}.bias", ((b - mean) * alpha + beta).astype(np.float32))
-        self.folded.add(bn_node.name)
-        self.node("Conv", [self.src(node), w, bias], bn_node.name, node.name, **_conv_attrs(info))
+        name, rank = node.name, len(_shape(node)) + 1
+        axis = rank - 1 if info.kind == "linear" else 1
+        out = name
+        if plan.bn is not None:
+            (bn_node,) = node.users
+            self.folded.add(bn_node.name)
+            out = bn_node.name
+        unit = exact.channel_view(plan.unit, rank, axis)[0].numpy()  # per-sample shape
+        step = self.grid_step(q, len(_shape(q)) + 1)
+        x = f"{q.name}.codes"  # UniformCodes, emitted by the quantizer
+        stored = self.init(f"{name}.codes", _int_codes(codes.codes.numpy().astype(np.int64), codes.bits))
+        accs = []
+        for part, which in zip(weight.parts(), ("", "_odd")):
+            if codes.grid == "uniform":
+                w = self.node("Cast", [stored], f"{name}.weight_int", f"{name}/cast", to=TensorProto.FLOAT)
+            else:  # POT/POST: the integers 2^(J-j) of each exponent part, decoded from the codes by a table
+                levels = max(abs(codes.qmin), abs(codes.qmax))
+                table = self.init(f"{name}.levels{which}", _integer_levels(codes.grid, levels, max(codes.max_exponent, 0), which == "_odd"))
+                if f"{name}.one" not in self.inits:
+                    self.init(f"{name}.one", np.ones([1] * part.dim(), np.float32))
+                w = self.custom("PowerGridDecode", [stored, table, f"{name}.one"], f"{name}.weight_int{which}",
+                                f"{name}/decode{which}", levels=levels)
+            part_acc = f"{name}.acc{which}"
+            if info.kind == "linear":
+                if len(info.input_shape) == 1:
+                    accs.append(self.node("Gemm", [x, w], part_acc, part_acc, transB=1))
+                else:
+                    wt = self.node("Transpose", [w], f"{name}.weight_t{which}", f"{name}/transpose{which}", perm=[1, 0])
+                    accs.append(self.node("MatMul", [x, wt], part_acc, part_acc))
+            else:
+                accs.append(self.node("Conv", [x, w], part_acc, part_acc, **_conv_attrs(info)))
+        acc = accs[0]
+        if weight.odd is not None:  # acc_even + c * acc_odd, as the module adds them
+            c = self.init(f"{name}.odd_factor", np.float32(weight.odd_factor))
+            odd = self.node("Mul", [accs[1], c], f"{name}.acc_odd_scaled", f"{name}/odd")
+            acc = self.node("Add", [acc, odd], f"{name}.acc_sum", f"{name}/sum")
+        if frozen.adapter is None:  # the module's scalar step times the unit: one float32 product
+            scale = self.init(f"{name}.scale", np.float32(frozen.step) * unit)
+        else:
+            scale = self.node("Mul", [step, self.init(f"{name}.unit", unit)], f"{name}.scale", f"{name}/scale")
+        if plan.int_bias is not None:  # exact: an integer sum below 2^24
+            int_bias = exact.channel_view(plan.int_bias.float(), rank, axis)[0].numpy()
+            acc = self.node("Add", [acc, self.init(f"{name}.bias", int_bias)], f"{name}.acc_biased", f"{name}/bias")
+        bias = plan.bias if plan.int_bias is None else None
+        y = self.node("Mul", [acc, scale], f"{name}.scaled" if bias is not None else out, f"{name}/scaled")
+        if bias is not None:
+            bias = exact.channel_view(bias, rank, axis)[0].numpy()
+            self.node("Add", [y, self.init(f"{name}.bias", bias)], out, f"{name}/bias")
+        return True
 
     def adder(self, node: fx.Node, info: ir.LayerInfo, codes: ir.WeightCodes) -> None:
         """One ``AdderConv2d`` per scale group, concatenated and put back in channel order."""
@@ -298,22 +398,15 @@ class _Emitter:
     def batchnorm(self, node: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> None:
         if m.training or m.running_mean is None:
             raise self.unsupported(node, "batch norm without running statistics (call .eval())")
-        # two vectors per layer instead of four: alpha = gamma / sqrt(var + eps) and
-        # beta = bias - mean * alpha, in float32 as PyTorch's CPU batch norm computes them in eval
-        # mode; the mean (zeros) and variance (ones, epsilon 0) are shared by every layer of a width,
-        # so BatchNormalization computes x * alpha + beta: (x - 0) / sqrt(1 + 0) is x exactly
-        c = m.num_features
-        gamma = m.weight.detach().float() if m.weight is not None else torch.ones(c)
-        bias = m.bias.detach().float() if m.bias is not None else torch.zeros(c)
-        alpha = gamma * (1.0 / torch.sqrt(m.running_var.float() + m.eps))
-        beta = bias - m.running_mean.float() * alpha
-        a = self.init(f"{node.name}.alpha", alpha.numpy())
-        b = self.init(f"{node.name}.beta", beta.numpy())
-        mean, var = f"batchnorm.zeros{c}", f"batchnorm.ones{c}"
-        if mean not in self.inits:
-            self.init(mean, np.zeros(c, np.float32))
-            self.init(var, np.ones(c, np.float32))
-        self.node("BatchNormalization", [self.src(node), a, b, mean, var], node.name, node.name, epsilon=0.0)
+        # x * alpha + beta as two ops with the module's float32 constants (exact.bn_affine), as
+        # the module computes batch norm in eval mode; deployment folds both into the conv before
+        # (onnxruntime's ConvMulFusion / ConvAddFusion)
+        alpha, beta = exact.bn_affine(m)
+        rank = len(_shape(node)) + 1
+        a = self.init(f"{node.name}.alpha", exact.channel_view(alpha, rank)[0].numpy())
+        b = self.init(f"{node.name}.beta", exact.channel_view(beta, rank)[0].numpy())
+        y = self.node("Mul", [self.src(node), a], f"{node.name}.scaled", f"{node.name}/scale")
+        self.node("Add", [y, b], node.name, node.name)
 
     def pool(self, node: fx.Node, op: str, kernel, stride, padding, dilation, ceil_mode, **extra) -> None:
         d = len(_shape(node)) - 1
@@ -330,12 +423,21 @@ class _Emitter:
         out = [output_size] * len(in_shape) if isinstance(output_size, int) else list(output_size)
         out = [i if o is None else o for o, i in zip(out, in_shape)]
         if all(o == 1 for o in out):
-            self.node("GlobalAveragePool", [self.src(node)], node.name, node.name)
+            self.global_pool(node)
             return
         if any(i % o for i, o in zip(in_shape, out)):
             raise self.unsupported(node, "adaptive average pooling whose output does not divide the input")
         kernel = [i // o for i, o in zip(in_shape, out)]
         self.pool(node, "AveragePool", kernel, kernel, 0, 1, False)
+
+    def global_pool(self, node: fx.Node) -> None:
+        """Global average pooling as the module computes it in eval mode (:func:`exact.global_mean`):
+        summed in float64, rounded once (a float32 sum's order would differ from PyTorch's)."""
+        rank, name = len(_shape(node)) + 1, node.name
+        wide = self.node("Cast", [self.src(node)], f"{name}.f64", f"{name}/widen", to=TensorProto.DOUBLE)
+        axes = self.init(f"{name}.axes", np.arange(2, rank, dtype=np.int64))
+        mean = self.node("ReduceMean", [wide, axes], f"{name}.mean", f"{name}/mean", keepdims=1)
+        self.node("Cast", [mean], name, name, to=TensorProto.FLOAT)
 
     def flatten(self, node: fx.Node, start: int, end: int) -> None:
         rank = len(_shape(node.args[0])) + 1
@@ -431,11 +533,22 @@ class _Emitter:
         functions = [onnx_ops.function_proto(op) for op in sorted(self.used)]
         if functions:
             opsets.append(helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION))
-        return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
-                                 producer_name="qcompiler", producer_version=str(onnx_ops.DOMAIN_VERSION))
+        model = helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
+                                  producer_name="qcompiler", producer_version=str(onnx_ops.DOMAIN_VERSION))
+        if self.inexact:  # layers computed on dequantized floats (no exact integer form): say which
+            helper.set_model_props(model, {FLOAT_LAYERS: ",".join(self.inexact)})
+        return model
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _plan(gm: fx.GraphModule, node: fx.Node, frozen: ir.FrozenAct, codes: ir.WeightCodes,
+          weight: exact.IntegerWeight) -> exact.LayerPlan | None:
+    """The deployed module's choices for ``node`` (:func:`exact.plan_layer`), from the records."""
+    bn = exact.bn_link(gm.get_submodule(node.target))
+    step = frozen.step if frozen.adapter is None else None  # ASQ: per-sample steps
+    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step)
 
 
 def _positive(v, what: str) -> None:
@@ -444,12 +557,6 @@ def _positive(v, what: str) -> None:
     if a.size and not (np.all(np.isfinite(a)) and np.all(a > 0)):
         bad = a[~(np.isfinite(a) & (a > 0))].flat[0]
         raise ExportError(f"{what} is {bad:g}; a quantizer step must be positive and finite (re-run freeze after training)")
-
-
-def _bn_alpha(m: nn.Module) -> np.ndarray:
-    """A batch norm's per-channel factor ``gamma / sqrt(var + eps)``, float64."""
-    gamma = m.weight.detach().double().numpy() if m.weight is not None else 1.0
-    return gamma / np.sqrt(m.running_var.double().numpy() + m.eps)
 
 
 def _code_dtype(bits: int):
@@ -475,6 +582,25 @@ def _signed_levels(codes: ir.WeightCodes, levels: int) -> np.ndarray:
         mags = np.ldexp(odd, -(k // 2))
     pos = mags.astype(np.float32)
     return np.concatenate([-pos[::-1], [np.float32(0)], pos]).astype(np.float32)
+
+
+def _integer_levels(grid: str, levels: int, top: int, odd: bool = False) -> np.ndarray:
+    """A table decoding power-grid codes to :func:`exact.integer_weight`'s integers, float32.
+
+    POT: ``table[levels + s*m] = s * 2^(top - k)``, ``k = m - 1``. POST (``k = 2j + r``): the
+    even part ``s * 2^(top//2 - j)`` where ``r = 0`` (else 0), the odd part likewise where ``r = 1``.
+
+    >>> _integer_levels("pot", 3, 2).tolist()
+    [-1.0, -2.0, -4.0, 0.0, 4.0, 2.0, 1.0]
+    >>> _integer_levels("post", 3, 2, odd=True).tolist()
+    [-0.0, -2.0, -0.0, 0.0, 0.0, 2.0, 0.0]
+    """
+    k = np.arange(levels, dtype=np.int64)
+    if grid == "pot":
+        pos = np.ldexp(1.0, np.maximum(top - k, 0)) * (k <= top)
+    else:
+        pos = np.ldexp(1.0, np.maximum(top // 2 - k // 2, 0)) * (k <= top) * ((k % 2 == 1) == odd)
+    return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
 
 
 def _conv_attrs(info: ir.LayerInfo, keep_defaults: bool = False) -> dict:
@@ -560,10 +686,11 @@ class OnnxParity:
                 f"{self.output_range:.3g}; classes agree {100 * self.classes_agree:.2f} % of {self.samples}")
 
 
-# onnxruntime rewrites that change float32 arithmetic, not the function: folding a batch norm
-# (or a constant Mul/Add) into the convolution's weights rounds differently from running it after
-# the convolution, and the NCHWc convolution kernels (chosen once the weights are constants) sum
-# in another order. Parity checks the file as written, so it runs without them; deployment keeps them.
+# onnxruntime rewrites that change float32 arithmetic, not the function: folding the per-channel
+# scale Mul (or a batch norm, or a constant Add) into the convolution's weights makes its inputs
+# non-integer, so its sums round, and the NCHWc kernels (chosen once the weights are constants)
+# sum in another order. Parity checks the file as written, so it runs without them; deployment
+# keeps them (bench/onnx_latency.py), and then differs from the module in the last bit.
 REASSOCIATING = ("ConvBNFusion", "ConvMulFusion", "ConvAddFusion", "NchwcTransformer")
 
 

@@ -16,14 +16,13 @@ bit wherever float32 arithmetic is the same.
 
 Example:
     >>> sorted(OPS)
-    ['AdderConv2d', 'AsqQuantize', 'PowerGridDecode', 'UniformQuantize']
+    ['AdderConv2d', 'AsqQuantize', 'AsqStep', 'PowerGridDecode', 'UniformCodes', 'UniformQuantize']
     >>> f = function_proto("UniformQuantize"); (f.domain, f.name, list(f.attribute))
     ('qcompiler', 'UniformQuantize', ['qmin', 'qmax'])
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
 
 from ..numerics import quantize_codes, round_half_even
+from ..quantizers.asq import BETA_BOUND
 
 DOMAIN = "qcompiler"
 DOMAIN_VERSION = 1
@@ -70,9 +70,16 @@ OPS: dict[str, CustomOp] = {
         CustomOp("UniformQuantize", ("x", "step"), ("y",),
                  (("qmin", Attr("int")), ("qmax", Attr("int"))),
                  "y = clip(round_half_even(x / step), qmin, qmax) * step  (LSQ; step a positive scalar)"),
+        CustomOp("UniformCodes", ("x", "step"), ("codes",),
+                 (("qmin", Attr("int")), ("qmax", Attr("int"))),
+                 "codes = clip(round_half_even(x / step), qmin, qmax), as floats (UniformQuantize before its multiply)"),
         CustomOp("AsqQuantize", ("x", "step", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), ("y",),
-                 (("qmin", Attr("int")), ("qmax", Attr("int")), ("beta_bound", Attr("float", False, math.log(8.0)))),
-                 "s_n = step * exp(L tanh(fc2(relu(fc1(mean_pos x_n))) / L)); y = clip(round(x / s_n), qmin, qmax) * s_n"),
+                 (("qmin", Attr("int")), ("qmax", Attr("int")), ("beta_bound", Attr("float", False, BETA_BOUND))),
+                 "s_n = step * exp(L tanh(fc2(relu(fc1(mean_pos x_n))) / L)) (float64, rounded once); "
+                 "y = clip(round(x / s_n), qmin, qmax) * s_n"),
+        CustomOp("AsqStep", ("x", "step", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), ("s",),
+                 (("beta_bound", Attr("float", False, BETA_BOUND)),),
+                 "s = step * exp(L tanh(fc2(relu(fc1(mean_pos x_n))) / L)), (N, 1): AsqQuantize's per-sample step"),
         CustomOp("PowerGridDecode", ("codes", "table", "alpha"), ("w",),
                  (("levels", Attr("int")),),
                  "w = table[codes + levels] * alpha  (POT/POST: table[levels + s*m] = s * base^-(m-1), table[levels] = 0)"),
@@ -126,15 +133,32 @@ def _uniform_quantize(b: _Body) -> None:
     b.op("Mul", codes, "step", out="y")
 
 
-def _asq_quantize(b: _Body) -> None:
+def _uniform_codes(b: _Body) -> None:
+    b.op("Identity", b.quantize("x", "step", b.attr_const("qmin", "int"), b.attr_const("qmax", "int")), out="codes")
+
+
+def _asq_step(b: _Body) -> str:
+    """The per-sample step ``(N, 1)``, as ``ASQQuantizer.sample_step`` in eval mode: the adapter in
+    float64 (onnxruntime's float32 pooling order, tanh and exp differ from PyTorch's in the last
+    bit; float64 differences almost never survive the one rounding to float32)."""
+    f64 = TensorProto.DOUBLE
     # pooled = mean over every position of each sample and channel, (N, C); a 2-D x is its own mean
-    x3 = b.op("Reshape", "x", b.const([0, 0, -1], np.int64))
+    x3 = b.op("Reshape", b.op("Cast", "x", to=f64), b.const([0, 0, -1], np.int64))
     pooled = b.op("ReduceMean", x3, b.const([2], np.int64), keepdims=0)
-    hidden = b.op("Relu", b.op("Gemm", pooled, "fc1_weight", "fc1_bias", transB=1))
-    z = b.op("Gemm", hidden, "fc2_weight", "fc2_bias", transB=1)  # (N, 1)
-    bound = b.attr_const("beta_bound", "float", as_float=False)
+    w1, b1, w2, b2 = (b.op("Cast", k, to=f64) for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
+    hidden = b.op("Relu", b.op("Gemm", pooled, w1, b1, transB=1))
+    z = b.op("Gemm", hidden, w2, b2, transB=1)  # (N, 1)
+    bound = b.op("Cast", b.attr_const("beta_bound", "float", as_float=False), to=f64)
     beta = b.op("Exp", b.op("Mul", bound, b.op("Tanh", b.op("Div", z, bound))))  # the same order as the module
-    step = b.op("Mul", "step", beta)  # (N, 1): one step per sample
+    return b.op("Cast", b.op("Mul", b.op("Cast", "step", to=f64), beta), to=TensorProto.FLOAT)
+
+
+def _asq_step_op(b: _Body) -> None:
+    b.op("Identity", _asq_step(b), out="s")
+
+
+def _asq_quantize(b: _Body) -> None:
+    step = _asq_step(b)  # (N, 1): one step per sample
     # x as (N, -1) against the (N, 1) step, and back: Reshape copies nothing, and (unlike a
     # step reshaped to x's rank, whose shape ops onnxruntime does not fold) it is three ops
     flat = b.op("Reshape", "x", b.const([0, -1], np.int64))
@@ -172,7 +196,9 @@ def _adder_conv2d(b: _Body) -> None:
 
 _BODIES: dict[str, Callable[[_Body], None]] = {
     "UniformQuantize": _uniform_quantize,
+    "UniformCodes": _uniform_codes,
     "AsqQuantize": _asq_quantize,
+    "AsqStep": _asq_step_op,
     "PowerGridDecode": _power_grid_decode,
     "AdderConv2d": _adder_conv2d,
 }
@@ -232,13 +258,22 @@ def _uniform_ref(x, step, qmin, qmax):
     return (quantize_codes(np.asarray(x, np.float32), np.float32(step), qmin, qmax) * np.float32(step)).astype(np.float32)
 
 
-def _asq_ref(x, step, fc1_weight, fc1_bias, fc2_weight, fc2_bias, qmin, qmax, beta_bound=math.log(8.0)):
-    x = np.asarray(x, np.float32)
+def _codes_ref(x, step, qmin, qmax):
+    return quantize_codes(np.asarray(x, np.float32), np.float32(step), qmin, qmax).astype(np.float32)
+
+
+def _asq_step_ref(x, step, fc1_weight, fc1_bias, fc2_weight, fc2_bias, beta_bound=BETA_BOUND):
+    x = np.asarray(x, np.float64)
     pooled = x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
-    hidden = np.maximum(pooled @ fc1_weight.T + fc1_bias, 0)
-    z = hidden @ fc2_weight.T + fc2_bias
-    bound = np.float32(beta_bound)
-    s = (np.float32(step) * np.exp(bound * np.tanh(z / bound))).astype(np.float32)
+    hidden = np.maximum(pooled @ np.float64(fc1_weight).T + np.float64(fc1_bias), 0)
+    z = hidden @ np.float64(fc2_weight).T + np.float64(fc2_bias)
+    bound = np.float64(np.float32(beta_bound))
+    return (np.float64(np.float32(step)) * np.exp(bound * np.tanh(z / bound))).astype(np.float32)
+
+
+def _asq_ref(x, step, fc1_weight, fc1_bias, fc2_weight, fc2_bias, qmin, qmax, beta_bound=BETA_BOUND):
+    x = np.asarray(x, np.float32)
+    s = _asq_step_ref(x, step, fc1_weight, fc1_bias, fc2_weight, fc2_bias, beta_bound)
     flat = x.reshape(x.shape[0], -1)
     codes = np.clip(round_half_even(flat / s), qmin, qmax)
     return (codes * s).reshape(x.shape).astype(np.float32)
@@ -261,7 +296,7 @@ def _adder_ref(x, step, w, qmax, kernel_shape, strides, pads, dilations):
 
 
 _REFERENCES: dict[str, Callable[..., np.ndarray]] = {
-    "UniformQuantize": _uniform_ref, "AsqQuantize": _asq_ref, "PowerGridDecode": _power_ref, "AdderConv2d": _adder_ref,
+    "UniformQuantize": _uniform_ref, "AsqQuantize": _asq_ref, "AsqStep": _asq_step_ref, "UniformCodes": _codes_ref, "PowerGridDecode": _power_ref, "AdderConv2d": _adder_ref,
 }
 
 

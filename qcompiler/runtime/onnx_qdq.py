@@ -20,14 +20,14 @@ grids and adder layers are refused with a one-line :class:`ExportError` naming t
 ``custom`` form. A quantizer narrower than its INT8/UINT8 type clips to its own range
 first (a float ``Clip``, which stops the fusion of the op before it, exact: ``round(clip(x, n s, p s) / s) = clamp(round(x / s), n, p)``).
 
-Where it differs from the fake-quant module: the graph as written, run unfused with a
-float bias, agrees with the module to float32 rounding (1e-7 of the output range on a
-trained ResNet-20), but QLinearConv adds the bias as INT32 on the accumulator's grid
-``s_x * s_w[c]`` (onnxruntime quantizes a float bias itself when it fuses), an error of
-up to half an accumulator step in every output, which moves values that lie that close
-to a tie of the next quantizer by one code. :func:`widen_codes` makes that grid finer
-where the INT8 weight codes leave room; what remains is a property of the integer
-kernel, not of the file (bench/results/onnx_parity.md has the class agreement).
+Where it differs from the fake-quant module: nowhere in its constants. The folded steps,
+the bias and its INT32 codes are the deployed module's (:func:`exact.plan_layer`: the
+bias in whole steps of the accumulator grid ``s_x * unit[c]``, which is what QLinearConv
+adds), carried onto the sign-folded, widened grid exactly (:func:`widen_codes` multiplies
+codes and bias codes by the same power of two). What remains is arithmetic inside
+onnxruntime's integer kernels: QLinearConv requantizes with its own float32 multiplier
+``s_x * s_w / s_y`` and QLinearAdd adds in its own way, so a value within an ulp of a tie
+can still get the other code (bench/results/onnx_parity.md has the class agreement).
 
 Example:
     >>> import qcompiler, torch
@@ -51,8 +51,9 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
+from ..nn import exact
 from ..numerics import round_half_even
-from .onnx_export import ExportError, _bn_alpha, _conv_attrs, _Emitter, _positive
+from .onnx_export import ExportError, _conv_attrs, _Emitter, _positive
 
 MAX_BITS = 8
 INT32 = np.iinfo(np.int32)
@@ -161,19 +162,27 @@ class _QdqEmitter(_Emitter):
         c = codes.codes.numpy().astype(np.int64)
         scale = codes.scale.detach().double().numpy()
         _positive(scale, f"layer {name!r} weight scale")
-        bias = codes.bias.detach().double().numpy() if codes.bias is not None else np.zeros(len(scale))
         out = name
-        bn = self.following_bn(node) if info.kind != "linear" else None
+        bn = exact.bn_link(self.gm.get_submodule(node.target)) if info.kind != "linear" else None
         if bn is not None:
             bn_node = next(iter(node.users))
-            inv = _bn_alpha(bn)
-            beta = bn.bias.detach().double().numpy() if bn.bias is not None else 0.0
-            bias = (bias - bn.running_mean.double().numpy()) * inv + beta
-            folded = fold_sign(c, scale, inv, -(2 ** (MAX_BITS - 1)))
-            c, scale = folded.codes, folded.scale
             self.folded.add(bn_node.name)
             out = bn_node.name
-        c, scale = widen_codes(c, scale)
+        # the module's folded unit and bias (exact.folded_constants) and its integer bias: the bias
+        # in whole steps of the accumulator grid s_x * unit[c], what QLinearConv adds as INT32
+        unit, folded_bias = exact.folded_constants(codes.scale, codes.bias, bn)
+        src = node.args[0]
+        frozen = ir.find(src, ir.STEP, ir.FrozenAct) if isinstance(src, fx.Node) else None
+        int_bias = exact.integer_bias(folded_bias, frozen.step, unit) if frozen is not None and frozen.adapter is None else None
+        unit64 = unit.double().numpy()
+        folded = fold_sign(c, unit64, np.ones_like(unit64), -(2 ** (MAX_BITS - 1)))
+        sign = np.sign(folded.scale) * np.sign(unit64)  # -1 where the codes were negated
+        c, scale = widen_codes(folded.codes, folded.scale)
+        ratio = folded.scale / scale  # 2^j per channel, exact
+        if int_bias is not None:  # the bias the module adds, as a float (for an unfused conv)
+            bias = int_bias.numpy() * (np.float32(frozen.step) * unit.numpy()).astype(np.float64)
+        else:
+            bias = folded_bias.double().numpy() if folded_bias is not None else np.zeros(len(unit64))
         scale32 = scale.astype(np.float32)
         stored = self.init(f"{name}.codes", c.astype(np.int8))
         s = self.init(f"{name}.scale", scale32)
@@ -184,6 +193,8 @@ class _QdqEmitter(_Emitter):
             # onnxruntime runs this conv in float (a Clip or a float op before the next
             # quantizer): a float bias then computes what the module does, an INT32 one would not
             b = [self.init(f"{name}.bias", bias.astype(np.float32))]
+        elif has_bias and int_bias is not None:  # the module's integer bias on the widened, sign-folded grid
+            b = self.bias_codes(node, int_bias.numpy() * sign * ratio, np.float32(frozen.step) * scale32)
         else:
             b = self.int_bias(node, bias, scale32) if has_bias else []
         x = self.src(node)
@@ -206,6 +217,14 @@ class _QdqEmitter(_Emitter):
                 return False
         return False
 
+    def bias_codes(self, node: fx.Node, q: np.ndarray, acc: np.ndarray) -> list[str]:
+        """INT32 bias codes ``q`` on the accumulator grid ``acc``, dequantized for the conv to read."""
+        if np.any(np.abs(q) > INT32.max):
+            raise self.refuse(node, "has a bias beyond INT32 codes on its accumulator grid")
+        codes = self.init(f"{node.name}.bias_codes", q.astype(np.int32))
+        s = self.init(f"{node.name}.bias_scale", acc.astype(np.float32))
+        return [self.node("DequantizeLinear", [codes, s], f"{node.name}.bias", f"{node.name}/bias", axis=0)]
+
     def int_bias(self, node: fx.Node, bias: np.ndarray, scale: np.ndarray) -> list[str]:
         """The bias as INT32 codes on the accumulator's grid ``s_x * s_w[c]`` (what QLinearConv adds).
 
@@ -216,12 +235,7 @@ class _QdqEmitter(_Emitter):
         if frozen is None:
             return [self.init(f"{node.name}.bias", bias.astype(np.float32))]
         acc = (np.float32(frozen.step) * scale).astype(np.float32)
-        q = round_half_even(bias / acc.astype(np.float64))
-        if np.any(np.abs(q) > INT32.max):
-            raise self.refuse(node, "has a bias beyond INT32 codes on its accumulator grid")
-        codes = self.init(f"{node.name}.bias_codes", q.astype(np.int32))
-        s = self.init(f"{node.name}.bias_scale", acc)
-        return [self.node("DequantizeLinear", [codes, s], f"{node.name}.bias", f"{node.name}/bias", axis=0)]
+        return self.bias_codes(node, round_half_even(bias / acc.astype(np.float64)), acc)
 
     def adder(self, node, info, codes) -> None:
         raise self.refuse(node, "is an adder layer (no standard integer kernel)")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompiler import numerics
-from qcompiler.quantizers.asq import adapter_forward
+from qcompiler.quantizers.asq import BETA_BOUND, adapter_forward
 from qcompiler.runtime.interpreter import Interpreter, sad_direct
 from qcompiler.runtime.isa import ISA, Instr, isa_table
 from qcompiler.runtime.program import Program
@@ -102,7 +102,7 @@ def test_asq_beta_equals_adapter_forward():
     w2, b2 = torch.randn(1, 4, generator=g, dtype=torch.float64), torch.randn(1, generator=g, dtype=torch.float64)
     x = np.random.default_rng(3).integers(0, 16, size=(5, 8, 3, 3))
     consts = {"w1": w1.numpy(), "b1": b1.numpy(), "w2": w2.numpy(), "b2": b2.numpy(), "s": np.array(0.1), "o": np.zeros(())}
-    got = run1("asq_beta", ["x"], consts, {"beta_bound": float(np.log(8.0)), "terms": [["x", None]], "clip": [None, None]}, {"x": x})
+    got = run1("asq_beta", ["x"], consts, {"beta_bound": BETA_BOUND, "terms": [["x", None]], "clip": [None, None]}, {"x": x})
     pooled = torch.from_numpy(x * 0.1).flatten(2).mean(-1)
     want = adapter_forward(pooled, w1, b1, w2, b2)[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-14)

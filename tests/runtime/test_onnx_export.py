@@ -35,20 +35,13 @@ SCHEMES = {
 }
 CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 
-# ORT's convolution (MLAS) and torch's (oneDNN) sum in different orders, so a conv output can
-# differ in its last bit. Where the exact value lies within ~1e-7 of a rounding tie of the next
-# quantizer, the two float32 runs round to different codes (the float64 module agrees with
-# neither more than with the other); on these seeds and shapes that happens here, one code of a
-# background value that the residual stream then carries (untrained models: batch norm is the
-# identity, so a background value sits at half the join quantizer's max-calibrated range, x/step =
-# 63.500001 against a step of max/127). Classes still agree on every sample; every other case
-# agrees to 1.2e-7 of the output range.
-# Whether such a case flips also depends on the process (run alone, resnet20 lsq 2-bit flips; after
-# the other cases it does not: torch's convolution picks its algorithm per process state), so a
-# NEAR_TIE case may pass; one outside the set must. Parity runs the file as written, without
-# onnxruntime's Conv+BatchNorm folding and NCHWc kernels (onnx_export.REASSOCIATING).
-NEAR_TIE = {("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
-            ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)}
+# Cases that missed 1e-4 before the module computed its layers on integer codes in eval mode
+# (qcompiler.nn.exact): ORT's convolution (MLAS) and torch's (oneDNN) summed float32 products in
+# different orders, and a value within an ulp of a quantizer's tie got a different code on each
+# side. Sums of integer codes are exact in any order, so these now agree bit for bit. Parity runs
+# the file as written, without onnxruntime's folding rewrites (onnx_export.REASSOCIATING).
+FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
+                   ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,11 +110,15 @@ def test_low_bit_weights_are_integer_codes():
 def test_parity_with_fake_quant_module(model, passes, bits):
     c = compiled(model, passes, bits)
     parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
-    assert parity.classes_agree == 1.0, parity.text()  # every case, the near-tie ones included
-    within = parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6)
-    if (model, passes, bits) in NEAR_TIE and not within:
-        pytest.xfail(f"one near-tie code (float32 conv summation order): {parity.text()}")
-    assert within, parity.text()
+    assert parity.classes_agree == 1.0, parity.text()
+    assert parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6), parity.text()
+
+
+@pytest.mark.parametrize("model,passes,bits", FORMER_NEAR_TIE)
+def test_former_near_ties_agree_bit_for_bit(model, passes, bits):
+    c = compiled(model, passes, bits)
+    parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
+    assert parity.max_abs_diff == 0.0, parity.text()
 
 
 def test_verify_onnx_api(tmp_path):
@@ -246,9 +243,6 @@ def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
 
 
 def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
-    # An untrained model's batch norms have zero bias, so QLinearConv's INT32 bias rounding
-    # (onnx_qdq's docstring) does not show here; on trained digits models the QDQ form agrees
-    # on 94.7-99.1 % of classes at 8 bits (bench/results/onnx_parity.md), short of 99.5 %.
     c = compiled("resnet20", "lsq", 8)
     m = to_onnx(c.module, "qdq")
     onnx.checker.check_model(m, full_check=True)
@@ -259,6 +253,35 @@ def test_qdq_lsq8_runs_on_integer_kernels_and_agrees(tmp_path):
     assert ops.get("QLinearAdd", 0) == 9 and "Conv" not in ops and "Add" not in ops, ops
     parity = onnx_parity(c, m, load_digits().x_test)
     assert parity.classes_agree >= 0.995, parity.text()
+
+
+def test_qdq_int32_bias_is_the_modules_integer_bias():
+    """Batch norms with a bias (as after training): QLinearConv adds the folded bias as INT32 on the
+    accumulator grid, and the deployed module adds the same integers (exact.integer_bias)."""
+    import copy
+
+    c = copy.copy(compiled("resnet20", "lsq", 8))
+    c.module = copy.deepcopy(c.module)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in c.module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+    c.freeze()
+    parity = onnx_parity(c, to_onnx(c.module, "qdq"), load_digits().x_test)
+    assert parity.classes_agree == 1.0 and parity.relative <= 1e-4, parity.text()
+
+
+def test_float_formula_layers_are_listed_in_the_metadata():
+    from qcompiler.runtime.onnx_export import FLOAT_LAYERS
+
+    plain = to_onnx(compiled("resnet20", "lsq", 4).module)
+    assert FLOAT_LAYERS not in {p.key for p in plain.metadata_props}  # every layer on integer codes
+    c = compiled("resnet20", "lsq,pot", 8)  # large exponents: 2^(K-k) past the 2^24 bound
+    listed = {p.key: p.value for p in to_onnx(c.module).metadata_props}.get(FLOAT_LAYERS, "")
+    layers = {n.name for n in ir.compute_layers(c.module)}
+    assert listed and set(listed.split(",")) <= layers
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -1,0 +1,365 @@
+"""Eval-mode numerics that the ONNX file reproduces bit for bit (docs/design.md §4.7).
+
+In training the fake-quant module computes as fast as it can (fused kernels, float
+convolutions on dequantized values). In eval mode without autograd (:func:`deployed`:
+``model.eval()`` under ``torch.no_grad()``) it computes the deployed model, in
+a form whose every float32 rounding is one IEEE operation that maps 1:1 to an ONNX op
+with the same constants, so onnxruntime and PyTorch give identical values:
+
+* a quantized layer convolves the **integer codes** of its input with the integer form
+  of its weights (:func:`integer_weight`). Float32 sums of integers are exact, in any
+  summation order, while every partial sum stays below 2^24 (:func:`exact_in`), so
+  oneDNN and MLAS agree; one multiply by the per-channel scale ``step * unit[c]``
+  follows, then the bias. A layer whose bound reaches 2^24 (or a POST grid, whose
+  levels are not integers) keeps the float formula and is reported (``exact=False``);
+* batch norm is ``x * alpha + beta``, two ops with float32 constants from
+  :func:`bn_affine` (PyTorch's kernel computes its own constants, may fuse the two, and
+  onnxruntime's BatchNormalization rounds its own way);
+* global average pooling sums in float64 (exact for grid values) and rounds once.
+
+A quantizer's eval output carries its step (:func:`tag`/:func:`grid_of`), since the
+layer reading it needs the step to recover the codes and ASQ's step is per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..numerics import POST_MANTISSA, POST_SHIFT
+
+F32_EXACT = 2**24  # float32 holds every integer below this exactly
+F64_EXACT = 2**53
+
+_GRID = "_qc_grid"
+POST_FACTOR = POST_MANTISSA * 2.0**-POST_SHIFT  # float32's 1/sqrt 2, exactly
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What an activation quantizer's eval output is: integer codes times ``step``.
+
+    ``step`` is a scalar, or one per sample shaped to broadcast over the output (ASQ);
+    ``bound`` is the largest code magnitude, ``max(|qmin|, |qmax|)``.
+    """
+
+    step: torch.Tensor
+    bound: int
+
+
+def deployed(module: nn.Module) -> bool:
+    """Whether ``module`` computes the deployed numerics: eval mode without autograd.
+
+    With gradients enabled an eval-mode module keeps the differentiable training formulas
+    (straight-through gradients), which agree with these up to float32 rounding order.
+    """
+    return not module.training and not torch.is_grad_enabled()
+
+
+def tag(y: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Mark ``y`` (a quantizer's eval output) as codes times ``step`` for the layer that reads it."""
+    setattr(y, _GRID, Grid(step, max(abs(qmin), abs(qmax))))
+    return y
+
+
+def grid_of(x: torch.Tensor) -> Grid | None:
+    return getattr(x, _GRID, None)
+
+
+@dataclass(frozen=True)
+class IntegerWeight:
+    """A layer's weight as ``(ints + odd_factor * odd) * unit[c]``: integers (int64), a per-output-channel
+    float32 unit, and for POST the odd exponents' integers and float32's ``1/sqrt 2``."""
+
+    ints: torch.Tensor
+    unit: torch.Tensor
+    odd: torch.Tensor | None = None
+    odd_factor: float = 0.0
+
+    def parts(self) -> list[torch.Tensor]:
+        return [self.ints] if self.odd is None else [self.ints, self.odd]
+
+
+def integer_weight(grid: str, codes: torch.Tensor, scale: torch.Tensor, max_exponent: int = -1) -> IntegerWeight | None:
+    """The integer form of a weight on ``grid`` from its codes and per-channel scale (None: no form).
+
+    Uniform: the codes times the step. POT: ``sign * 2^-k = sign * 2^(K - k) * 2^-K`` with ``K``
+    the largest exponent used (``ldexp`` of a float32 scale is exact). POST, ``k = 2j + r``:
+    ``sign * 2^(J - j) * 2^-J`` times float32's ``1/sqrt 2`` for odd ``k``, so the layer sums the
+    even and the odd exponents as two exact integer convolutions, ``acc_even + c * acc_odd``.
+
+    >>> w = integer_weight("pot", torch.tensor([[1, -3, 0]]), torch.tensor([0.5]), 2)
+    >>> w.ints.tolist(), w.unit.tolist()
+    ([[4, -1, 0]], [0.125])
+    >>> w = integer_weight("post", torch.tensor([[1, -2, 3, 0]]), torch.tensor([1.0]), 2)
+    >>> w.ints.tolist(), w.odd.tolist(), w.unit.tolist()
+    ([[2, 0, 1, 0]], [[0, -2, 0, 0]], [0.5])
+    """
+    codes = codes.to(torch.int64)
+    scale = scale.detach().to(torch.float32)
+    if grid == "uniform":
+        return IntegerWeight(codes, scale)
+    if grid not in ("pot", "post"):
+        return None
+    top = max(max_exponent, 0)
+    k = (codes.abs() - 1).clamp_min(0)
+    sign = torch.sign(codes)
+    if grid == "pot":
+        return IntegerWeight(sign * torch.pow(2, top - k), torch.ldexp(scale, torch.tensor(-top)).to(torch.float32))
+    top_j = top // 2
+    mag = sign * torch.pow(2, top_j - k // 2)
+    odd = (k % 2 == 1) & (sign != 0)
+    unit = torch.ldexp(scale, torch.tensor(-top_j)).to(torch.float32)
+    return IntegerWeight(torch.where(odd, 0, mag), unit, torch.where(odd, mag, 0), POST_FACTOR)
+
+
+def exact_in(dtype: torch.dtype, x_bound: int, ints: torch.Tensor) -> bool:
+    """Whether every partial sum of ``x * ints`` (``|x| <= x_bound``) is an integer ``dtype`` holds exactly.
+
+    The bound holds for any summation order: ``max_c sum_k |ints[c, k]| * x_bound``.
+
+    >>> exact_in(torch.float32, 255, torch.full((4, 9), 127)), exact_in(torch.float32, 255, torch.full((4, 600), 127))
+    (True, False)
+    """
+    limit = F32_EXACT if dtype == torch.float32 else F64_EXACT
+    per_channel = ints.abs().reshape(ints.shape[0], -1).sum(1).max() if ints.numel() else torch.tensor(0)
+    return int(per_channel) * x_bound < limit
+
+
+def channel_view(v: torch.Tensor, rank: int, axis: int = 1) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast along ``axis`` of a rank-``rank`` tensor."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def integer_layer(x: torch.Tensor, grid: Grid, weight: IntegerWeight, op, bias: torch.Tensor | None,
+                  channel_axis: int = 1, int_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``op(codes, ints) * (step * unit) + bias``: the codes recovered exactly, an exact sum, one scale.
+
+    With ``int_bias`` (:func:`integer_bias`) the bias is added to the exact sum instead,
+    ``(acc + int_bias) * (step * unit)``: one rounding in all.
+
+    ``round(x / step)`` gives back the codes exactly: ``x = fl(c * step)`` is within a relative
+    2^-24 of ``c * step``, far from a half for codes below 2^16.
+    """
+    codes = torch.round(x / grid.step)
+    acc = op(codes, weight.ints.to(x.dtype))
+    if weight.odd is not None:  # POST: one rounding for the odd exponents' factor, one for the sum
+        acc = acc + op(codes, weight.odd.to(x.dtype)) * torch.tensor(weight.odd_factor, dtype=x.dtype)
+    axis = channel_axis % acc.dim()
+    scale = grid.step * channel_view(weight.unit.to(x.dtype), acc.dim(), axis)
+    if int_bias is not None:
+        return (acc + channel_view(int_bias.to(x.dtype), acc.dim(), axis)) * scale
+    y = acc * scale
+    return y if bias is None else y + channel_view(bias.to(x.dtype), acc.dim(), channel_axis % acc.dim())
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How a deployed quantized layer computes on integer codes; one decision for the module,
+    the ONNX file and the integer program (:func:`plan_layer`)."""
+
+    weight: IntegerWeight
+    bn: nn.Module | None  # the batch norm folded in
+    unit: torch.Tensor  # per channel, float32, the batch norm folded in
+    bias: torch.Tensor | None  # float32, the batch norm folded in
+    int_bias: torch.Tensor | None  # the bias in accumulator steps (scalar input steps), float64 integers
+
+
+def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.Module | None, x_bound: int,
+               step: torch.Tensor | float | None, dtype: torch.dtype = torch.float32) -> LayerPlan | None:
+    """The integer form of a layer: its weight, folded constants and integer bias, or None where
+    it has none or it would not be exact in ``dtype`` (the layer keeps the float formula).
+
+    ``step`` is the input quantizer's scalar step, None for ASQ's per-sample steps (whose
+    layers add a float bias after the scale).
+    """
+    if weight is None:
+        return None
+    unit, folded_bias = folded_constants(weight.unit, bias, bn)
+    int_bias = integer_bias(folded_bias, step, unit) if step is not None else None
+    if not exact_layer(weight, x_bound, int_bias, dtype):
+        return None
+    return LayerPlan(weight, bn, unit, folded_bias, int_bias)
+
+
+def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -> torch.Tensor | None:
+    """A quantized layer's eval output (its batch norm folded in, :func:`linked_bn`), or None.
+
+    On integer codes where it has an exact form; None (the caller keeps the float formula) when
+    the input is not a quantizer's output, the weight grid has no integer form, or a partial sum
+    could reach 2^24 (:func:`exact_in`). A folded batch norm is applied here in every case.
+    """
+    bn = linked_bn(layer)
+    grid = grid_of(x)
+    plan = None
+    if grid is not None:
+        weight = layer.weight_quant.integer_weight(layer.weight.detach())
+        step = grid.step if grid.step.dim() == 0 else None
+        plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype)
+    if plan is None:
+        if bn is None:
+            return None
+        y = op(x, layer.weight_quant(layer.weight))  # the float formula, then the batch norm as two ops
+        return batchnorm(y if layer.bias is None else y + channel_view(layer.bias, y.dim(), channel_axis % y.dim()), bn)
+    return integer_layer(x, grid, replace(plan.weight, unit=plan.unit), op, plan.bias, channel_axis, plan.int_bias)
+
+
+def folded_constants(unit: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None):
+    """A layer's per-channel unit and bias with the batch norm after it folded in, float32.
+
+    ``unit * alpha`` and ``(bias - mean) * alpha + beta``, each computed in float64 and rounded
+    once (``alpha = gamma / sqrt(var + eps)``); without a batch norm, the layer's own.
+    """
+    if bn is None:
+        return unit, bias
+    alpha, beta = bn_affine(bn, torch.float64)
+    b = beta if bias is None else bias.detach().double() * alpha + beta
+    return (unit.double() * alpha).to(torch.float32), b.to(torch.float32)
+
+
+def bn_link(layer: nn.Module) -> nn.Module | None:
+    """The batch norm that ``layer`` folds into its deployed output (:func:`use_exact_eval`), if any.
+
+    What the backends read, whatever the mode now; :func:`linked_bn` is the runtime check."""
+    link = getattr(layer, "_qc_bn", None)
+    return None if link is None else link[0]
+
+
+def linked_bn(layer: nn.Module) -> nn.Module | None:
+    """:func:`bn_link` when ``layer`` and its batch norm both compute the deployed numerics now."""
+    bn = bn_link(layer)
+    return bn if bn is not None and deployed(layer) and deployed(bn) else None
+
+
+def integer_bias(bias: torch.Tensor | None, step: torch.Tensor | float, unit: torch.Tensor) -> torch.Tensor | None:
+    """The bias in whole accumulator steps, ``round(bias / (step * unit[c]))``, as float64 integers, or None.
+
+    What an integer deployment adds to its accumulator (an INT32 bias, as onnxruntime's
+    QLinearConv does), so the module, the custom and QDQ files and the integer program all
+    round the bias the same way. The accumulator step is the float32 product the layer
+    scales by; None without a bias, with a per-sample (ASQ) step, or where a step is zero.
+    """
+    if bias is None or (isinstance(step, torch.Tensor) and step.dim() != 0):
+        return None
+    scale = torch.as_tensor(step, dtype=torch.float32).reshape(()) * unit.to(torch.float32)
+    if not bool(torch.all(scale != 0)):
+        return None
+    return torch.round(bias.detach().double() / scale.double())
+
+
+def exact_layer(weight: IntegerWeight | None, x_bound: int, int_bias: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the layer has an exact integer form: every part's partial sums, plus the integer
+    bias, below ``dtype``'s exact-integer limit (:func:`exact_in`)."""
+    if weight is None or not all(exact_in(dtype, x_bound, part) for part in weight.parts()):
+        return False
+    if int_bias is None:
+        return True
+    limit = F32_EXACT if dtype == torch.float32 else F64_EXACT
+    per_channel = sum(part.abs().reshape(part.shape[0], -1).sum(1) for part in weight.parts()) * x_bound
+    return bool(torch.all(per_channel.double() + int_bias.abs() < limit))
+
+
+def batchnorm(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Eval-mode batch norm as two ops, ``x * alpha + beta`` (:func:`bn_affine`)."""
+    alpha, beta = bn_affine(bn, x.dtype)
+    return x * channel_view(alpha, x.dim()) + channel_view(beta, x.dim())
+
+
+def bn_affine(m: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm as ``x * alpha + beta``: the two vectors, computed in float64, rounded once to ``dtype``."""
+    var, mean = m.running_var.double(), m.running_mean.double()
+    alpha = 1.0 / torch.sqrt(var + m.eps)
+    if m.weight is not None:
+        alpha = m.weight.detach().double() * alpha
+    beta = -mean * alpha + (m.bias.detach().double() if m.bias is not None else 0.0)
+    return alpha.to(dtype), beta.to(dtype)
+
+
+class _ExactBatchNorm:
+    """Eval mode: ``x * alpha + beta`` as two ops (:func:`bn_affine`); training: the float layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not deployed(self) or self.running_mean is None:
+            return super().forward(x)
+        link = getattr(self, "_qc_layer", None)
+        if link is not None and linked_bn(link[0]) is self:
+            return x  # the layer before applied it
+        return batchnorm(x, self)
+
+
+class ExactBatchNorm1d(_ExactBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class ExactBatchNorm2d(_ExactBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over every axis after the channel, keeping them: summed in float64, rounded once.
+
+    Grid values (codes times one step) sum exactly in float64, in any order.
+    """
+    dims = tuple(range(2, x.dim()))
+    return x.double().mean(dim=dims, keepdim=True).to(x.dtype)
+
+
+class _ExactGlobalPool:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.output_size if isinstance(self.output_size, (tuple, list)) else (self.output_size,)
+        if not deployed(self) or any(s != 1 for s in size):
+            return super().forward(x)
+        return global_mean(x)
+
+
+class ExactAdaptiveAvgPool1d(_ExactGlobalPool, nn.AdaptiveAvgPool1d):
+    pass
+
+
+class ExactAdaptiveAvgPool2d(_ExactGlobalPool, nn.AdaptiveAvgPool2d):
+    pass
+
+
+_EXACT = {nn.BatchNorm1d: ExactBatchNorm1d, nn.BatchNorm2d: ExactBatchNorm2d,
+          nn.AdaptiveAvgPool1d: ExactAdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: ExactAdaptiveAvgPool2d}
+
+
+def use_exact_eval(gm: nn.Module) -> nn.Module:
+    """Give every batch norm and adaptive average pool of ``gm`` the eval numerics above.
+
+    Each such submodule is replaced by an instance of a subclass that shares its parameters
+    and buffers (the state dict and ``isinstance`` checks are unchanged, and the model the
+    caller traced keeps its own modules); training mode computes as before. A batch norm
+    that alone reads a quantized layer is linked to it: in eval mode the layer folds it into
+    its per-channel scale and bias (:func:`folded_constants`) and the batch norm passes its
+    input through. The links are plain attributes (tuples, so no submodule is registered).
+    """
+    for name, m in list(gm.named_modules()):
+        cls = _EXACT.get(type(m))
+        if cls is None or not name:
+            continue
+        q = cls.__new__(cls)
+        q.__dict__.update(vars(m))
+        q._parameters, q._buffers, q._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+        parent, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
+    graph = getattr(gm, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        bn = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _ExactBatchNorm) or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        layer = gm.get_submodule(src.target) if src.op == "call_module" else None
+        if layer is not None and hasattr(layer, "weight_quant") and len(src.users) == 1 and bn.running_mean is not None:
+            layer._qc_bn, bn._qc_layer = (bn,), (layer,)
+    return gm
+
+
+__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "integer_layer",
+           "integer_weight", "tag", "use_exact_eval"]
