@@ -11,26 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .saved import recomputed
+
 
 class QConv1d(nn.Conv1d):
     """``nn.Conv1d`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        w = self.weight_quant(self.weight)
+        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
+            return self._conv_forward(x, w, self.bias)
 
 
 class QConv2d(nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        w = self.weight_quant(self.weight)
+        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
+            return self._conv_forward(x, w, self.bias)
 
 
 class QLinear(nn.Linear):
     """``nn.Linear`` computing with ``weight_quant(weight)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.bias)
+        w = self.weight_quant(self.weight)
+        with recomputed(self):
+            return F.linear(x, w, self.bias)
 
 
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
