@@ -119,9 +119,35 @@ def _hooks() -> Iterator[None]:
         yield
 
 
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _batch_norm_values(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
+    # batch statistics, as a training batch norm computes its output (running statistics only get updated)
+    return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+
+def _remember_batch_norm_output(bn: torch.nn.Module, inputs: tuple, out: Any) -> None:
+    if isinstance(out, torch.Tensor) and bn.training and active(bn) and not getattr(_local, "disabled", 0):
+        remember(out, _batch_norm_values, inputs[0], bn.weight, bn.bias, bn.eps)
+
+
+def recompute_output(bn: torch.nn.Module) -> None:
+    """Let a quantizer reading this batch norm's output save a recipe for it instead of the output.
+
+    A residual join's quantizer keeps its input (a batch norm's output, which nothing
+    else keeps) for its gradients; in training the batch norm keeps its own input,
+    so backward can run the batch norm again on it (same op, same batch statistics,
+    same bits). Only plain ``BatchNorm1d/2d/3d``: a ``SyncBatchNorm`` would need its
+    collectives again.
+    """
+    if type(bn) in _BATCH_NORMS and _remember_batch_norm_output not in bn._forward_hooks.values():
+        bn.register_forward_hook(_remember_batch_norm_output)
+
+
 def recomputed(module: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Context for a layer's compute op (or a quantizer's): remembered tensors it saves are recomputed in backward."""
     return _hooks() if active(module) else contextlib.nullcontext()
 
 
-__all__ = ["active", "disabled", "recomputed", "remember"]
+__all__ = ["active", "disabled", "recompute_output", "recomputed", "remember"]
