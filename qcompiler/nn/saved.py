@@ -52,14 +52,20 @@ def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> 
     argument that is itself remembered (a quantizer reading another's output) is
     kept as its recipe, so the chain holds only the first quantizer's input.
     """
-    args = tuple(_Recipe(a.__dict__[_RECIPE], None) if _remembered(a) else a for a in args)
+    if _tracing():  # graphs (jit, ONNX, torch.compile) get plain tensors
+        return out
+    args = tuple(_Recipe(r, None) if (r := _recipe_of(a)) is not None else a for a in args)
     versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-    setattr(out, _RECIPE, (fn, args, versions))
+    # out's own version too: changed in place later (an inplace ReLU on a batch norm's
+    # output), out no longer equals the recipe, and is saved as it is
+    setattr(out, _RECIPE, (fn, args, versions, out._version))
     return out
 
 
-def _remembered(a: Any) -> bool:
-    return isinstance(a, torch.Tensor) and _RECIPE in getattr(a, "__dict__", ())
+def _recipe_of(t: Any) -> tuple | None:
+    """The recipe remembered for ``t``, if it still describes ``t`` (not changed in place since)."""
+    recipe = getattr(t, _RECIPE, None) if isinstance(t, torch.Tensor) else None
+    return recipe if recipe is not None and recipe[3] == t._version else None
 
 
 class _Recipe:
@@ -68,7 +74,7 @@ class _Recipe:
     __slots__ = ("fn", "args", "versions", "view")
 
     def __init__(self, recipe: tuple, view: tuple | None) -> None:
-        self.fn, self.args, self.versions = recipe
+        self.fn, self.args, self.versions, _ = recipe
         self.view = view  # (size, stride, storage_offset) when the saved tensor is a view of the remembered one
 
     def run(self) -> torch.Tensor:
@@ -87,12 +93,12 @@ class _Recipe:
 def _pack(t: torch.Tensor) -> Any:
     if getattr(_local, "disabled", 0):
         return t
-    recipe = getattr(t, _RECIPE, None)
+    recipe = _recipe_of(t)
     if recipe is not None:
         return _Recipe(recipe, None)
     base = t._base
     if base is not None and t.dtype == base.dtype:  # e.g. F.linear saves weight.t()
-        recipe = getattr(base, _RECIPE, None)
+        recipe = _recipe_of(base)
         if recipe is not None:
             return _Recipe(recipe, (t.size(), t.stride(), t.storage_offset()))
     return t
@@ -102,15 +108,13 @@ def _unpack(packed: Any) -> torch.Tensor:
     return packed.run() if isinstance(packed, _Recipe) else packed
 
 
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 def active(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward is a training forward that autograd records (not eval, tracing or export)."""
-    return (
-        module.training
-        and torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
-    )
+    return module.training and torch.is_grad_enabled() and not _tracing()
 
 
 @contextlib.contextmanager

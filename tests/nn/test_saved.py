@@ -127,3 +127,27 @@ def test_linear_saves_a_view_of_the_quantized_weight_as_a_recipe():
     with saved.disabled():
         layer(x).sum().backward()
     assert torch.equal(grad, x.grad)
+
+
+def test_a_remembered_tensor_changed_in_place_is_saved_as_it_is():
+    bn = torch.nn.BatchNorm2d(2).train()
+    saved.recompute_output(bn)
+    q = UniformQuantizer(4, signed=True).train()
+    q.init_from(torch.randn(8))
+    x = torch.randn(2, 2, 3, 3, requires_grad=True)
+
+    def grads(in_place: bool):
+        x.grad = None
+        h = bn(x)
+        if in_place:
+            h.mul_(3.0)  # h is no longer the batch norm's output: its recipe must not be used
+        (q(h) * torch.arange(h.numel()).view(h.shape)).sum().backward()
+        return x.grad.clone(), q.step.grad.clone()
+
+    for in_place in (False, True):
+        q.step.grad = None
+        got = grads(in_place)
+        q.step.grad = None
+        with saved.disabled():
+            want = grads(in_place)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
