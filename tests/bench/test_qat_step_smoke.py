@@ -6,7 +6,7 @@ The 1.3x target is not asserted here (timings on a shared machine are noisy);
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import re
 import sys
@@ -18,11 +18,15 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "qat_step.py"
 
 
 def test_qat_step_bench_runs_and_reports_ratios(capsys):
-    spec = importlib.util.spec_from_file_location("bench_qat_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1"]) == 0
+    # imported by its own name from bench/ on sys.path: the memory measurement's spawned
+    # processes unpickle its functions by module name (a file-location import under another
+    # name made each worker fail to find it, and the pool wait forever)
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        module = importlib.import_module(BENCH.stem)
+        assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1"]) == 0
+    finally:
+        sys.path.remove(str(BENCH.parent))
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^(float|LSQ 4-bit|ASQ\+POST 4-bit|ASQ\+POST, eager)\s+[0-9.]+\s+([0-9.]+)$", out, re.MULTILINE))
     expected = {"float", "LSQ 4-bit", "ASQ+POST 4-bit"} | ({"ASQ+POST, eager"} if kernels.fused() else set())
