@@ -15,6 +15,14 @@ Peak memory (issue 16, target <= 1.3x float): each model's step runs in a fresh 
 after two warm-up steps the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)
 and the step's memory is the peak over three steps minus the resident size before them:
 activations saved for backward, gradients and the quantizers' temporaries.
+
+It is measured twice. "Held": glibc's mmap threshold is pinned at its initial 128 KiB
+(``mallopt(M_MMAP_THRESHOLD)``), so every tensor block is its own mapping and is returned
+when freed: the peak RSS is the peak of what the step holds; the target applies to this.
+"glibc default": glibc raises that threshold after the first large free, so tensors then
+come from the heap and freed blocks stay resident behind live ones; the peak then
+includes that retention, which depends on the order of frees and moves by tens of MiB
+between identical runs (float 62-90 MiB measured on one machine).
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import ctypes
 import gc
 import statistics
 import subprocess
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +80,17 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _step_memory(name: str, size: int, batch: int, threads: int) -> int:
-    """Bytes a training step adds at its peak over what is resident before it (run in a fresh process)."""
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also stops the dynamic raise
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
+
+
+def _step_memory(name: str, size: int, batch: int, threads: int, held: bool = True) -> int:
+    """Bytes a training step adds at its peak over what is resident before it (run in a fresh process).
+
+    ``held``: pin glibc's mmap threshold first, so freed tensors leave the RSS (see the module doc).
+    """
+    if held:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     torch.set_num_threads(threads)
     model = _build(name, size)
     torch.manual_seed(1)
@@ -90,12 +107,16 @@ def _step_memory(name: str, size: int, batch: int, threads: int) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
-def memory_ratios(size: int, batch: int, threads: int) -> dict[str, tuple[int, float]]:
-    """Peak step memory of each model and its ratio to float's, each measured in a fresh interpreter."""
+def memory_ratios(size: int, batch: int, threads: int, held: bool = True) -> dict[str, tuple[int, float]]:
+    """Peak step memory of each model and its ratio to float's, each measured in a fresh interpreter.
+
+    A subprocess per model, not multiprocessing: a spawned worker must import this file by
+    name, which fails when it was loaded under another (the smoke test), and then hangs.
+    """
     peaks = {}
     for name in ("float", "LSQ 4-bit", "ASQ+POST 4-bit"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name,
-               "--size", str(size), "--batch", str(batch), "--threads", str(threads)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name, "--size", str(size),
+               "--batch", str(batch), "--threads", str(threads)] + ([] if held else ["--glibc-default"])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         peaks[name] = int(out.strip().splitlines()[-1])
     return {name: (b, b / peaks["float"]) for name, b in peaks.items()}
@@ -110,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of memory_ratios
+    p.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_of:
-        print(_step_memory(args.memory_of, args.size, args.batch, args.threads))
+        print(_step_memory(args.memory_of, args.size, args.batch, args.threads, held=not args.glibc_default))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
@@ -141,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     ok = ratios["ASQ+POST 4-bit"] <= TARGET
     print(f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)")
     if not args.no_memory:
-        memory = memory_ratios(args.size, args.batch, args.threads)
         print(f"\npeak memory of a training step over what is resident before it (fresh process per model)")
-        print(f"{'model':18s} {'MiB':>8s} {'x float':>8s}")
+        print(f"{'model':18s} {'held MiB':>9s} {'x float':>8s}   {'glibc default MiB':>17s} {'x float':>8s}")
+        memory = memory_ratios(args.size, args.batch, args.threads)
+        default = memory_ratios(args.size, args.batch, args.threads, held=False)
         for name, (b, r) in memory.items():
-            print(f"{name:18s} {b / 2**20:8.1f} {r:8.2f}")
+            print(f"{name:18s} {b / 2**20:9.1f} {r:8.2f}   {default[name][0] / 2**20:17.1f} {default[name][1]:8.2f}")
         worst = max(r for _, r in memory.values())
         mem_ok = worst <= MEMORY_TARGET
-        print(f"target: every model <= {MEMORY_TARGET}x float's step memory: {'MET' if mem_ok else 'MISSED'} ({worst:.2f}x)")
+        print(f"target: every model <= {MEMORY_TARGET}x float's step memory (held): "
+              f"{'MET' if mem_ok else 'MISSED'} ({worst:.2f}x)")
         ok = ok and mem_ok
     return 1 if args.check and not ok else 0
 

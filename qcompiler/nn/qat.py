@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exact import deployed, frozen_layer
+from .saved import recomputed
 
 
 class QConv1d(nn.Conv1d):
@@ -23,7 +24,11 @@ class QConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias) if y is None else y
+        if y is not None:
+            return y
+        w = self.weight_quant(self.weight)
+        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
+            return self._conv_forward(x, w, self.bias)
 
 
 class QConv2d(nn.Conv2d):
@@ -31,7 +36,11 @@ class QConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias) if y is None else y
+        if y is not None:
+            return y
+        w = self.weight_quant(self.weight)
+        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
+            return self._conv_forward(x, w, self.bias)
 
 
 class QLinear(nn.Linear):
@@ -39,7 +48,11 @@ class QLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_layer(self, x, F.linear, channel_axis=-1) if deployed(self) else None
-        return F.linear(x, self.weight_quant(self.weight), self.bias) if y is None else y
+        if y is not None:
+            return y
+        w = self.weight_quant(self.weight)
+        with recomputed(self):
+            return F.linear(x, w, self.bias)
 
 
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
+from ..nn import saved
 from ..nn.qat import with_weight_quant
 from ..quantizers import UniformQuantizer
 from .base import PassContext
@@ -36,6 +37,8 @@ def input_quantizer(layer: fx.Node) -> fx.Node | None:
 def insert_quantizer(gm: fx.GraphModule, src: fx.Node, name: str, quantizer: nn.Module, record: ir.ActQuant) -> fx.Node:
     """A new quantizer node ``name`` reading ``src``, placed right after it (no users yet)."""
     gm.add_submodule(name, quantizer)
+    if src.op == "call_module":  # in training, a batch norm's output is made again in backward, not kept
+        saved.recompute_output(gm.get_submodule(src.target))
     with gm.graph.inserting_after(src):
         qnode = gm.graph.call_module(name, (src,))
     qnode.name = name

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..nn import exact
+from ..nn.saved import recomputed, remember
 from ..numerics import quantize_codes
 from .uniform import UniformQuantizer, lsq_quantize, positive, positive_backward
 
@@ -168,7 +169,7 @@ class _ASQ(torch.autograd.Function):
         sample_step = (s * beta).contiguous()
         ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
         ctx.save_for_backward(x, step, s, beta, bounded, hidden, pooled, w1, w2, sample_step)
-        return kernel.lsq_forward(x, sample_step, qmin, qmax)
+        return remember(kernel.lsq_forward(x, sample_step, qmin, qmax), kernel.lsq_forward, x, sample_step, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -225,7 +226,7 @@ class ASQQuantizer(UniformQuantizer):
             beta = self.beta(x)
             return (positive(self.step) * beta).view(-1, *([1] * (x.dim() - 1)))
         weights = (w.detach().double() for w in self.adapter.weights())
-        beta = adapter_forward(pool(x.detach().double()), *weights)[0]
+        beta = adapter_forward(pool(x.detach().double(), self.adapter.feature_axis), *weights)[0]
         return (positive(self.step).double() * beta).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +234,11 @@ class ASQQuantizer(UniformQuantizer):
             return self.frozen_forward(x, self.sample_step(x))
         kernel = kernels.usable(x, self.step.expand(x.shape[0], *([1] * (x.dim() - 1)))) if x.dim() >= 2 else None
         # float32 adapter weights too: the fused backward does their matmuls itself
-        if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):
-            return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel,
-                              self.adapter.feature_axis)
-        return lsq_quantize(x, self.sample_step(x), self.qmin, self.qmax, self.grad_scale(x))
+        with recomputed(self):  # x may be a residual join's quantized output: its recipe is saved, not x
+            if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):
+                return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel,
+                                  self.adapter.feature_axis)
+            return lsq_quantize(x, self.sample_step(x), self.qmin, self.qmax, self.grad_scale(x))
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..nn import exact
+from ..nn.saved import remember
 from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, largest_exponent, power_levels
 from .uniform import positive, positive_backward
 
@@ -44,13 +45,20 @@ class _PowerGrid(torch.autograd.Function):
         # d(q * alpha)/d alpha: q - u inside; outside q is exactly sign(u) = the clip.
         ctx.save_for_backward(inside, torch.where(inside, q - u, q), alpha)
         ctx.grad_scale = grad_scale
-        return q * alpha
+        # a layer saving the values keeps this recipe for them instead (the same ops again)
+        return remember(q * alpha, _grid_values, w, alpha, bits, base)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         inside, dalpha, alpha = ctx.saved_tensors
         grad_alpha = (dalpha * grad).sum_to_size(alpha.shape) * ctx.grad_scale
         return grad * inside, grad_alpha, None, None, None
+
+
+def _grid_values(w: torch.Tensor, alpha: torch.Tensor, bits: int, base: float) -> torch.Tensor:
+    """The forward values of :class:`_PowerGrid`, computed as it does."""
+    u = w / alpha
+    return torch.copysign(grid_levels(u.abs(), bits, base), u) * alpha
 
 
 class _FusedPowerGrid(torch.autograd.Function):
@@ -66,7 +74,7 @@ class _FusedPowerGrid(torch.autograd.Function):
         ctx.kernel, ctx.grad_scale = kernel, grad_scale
         ctx.grid = dataclasses.astuple(grid)  # the kernels' argument order is the field order
         ctx.save_for_backward(w, rows, alpha)
-        return kernel.power_forward(w, rows, *ctx.grid)
+        return remember(kernel.power_forward(w, rows, *ctx.grid), kernel.power_forward, w, rows, *ctx.grid)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

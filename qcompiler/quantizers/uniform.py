@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..nn import exact
+from ..nn.saved import recomputed, remember
 from ..numerics import int_range, quantize_codes, quantize_float, round_half_even
 
 __all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "positive_backward", "quantize_codes"]
@@ -48,13 +49,14 @@ class _LSQ(torch.autograd.Function):
         ctx.qrange, ctx.grad_scale, ctx.keep_grads = (qmin, qmax), grad_scale, keep_grads
         if not keep_grads:
             ctx.save_for_backward(x, step)
-            return quantize_float(x, step, qmin, qmax).mul_(step)
+            return remember(_lsq_values(x, step, qmin, qmax), _lsq_values, x, step, qmin, qmax)
         v = x / step
         clamped = v.clamp(qmin, qmax)
         inside = clamped == v  # clamping first is exact: the bounds are integers
         q = round_half_even(clamped, out=clamped)  # = quantize_float: round and clamp commute
         ctx.save_for_backward(inside, torch.where(inside, q - v, q), step)
-        return q * step
+        # the values q * step, made again (a layer saving them keeps this recipe instead)
+        return remember(q * step, _lsq_kept_values, x, step, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -75,6 +77,16 @@ class _LSQ(torch.autograd.Function):
         return grad_x, grad_step, None, None, None, None
 
 
+def _lsq_values(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / step)) * step``: the forward values of :class:`_LSQ`."""
+    return quantize_float(x, step, qmin, qmax).mul_(step)
+
+
+def _lsq_kept_values(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The same values as :class:`_LSQ` computes them with ``keep_grads`` (clamp, then round: signs of zero agree)."""
+    return round_half_even((x / step).clamp_(qmin, qmax)) * step
+
+
 class _FusedLSQ(torch.autograd.Function):
     """:class:`_LSQ` on the fused kernels, taking the raw learned step (one per row of ``x``, or one).
 
@@ -89,7 +101,7 @@ class _FusedLSQ(torch.autograd.Function):
         x, rows = x.contiguous(), positive(step).reshape(-1).contiguous()
         ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
         ctx.save_for_backward(x, rows, step)
-        return kernel.lsq_forward(x, rows, qmin, qmax)
+        return remember(kernel.lsq_forward(x, rows, qmin, qmax), kernel.lsq_forward, x, rows, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -206,11 +218,13 @@ class UniformQuantizer(nn.Module):
         if exact.deployed(self):
             return self.frozen_forward(x, self._step_view(x))
         kernel = self._kernel(x)
-        if kernel is not None:
-            return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
-        # Per-channel steps quantize weights: small, so keep the gradient factors.
-        keep = self.step.dim() > 0
-        return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
+        # x may be another quantizer's output (a residual join's): then its recipe is saved, not x
+        with recomputed(self):
+            if kernel is not None:
+                return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
+            # Per-channel steps quantize weights: small, so keep the gradient factors.
+            keep = self.step.dim() > 0
+            return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
 
     def frozen_forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Eval mode: ``clamp(round(x / step)) * step`` (three IEEE ops and a clamp, as the ONNX body),
