@@ -142,10 +142,10 @@ def recompute_output(bn: torch.nn.Module) -> None:
     A residual join's quantizer keeps its input (a batch norm's output, which nothing
     else keeps) for its gradients; in training the batch norm keeps its own input,
     so backward can run the batch norm again on it (same op, same batch statistics,
-    same bits). Only plain ``BatchNorm1d/2d/3d``: a ``SyncBatchNorm`` would need its
-    collectives again.
+    same bits). Only ``BatchNorm1d/2d/3d`` and their subclasses (the deployed-numerics
+    ones train as plain batch norms): a ``SyncBatchNorm`` would need its collectives again.
     """
-    if type(bn) in _BATCH_NORMS and _remember_batch_norm_output not in bn._forward_hooks.values():
+    if isinstance(bn, _BATCH_NORMS) and _remember_batch_norm_output not in bn._forward_hooks.values():
         bn.register_forward_hook(_remember_batch_norm_output)
 
 
