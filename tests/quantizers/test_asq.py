@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qcompiler.numerics import quantize_float
-from qcompiler.quantizers.asq import BETA_BOUND, Adapter, ASQQuantizer, adapter_hidden
+from qcompiler.quantizers.asq import Adapter, ASQQuantizer, adapter_hidden
 from qcompiler.quantizers.uniform import lsq_quantize
 
 
@@ -85,7 +88,7 @@ def test_saturated_adapter_leaves_a_working_quantizer():
     with torch.no_grad():
         q.adapter.fc2.bias.fill_(-1e4)
     beta = q.beta(x)
-    torch.testing.assert_close(beta, torch.full((2,), math.exp(-BETA_BOUND)))
+    torch.testing.assert_close(beta, torch.full((2,), 1 / 8))  # the documented floor, not the code's constant
     out = q(x)
     assert out.abs().sum() > 0
     out.sum().backward()
@@ -97,3 +100,31 @@ def test_small_channel_fallback():
     a = Adapter(2)
     assert a.fc1.out_features == 4
     assert a(torch.rand(3, 2)).shape == (3,)  # linear-layer inputs (no spatial dims) work too
+
+
+@pytest.mark.parametrize("pre_activation, bound", [(1e4, 8.0), (-1e4, 1 / 8), (30.0, 8.0), (-30.0, 1 / 8)])
+def test_beta_saturates_at_the_documented_bounds(pre_activation, bound):
+    """docs/design.md §4.3: beta lies in [1/8, 8] and reaches its ends when the adapter saturates.
+
+    The expectation is the specification's 8 and 1/8, not the module's own constant,
+    so a bound of 4 or 64 (ln 4, ln 64) fails here.
+    """
+    a = Adapter(8)
+    with torch.no_grad():
+        a.fc2.weight.zero_()
+        a.fc2.bias.fill_(pre_activation)
+    beta = a(torch.rand(3, 8, 2, 2))
+    torch.testing.assert_close(beta, torch.full((3,), bound), rtol=1e-5, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(z=st.floats(-1e6, 1e6, allow_nan=False))
+def test_beta_stays_inside_the_bounds_and_is_one_at_zero(z):
+    a = Adapter(4)
+    with torch.no_grad():
+        a.fc2.weight.zero_()
+        a.fc2.bias.fill_(z)
+    beta = a(torch.rand(1, 4)).detach().item()
+    assert 1 / 8 - 1e-6 <= beta <= 8 + 1e-5
+    if abs(z) < 1e-3:  # slope 1 at z = 0: beta = exp(z) to first order
+        assert beta == pytest.approx(math.exp(z), rel=1e-5)
