@@ -7,6 +7,8 @@ accumulate in another order, so they agree to float32 rounding of the sum.
 
 import contextlib
 import math
+import os
+import threading
 import warnings
 
 import pytest
@@ -234,3 +236,50 @@ def test_grid_thresholds_decide_ties_toward_the_smaller_level():
     assert g.mid_low <= (1 + math.sqrt(2)) / 2 < torch.nextafter(torch.tensor(g.mid_low), torch.tensor(2.0)).item()
     pot = grid_thresholds(4, 2.0)
     assert pot.mid_low == 1.5 and pot.zero_below == 2.0**-6 / 2
+
+
+def test_disabled_is_per_thread_with_two_threads_at_once():
+    """One thread inside ``disabled()`` while another, at the same time, is outside it and sees the kernels."""
+    inside, checked = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def eager_thread():
+        with kernels.disabled():
+            inside.set()
+            seen["eager, own view"] = kernels.enabled()
+            checked.wait(10)
+            seen["eager, after the other looked"] = kernels.enabled()
+        seen["eager, after the block"] = kernels.enabled()
+
+    def fused_thread():
+        inside.wait(10)
+        seen["other thread, during the block"] = kernels.enabled()
+        checked.set()
+
+    threads = [threading.Thread(target=eager_thread), threading.Thread(target=fused_thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    expected_outside = os.environ.get("QCOMPILER_FUSED", "1") != "0"
+    assert seen == {
+        "eager, own view": False,
+        "other thread, during the block": expected_outside,
+        "eager, after the other looked": False,
+        "eager, after the block": expected_outside,
+    }
+    assert kernels.enabled() is expected_outside  # this thread never entered the block
+
+
+@pytest.mark.skipif(os.environ.get("QCOMPILER_FUSED", "1") == "0", reason="QCOMPILER_FUSED=0: nothing to disable per thread")
+def test_disabled_blocks_nest_and_stay_in_their_thread():
+    with kernels.disabled():
+        with kernels.disabled():
+            assert not kernels.enabled()
+        assert not kernels.enabled()  # the outer block still holds
+        box = []
+        t = threading.Thread(target=lambda: box.append(kernels.enabled()))
+        t.start()
+        t.join(10)
+        assert box == [True]
+    assert kernels.enabled()
