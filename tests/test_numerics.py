@@ -17,7 +17,9 @@ from qcompiler.numerics import (
     adder_act_codes,
     adder_weight_codes,
     adder_weight_step_ratio,
+    code_dtype,
     fixed_point_multiplier,
+    fixed_point_multipliers,
     grid_codes,
     int_range,
     largest_exponent,
@@ -97,6 +99,41 @@ def test_fixed_point_multiplier_edge_cases():
     assert fixed_point_multiplier(1 - 2.0**-40, bits=8) == (128, 7)
     with pytest.raises(ValueError):
         fixed_point_multiplier(math.inf)
+
+
+
+reals = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False)
+
+
+@PROPERTY
+@given(st.lists(reals, min_size=1, max_size=16), st.integers(min_value=2, max_value=31))
+def test_fixed_point_multipliers_are_the_scalar_function_elementwise(xs, bits):
+    m, s = fixed_point_multipliers(np.array(xs), bits)
+    assert m.dtype == np.int64 and s.dtype == np.int64 and m.shape == s.shape == (len(xs),)
+    assert [(int(a), int(b)) for a, b in zip(m, s)] == [fixed_point_multiplier(x, bits) for x in xs]
+
+
+def test_fixed_point_multipliers_edge_cases():
+    # zero, both signs, a mantissa rounding up into the next octave, a value >= 2^bits
+    real = np.array([0.0, 1.0, -1.0, 1 - 2.0**-40, -(1 - 2.0**-40), 2.0**40, 0.75, -0.1])
+    m, s = fixed_point_multipliers(real, bits=8)
+    assert m.tolist() == [0, 128, -128, 128, -128, 128, 192, -205]
+    assert s.tolist() == [0, 7, 7, 7, 7, -33, 8, 11]
+    m31, s31 = fixed_point_multipliers(np.array([1.0]))  # 31 bits by default
+    assert (m31.tolist(), s31.tolist()) == ([2**30], [30])
+    for bad in (np.inf, -np.inf, np.nan):
+        with pytest.raises(ValueError):
+            fixed_point_multipliers(np.array([1.0, bad]))
+
+
+@pytest.mark.parametrize("qmin, qmax, dtype", [
+    (-128, 127, torch.int8), (-7, 7, torch.int8), (0, 127, torch.int8),
+    (0, 255, torch.int16), (-129, 0, torch.int16), (-32768, 32767, torch.int16),
+    (0, 32768, torch.int32), (-(2**31), 2**31 - 1, torch.int32),
+    (0, 2**31, torch.int64), (-(2**31) - 1, 0, torch.int64),
+])
+def test_code_dtype_is_the_narrowest_signed_type_holding_the_range(qmin, qmax, dtype):
+    assert code_dtype(qmin, qmax) == dtype
 
 
 # --------------------------------------------------------------------------- uniform codes
