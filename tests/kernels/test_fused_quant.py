@@ -6,6 +6,7 @@ accumulate in another order, so they agree to float32 rounding of the sum.
 """
 
 import contextlib
+import copy
 import math
 import os
 import threading
@@ -186,22 +187,81 @@ def test_power_grid_kernel_levels_are_the_specified_table():
             assert torch.equal(out, table), (grid, bits)
 
 
-@needs_kernels
-def test_results_do_not_depend_on_the_thread_count():
-    torch.manual_seed(0)
-    w = torch.randn(64, 64, 3, 3)
-    alpha = torch.rand(64) + 0.1
-    fused, _ = _power_grid_paths(4, "post", 0.1)
-    runs = []
+CHUNK = 1 << 14  # kChunk in fused_quant.cpp: the unit of work whose partial sums are reduced
+
+
+def _at_threads(threads: int, fn):
     previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            runs.append(_run(fused, w, alpha))
+        return fn()
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def _lsq_case(rows: int):
+    torch.manual_seed(rows)
+    x = torch.randn(rows if rows > 1 else 4, 9, 64, 64) * 0.5  # 36864 per sample: 2.25 chunks a row
+    step = torch.rand(rows) * 0.05 + 0.02 if rows > 1 else torch.tensor(0.05)
+
+    def run(x, step):
+        return _FusedLSQ.apply(x, step, -8, 7, 0.3, kernels.fused())
+
+    return run, x, step
+
+
+def _grid_case(grid: str, rows: int):
+    torch.manual_seed(rows)
+    w = torch.randn(rows, 5 * CHUNK // 2)  # 2.5 chunks a row
+    fused, _ = _power_grid_paths(4, grid, 0.1)
+    return fused, w, torch.rand(rows) + 0.1
+
+
+KERNEL_CASES = {  # every entry point of the extension: lsq_forward/backward, power_forward/backward (both grids)
+    "lsq per-tensor (1 row, 9 chunks)": lambda: _lsq_case(1),
+    "lsq per-row (3 rows x 2.25 chunks)": lambda: _lsq_case(3),
+    "pot (1 row x 2.5 chunks)": lambda: _grid_case("pot", 1),
+    "pot per-row (3 rows x 2.5 chunks)": lambda: _grid_case("pot", 3),
+    "post (1 row x 2.5 chunks)": lambda: _grid_case("post", 1),
+    "post per-row (3 rows x 2.5 chunks)": lambda: _grid_case("post", 3),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_kernel_results_do_not_depend_on_the_thread_count(case):
+    """Forward values and both gradients bit-identical at 1 and 2 threads, over several reduction chunks."""
+    fn, x, param = KERNEL_CASES[case]()
+    assert x.numel() // param.numel() > 2 * CHUNK  # each row's sum combines at least three chunks
+    one, two = (_at_threads(t, lambda: _run(fn, x, param)) for t in (1, 2))
+    assert torch.equal(one[0], two[0])
+    assert all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
+    assert bool(one[1][1].ne(0).all())  # the step/alpha gradients really were reduced
+
+
+@needs_kernels
+def test_asq_quantizer_does_not_depend_on_the_thread_count():
+    """The fused ASQ node (kernels plus the adapter's backward matmuls), at 1 and 2 threads.
+
+    The quantizer is built once: ``init_from`` uses torch's own reductions, whose
+    result may depend on the thread count; this checks the training step only.
+    """
+    torch.manual_seed(0)
+    q = ASQQuantizer(4, signed=False, channels=9)
+    x = torch.rand(3, 9, 64, 64)  # 2.25 chunks per sample
+    _at_threads(1, lambda: q.init_from(x))
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+
+    def run():
+        qi = copy.deepcopy(q)
+        xi = x.clone().requires_grad_()
+        out = qi(xi)
+        out.backward(_upstream(out.shape))
+        return [out.detach(), xi.grad] + [p.grad for p in qi.parameters()]
+
+    one, two = _at_threads(1, run), _at_threads(2, run)
+    assert len(one) == 2 + 5
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 @needs_kernels
@@ -294,3 +354,76 @@ def test_disabled_blocks_nest_and_stay_in_their_thread():
         t.join(10)
         assert box == [True]
     assert kernels.enabled()
+
+
+ASQ_PARAMS = ("step", "adapter.fc1.weight", "adapter.fc1.bias", "adapter.fc2.weight", "adapter.fc2.bias")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 7), (6, 5, 4, 4)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("frozen", [None, "x", *ASQ_PARAMS])
+def test_asq_fused_backward_matches_autograd_with_any_input_frozen(shape, frozen):
+    """The hand-written ASQ backward against autograd on the eager path, for linear, 1-d and 2-d
+    activations, with beta far from 1 (the tanh's slope matters) and each input frozen in turn:
+    a gradient must arrive exactly where it is asked for."""
+    torch.manual_seed(len(shape))
+    q = ASQQuantizer(3, signed=False, channels=5)
+    x = torch.rand(shape) * 2
+    q.init_from(x)
+    with torch.no_grad():
+        torch.nn.init.normal_(q.adapter.fc1.weight, std=0.5)
+        q.adapter.fc1.bias.fill_(0.2)  # hidden units on, so fc1 gets gradients
+        torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+        q.adapter.fc2.bias.fill_(1.5)  # beta ~ 3.5: tanh(z / L) ~ 0.6, far from its linear part
+    for name, p in q.named_parameters():
+        p.requires_grad_(name != frozen)
+    runs = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(frozen != "x")
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            out = q(xi)
+        out.backward(_upstream(out.shape))
+        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = runs
+    assert torch.equal(out_f, out_e)
+    assert (gx_f is None) == (gx_e is None) == (frozen == "x")
+    if gx_e is not None:
+        torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-6)
+    for name in ASQ_PARAMS:
+        assert (gp_f[name] is None) == (gp_e[name] is None) == (name == frozen), name
+        if gp_e[name] is not None:
+            assert bool(gp_e[name].ne(0).any()), name  # the comparison below is not 0 == 0
+            torch.testing.assert_close(gp_f[name], gp_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("frozen", ["input", "step"])
+@pytest.mark.parametrize("make", [
+    lambda: UniformQuantizer(4, signed=True),
+    lambda: UniformQuantizer(4, signed=True, channels=6),
+    lambda: PowerGridQuantizer(4, "post", channels=6),
+    lambda: PowerGridQuantizer(4, "pot", channels=6),
+], ids=["lsq-tensor", "lsq-channel", "post", "pot"])
+def test_fused_lsq_and_grid_backward_give_gradients_exactly_where_asked(make, frozen):
+    torch.manual_seed(0)
+    q = make()
+    x = torch.randn(6, 5, 3, 3)
+    q.init_from(x)
+    for p in q.parameters():
+        p.requires_grad_(frozen != "step")
+    grads = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(frozen != "input")
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            q(xi).backward(_upstream(x.shape))
+        grads.append((xi.grad, [p.grad for p in q.parameters()]))
+    (gx_f, gp_f), (gx_e, gp_e) = grads
+    assert (gx_f is None) == (gx_e is None) == (frozen == "input")
+    if gx_e is not None:
+        assert torch.equal(gx_f, gx_e)
+    for f, e in zip(gp_f, gp_e):
+        assert (f is None) == (e is None) == (frozen == "step")
+        if e is not None:
+            torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6)
