@@ -47,6 +47,18 @@ def _step_fn(model, x, y, fused: bool = True):
     return step
 
 
+def round_ratios(times: dict[str, list[float]], baseline: str = "float") -> dict[str, float]:
+    """Each model's median over rounds of (its time / the baseline's time in the same round).
+
+    Slow drift of a shared machine hits both times of a round alike and cancels,
+    where a ratio of medians would let it land on one model.
+
+    >>> round_ratios({"float": [1.0, 2.0, 4.0], "q": [1.5, 3.0, 6.0]})["q"]
+    1.5
+    """
+    return {name: statistics.median(t / f for t, f in zip(ts, times[baseline])) for name, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(steps[name]())
     # Ratios within each round (the models ran back to back there), then the median:
     # slow drift of this shared machine cancels out instead of landing on one model.
-    ratios = {name: statistics.median(t / f for t, f in zip(ts, times["float"])) for name, ts in times.items()}
+    ratios = round_ratios(times)
     print(f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
           f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)")
     print(f"{'model':18s} {'ms/step':>8s} {'x float':>8s}")
