@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompiler import numerics
 from qcompiler.numerics import (
+    GRID_BASES,
     POST_MANTISSA,
     POST_SHIFT,
     adder_act_codes,
@@ -22,7 +24,10 @@ from qcompiler.numerics import (
     fixed_point_multipliers,
     grid_codes,
     int_range,
+    grid_levels,
+    grid_thresholds,
     largest_exponent,
+    power_levels,
     post_constant,
     post_table,
     quantize_codes,
@@ -97,7 +102,7 @@ def test_fixed_point_multiplier_edge_cases():
     assert fixed_point_multiplier(1.0) == (2**30, 30)
     # a mantissa that rounds up to the next power of two moves to the next octave
     assert fixed_point_multiplier(1 - 2.0**-40, bits=8) == (128, 7)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot represent inf as a fixed-point multiplier"):
         fixed_point_multiplier(math.inf)
 
 
@@ -239,3 +244,63 @@ def test_largest_exponent():
     assert largest_exponent(np.array([1, -4, 0, 3])) == 3
     codes = grid_codes(torch.tensor([1.0, -0.5, 0.26, 0.0]), 4, 2.0)
     assert largest_exponent(codes) == int((codes.abs() - 1).max())
+
+
+# --------------------------------------------------------------------------- power-grid decision points
+
+
+@PROPERTY
+@given(
+    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_at_most_is_the_largest_value_of_the_dtype_not_above(t, dtype):
+    got = numerics._at_most(t, dtype)
+    assert float(torch.tensor(got, dtype=dtype)) == got  # a value of that dtype
+    assert got <= t
+    above = torch.nextafter(torch.tensor(got, dtype=dtype), torch.tensor(math.inf, dtype=dtype))
+    assert float(above) > t  # and the next one up is past t
+    if float(torch.tensor(t, dtype=dtype)) == t:
+        assert got == t  # representable: t itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+def test_grid_thresholds_are_the_midpoints_rounded_down_in_the_input_dtype(grid, dtype):
+    numerics.grid_thresholds.cache_clear()  # compute them here, not from an earlier caller's cache
+    base, bits = GRID_BASES[grid], 4
+    g = grid_thresholds(bits, base, dtype)
+    mids = ((1 + base) / 2, (base + 2) / 2) if grid == "post" else (1.5, 2.0)
+    zero = base ** -(2 ** (bits - 1) - 2) / 2
+    for got, exact in ((g.mid_low, mids[0]), (g.mid_high, mids[1]), (g.zero_below, zero)):
+        assert got == numerics._at_most(exact, dtype) and got <= exact
+        if dtype == torch.float64:
+            assert got == exact  # Python floats are float64: exact
+    assert g.max_exponent == 2 ** (bits - 1) - 2 and g.sqrt2 == (grid == "post")
+    with pytest.raises(ValueError, match="base 2 or sqrt"):
+        grid_thresholds(bits, 3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_levels_decide_float64_ties_on_float64_thresholds(dtype):
+    """A magnitude at the exact midpoint between the levels 1/2 and 1/sqrt 2 (in the input's dtype)
+    goes to 1/2, the next value up to 1/sqrt 2. Float32 thresholds would misplace float64 inputs in between."""
+    numerics.grid_thresholds.cache_clear()
+    numerics._level_of_exponent.cache_clear()
+    base = GRID_BASES["post"]
+    mid = torch.tensor(numerics._at_most((1 + base) / 2, dtype) / 2, dtype=dtype)  # the octave [1/2, 1)
+    up = torch.nextafter(mid, torch.tensor(2.0, dtype=dtype))
+    levels = grid_levels(torch.stack([mid, up]), 4, base)
+    table = power_levels(4, base, dtype)
+    assert levels.dtype == dtype
+    assert levels.tolist() == [float(table[-3]), float(table[-2])] == [0.5, float(np.float32(2**-0.5))]
+
+
+def test_power_levels_are_float32_values_in_every_dtype():
+    """The grid is the fake-quant module's float32 grid: a float64 table holds the same values."""
+    for base in GRID_BASES.values():
+        for bits in range(2, 9):
+            wide = power_levels(bits, base, torch.float64)
+            assert wide.dtype == torch.float64
+            assert torch.equal(wide, wide.float().double())
+            assert torch.equal(wide.float(), power_levels(bits, base))

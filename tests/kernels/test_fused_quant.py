@@ -427,3 +427,44 @@ def test_fused_lsq_and_grid_backward_give_gradients_exactly_where_asked(make, fr
         assert (f is None) == (e is None) == (frozen == "step")
         if e is not None:
             torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6)
+
+
+class _CountingKernels:
+    """The kernel module, counting the forward calls that reach it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return counted
+
+
+@needs_kernels
+@pytest.mark.parametrize("make, shape, fused", [
+    (lambda: UniformQuantizer(4, signed=True), (6, 5, 3, 3), True),  # per tensor, any shape
+    (lambda: UniformQuantizer(4, signed=True), (7,), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6, 5, 3, 3), True),  # a step per row of dim 0
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6, 4), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6,), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=5, channel_axis=1), (6, 5, 3, 3), False),  # not rows
+    (lambda: PowerGridQuantizer(4, "post", channels=6), (6, 5, 3, 3), True),
+], ids=["tensor-4d", "tensor-1d", "channel-4d", "channel-2d", "channel-1d", "channel-axis-1", "post"])
+def test_quantizers_take_the_fused_path_wherever_it_applies(monkeypatch, make, shape, fused):
+    """The kernels are a speed contract: each layout they support must reach them (same results either way)."""
+    counting = _CountingKernels(kernels.fused())
+    monkeypatch.setitem(kernels._state, "module", counting)
+    torch.manual_seed(0)
+    q = make()
+    x = torch.randn(shape)
+    q.init_from(x)
+    with torch.no_grad():
+        fused_out = q(x)
+    assert bool(counting.calls) is fused, counting.calls
+    with kernels.disabled():
+        assert torch.equal(q(x).detach(), fused_out)
