@@ -66,8 +66,17 @@ def header(cmd: str | None = None, threads: int | None = None) -> str:
     return (
         f"Command: `{cmd or command()}` ({date}, commit {commit()})\n\n"
         f"Machine: {cpu_model()}, instruction set {torch.backends.cpu.get_cpu_capability()}, "
-        f"{os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}, Python {platform.python_version()}\n"
+        f"{os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}, Python {platform.python_version()}"
+        f"{load_average()}\n"
     )
+
+
+def load_average() -> str:
+    """``; load average 1.2`` (the 1-minute average when the file is written): a shared machine's timings depend on it."""
+    try:
+        return f"; load average {os.getloadavg()[0]:.1f} when written"
+    except (AttributeError, OSError):
+        return ""
 
 
 def write(path: str | Path, title: str, body: str, cmd: str | None = None, threads: int | None = None) -> None:
