@@ -5,7 +5,7 @@ The three models are timed in interleaved rounds (so machine noise hits all of t
 alike); each model's ratio to float is the median over rounds of its time over the
 float model's time in the same round.
 
-    python bench/qat_step.py [--repeats 30] [--threads N] [--check]
+    python bench/qat_step.py [--repeats 30] [--threads N] [--check] [--out FILE [--append]]
 
 Target (issue 3): ASQ+POST 4-bit <= 1.3x float. With the fused kernels built
 (qcompiler.kernels), an "ASQ+POST, eager" row times the same model on the eager
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
+    p.add_argument("--out", help="also write the table, headed by the command and machine, to this file")
+    p.add_argument("--append", action="store_true", help="add to --out instead of replacing it (a second thread count)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,13 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     # Ratios within each round (the models ran back to back there), then the median:
     # slow drift of this shared machine cancels out instead of landing on one model.
     ratios = round_ratios(times)
-    print(f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)")
-    print(f"{'model':18s} {'ms/step':>8s} {'x float':>8s}")
-    for name, ts in times.items():
-        print(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}")
     ok = ratios["ASQ+POST 4-bit"] <= TARGET
-    print(f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)")
+    text = "\n".join([
+        f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
+        f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)",
+        f"{'model':18s} {'ms/step':>8s} {'x float':>8s}",
+        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}" for name, ts in times.items()),
+        f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)",
+    ])
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_header
+
+        fused = "fused kernels built" if kernels.fused() is not None else "no fused kernels (eager quantizers only)"
+        if args.append and Path(args.out).exists():
+            with open(args.out, "a") as f:
+                f.write(f"\n{results_header.header(threads=args.threads)}\n```\n{text}\n```\n")
+        else:
+            results_header.write(args.out, "QAT step time (bench/qat_step.py)",
+                                 f"{fused}; target: ASQ+POST 4-bit <= {TARGET}x float.\n\n```\n{text}\n```",
+                                 threads=args.threads)
     return 1 if args.check and not ok else 0
 
 
