@@ -1,5 +1,6 @@
 """ASQ: per-sample beta, beta ≈ 1 at init, the method's gradients, and the adapter guard."""
 
+import contextlib
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompiler.numerics import quantize_float
-from qcompiler.quantizers.asq import Adapter, ASQQuantizer, adapter_hidden
+from qcompiler.quantizers.asq import Adapter, ASQQuantizer, adapter_hidden, init_linear
 from qcompiler.quantizers.uniform import lsq_quantize
 
 
@@ -128,3 +129,60 @@ def test_beta_stays_inside_the_bounds_and_is_one_at_zero(z):
     assert 1 / 8 - 1e-6 <= beta <= 8 + 1e-5
     if abs(z) < 1e-3:  # slope 1 at z = 0: beta = exp(z) to first order
         assert beta == pytest.approx(math.exp(z), rel=1e-5)
+
+
+@pytest.mark.parametrize("channels, hidden", [(64, 16), (20, 5), (19, 4), (16, 4), (3, 4), (1, 4)])
+def test_adapter_hidden_is_a_quarter_of_the_channels_but_at_least_four(channels, hidden):
+    assert adapter_hidden(channels) == hidden
+    assert Adapter(channels).fc1.out_features == hidden
+
+
+def test_init_linear_draws_what_nn_linear_draws_from_the_generator():
+    """The same weights and bias as ``nn.Linear``'s own initialisation, from the given generator alone."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(12, 5)
+    torch.manual_seed(123)  # the global RNG must play no part
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, 12, 5)
+    init_linear(layer, torch.Generator().manual_seed(0))
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+
+
+def test_asq_quantizer_adapters_follow_the_generator_not_the_global_rng():
+    torch.manual_seed(1)
+    a = ASQQuantizer(4, signed=False, channels=8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = ASQQuantizer(4, signed=False, channels=8, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(p, q) for p, q in zip(a.adapter.parameters(), b.adapter.parameters()))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_asq_codes_stay_in_range_for_signed_and_unsigned_inputs(signed, fused):
+    """Outputs are the LSQ quantization at the per-sample step ``s * beta``, clamped to the code range."""
+    from qcompiler import kernels
+
+    torch.manual_seed(0)
+    q = ASQQuantizer(3, signed=signed, channels=4)
+    x = torch.randn(3, 4, 5, 5) * 4  # far past the range on both sides
+    q.init_from(x.abs())
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+    with torch.no_grad(), (contextlib.nullcontext() if fused else kernels.disabled()):
+        out = q(x)
+        step = q.sample_step(x)
+    qmin, qmax = (-4, 3) if signed else (0, 7)
+    assert (q.qmin, q.qmax) == (qmin, qmax)
+    assert torch.equal(out, quantize_float(x, step, qmin, qmax) * step)
+    codes = torch.round(out / step)
+    assert codes.min() == qmin and codes.max() == qmax  # both ends reached, nothing beyond
+
+
+def test_beta_pools_each_sample_over_all_positions():
+    """beta depends on the channel means only: (N, C, L) and (N, C, H, W) of the same means give the same beta."""
+    torch.manual_seed(0)
+    a = Adapter(4)
+    torch.nn.init.normal_(a.fc2.weight, std=0.5)
+    means = torch.rand(3, 4)
+    flat = means.view(3, 4, 1).expand(3, 4, 6).contiguous()
+    square = means.view(3, 4, 1, 1).expand(3, 4, 2, 3).contiguous()
+    torch.testing.assert_close(a(flat), a(means))
+    torch.testing.assert_close(a(square), a(means))
