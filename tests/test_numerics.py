@@ -76,8 +76,32 @@ def test_shift_agrees_on_ints_numpy_and_torch(values, shift):
 
 
 def test_negative_shift_is_refused():
-    with pytest.raises(ValueError, match="shift"):
+    with pytest.raises(ValueError, match="shift must be >= 0, got -1"):
         shift_round_half_even(4, -1)
+    with pytest.raises(ValueError, match="shift must be >= 0, got -2"):
+        shift_round_half_even(np.array([4, 4]), np.array([0, -2]))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(int64s, st.integers(min_value=0, max_value=80)), min_size=1, max_size=16))
+def test_per_element_shifts_are_exact_half_even_division(pairs):
+    """One shift per element (per-channel requantization), 0 and past 63 included, in exact arithmetic."""
+    acc = np.array([a for a, _ in pairs], dtype=np.int64)
+    shift = np.array([s for _, s in pairs], dtype=np.int64)
+    got = shift_round_half_even(acc, shift)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64 and got.shape == acc.shape
+    assert got.tolist() == [_exact_half_even(Fraction(a, 2**s)) for a, s in pairs]
+
+
+@pytest.mark.parametrize("acc, shift, expected", [
+    (5, 0, 5), (5, 1, 2), (7, 1, 4), (-5, 1, -2), (-7, 1, -4), (6, 2, 2), (-6, 2, -2), (2, 2, 0), (-2, 2, 0),
+    (2**62 + 1, 63, 1), (2**62, 63, 0), (-(2**62) - 1, 63, -1), (-(2**62), 63, 0), (2**63 - 1, 64, 0),
+    (-(2**63), 63, -1), (-(2**63), 64, 0), (2**63 - 1, 62, 2), (-(2**63), 62, -2),
+])
+def test_per_element_shift_edge_cases(acc, shift, expected):
+    """Ties either way, shift 0, and the shifts an int64 shift cannot do (63 and past)."""
+    got = shift_round_half_even(np.array([acc, 3], dtype=np.int64), np.array([shift, 1], dtype=np.int64))
+    assert got.tolist() == [expected, 2] == [_exact_half_even(Fraction(acc, 2**shift)), 2]
 
 
 # --------------------------------------------------------------------------- fixed-point multipliers
