@@ -155,6 +155,20 @@ def test_fixed_point_multipliers_edge_cases():
             fixed_point_multipliers(np.array([1.0, bad]))
 
 
+@pytest.mark.parametrize("qmin, qmax, dtype, np_dtype", [
+    (-8, 7, torch.int8, np.int8), (0, 255, torch.int16, np.int16), (-(2**15), 2**15 - 1, torch.int16, np.int16),
+    (0, 2**16 - 1, torch.int32, np.int32),
+])
+def test_narrow_codes_have_the_narrowest_dtype_and_the_same_values(qmin, qmax, dtype, np_dtype):
+    x = torch.linspace(qmin - 3, qmax + 3, 50) * 0.5
+    wide = quantize_codes(x, 0.5, qmin, qmax)
+    narrow = quantize_codes(x, 0.5, qmin, qmax, narrow_dtype=True)
+    assert wide.dtype == torch.int64 and narrow.dtype == dtype
+    assert torch.equal(narrow.long(), wide) and int(narrow.min()) == qmin and int(narrow.max()) == qmax
+    on_numpy = quantize_codes(x.numpy(), np.float32(0.5), qmin, qmax, narrow_dtype=True)
+    assert on_numpy.dtype == np_dtype and on_numpy.tolist() == wide.tolist()
+
+
 @pytest.mark.parametrize("qmin, qmax, dtype", [
     (-128, 127, torch.int8), (-7, 7, torch.int8), (0, 127, torch.int8),
     (0, 255, torch.int16), (-129, 0, torch.int16), (-32768, 32767, torch.int16),
