@@ -57,6 +57,11 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     (r"UniformQuantizerǁforward", r"keep = |self\.grad_scale\(x\), (None|)\)",
      "keep_grads only chooses whether _LSQ saves its gradient factors or recomputes them in backward "
      "(memory against time); values and gradients are identical either way"),
+    (r"x_adapter_forward__", r"squeeze\(\+1\)",
+     "F.linear(hidden, w2, b2) is (N, 1): squeeze(1) and squeeze(-1) name the same axis"),
+    (r"ASQQuantizerǁforward", r"\(x\.dim\(\) >= 2\) or True",
+     "only differs for 1-d inputs, which ASQ is not defined on (per-sample beta over (N, C, ...) "
+     "activations, docs/design.md §4.3); the pass only attaches ASQ to activations with a batch and a channel axis"),
     (r"x__at_most__", r"dtype=None|-math\.inf, \)",
      "torch.tensor(t) with no dtype is float32, the default dtype, so for float32 the same value; "
      "float16/bfloat16/float64 are tested and kill the other dtype mutants of this function"),
