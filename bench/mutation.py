@@ -62,6 +62,32 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     (r"ASQQuantizerǁforward", r"\(x\.dim\(\) >= 2\) or True",
      "only differs for 1-d inputs, which ASQ is not defined on (per-sample beta over (N, C, ...) "
      "activations, docs/design.md §4.3); the pass only attaches ASQ to activations with a batch and a channel axis"),
+    (r"_LSQǁbackward", r"\) or True",
+     "computes a gradient autograd did not ask for and then discards: every .grad is unchanged"),
+    (r"x_round_clamp_|_LSQǁforward|x_round_half_even__", r"out=None|clamp_\(clamped, \)|out=clamped\)|, \)  #|\(out is not None\) or True",
+     "writes the result into a new array instead of the input's buffer (or passes out=None, which means the same): "
+     "the same values, only more memory"),
+    (r"x_lsq_quantize__", r"keep_grads: bool = True|grad_scale, None\)",
+     "keep_grads only chooses whether _LSQ saves its gradient factors or recomputes them (memory against time)"),
+    (r"x_fixed_point_multipliers__", r"asarray\(real, (dtype=None)?\)",
+     "np.asarray of float64 or int64 values: frexp, rint and ldexp compute in float64 either way, the same results"),
+    (r"x_fixed_point_multipliers__", r"np\.where\(None, 0|real >= 0",
+     "for real == 0 frexp gives mantissa 0, so the multiplier is 0 on every branch, and the shift has its own "
+     "zero mask: the outer mask and the sign test only matter where they agree"),
+    (r"x_shift_round_half_even__", r"np\.minimum\(shift, 63\)|np\.any\(shift >= 62\)",
+     "shifts of 63 are overwritten by the branch for shifts past 62, and entering that branch for a shift of 62 "
+     "changes nothing because its np.where still selects shift > 62 only"),
+    (r"x_adder_act_codes__", r"signed=None",
+     "int_range tests signed for truth: None and False give the same unsigned range"),
+    (r"ASQQuantizerǁforward", r"self\.step\.expand\(\*\(",
+     "the expanded step only decides whether the kernel is usable (a float32 CPU scalar passes as a per-tensor "
+     "step as well); _ASQ is then applied to self.step itself, so the same computation"),
+    (r"UniformQuantizerǁ__init__", r"torch\.tensor\(2\.0\)",
+     "the placeholder step is overwritten by init_from / init_from_max before any use (every pass initialises "
+     "its quantizers); no result depends on it"),
+    (r"UniformQuantizerǁelements_per_step", r"x\.numel\(\) / x\.shape",
+     "numel is a multiple of the channel count: true division gives the same number, as a float, and it only "
+     "enters a square root"),
     (r"x__at_most__", r"dtype=None|-math\.inf, \)",
      "torch.tensor(t) with no dtype is float32, the default dtype, so for float32 the same value; "
      "float16/bfloat16/float64 are tested and kill the other dtype mutants of this function"),

@@ -151,7 +151,7 @@ def test_fixed_point_multipliers_edge_cases():
     m31, s31 = fixed_point_multipliers(np.array([1.0]))  # 31 bits by default
     assert (m31.tolist(), s31.tolist()) == ([2**30], [30])
     for bad in (np.inf, -np.inf, np.nan):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="^cannot represent a non-finite value as a fixed-point multiplier$"):
             fixed_point_multipliers(np.array([1.0, bad]))
 
 
@@ -342,3 +342,23 @@ def test_power_levels_are_float32_values_in_every_dtype():
             assert wide.dtype == torch.float64
             assert torch.equal(wide, wide.float().double())
             assert torch.equal(wide.float(), power_levels(bits, base))
+
+
+def test_shifts_of_62_and_63_in_one_array():
+    """The branch for shifts past 62 must leave the elements shifted by 62 alone."""
+    acc = np.array([2**63 - 1, 2**63 - 1, -(2**63), 3 * 2**60], dtype=np.int64)
+    got = shift_round_half_even(acc, np.array([62, 63, 62, 62], dtype=np.int64))
+    assert got.tolist() == [2, 1, -2, 1]
+
+
+@pytest.mark.parametrize("act_bits", range(2, 9))
+@pytest.mark.parametrize("weight_bits", range(2, 9))
+def test_adder_weight_step_ratio_is_the_documented_floor(act_bits, weight_bits):
+    """docs/design.md §4.5: ``ratio = max(1, floor((2^a - 1) / (2^(w-1) - 1)))``."""
+    expected = max(1, math.floor(Fraction(2**act_bits - 1, 2 ** (weight_bits - 1) - 1)))
+    assert adder_weight_step_ratio(act_bits, weight_bits) == expected
+
+
+def test_adder_weight_step_ratio_needs_two_weight_bits():
+    with pytest.raises(ValueError, match="^adder weights need at least 2 bits, got 1$"):
+        adder_weight_step_ratio(4, 1)

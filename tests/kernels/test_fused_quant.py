@@ -453,12 +453,13 @@ class _CountingKernels:
     (lambda: UniformQuantizer(4, signed=True, channels=6), (6, 4), True),
     (lambda: UniformQuantizer(4, signed=True, channels=6), (6,), True),
     (lambda: UniformQuantizer(4, signed=True, channels=5, channel_axis=1), (6, 5, 3, 3), False),  # not rows
+    (lambda: UniformQuantizer(4, signed=True, channels=5, channel_axis=1), (5, 5, 3, 3), False),  # even when N == C
     (lambda: PowerGridQuantizer(4, "post", channels=6), (6, 5, 3, 3), True),
     (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5, 3, 3), True),  # a step per sample
     (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5, 7), True),
     (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5), True),
     (lambda: ASQQuantizer(4, signed=False, channels=5).double(), (6, 5, 3, 3), False),  # float32 only
-], ids=["tensor-4d", "tensor-1d", "channel-4d", "channel-2d", "channel-1d", "channel-axis-1", "post",
+], ids=["tensor-4d", "tensor-1d", "channel-4d", "channel-2d", "channel-1d", "channel-axis-1", "channel-axis-1-square", "post",
         "asq-4d", "asq-3d", "asq-2d", "asq-float64"])
 def test_quantizers_take_the_fused_path_wherever_it_applies(monkeypatch, make, shape, fused):
     """The kernels are a speed contract: each layout they support must reach them (same results either way)."""

@@ -110,3 +110,10 @@ def test_bias_adds_per_output_channel_and_restores_the_clamped_float_layer(train
     no_bias = q.quantized_forward(x)
     torch.testing.assert_close(out.detach(), no_bias + compensation.view(1, -1, 1, 1), rtol=0, atol=1e-5)
     assert float((out.detach() - reference).norm() / reference.norm()) < 1e-3
+
+
+def test_from_float_stores_int64_groups_and_float32_steps():
+    layer = AdderConv2d(2, 3, 3, padding=1)
+    q = QAdderConv2d.from_float(layer, torch.tensor([0, 1, 0], dtype=torch.int32), torch.tensor([0.1, 0.2], dtype=torch.float64), 4, 4)
+    assert q.group_of_channel.dtype == torch.int64 and q.group_of_channel.tolist() == [0, 1, 0]
+    assert q.act_steps.dtype == torch.float32 and torch.equal(q.act_steps, torch.tensor([0.1, 0.2]))

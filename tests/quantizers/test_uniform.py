@@ -178,3 +178,13 @@ def test_positive_step() -> None:
     with torch.no_grad():
         q.step.fill_(-0.5)  # an SGD step past zero must not flip or zero the grid
     torch.testing.assert_close(q(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]))
+
+
+def test_a_batch_of_one_is_quantized_like_any_batch():
+    """The gradient scale counts the elements of one sample, also when there is only one sample."""
+    q = UniformQuantizer(4, signed=True)
+    x = torch.randn(1, 3, 4)
+    q.init_from(x)
+    assert q.elements_per_step(x) == 12 and q.elements_per_step(torch.randn(5, 3, 4)) == 12
+    out = q(x)
+    assert torch.equal(out, quantize_codes(x, q.step.detach(), -8, 7).float() * q.step.detach())
