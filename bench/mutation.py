@@ -64,7 +64,7 @@ EQUIVALENT: list[tuple[str, str, str]] = [
      "activations, docs/design.md §4.3); the pass only attaches ASQ to activations with a batch and a channel axis"),
     (r"_LSQǁbackward", r"\) or True",
      "computes a gradient autograd did not ask for and then discards: every .grad is unchanged"),
-    (r"x_round_clamp_|_LSQǁforward|x_round_half_even__", r"out=None|clamp_\(clamped, \)|out=clamped\)|, \)  #|\(out is not None\) or True",
+    (r"x_round_clamp_|_LSQǁforward|x_round_half_even__", r"out=None|clamp_\(clamped, \)|out=clamped\)|, \)  #|qmax, \)|\(out is not None\) or True",
      "writes the result into a new array instead of the input's buffer (or passes out=None, which means the same): "
      "the same values, only more memory"),
     (r"x_lsq_quantize__", r"keep_grads: bool = True|grad_scale, None\)",

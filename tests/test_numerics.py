@@ -32,6 +32,7 @@ from qcompiler.numerics import (
     post_table,
     quantize_codes,
     quantize_float,
+    round_half_even,
     shift_round_half_even,
 )
 
@@ -362,3 +363,11 @@ def test_adder_weight_step_ratio_is_the_documented_floor(act_bits, weight_bits):
 def test_adder_weight_step_ratio_needs_two_weight_bits():
     with pytest.raises(ValueError, match="^adder weights need at least 2 bits, got 1$"):
         adder_weight_step_ratio(4, 1)
+
+
+@pytest.mark.parametrize("as_array", [np.array, torch.tensor])
+def test_round_half_even_without_an_output_buffer(as_array):
+    v = as_array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49999997, 3.0])
+    got = round_half_even(v)
+    assert type(got) is type(v) and got is not v
+    assert got.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 3.0]
