@@ -182,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_header
+
         cmd = "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            f"# ASQ / POST accuracy on {args.data} (ResNet-20)\n\nProduced by `{cmd.strip()}` "
-            f"on {time.strftime('%Y-%m-%d')} in {time.perf_counter() - start:.0f} s on a 2-core machine "
-            f"({torch.backends.cpu.get_cpu_capability()} CPU, {args.threads} thread(s)); test accuracy in %, mean ± std over "
-            f"{args.seeds} seeds; first/last layers at 8 bits.\n\n{report}\n"
+        results_header.write(
+            args.out, f"ASQ / POST accuracy on {args.data} (ResNet-20)",
+            f"Run time {time.perf_counter() - start:.0f} s; test accuracy in %, mean ± std over "
+            f"{args.seeds} seeds; first/last layers at 8 bits.\n\n{report}\n",
+            cmd=cmd.strip(), threads=args.threads,
         )
     return 0
 

@@ -136,17 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     print("\n" + report + f"\n\ntotal {total:.0f} s")
     if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_header
+
         cmd = "python bench/adder_ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            f"# AdderNet PTQ on digits (adder ResNet-20)\n\nProduced by `{cmd.strip()}` in {total:.0f} s on a "
-            f"2-core machine ({torch.backends.cpu.get_cpu_capability()} CPU); test accuracy in %, mean ± std over {args.seeds} calibration seeds. Adder layers are "
+        results_header.write(
+            args.out, "AdderNet PTQ on digits (adder ResNet-20)",
+            f"Run time {total:.0f} s; test accuracy in %, mean ± std over {args.seeds} calibration seeds. Adder layers are "
             f"quantized at the stated width; unless a row says otherwise the stem, 1x1 shortcuts and classifier "
             f"(multiply layers) are quantized at 8 bits and residual adds run on an 8-bit stream, so the whole "
             f"network computes in integers (the AdderNet papers keep the multiply layers float: the "
             f"'multiply layers float' row). The + QAT row fine-tunes the redistribution model for "
             f"{args.qat_epochs} epoch(s) through the adder layers' straight-through estimator.\n\n"
-            f"{report}\n"
+            f"{report}\n",
+            cmd=cmd.strip(),
         )
     return 0
 

@@ -8,6 +8,7 @@ unfold-and-broadcast adder is timed once for context.
 
     python bench/adder_speed.py            # print the times
     python bench/adder_speed.py --check    # also exit 1 when the target is missed
+    python bench/adder_speed.py --out bench/results/adder_speed.md   # also write the results file
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_header
 
 from qcompiler.nn.adder import AdderConv2d  # noqa: E402
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help=f"exit 1 unless adder/conv <= {TARGET_RATIO:g}x")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats per layer (median reported)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="also write the output, headed by the command and machine, to this file")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -93,12 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     naive_s = time_interleaved({"naive": fwd_bwd(lambda t: naive_adder(t, weight, 1), x, [weight])}, warmup=0, repeats=1)["naive"]
 
     ratio = adder_s / conv_s
-    print(f"shape: batch {batch}, {channels}->{channels} 3x3, stride 1, padding 1, {size}x{size}; threads {torch.get_num_threads()}")
-    print(f"nn.Conv2d   fwd+bwd: {conv_s * 1e3:8.1f} ms")
-    print(f"AdderConv2d fwd+bwd: {adder_s * 1e3:8.1f} ms   ratio {ratio:6.2f}x   (target <= {TARGET_RATIO:g}x)")
-    print(f"naive adder fwd+bwd: {naive_s * 1e3:8.1f} ms   ratio {naive_s / conv_s:6.2f}x   (one repeat, for context)")
     ok = ratio <= TARGET_RATIO
-    print("target met" if ok else "TARGET MISSED")
+    text = "\n".join([
+        f"shape: batch {batch}, {channels}->{channels} 3x3, stride 1, padding 1, {size}x{size}; threads {torch.get_num_threads()}",
+        f"nn.Conv2d   fwd+bwd: {conv_s * 1e3:8.1f} ms",
+        f"AdderConv2d fwd+bwd: {adder_s * 1e3:8.1f} ms   ratio {ratio:6.2f}x   (target <= {TARGET_RATIO:g}x)",
+        f"naive adder fwd+bwd: {naive_s * 1e3:8.1f} ms   ratio {naive_s / conv_s:6.2f}x   (one repeat, for context)",
+        "target met" if ok else "TARGET MISSED",
+    ])
+    print(text)
+    if args.out is not None:
+        import results_header
+
+        results_header.write(args.out, "AdderConv2d against nn.Conv2d, forward + backward (bench/adder_speed.py)",
+                             f"Median of {args.repeats} interleaved repeats after 2 warm-up rounds.\n\n```\n{text}\n```")
     return 0 if ok or not args.check else 1
 
 

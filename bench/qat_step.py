@@ -5,7 +5,7 @@ The three models are timed in interleaved rounds (so machine noise hits all of t
 alike); each model's ratio to float is the median over rounds of its time over the
 float model's time in the same round.
 
-    python bench/qat_step.py [--repeats 30] [--threads N] [--check] [--no-memory]
+    python bench/qat_step.py [--repeats 30] [--threads N] [--check] [--no-memory] [--out FILE [--append]]
 
 Target (issue 3): ASQ+POST 4-bit <= 1.3x float. With the fused kernels built
 (qcompiler.kernels), an "ASQ+POST, eager" row times the same model on the eager
@@ -122,6 +122,18 @@ def memory_ratios(size: int, batch: int, threads: int, held: bool = True) -> dic
     return {name: (b, b / peaks["float"]) for name, b in peaks.items()}
 
 
+def round_ratios(times: dict[str, list[float]], baseline: str = "float") -> dict[str, float]:
+    """Each model's median over rounds of (its time / the baseline's time in the same round).
+
+    Slow drift of a shared machine hits both times of a round alike and cancels,
+    where a ratio of medians would let it land on one model.
+
+    >>> round_ratios({"float": [1.0, 2.0, 4.0], "q": [1.5, 3.0, 6.0]})["q"]
+    1.5
+    """
+    return {name: statistics.median(t / f for t, f in zip(ts, times[baseline])) for name, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -132,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of memory_ratios
     p.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help="also write the table, headed by the command and machine, to this file")
+    p.add_argument("--append", action="store_true", help="add to --out instead of replacing it (a second thread count)")
     args = p.parse_args(argv)
     if args.memory_of:
         print(_step_memory(args.memory_of, args.size, args.batch, args.threads, held=not args.glibc_default))
@@ -154,26 +168,42 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(steps[name]())
     # Ratios within each round (the models ran back to back there), then the median:
     # slow drift of this shared machine cancels out instead of landing on one model.
-    ratios = {name: statistics.median(t / f for t, f in zip(ts, times["float"])) for name, ts in times.items()}
-    print(f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)")
-    print(f"{'model':18s} {'ms/step':>8s} {'x float':>8s}")
-    for name, ts in times.items():
-        print(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}")
+    ratios = round_ratios(times)
     ok = ratios["ASQ+POST 4-bit"] <= TARGET
-    print(f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)")
+    lines = [
+        f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
+        f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)",
+        f"{'model':18s} {'ms/step':>8s} {'x float':>8s}",
+        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}" for name, ts in times.items()),
+        f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)",
+    ]
     if not args.no_memory:
-        print(f"\npeak memory of a training step over what is resident before it (fresh process per model)")
-        print(f"{'model':18s} {'held MiB':>9s} {'x float':>8s}   {'glibc default MiB':>17s} {'x float':>8s}")
         memory = memory_ratios(args.size, args.batch, args.threads)
         default = memory_ratios(args.size, args.batch, args.threads, held=False)
-        for name, (b, r) in memory.items():
-            print(f"{name:18s} {b / 2**20:9.1f} {r:8.2f}   {default[name][0] / 2**20:17.1f} {default[name][1]:8.2f}")
+        lines += ["", "peak memory of a training step over what is resident before it (fresh process per model)",
+                  f"{'model':18s} {'held MiB':>9s} {'x float':>8s}   {'glibc default MiB':>17s} {'x float':>8s}"]
+        lines += [f"{name:18s} {b / 2**20:9.1f} {r:8.2f}   {default[name][0] / 2**20:17.1f} {default[name][1]:8.2f}"
+                  for name, (b, r) in memory.items()]
         worst = max(r for _, r in memory.values())
         mem_ok = worst <= MEMORY_TARGET
-        print(f"target: every model <= {MEMORY_TARGET}x float's step memory (held): "
-              f"{'MET' if mem_ok else 'MISSED'} ({worst:.2f}x)")
+        lines.append(f"target: every model <= {MEMORY_TARGET}x float's step memory (held): "
+                     f"{'MET' if mem_ok else 'MISSED'} ({worst:.2f}x)")
         ok = ok and mem_ok
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_header
+
+        fused = "fused kernels built" if kernels.fused() is not None else "no fused kernels (eager quantizers only)"
+        if args.append and Path(args.out).exists():
+            with open(args.out, "a") as f:
+                f.write(f"\n{results_header.header(threads=args.threads)}\n```\n{text}\n```\n")
+        else:
+            results_header.write(args.out, "QAT step time and memory (bench/qat_step.py)",
+                                 f"{fused}; targets: ASQ+POST 4-bit <= {TARGET}x float's step time; every model "
+                                 f"<= {MEMORY_TARGET}x float's step memory.\n\n```\n{text}\n```",
+                                 threads=args.threads)
     return 1 if args.check and not ok else 0
 
 

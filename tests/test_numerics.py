@@ -11,20 +11,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompiler import numerics
 from qcompiler.numerics import (
+    GRID_BASES,
     POST_MANTISSA,
     POST_SHIFT,
     adder_act_codes,
     adder_weight_codes,
     adder_weight_step_ratio,
+    code_dtype,
     fixed_point_multiplier,
+    fixed_point_multipliers,
     grid_codes,
     int_range,
+    grid_levels,
+    grid_thresholds,
     largest_exponent,
+    power_levels,
     post_constant,
     post_table,
     quantize_codes,
     quantize_float,
+    round_half_even,
     shift_round_half_even,
 )
 
@@ -69,8 +77,32 @@ def test_shift_agrees_on_ints_numpy_and_torch(values, shift):
 
 
 def test_negative_shift_is_refused():
-    with pytest.raises(ValueError, match="shift"):
+    with pytest.raises(ValueError, match="shift must be >= 0, got -1"):
         shift_round_half_even(4, -1)
+    with pytest.raises(ValueError, match="shift must be >= 0, got -2"):
+        shift_round_half_even(np.array([4, 4]), np.array([0, -2]))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(int64s, st.integers(min_value=0, max_value=80)), min_size=1, max_size=16))
+def test_per_element_shifts_are_exact_half_even_division(pairs):
+    """One shift per element (per-channel requantization), 0 and past 63 included, in exact arithmetic."""
+    acc = np.array([a for a, _ in pairs], dtype=np.int64)
+    shift = np.array([s for _, s in pairs], dtype=np.int64)
+    got = shift_round_half_even(acc, shift)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64 and got.shape == acc.shape
+    assert got.tolist() == [_exact_half_even(Fraction(a, 2**s)) for a, s in pairs]
+
+
+@pytest.mark.parametrize("acc, shift, expected", [
+    (5, 0, 5), (5, 1, 2), (7, 1, 4), (-5, 1, -2), (-7, 1, -4), (6, 2, 2), (-6, 2, -2), (2, 2, 0), (-2, 2, 0),
+    (2**62 + 1, 63, 1), (2**62, 63, 0), (-(2**62) - 1, 63, -1), (-(2**62), 63, 0), (2**63 - 1, 64, 0),
+    (-(2**63), 63, -1), (-(2**63), 64, 0), (2**63 - 1, 62, 2), (-(2**63), 62, -2),
+])
+def test_per_element_shift_edge_cases(acc, shift, expected):
+    """Ties either way, shift 0, and the shifts an int64 shift cannot do (63 and past)."""
+    got = shift_round_half_even(np.array([acc, 3], dtype=np.int64), np.array([shift, 1], dtype=np.int64))
+    assert got.tolist() == [expected, 2] == [_exact_half_even(Fraction(acc, 2**shift)), 2]
 
 
 # --------------------------------------------------------------------------- fixed-point multipliers
@@ -95,8 +127,57 @@ def test_fixed_point_multiplier_edge_cases():
     assert fixed_point_multiplier(1.0) == (2**30, 30)
     # a mantissa that rounds up to the next power of two moves to the next octave
     assert fixed_point_multiplier(1 - 2.0**-40, bits=8) == (128, 7)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot represent inf as a fixed-point multiplier"):
         fixed_point_multiplier(math.inf)
+
+
+
+reals = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False)
+
+
+@PROPERTY
+@given(st.lists(reals, min_size=1, max_size=16), st.integers(min_value=2, max_value=31))
+def test_fixed_point_multipliers_are_the_scalar_function_elementwise(xs, bits):
+    m, s = fixed_point_multipliers(np.array(xs), bits)
+    assert m.dtype == np.int64 and s.dtype == np.int64 and m.shape == s.shape == (len(xs),)
+    assert [(int(a), int(b)) for a, b in zip(m, s)] == [fixed_point_multiplier(x, bits) for x in xs]
+
+
+def test_fixed_point_multipliers_edge_cases():
+    # zero, both signs, a mantissa rounding up into the next octave, a value >= 2^bits
+    real = np.array([0.0, 1.0, -1.0, 1 - 2.0**-40, -(1 - 2.0**-40), 2.0**40, 0.75, -0.1])
+    m, s = fixed_point_multipliers(real, bits=8)
+    assert m.tolist() == [0, 128, -128, 128, -128, 128, 192, -205]
+    assert s.tolist() == [0, 7, 7, 7, 7, -33, 8, 11]
+    m31, s31 = fixed_point_multipliers(np.array([1.0]))  # 31 bits by default
+    assert (m31.tolist(), s31.tolist()) == ([2**30], [30])
+    for bad in (np.inf, -np.inf, np.nan):
+        with pytest.raises(ValueError, match="^cannot represent a non-finite value as a fixed-point multiplier$"):
+            fixed_point_multipliers(np.array([1.0, bad]))
+
+
+@pytest.mark.parametrize("qmin, qmax, dtype, np_dtype", [
+    (-8, 7, torch.int8, np.int8), (0, 255, torch.int16, np.int16), (-(2**15), 2**15 - 1, torch.int16, np.int16),
+    (0, 2**16 - 1, torch.int32, np.int32),
+])
+def test_narrow_codes_have_the_narrowest_dtype_and_the_same_values(qmin, qmax, dtype, np_dtype):
+    x = torch.linspace(qmin - 3, qmax + 3, 50) * 0.5
+    wide = quantize_codes(x, 0.5, qmin, qmax)
+    narrow = quantize_codes(x, 0.5, qmin, qmax, narrow_dtype=True)
+    assert wide.dtype == torch.int64 and narrow.dtype == dtype
+    assert torch.equal(narrow.long(), wide) and int(narrow.min()) == qmin and int(narrow.max()) == qmax
+    on_numpy = quantize_codes(x.numpy(), np.float32(0.5), qmin, qmax, narrow_dtype=True)
+    assert on_numpy.dtype == np_dtype and on_numpy.tolist() == wide.tolist()
+
+
+@pytest.mark.parametrize("qmin, qmax, dtype", [
+    (-128, 127, torch.int8), (-7, 7, torch.int8), (0, 127, torch.int8),
+    (0, 255, torch.int16), (-129, 0, torch.int16), (-32768, 32767, torch.int16),
+    (0, 32768, torch.int32), (-(2**31), 2**31 - 1, torch.int32),
+    (0, 2**31, torch.int64), (-(2**31) - 1, 0, torch.int64),
+])
+def test_code_dtype_is_the_narrowest_signed_type_holding_the_range(qmin, qmax, dtype):
+    assert code_dtype(qmin, qmax) == dtype
 
 
 # --------------------------------------------------------------------------- uniform codes
@@ -202,3 +283,91 @@ def test_largest_exponent():
     assert largest_exponent(np.array([1, -4, 0, 3])) == 3
     codes = grid_codes(torch.tensor([1.0, -0.5, 0.26, 0.0]), 4, 2.0)
     assert largest_exponent(codes) == int((codes.abs() - 1).max())
+
+
+# --------------------------------------------------------------------------- power-grid decision points
+
+
+@PROPERTY
+@given(
+    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_at_most_is_the_largest_value_of_the_dtype_not_above(t, dtype):
+    got = numerics._at_most(t, dtype)
+    assert float(torch.tensor(got, dtype=dtype)) == got  # a value of that dtype
+    assert got <= t
+    above = torch.nextafter(torch.tensor(got, dtype=dtype), torch.tensor(math.inf, dtype=dtype))
+    assert float(above) > t  # and the next one up is past t
+    if float(torch.tensor(t, dtype=dtype)) == t:
+        assert got == t  # representable: t itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+def test_grid_thresholds_are_the_midpoints_rounded_down_in_the_input_dtype(grid, dtype):
+    numerics.grid_thresholds.cache_clear()  # compute them here, not from an earlier caller's cache
+    base, bits = GRID_BASES[grid], 4
+    g = grid_thresholds(bits, base, dtype)
+    mids = ((1 + base) / 2, (base + 2) / 2) if grid == "post" else (1.5, 2.0)
+    zero = base ** -(2 ** (bits - 1) - 2) / 2
+    for got, exact in ((g.mid_low, mids[0]), (g.mid_high, mids[1]), (g.zero_below, zero)):
+        assert got == numerics._at_most(exact, dtype) and got <= exact
+        if dtype == torch.float64:
+            assert got == exact  # Python floats are float64: exact
+    assert g.max_exponent == 2 ** (bits - 1) - 2 and g.sqrt2 == (grid == "post")
+    with pytest.raises(ValueError, match="base 2 or sqrt"):
+        grid_thresholds(bits, 3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_levels_decide_float64_ties_on_float64_thresholds(dtype):
+    """A magnitude at the exact midpoint between the levels 1/2 and 1/sqrt 2 (in the input's dtype)
+    goes to 1/2, the next value up to 1/sqrt 2. Float32 thresholds would misplace float64 inputs in between."""
+    numerics.grid_thresholds.cache_clear()
+    numerics._level_of_exponent.cache_clear()
+    base = GRID_BASES["post"]
+    mid = torch.tensor(numerics._at_most((1 + base) / 2, dtype) / 2, dtype=dtype)  # the octave [1/2, 1)
+    up = torch.nextafter(mid, torch.tensor(2.0, dtype=dtype))
+    levels = grid_levels(torch.stack([mid, up]), 4, base)
+    table = power_levels(4, base, dtype)
+    assert levels.dtype == dtype
+    assert levels.tolist() == [float(table[-3]), float(table[-2])] == [0.5, float(np.float32(2**-0.5))]
+
+
+def test_power_levels_are_float32_values_in_every_dtype():
+    """The grid is the fake-quant module's float32 grid: a float64 table holds the same values."""
+    for base in GRID_BASES.values():
+        for bits in range(2, 9):
+            wide = power_levels(bits, base, torch.float64)
+            assert wide.dtype == torch.float64
+            assert torch.equal(wide, wide.float().double())
+            assert torch.equal(wide.float(), power_levels(bits, base))
+
+
+def test_shifts_of_62_and_63_in_one_array():
+    """The branch for shifts past 62 must leave the elements shifted by 62 alone."""
+    acc = np.array([2**63 - 1, 2**63 - 1, -(2**63), 3 * 2**60], dtype=np.int64)
+    got = shift_round_half_even(acc, np.array([62, 63, 62, 62], dtype=np.int64))
+    assert got.tolist() == [2, 1, -2, 1]
+
+
+@pytest.mark.parametrize("act_bits", range(2, 9))
+@pytest.mark.parametrize("weight_bits", range(2, 9))
+def test_adder_weight_step_ratio_is_the_documented_floor(act_bits, weight_bits):
+    """docs/design.md §4.5: ``ratio = max(1, floor((2^a - 1) / (2^(w-1) - 1)))``."""
+    expected = max(1, math.floor(Fraction(2**act_bits - 1, 2 ** (weight_bits - 1) - 1)))
+    assert adder_weight_step_ratio(act_bits, weight_bits) == expected
+
+
+def test_adder_weight_step_ratio_needs_two_weight_bits():
+    with pytest.raises(ValueError, match="^adder weights need at least 2 bits, got 1$"):
+        adder_weight_step_ratio(4, 1)
+
+
+@pytest.mark.parametrize("as_array", [np.array, torch.tensor])
+def test_round_half_even_without_an_output_buffer(as_array):
+    v = as_array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49999997, 3.0])
+    got = round_half_even(v)
+    assert type(got) is type(v) and got is not v
+    assert got.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 3.0]

@@ -332,17 +332,14 @@ def test_pin_first_last_must_be_bool(tmp_path: Path) -> None:
         QuantSpec.load(path)
 
 
-def test_override_by_module_path_applies_or_is_rejected() -> None:
+def test_override_by_module_path_applies() -> None:
     import torch
 
     import qcompiler
     from qcompiler.zoo import resnet20
 
     spec = QuantSpec(passes="lsq", overrides=(LayerOverride("stages.8.*", act_bits=8),))
-    try:
-        compiled = qcompiler.compile(resnet20(in_channels=1, width=4), spec, calib_data=torch.randn(8, 1, 8, 8))
-    except SpecError as e:  # rejecting a pattern that matches nothing is fine too
-        assert "stages.8.*" in str(e)
-        return
+    compiled = qcompiler.compile(resnet20(in_channels=1, width=4), spec, calib_data=torch.randn(8, 1, 8, 8))
     bits = {r.name: r.act_bits for r in compiled.report.layers}
     assert bits["stages_8_conv1"] == 8 and bits["stages_8_conv2"] == 8
+    assert bits["stages_7_conv1"] == 4  # and nothing else

@@ -44,3 +44,21 @@ def test_compile_time_resnet20_reports_a_finite_positive_ratio(capsys):
     assert math.isclose(ratio, qc_ms / ao_ms, rel_tol=0.02, abs_tol=0.002), out
     assert "excluded: observe" in out, out
     assert "threads 1" in out, out
+    # the calibration-included ratio, next to torch.ao observing the same batches
+    calib = re.search(rf"^resnet20\s+{NUM} \(\+{NUM}\)\s+{NUM} \(\+{NUM}\)\s+{NUM}$", out, re.MULTILINE)
+    assert calib, out
+    qc_all, qc_calib, ao_all, ao_observe, ratio_all = map(float, calib.groups())
+    assert qc_calib > 0 and ao_observe > 0, out
+    assert math.isclose(qc_all, qc_ms + qc_calib, rel_tol=0.01, abs_tol=0.2), out
+    assert math.isclose(ao_all, ao_ms + ao_observe, rel_tol=0.01, abs_tol=0.2), out
+    assert math.isclose(ratio_all, qc_all / ao_all, rel_tol=0.02, abs_tol=0.002), out
+
+
+def test_compile_time_writes_its_results_file_with_the_machine(tmp_path):
+    bench = _load_bench()
+    out = tmp_path / "compile_time.md"
+    assert bench.main(["--models", "resnet20", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Compile time")
+    for field in ("Command: `python", "UTC", "commit ", "Machine: ", "instruction set ", "torch threads 1", "ratio with calibration"):
+        assert field in text, field

@@ -6,7 +6,10 @@ accumulate in another order, so they agree to float32 rounding of the sum.
 """
 
 import contextlib
+import copy
 import math
+import os
+import threading
 import warnings
 
 import pytest
@@ -18,7 +21,15 @@ from qcompiler.quantizers.asq import ASQQuantizer
 from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _PowerGrid
 from qcompiler.quantizers.uniform import UniformQuantizer, _FusedLSQ, lsq_quantize, positive
 
-needs_kernels = pytest.mark.skipif(kernels.fused() is None, reason="the fused kernels cannot be built here")
+
+
+def _why_no_kernels() -> str:
+    if os.environ.get("QCOMPILER_FUSED", "1") == "0":
+        return "QCOMPILER_FUSED=0 switches the fused kernels off (this leg tests the eager quantizers)"
+    return "the fused kernels could not be built here (no C++ compiler or ninja; see the RuntimeWarning)"
+
+
+needs_kernels = pytest.mark.skipif(kernels.fused() is None, reason=_why_no_kernels())
 
 
 def _run(fn, *leaves):
@@ -176,26 +187,87 @@ def test_power_grid_kernel_levels_are_the_specified_table():
             assert torch.equal(out, table), (grid, bits)
 
 
-@needs_kernels
-def test_results_do_not_depend_on_the_thread_count():
-    torch.manual_seed(0)
-    w = torch.randn(64, 64, 3, 3)
-    alpha = torch.rand(64) + 0.1
-    fused, _ = _power_grid_paths(4, "post", 0.1)
-    runs = []
+CHUNK = 1 << 14  # kChunk in fused_quant.cpp: the unit of work whose partial sums are reduced
+
+
+def _at_threads(threads: int, fn):
     previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            runs.append(_run(fused, w, alpha))
+        return fn()
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
+def _lsq_case(rows: int):
+    torch.manual_seed(rows)
+    x = torch.randn(rows if rows > 1 else 4, 9, 64, 64) * 0.5  # 36864 per sample: 2.25 chunks a row
+    step = torch.rand(rows) * 0.05 + 0.02 if rows > 1 else torch.tensor(0.05)
+
+    def run(x, step):
+        return _FusedLSQ.apply(x, step, -8, 7, 0.3, kernels.fused())
+
+    return run, x, step
+
+
+def _grid_case(grid: str, rows: int):
+    torch.manual_seed(rows)
+    w = torch.randn(rows, 5 * CHUNK // 2)  # 2.5 chunks a row
+    fused, _ = _power_grid_paths(4, grid, 0.1)
+    return fused, w, torch.rand(rows) + 0.1
+
+
+KERNEL_CASES = {  # every entry point of the extension: lsq_forward/backward, power_forward/backward (both grids)
+    "lsq per-tensor (1 row, 9 chunks)": lambda: _lsq_case(1),
+    "lsq per-row (3 rows x 2.25 chunks)": lambda: _lsq_case(3),
+    "pot (1 row x 2.5 chunks)": lambda: _grid_case("pot", 1),
+    "pot per-row (3 rows x 2.5 chunks)": lambda: _grid_case("pot", 3),
+    "post (1 row x 2.5 chunks)": lambda: _grid_case("post", 1),
+    "post per-row (3 rows x 2.5 chunks)": lambda: _grid_case("post", 3),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_kernel_results_do_not_depend_on_the_thread_count(case):
+    """Forward values and both gradients bit-identical at 1 and 2 threads, over several reduction chunks."""
+    fn, x, param = KERNEL_CASES[case]()
+    assert x.numel() // param.numel() > 2 * CHUNK  # each row's sum combines at least three chunks
+    one, two = (_at_threads(t, lambda: _run(fn, x, param)) for t in (1, 2))
+    assert torch.equal(one[0], two[0])
+    assert all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
+    assert bool(one[1][1].ne(0).all())  # the step/alpha gradients really were reduced
+
+
+@needs_kernels
+def test_asq_quantizer_does_not_depend_on_the_thread_count():
+    """The fused ASQ node (kernels plus the adapter's backward matmuls), at 1 and 2 threads.
+
+    The quantizer is built once: ``init_from`` uses torch's own reductions, whose
+    result may depend on the thread count; this checks the training step only.
+    """
+    torch.manual_seed(0)
+    q = ASQQuantizer(4, signed=False, channels=9)
+    x = torch.rand(3, 9, 64, 64)  # 2.25 chunks per sample
+    _at_threads(1, lambda: q.init_from(x))
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+
+    def run():
+        qi = copy.deepcopy(q)
+        xi = x.clone().requires_grad_()
+        out = qi(xi)
+        out.backward(_upstream(out.shape))
+        return [out.detach(), xi.grad] + [p.grad for p in qi.parameters()]
+
+    one, two = _at_threads(1, run), _at_threads(2, run)
+    assert len(one) == 2 + 5
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_kernels
 def test_kernels_are_used_only_where_they_apply():
     k = kernels.fused()
+    assert k is not None
     x = torch.randn(4, 3, 5, 5)
     assert kernels.usable(x, torch.tensor(0.1)) is k
     assert kernels.usable(x, torch.rand(4, 1, 1, 1)) is k
@@ -220,6 +292,7 @@ def test_a_failed_build_falls_back_to_eager_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv("QCOMPILER_FUSED", raising=False)  # the build is attempted in both CI legs
     with pytest.warns(RuntimeWarning, match="Ninja is required to load C\\+\\+ extensions\\); using the slower eager"):
         assert kernels.fused() is None
     with warnings.catch_warnings():
@@ -234,3 +307,171 @@ def test_grid_thresholds_decide_ties_toward_the_smaller_level():
     assert g.mid_low <= (1 + math.sqrt(2)) / 2 < torch.nextafter(torch.tensor(g.mid_low), torch.tensor(2.0)).item()
     pot = grid_thresholds(4, 2.0)
     assert pot.mid_low == 1.5 and pot.zero_below == 2.0**-6 / 2
+
+
+def test_disabled_is_per_thread_with_two_threads_at_once():
+    """One thread inside ``disabled()`` while another, at the same time, is outside it and sees the kernels."""
+    inside, checked = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def eager_thread():
+        with kernels.disabled():
+            inside.set()
+            seen["eager, own view"] = kernels.enabled()
+            checked.wait(10)
+            seen["eager, after the other looked"] = kernels.enabled()
+        seen["eager, after the block"] = kernels.enabled()
+
+    def fused_thread():
+        inside.wait(10)
+        seen["other thread, during the block"] = kernels.enabled()
+        checked.set()
+
+    threads = [threading.Thread(target=eager_thread), threading.Thread(target=fused_thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    expected_outside = os.environ.get("QCOMPILER_FUSED", "1") != "0"
+    assert seen == {
+        "eager, own view": False,
+        "other thread, during the block": expected_outside,
+        "eager, after the other looked": False,
+        "eager, after the block": expected_outside,
+    }
+    assert kernels.enabled() is expected_outside  # this thread never entered the block
+
+
+@pytest.mark.skipif(os.environ.get("QCOMPILER_FUSED", "1") == "0", reason="QCOMPILER_FUSED=0: nothing to disable per thread")
+def test_disabled_blocks_nest_and_stay_in_their_thread():
+    with kernels.disabled():
+        with kernels.disabled():
+            assert not kernels.enabled()
+        assert not kernels.enabled()  # the outer block still holds
+        box = []
+        t = threading.Thread(target=lambda: box.append(kernels.enabled()))
+        t.start()
+        t.join(10)
+        assert box == [True]
+    assert kernels.enabled()
+
+
+ASQ_PARAMS = ("step", "adapter.fc1.weight", "adapter.fc1.bias", "adapter.fc2.weight", "adapter.fc2.bias")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 7), (6, 5, 4, 4)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("frozen", [None, "x", *ASQ_PARAMS])
+def test_asq_fused_backward_matches_autograd_with_any_input_frozen(shape, frozen):
+    """The hand-written ASQ backward against autograd on the eager path, for linear, 1-d and 2-d
+    activations, with beta far from 1 (the tanh's slope matters) and each input frozen in turn:
+    a gradient must arrive exactly where it is asked for."""
+    torch.manual_seed(len(shape))
+    q = ASQQuantizer(3, signed=False, channels=5)
+    x = torch.rand(shape) * 2
+    q.init_from(x)
+    with torch.no_grad():
+        torch.nn.init.normal_(q.adapter.fc1.weight, std=0.5)
+        q.adapter.fc1.bias.fill_(0.2)  # hidden units on, so fc1 gets gradients
+        torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+        q.adapter.fc2.bias.fill_(1.5)  # beta ~ 3.5: tanh(z / L) ~ 0.6, far from its linear part
+    for name, p in q.named_parameters():
+        p.requires_grad_(name != frozen)
+    runs = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(frozen != "x")
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            out = q(xi)
+        out.backward(_upstream(out.shape))
+        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = runs
+    assert torch.equal(out_f, out_e)
+    assert (gx_f is None) == (gx_e is None) == (frozen == "x")
+    if gx_e is not None:
+        torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-6)
+    for name in ASQ_PARAMS:
+        assert (gp_f[name] is None) == (gp_e[name] is None) == (name == frozen), name
+        if gp_e[name] is not None:
+            assert bool(gp_e[name].ne(0).any()), name  # the comparison below is not 0 == 0
+            torch.testing.assert_close(gp_f[name], gp_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("frozen", ["input", "step"])
+@pytest.mark.parametrize("make", [
+    lambda: UniformQuantizer(4, signed=True),
+    lambda: UniformQuantizer(4, signed=True, channels=6),
+    lambda: PowerGridQuantizer(4, "post", channels=6),
+    lambda: PowerGridQuantizer(4, "pot", channels=6),
+], ids=["lsq-tensor", "lsq-channel", "post", "pot"])
+def test_fused_lsq_and_grid_backward_give_gradients_exactly_where_asked(make, frozen):
+    torch.manual_seed(0)
+    q = make()
+    x = torch.randn(6, 5, 3, 3)
+    q.init_from(x)
+    for p in q.parameters():
+        p.requires_grad_(frozen != "step")
+    grads = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(frozen != "input")
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            q(xi).backward(_upstream(x.shape))
+        grads.append((xi.grad, [p.grad for p in q.parameters()]))
+    (gx_f, gp_f), (gx_e, gp_e) = grads
+    assert (gx_f is None) == (gx_e is None) == (frozen == "input")
+    if gx_e is not None:
+        assert torch.equal(gx_f, gx_e)
+    for f, e in zip(gp_f, gp_e):
+        assert (f is None) == (e is None) == (frozen == "step")
+        if e is not None:
+            torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6)
+
+
+class _CountingKernels:
+    """The kernel module, counting the forward calls that reach it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return counted
+
+
+@needs_kernels
+@pytest.mark.parametrize("make, shape, fused", [
+    (lambda: UniformQuantizer(4, signed=True), (6, 5, 3, 3), True),  # per tensor, any shape
+    (lambda: UniformQuantizer(4, signed=True), (7,), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6, 5, 3, 3), True),  # a step per row of dim 0
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6, 4), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=6), (6,), True),
+    (lambda: UniformQuantizer(4, signed=True, channels=5, channel_axis=1), (6, 5, 3, 3), False),  # not rows
+    (lambda: UniformQuantizer(4, signed=True, channels=5, channel_axis=1), (5, 5, 3, 3), False),  # even when N == C
+    (lambda: PowerGridQuantizer(4, "post", channels=6), (6, 5, 3, 3), True),
+    (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5, 3, 3), True),  # a step per sample
+    (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5, 7), True),
+    (lambda: ASQQuantizer(4, signed=False, channels=5), (6, 5), True),
+    (lambda: ASQQuantizer(4, signed=False, channels=5).double(), (6, 5, 3, 3), False),  # float32 only
+], ids=["tensor-4d", "tensor-1d", "channel-4d", "channel-2d", "channel-1d", "channel-axis-1", "channel-axis-1-square", "post",
+        "asq-4d", "asq-3d", "asq-2d", "asq-float64"])
+def test_quantizers_take_the_fused_path_wherever_it_applies(monkeypatch, make, shape, fused):
+    """The kernels are a speed contract: each layout they support must reach them (same results either way)."""
+    counting = _CountingKernels(kernels.fused())
+    monkeypatch.setitem(kernels._state, "module", counting)
+    torch.manual_seed(0)
+    q = make()
+    x = torch.randn(shape, dtype=next(q.parameters()).dtype)
+    x = x.abs() if isinstance(q, ASQQuantizer) else x
+    q.init_from(x)
+    with torch.no_grad():
+        fused_out = q(x)
+    assert bool(counting.calls) is fused, counting.calls
+    with kernels.disabled():
+        assert torch.equal(q(x).detach(), fused_out)

@@ -188,6 +188,87 @@ def test_compensation_folded_into_a_reestimated_batch_norm_no_longer_applies():
     assert c.module.get_submodule("3").bias is None
 
 
+
+def _no_bn_model() -> nn.Sequential:
+    """conv -> BN -> ReLU -> adder -> linear: nothing after the adder layer absorbs a constant.
+
+    No ReLU after the adder layer either: its outputs are all negative, so a ReLU
+    would zero them and hide any error in them.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        AdderConv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 3),
+    )
+    _set_channel_max(model[3], _BIG, seed=0)
+    reestimate_batchnorm(model, list(_calib().split(64)))
+    return model.eval()
+
+
+def _spec_compensation(weight: torch.Tensor, r_x: float) -> torch.Tensor:
+    """docs/design.md §4.5 step 3, written out per channel: ``b[c] = -sum_i max(|W[c]_i| - r_x, 0)``."""
+    w = weight.detach().double().flatten(1)
+    return torch.tensor([-sum(max(abs(float(v)) - r_x, 0.0) for v in row) for row in w], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("batch_norm_follows", [True, False])
+def test_compensation_is_the_specified_negative_constant(monkeypatch, batch_norm_follows):
+    """The recorded constant against the specification's formula, with and without a following batch norm.
+
+    The batch-norm re-estimation is patched out so that what the fold did stays visible.
+    """
+    monkeypatch.setattr("qcompiler.passes.adder_groups.reestimate_batchnorm", lambda *a, **k: 0)
+    model, calib = (_model(maxima=_BIG) if batch_norm_follows else _no_bn_model()), _calib()
+    weight = model[3].weight.detach().clone()
+    spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16, adder_multiply_bits=None, pin_first_last=False)
+    c = qcompiler.compile(model, spec, calib_data=calib)
+    rec = ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales)
+    expected = _spec_compensation(weight, _observed_max(model, calib))
+    assert bool((expected < -0.5).all())  # every channel has weights well past r_x
+    torch.testing.assert_close(rec.compensation.double(), expected, rtol=1e-5, atol=1e-4)
+    if batch_norm_follows:
+        # BN(y + b) = BN'(y) with running_mean' = running_mean - b: the mean grows
+        shifted = c.module.get_submodule("4").running_mean.double() - model[4].running_mean.double()
+        torch.testing.assert_close(shifted, -expected, rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(c.module.get_submodule("3").bias.detach().double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_adder_layer_with_the_bias_reproduces_the_float_layer():
+    """No batch norm after the adder layer: its output (clamped weights, bias) is the float layer's on [0, r_x].
+
+    With the compensation's sign flipped the relative error is about 1.5; at 16 bits it is ~1e-4.
+    """
+    model, calib = _no_bn_model(), _calib()
+    float_weight = model[3].weight.detach().clone()
+    spec = qcompiler.QuantSpec(passes="adder-groups", weight_bits=16, act_bits=16, adder_multiply_bits=None, pin_first_last=False)
+    c = qcompiler.compile(model, spec, calib_data=calib)
+    q = c.module.get_submodule("3")
+    with torch.no_grad():
+        x = model[:3](calib)  # inside [0, r_x]: r_x is the observed maximum
+        got, ref = q(x), adder_conv2d(x, float_weight, padding=1)
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("passes", ["adder-groups", "outlier-clamp,adder-groups"])
+def test_compiled_model_without_a_following_batch_norm_matches_the_float_model(passes):
+    """Through the full pipeline (calibration, clamp, fold, re-estimation): the compensation still holds.
+
+    The only batch norm sits before the adder layer and already holds the calibration
+    statistics, so re-estimating it changes nothing; the outlier clamp clips a few
+    inputs, hence its looser bound.
+    """
+    model, calib = _no_bn_model(), _calib()
+    spec = qcompiler.QuantSpec(passes=passes, weight_bits=16, act_bits=16, adder_multiply_bits=None,
+                               pin_first_last=False, outlier_alpha=0.9999)
+    c = qcompiler.compile(model, spec, calib_data=calib)
+    assert ir.get(_node(c.module, "_3"), ir.ADDER_Q, ir.AdderScales).compensation_applies
+    with torch.no_grad():
+        ref, out = model(calib), c.module(calib)
+    error = float((out - ref).norm() / ref.norm())
+    assert error < (1e-3 if passes == "adder-groups" else 2e-2), error
+
+
 # --------------------------------------------------------------------------- groups and ranges
 
 
@@ -367,7 +448,7 @@ def test_adder_layer_reading_the_network_input_is_pinned_to_8_bits():
 
 
 @pytest.mark.parametrize("passes", ["adder-groups", "adder-shared"])
-def test_adder_layer_on_a_signed_input_is_refused_or_stays_accurate(passes):
+def test_adder_layer_on_a_signed_input_is_refused_in_one_line(passes):
     torch.manual_seed(0)
     model = nn.Sequential(  # no ReLU in front of the adder layer
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
@@ -378,14 +459,9 @@ def test_adder_layer_on_a_signed_input_is_refused_or_stays_accurate(passes):
     reestimate_batchnorm(model, list(calib.split(64)))
     model.eval()
     spec = qcompiler.QuantSpec(passes=passes, weight_bits=16, act_bits=16)
-    try:
-        c = qcompiler.compile(model, spec, calib_data=calib)
-    except SpecError as e:  # refusing, in one line naming the layer, is a fix too
-        assert "\n" not in str(e) and "'_2'" in str(e)
-        return
-    with torch.no_grad():
-        ref, out = model(calib), c.module(calib)
-    torch.testing.assert_close(out, ref, rtol=0, atol=5e-3 * float(ref.abs().max()))
+    with pytest.raises(SpecError) as info:  # unsigned codes would silently drop the negative half
+        qcompiler.compile(model, spec, calib_data=calib)
+    assert "\n" not in str(info.value) and "'_2'" in str(info.value) and "signed input" in str(info.value)
 
 
 # --------------------------------------------------------------------------- adder-shared

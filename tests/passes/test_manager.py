@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qcompiler
@@ -179,6 +181,49 @@ def test_conflict_declared_on_either_side() -> None:
     with pytest.raises(PipelineError, match="conflict"):
         plan(("grid2", "grid1"), spec, CALIB, FAKES)
     assert _names(plan(("grid2",), spec, CALIB, FAKES)) == ["grid2"]
+
+
+
+def _declared_conflicts() -> list[tuple[str, str]]:
+    return sorted({tuple(sorted((a, b))) for a, cls in REGISTRY.items() for b in cls.conflicts})
+
+
+def test_the_registry_declares_the_documented_conflicts() -> None:
+    assert _declared_conflicts() == [("adder-groups", "adder-shared"), ("asq", "lsq"), ("post", "pot")]
+
+
+@pytest.mark.parametrize("pair", _declared_conflicts(), ids="-".join)
+@pytest.mark.parametrize("between", [("lsq", "observe"), ("observe", "outlier-clamp"), ("pin-first-last", "post", "lsq")])
+def test_conflicts_are_refused_anywhere_in_the_list(pair: tuple[str, str], between: tuple[str, ...]) -> None:
+    """A conflicting pair is refused with other passes between them, in either order (``post,lsq,pot``)."""
+    spec = QuantSpec()
+    a, b = pair
+    between = tuple(n for n in between if n not in pair and not ({n} & {c for p in pair for c in REGISTRY[p].conflicts}))
+    assert between  # something really stands between the two
+    for names in ((a, *between, b), (b, *between, a)):
+        with pytest.raises(PipelineError) as info:
+            plan(names, spec, CALIB, REGISTRY)
+        message = str(info.value)
+        assert f"{a!r}" in message and f"{b!r}" in message and "conflict" in message, names
+
+
+def test_post_lsq_pot_is_refused() -> None:
+    spec = QuantSpec(passes="post,lsq,pot")
+    with pytest.raises(PipelineError, match="'post' and 'pot' conflict"):
+        plan(spec.passes, spec, CALIB, REGISTRY)
+    with pytest.raises(PipelineError, match="conflict"):
+        qcompiler.compile(_tiny(), spec, calib_data=torch.randn(4, 1, 6, 6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_order_of_passes_with_a_conflicting_pair_is_refused(data) -> None:
+    pair = data.draw(st.sampled_from(_declared_conflicts()))
+    others = [n for n in ("observe", "lsq", "post", "outlier-clamp", "pin-first-last")
+              if n not in pair and not ({n} & {c for p in pair for c in REGISTRY[p].conflicts})]
+    names = data.draw(st.permutations([*pair, *data.draw(st.lists(st.sampled_from(others), unique=True))]))
+    with pytest.raises(PipelineError, match="conflict"):
+        plan(tuple(names), QuantSpec(), CALIB, REGISTRY)
 
 
 def test_missing_prerequisite_from_non_analysis_pass() -> None:

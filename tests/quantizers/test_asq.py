@@ -1,11 +1,15 @@
 """ASQ: per-sample beta, beta ≈ 1 at init, the method's gradients, and the adapter guard."""
 
+import contextlib
 import math
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qcompiler.numerics import quantize_float
-from qcompiler.quantizers.asq import BETA_BOUND, Adapter, ASQQuantizer, adapter_hidden
+from qcompiler.quantizers.asq import Adapter, ASQQuantizer, adapter_hidden, init_linear
 from qcompiler.quantizers.uniform import lsq_quantize, positive
 
 
@@ -85,7 +89,7 @@ def test_saturated_adapter_leaves_a_working_quantizer():
     with torch.no_grad():
         q.adapter.fc2.bias.fill_(-1e4)
     beta = q.beta(x)
-    torch.testing.assert_close(beta, torch.full((2,), math.exp(-BETA_BOUND)))
+    torch.testing.assert_close(beta, torch.full((2,), 1 / 8))  # the documented floor, not the code's constant
     out = q(x)
     assert out.abs().sum() > 0
     out.sum().backward()
@@ -144,3 +148,88 @@ def test_token_input_gradients_agree_between_fused_and_eager():
         grads.append([x.grad.clone(), q.step.grad.clone(), *(p.grad.clone() for p in q.adapter.parameters())])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pre_activation, bound", [(1e4, 8.0), (-1e4, 1 / 8), (30.0, 8.0), (-30.0, 1 / 8)])
+def test_beta_saturates_at_the_documented_bounds(pre_activation, bound):
+    """docs/design.md §4.3: beta lies in [1/8, 8] and reaches its ends when the adapter saturates.
+
+    The expectation is the specification's 8 and 1/8, not the module's own constant,
+    so a bound of 4 or 64 (ln 4, ln 64) fails here.
+    """
+    a = Adapter(8)
+    with torch.no_grad():
+        a.fc2.weight.zero_()
+        a.fc2.bias.fill_(pre_activation)
+    beta = a(torch.rand(3, 8, 2, 2))
+    torch.testing.assert_close(beta, torch.full((3,), bound), rtol=1e-5, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(z=st.floats(-1e6, 1e6, allow_nan=False))
+def test_beta_stays_inside_the_bounds_and_is_one_at_zero(z):
+    a = Adapter(4)
+    with torch.no_grad():
+        a.fc2.weight.zero_()
+        a.fc2.bias.fill_(z)
+    beta = a(torch.rand(1, 4)).detach().item()
+    assert 1 / 8 - 1e-6 <= beta <= 8 + 1e-5
+    if abs(z) < 1e-3:  # slope 1 at z = 0: beta = exp(z) to first order
+        assert beta == pytest.approx(math.exp(z), rel=1e-5)
+
+
+@pytest.mark.parametrize("channels, hidden", [(64, 16), (20, 5), (19, 4), (16, 4), (3, 4), (1, 4)])
+def test_adapter_hidden_is_a_quarter_of_the_channels_but_at_least_four(channels, hidden):
+    assert adapter_hidden(channels) == hidden
+    assert Adapter(channels).fc1.out_features == hidden
+
+
+def test_init_linear_draws_what_nn_linear_draws_from_the_generator():
+    """The same weights and bias as ``nn.Linear``'s own initialisation, from the given generator alone."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(12, 5)
+    torch.manual_seed(123)  # the global RNG must play no part
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, 12, 5)
+    init_linear(layer, torch.Generator().manual_seed(0))
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+
+
+def test_asq_quantizer_adapters_follow_the_generator_not_the_global_rng():
+    torch.manual_seed(1)
+    a = ASQQuantizer(4, signed=False, channels=8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = ASQQuantizer(4, signed=False, channels=8, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(p, q) for p, q in zip(a.adapter.parameters(), b.adapter.parameters()))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_asq_codes_stay_in_range_for_signed_and_unsigned_inputs(signed, fused):
+    """Outputs are the LSQ quantization at the per-sample step ``s * beta``, clamped to the code range."""
+    from qcompiler import kernels
+
+    torch.manual_seed(0)
+    q = ASQQuantizer(3, signed=signed, channels=4)
+    x = torch.randn(3, 4, 5, 5) * 4  # far past the range on both sides
+    q.init_from(x.abs())
+    torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)
+    with torch.no_grad(), (contextlib.nullcontext() if fused else kernels.disabled()):
+        out = q(x)
+        step = q.sample_step(x)
+    qmin, qmax = (-4, 3) if signed else (0, 7)
+    assert (q.qmin, q.qmax) == (qmin, qmax)
+    assert torch.equal(out, quantize_float(x, step, qmin, qmax) * step)
+    codes = torch.round(out / step)
+    assert codes.min() == qmin and codes.max() == qmax  # both ends reached, nothing beyond
+
+
+def test_beta_pools_each_sample_over_all_positions():
+    """beta depends on the channel means only: (N, C, L) and (N, C, H, W) of the same means give the same beta."""
+    torch.manual_seed(0)
+    a = Adapter(4)
+    torch.nn.init.normal_(a.fc2.weight, std=0.5)
+    means = torch.rand(3, 4)
+    flat = means.view(3, 4, 1).expand(3, 4, 6).contiguous()
+    square = means.view(3, 4, 1, 1).expand(3, 4, 2, 3).contiguous()
+    torch.testing.assert_close(a(flat), a(means))
+    torch.testing.assert_close(a(square), a(means))

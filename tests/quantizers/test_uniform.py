@@ -63,7 +63,7 @@ def test_idempotent_and_multiple_of_step(x: list[float], s: float, b: int, signe
     assert torch.equal(once, codes.to(dtype) * step)
     ratio = once / step
     assert torch.allclose(ratio, torch.round(ratio), rtol=0, atol=1e-3)
-    assert float(once.min()) >= qmin * float(step) * (1 + 1e-6) - 1e-12 or qmin == 0
+    assert float(once.min()) >= qmin * float(step) * (1 + 1e-6) - 1e-12
     assert float(once.max()) <= qmax * float(step) * (1 + 1e-6)
 
 
@@ -173,8 +173,18 @@ def test_lsq_init() -> None:
 def test_positive_step() -> None:
     s = torch.tensor([-0.5, 0.0, 2.0], requires_grad=True)
     p = positive(s)
-    assert p.tolist() == [0.5, 1e-8, 2.0] or torch.allclose(p, torch.tensor([0.5, 1e-8, 2.0]))
+    assert torch.equal(p, torch.tensor([0.5, 1e-8, 2.0]))  # |s|, floored at float32's 1e-8
     q = UniformQuantizer(4, signed=True)
     with torch.no_grad():
         q.step.fill_(-0.5)  # an SGD step past zero must not flip or zero the grid
     torch.testing.assert_close(q(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]))
+
+
+def test_a_batch_of_one_is_quantized_like_any_batch():
+    """The gradient scale counts the elements of one sample, also when there is only one sample."""
+    q = UniformQuantizer(4, signed=True)
+    x = torch.randn(1, 3, 4)
+    q.init_from(x)
+    assert q.elements_per_step(x) == 12 and q.elements_per_step(torch.randn(5, 3, 4)) == 12
+    out = q(x)
+    assert torch.equal(out, quantize_codes(x, q.step.detach(), -8, 7).float() * q.step.detach())

@@ -1,0 +1,84 @@
+"""The header every benchmark writes at the top of its results file: how to reproduce it, and where it ran.
+
+A number is only comparable with one from the same machine, so each results file
+names the command, the date, the git commit, the CPU model, the instruction set
+torch dispatches to (``torch.backends.cpu.get_cpu_capability()``), the cores and
+torch's intra-op thread count.
+
+    >>> text = header("python bench/x.py", threads=2)
+    >>> lines = text.splitlines()
+    >>> lines[0].startswith("Command: `python bench/x.py`")
+    True
+    >>> "instruction set" in text and "torch threads 2" in text
+    True
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command(argv: list[str] | None = None) -> str:
+    """The command line that ran this script, as typed from the repository root."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0])
+    try:
+        script = script.resolve().relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, argv[1:])])
+
+
+def header(cmd: str | None = None, threads: int | None = None) -> str:
+    """Markdown lines: command, date and commit; machine (CPU model, instruction set, cores, threads)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"Command: `{cmd or command()}` ({date}, commit {commit()})\n\n"
+        f"Machine: {cpu_model()}, instruction set {torch.backends.cpu.get_cpu_capability()}, "
+        f"{os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}, Python {platform.python_version()}"
+        f"{load_average()}\n"
+    )
+
+
+def load_average() -> str:
+    """``; load average 1.2`` (the 1-minute average when the file is written): a shared machine's timings depend on it."""
+    try:
+        return f"; load average {os.getloadavg()[0]:.1f} when written"
+    except (AttributeError, OSError):
+        return ""
+
+
+def write(path: str | Path, title: str, body: str, cmd: str | None = None, threads: int | None = None) -> None:
+    """``# title``, the header, then ``body``, to ``path``."""
+    Path(path).write_text(f"# {title}\n\n{header(cmd, threads)}\n{body.rstrip()}\n")
