@@ -217,11 +217,7 @@ def format_table(results: list[Result]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*row).rstrip() for row in rows]
-    return "\n".join(lines)
+    return text_table(head, rows)
 
 
 def format_calibration_table(results: list[Result]) -> str:
@@ -231,11 +227,7 @@ def format_calibration_table(results: list[Result]) -> str:
          f"{r.ao_with_calibration * 1e3:.1f} (+{r.ao.observe * 1e3:.1f})", f"{r.ratio_with_calibration:.3f}")
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*row).rstrip() for row in rows]
-    return "\n".join(lines)
+    return text_table(head, rows)
 
 
 def parse_models(text: str) -> list[str]:

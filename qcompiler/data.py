@@ -110,6 +110,11 @@ def load_digits(seed_split: int = SPLIT_SEED) -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=TEST_FRACTION, random_state=seed_split, stratify=labels
     )
+    return _standardised(x_train, y_train, x_test, y_test)
+
+
+def _standardised(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> Dataset:
+    """Both splits standardised with one scalar mean and std of the training split."""
     mean, std = float(x_train.mean()), float(x_train.std())
     return Dataset(
         x_train=torch.from_numpy((x_train - mean) / std),
@@ -154,13 +159,7 @@ def load_digits_hard(seed_split: int = SPLIT_SEED) -> Dataset:
     )
     rng = np.random.default_rng(HARD_SEED)
     x_train, x_test = (np.stack([_distort(img, rng) for img in split])[:, None].astype(np.float32) for split in (x_train, x_test))
-    mean, std = float(x_train.mean()), float(x_train.std())
-    return Dataset(
-        x_train=torch.from_numpy((x_train - mean) / std),
-        y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy((x_test - mean) / std),
-        y_test=torch.from_numpy(y_test),
-    )
+    return _standardised(x_train, y_train, x_test, y_test)
 
 
 def _distort(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -27,13 +27,13 @@ import hashlib
 import os
 import shutil
 import sys
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import torch
+
+from ..threadswitch import ThreadSwitch
 
 SOURCE = Path(__file__).with_name("fused_quant.cpp")
 # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, so without it the
@@ -54,24 +54,19 @@ ISA_FLAGS = {
 LDFLAGS = ["-fopenmp"]
 
 _state: dict[str, ModuleType | None] = {}
-_local = threading.local()  # disabled() blocks, per thread
+_switch = ThreadSwitch()  # disabled() blocks, per thread
 
 
 def enabled() -> bool:
     """Whether the fused path may be used: ``QCOMPILER_FUSED`` is not ``0`` and no :func:`disabled` block is active."""
-    if getattr(_local, "disabled", 0):
+    if _switch.is_off():
         return False
     return os.environ.get("QCOMPILER_FUSED", "1") != "0"
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """Run the eager quantizers inside this block, in this thread (for comparisons and debugging)."""
-    _local.disabled = getattr(_local, "disabled", 0) + 1
-    try:
-        yield
-    finally:
-        _local.disabled -= 1
+    return _switch.off()
 
 
 def _cflags() -> list[str]:

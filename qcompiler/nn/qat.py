@@ -19,28 +19,26 @@ from .exact import deployed, frozen_layer
 from .saved import recomputed
 
 
+def _quantized_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A QConv's forward: the deployed integer form in eval without autograd, else the QAT formula."""
+    y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
+    if y is not None:
+        return y
+    w = self.weight_quant(self.weight)
+    with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
+        return self._conv_forward(x, w, self.bias)
+
+
 class QConv1d(nn.Conv1d):
     """``nn.Conv1d`` computing with ``weight_quant(weight)``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
-        if y is not None:
-            return y
-        w = self.weight_quant(self.weight)
-        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
-            return self._conv_forward(x, w, self.bias)
+    forward = _quantized_conv_forward
 
 
 class QConv2d(nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight_quant(weight)``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
-        if y is not None:
-            return y
-        w = self.weight_quant(self.weight)
-        with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
-            return self._conv_forward(x, w, self.bias)
+    forward = _quantized_conv_forward
 
 
 class QLinear(nn.Linear):

@@ -23,25 +23,21 @@ exporting or compiling, :func:`recomputed` does nothing.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Callable, Iterator
 
 import torch
 
+from ..threadswitch import ThreadSwitch
+
 _RECIPE = "_qcompiler_recompute"
 
 
-_local = threading.local()  # disabled() blocks, per thread
+_switch = ThreadSwitch()  # disabled() blocks, per thread
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """Keep quantized tensors for backward as before, in this thread (for comparisons and debugging)."""
-    _local.disabled = getattr(_local, "disabled", 0) + 1
-    try:
-        yield
-    finally:
-        _local.disabled -= 1
+    return _switch.off()
 
 
 def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -91,7 +87,7 @@ class _Recipe:
 
 
 def _pack(t: torch.Tensor) -> Any:
-    if getattr(_local, "disabled", 0):
+    if _switch.is_off():
         return t
     recipe = _recipe_of(t)
     if recipe is not None:
@@ -132,7 +128,7 @@ def _batch_norm_values(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> t
 
 
 def _remember_batch_norm_output(bn: torch.nn.Module, inputs: tuple, out: Any) -> None:
-    if isinstance(out, torch.Tensor) and bn.training and active(bn) and not getattr(_local, "disabled", 0):
+    if isinstance(out, torch.Tensor) and bn.training and active(bn) and not _switch.is_off():
         remember(out, _batch_norm_values, inputs[0], bn.weight, bn.bias, bn.eps)
 
 
