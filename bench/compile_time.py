@@ -52,6 +52,7 @@ import qcompiler  # noqa: E402
 from qcompiler.api import calibration_batches  # noqa: E402
 from qcompiler.passes import REGISTRY  # noqa: E402
 from qcompiler.passes.base import CALIBRATION_DATA  # noqa: E402
+from qcompiler.report import text_table  # noqa: E402
 from qcompiler.zoo import resnet20, resnet50  # noqa: E402
 
 TARGET_RATIO = 0.25
