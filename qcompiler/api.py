@@ -22,7 +22,7 @@ from .atomic import staged_folder
 from .data import Dataset
 from .errors import DataError, PipelineError, QCompileError, SpecError
 from .frontend import trace
-from .modelio import check_finite
+from .modelio import check_finite, non_finite
 from .passes import REGISTRY, PassContext, PassManager, plan
 from .passes.manager import NoChangeWarning
 from . import ir
@@ -189,12 +189,12 @@ def _load_trusted(path: Path, kind: type):
 
 def check_finite_state(module: nn.Module) -> None:
     """Never save NaN or Inf: a diverged QAT run must fail loudly, not produce a broken model."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise QCompileError(
-                f"the compiled model's {name!r} holds NaN or infinite values (QAT diverged?); nothing was saved; "
-                "lower --lr or check the data for extreme values"
-            )
+    found = non_finite(module)
+    if found:
+        raise QCompileError(
+            f"the compiled model's {found[0]!r} holds NaN or infinite values (QAT diverged?); nothing was saved; "
+            "lower --lr or check the data for extreme values"
+        )
 
 
 def check_applicable(gm: fx.GraphModule, passes: Sequence, force: bool) -> None:
@@ -356,9 +356,9 @@ class FloatLayerWarning(UserWarning):
 
 def warn_about_float(report: CompileReport, spec: QuantSpec) -> None:
     """A "4-bit" compile must not hide that some (or all) weight layers are not at 4 bits."""
-    left = [r for r in report.layers if r.weight_quantizer.startswith("float: ")]
+    left = [r for r in report.layers if r.float_reason]
     if left:
-        names = ", ".join(f"{r.name} ({r.weight_quantizer.removeprefix('float: ')})" for r in left[:3])
+        names = ", ".join(f"{r.name} ({r.float_reason})" for r in left[:3])
         more = f" and {len(left) - 3} more" if len(left) > 3 else ""
         warnings.warn(f"{len(left)} layer(s) with weights stay in float: {names}{more}; see the layer table",
                       FloatLayerWarning, stacklevel=3)

@@ -180,15 +180,23 @@ def _first_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
     return None
 
 
+def non_finite(module: nn.Module) -> tuple[str, int] | None:
+    """The first floating parameter or buffer holding NaN or Inf, and how many such values it holds."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name, int((~torch.isfinite(t)).sum())
+    return None
+
+
 def check_finite(model: nn.Module, where: Path | str) -> None:
     """Name the first parameter or buffer holding NaN or Inf: every pass after this would fail obscurely."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ModelLoadError(
-                f"{name!r} in {where if isinstance(where, str) else repr(str(where))} holds {bad} NaN or infinite "
-                "value(s); retrain or repair the model before compiling"
-            )
+    found = non_finite(model)
+    if found:
+        name, bad = found
+        raise ModelLoadError(
+            f"{name!r} in {where if isinstance(where, str) else repr(str(where))} holds {bad} NaN or infinite "
+            "value(s); retrain or repair the model before compiling"
+        )
 
 
 def _load_pickle(p: Path) -> nn.Module:

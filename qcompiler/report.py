@@ -33,6 +33,7 @@ class LayerReport:
     pinned: str  # why it is pinned, or ""
     params: int
     macs: int
+    float_reason: str = ""  # why an op with weights stays in float (no pass quantizes it), or ""
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def float_weight_rows(gm: fx.GraphModule) -> list[LayerReport]:
 
     return [
         LayerReport(name=op.node, kind=op.kind, weight_bits=None, act_bits=None, weight_quantizer=f"float: {op.reason}",
-                    act_quantizer="-", pinned="", params=op.params, macs=0)
+                    act_quantizer="-", pinned="", params=op.params, macs=0, float_reason=op.reason)
         for op in float_weight_ops(gm, skip=QUANTIZER_TYPES)
     ]
 
