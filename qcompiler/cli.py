@@ -9,8 +9,8 @@ exit status 2, with no traceback (``--debug`` shows it) and no partial output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .atomic import stage_dir
+from .atomic import staged_folder
 from .api import ARTIFACT_FILES, SAVED_FILES, check_replaceable
 from .errors import DataError, QCompileError, SpecError
 from .spec import QuantSpec, check_bits, parse_pass_names
@@ -152,12 +152,10 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def _check_training_flags(args: argparse.Namespace) -> None:
-    if args.train_epochs < 0:
-        raise SpecError(f"--train-epochs must be 0 or more, got {args.train_epochs}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise SpecError(f"--lr must be a finite positive number, got {args.lr}; try e.g. --lr 0.01")
-    if args.batch_size < 1:
-        raise SpecError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from .train import check_hyperparameters
+
+    check_hyperparameters({"epochs": "--train-epochs", "lr": "--lr", "batch_size": "--batch-size"},
+                          epochs=args.train_epochs, lr=args.lr, batch_size=args.batch_size)
 
 
 def check_labels(module, data) -> None:
@@ -195,13 +193,9 @@ def run(args: argparse.Namespace) -> int:
     data = fit_to_model(data, model)
     progress = not args.quiet and sys.stderr.isatty()
 
-    # Staged beside the destination, so the final move is a rename on the same file system.
-    dump_tmp = stage_dir(Path(args.dump_ir)) if args.dump_ir else None
-    try:
+    # Staged beside the destination and moved in only when everything else succeeded.
+    with staged_folder(Path(args.dump_ir)) if args.dump_ir else contextlib.nullcontext() as dump_tmp:
         _compile_train_report(args, spec, data, model, dump_tmp, progress)
-    finally:
-        if dump_tmp:
-            shutil.rmtree(dump_tmp, ignore_errors=True)
     return 0
 
 
@@ -244,7 +238,6 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
         print(f"quantized, after {args.train_epochs} QAT epoch(s): {acc:6.2f} %  ({acc - float_acc:+.2f} vs float)")
         compiled.freeze()
     if args.dump_ir:
-        _move_into(Path(dump_tmp), Path(args.dump_ir))
         print(f"IR dumps: {args.dump_ir}")
     artifacts = {}
     program = None
@@ -275,12 +268,6 @@ def _compile_train_report(args, spec, data, model, dump_tmp, progress) -> None:
     if args.report:
         page = compiled.write_report(args.report, calib_data=data, program=program, progress=progress)
         print(f"report: {page.page} ({len(page.figures)} figures)")
-
-
-def _move_into(src: Path, dst: Path) -> None:
-    if dst.exists():  # checked before any work: holds only earlier dumps
-        shutil.rmtree(dst)
-    os.replace(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:

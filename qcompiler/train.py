@@ -54,14 +54,34 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
-                raise SpecError(f"{name} must be an integer >= {1 if name == 'batch_size' else 0}, got {v!r}")
-        for name in ("lr", "momentum", "weight_decay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
-                raise SpecError(f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
+        check_hyperparameters(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, lr=self.lr,
+                              momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+_HINTS = {"lr": "; pass a positive learning rate such as 0.01"}
+
+
+def check_hyperparameters(names: dict[str, str] | None = None, **values: object) -> None:
+    """Validate training hyper-parameters by their :class:`TrainConfig` field names.
+
+    ``names`` maps a field to what the user typed (``{"lr": "--lr"}``), so the CLI checks
+    its flags up front with the same rules and names them in the error.
+
+    >>> check_hyperparameters({"lr": "--lr"}, lr=float("nan"))
+    Traceback (most recent call last):
+    ...
+    qcompiler.errors.SpecError: --lr must be a finite positive number, got nan; pass a positive learning rate such as 0.01
+    """
+    names = names or {}
+    for field, v in values.items():
+        shown = names.get(field, field)
+        if field in ("epochs", "batch_size", "seed"):
+            least = 1 if field == "batch_size" else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise SpecError(f"{shown} must be an integer >= {least}, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (field == "lr" and v == 0):
+            kind = "positive" if field == "lr" else "non-negative"
+            raise SpecError(f"{shown} must be a finite {kind} number, got {v!r}{_HINTS.get(field, '')}")
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
