@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from . import ir, numerics
 from .errors import QCompileError
-from .quantizers.asq import adapter_forward, pool
+from .quantizers.asq import beta_float64
 from .report import CompileReport, LayerReport
 
 if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, never by the CLI's startup
@@ -179,7 +179,7 @@ def _observe(obs: Observed, node: fx.Node, x: torch.Tensor, keep: int, generator
 def adapter_beta(adapter: ir.FrozenAdapter, x: torch.Tensor) -> torch.Tensor:
     """Each sample's ``beta`` from the frozen adapter, by the quantizer's own function (float64)."""
     weights = (adapter.fc1_weight, adapter.fc1_bias, adapter.fc2_weight, adapter.fc2_bias)
-    return adapter_forward(pool(x.double(), adapter.feature_axis), *(w.double() for w in weights))[0]
+    return beta_float64(x, weights, adapter.feature_axis)
 
 
 # --------------------------------------------------------------------------- grids, from the records

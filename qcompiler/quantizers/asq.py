@@ -83,6 +83,15 @@ def adapter_forward(pooled, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor,
     return torch.exp(BETA_BOUND * bounded), hidden, bounded
 
 
+def beta_float64(x: torch.Tensor, weights, feature_axis: int = 1) -> torch.Tensor:
+    """Each sample's ``beta`` computed in float64 from ``weights`` ``(fc1.w, fc1.b, fc2.w, fc2.b)``, no autograd.
+
+    The deployed computation (pooling, both linear layers, tanh and exp rounded once at the
+    end), which the ONNX body and the report compute the same way.
+    """
+    return adapter_forward(pool(x.detach().double(), feature_axis), *(w.detach().double() for w in weights))[0]
+
+
 def init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> None:
     """``nn.Linear``'s default initialisation, drawn from ``generator`` (global RNG if ``None``).
 
@@ -225,8 +234,7 @@ class ASQQuantizer(UniformQuantizer):
         if not exact.deployed(self):
             beta = self.beta(x)
             return (positive(self.step) * beta).view(-1, *([1] * (x.dim() - 1)))
-        weights = (w.detach().double() for w in self.adapter.weights())
-        beta = adapter_forward(pool(x.detach().double(), self.adapter.feature_axis), *weights)[0]
+        beta = beta_float64(x, self.adapter.weights(), self.adapter.feature_axis)
         return (positive(self.step).double() * beta).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
