@@ -315,8 +315,8 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
                 found.append(FloatWeightOp(node.name, kind.lower(), sum(p.numel() for p in m.parameters()),
                                            f"{kind} has no quantized form here"))
         elif node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
-            params = [_attr(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
-            params = [p for p in params if isinstance(p, nn.Parameter) and p.dim() >= 2]
+            params = [_parameter(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+            params = [p for p in params if p is not None and p.dim() >= 2]
             if params:
                 name = _WEIGHT_FUNCTIONS[node.target]
                 found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params),
@@ -324,11 +324,11 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
     return found
 
 
-def _attr(gm: fx.GraphModule, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:  # a buffer or a plain tensor attribute: not a learned weight
+        return None
 
 
 __all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops"]

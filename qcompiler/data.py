@@ -346,7 +346,7 @@ def fit_to_model(data: Dataset, model: torch.nn.Module) -> Dataset:
     name, layer = next(((n, m) for n, m in model.named_modules() if isinstance(m, _FIRST_LAYERS)), (None, None))
     if layer is None or isinstance(layer, torch.nn.Linear):
         return data
-    dims = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}[next(k for k in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) if isinstance(layer, k))]
+    dims = layer.weight.dim() - 2  # spatial axes: (out, in, *kernel)
     channels, sample = layer.in_channels, data.input_shape
     if len(sample) == dims + 1 and sample[0] == channels:
         return data

@@ -49,6 +49,19 @@ def _upstream(shape) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, n).reshape(shape)
 
 
+def _module_runs(q, x: torch.Tensor, x_grad: bool = True) -> list[tuple]:
+    """(output, input gradient, parameter gradients) of module ``q`` on ``x``, with the kernels, then without."""
+    runs = []
+    for use_kernels in (True, False):
+        q.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(x_grad)
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            out = q(xi)
+        out.backward(_upstream(out.shape))
+        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
+    return runs
+
+
 def _assert_same(fused, eager, step_terms: torch.Tensor, step_shape, grad_scale: float):
     """Outputs and input gradients identical; step gradients both within summation error of the exact sum.
 
@@ -160,15 +173,7 @@ def test_quantizer_modules_train_alike_with_and_without_kernels(make):
     q.init_from(x)
     if isinstance(q, ASQQuantizer):
         torch.nn.init.normal_(q.adapter.fc2.weight, std=0.5)  # beta far from 1, so its gradients matter
-    runs = []
-    for use_kernels in (True, False):
-        q.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        with contextlib.nullcontext() if use_kernels else kernels.disabled():
-            out = q(xi)
-        out.backward(_upstream(out.shape))
-        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
-    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = runs
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = _module_runs(q, x)
     assert torch.equal(out_f, out_e)
     torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-7)
     assert gp_f.keys() == gp_e.keys()
@@ -377,15 +382,7 @@ def test_asq_fused_backward_matches_autograd_with_any_input_frozen(shape, frozen
         q.adapter.fc2.bias.fill_(1.5)  # beta ~ 3.5: tanh(z / L) ~ 0.6, far from its linear part
     for name, p in q.named_parameters():
         p.requires_grad_(name != frozen)
-    runs = []
-    for use_kernels in (True, False):
-        q.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(frozen != "x")
-        with contextlib.nullcontext() if use_kernels else kernels.disabled():
-            out = q(xi)
-        out.backward(_upstream(out.shape))
-        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in q.named_parameters()}))
-    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = runs
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = _module_runs(q, x, x_grad=frozen != "x")
     assert torch.equal(out_f, out_e)
     assert (gx_f is None) == (gx_e is None) == (frozen == "x")
     if gx_e is not None:
