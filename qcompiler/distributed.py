@@ -138,7 +138,7 @@ def reduce_observers(observers: dict[str, RangeObserver], r: Ranks) -> None:
 
     Two collectives whatever the number of observers: MAX of ``(max, -min, range)``,
     then, with each histogram widened to the common power-of-two range (exact, see
-    :mod:`qcompiler.observers`), SUM of ``(sum |x|, count, histogram)``. Observers
+    :mod:`qcompiler.observers`), SUM of ``(sum |x|, count, histograms)``. Observers
     pair up across ranks by name, so the caller's order does not matter.
     """
     if not r.distributed or not observers:
@@ -148,12 +148,13 @@ def reduce_observers(observers: dict[str, RangeObserver], r: Ranks) -> None:
     for o, (high, neg_low, edge) in zip(observers, zip(*[iter(tops)] * 3)):
         o.max, o.min = high, -neg_low
         o.widen_to(edge)
-    sums = torch.cat([torch.tensor([o.abs_sum, float(o.count)], dtype=torch.float64) for o in observers] + [o.hist for o in observers])
+    scalars = [torch.tensor([o.abs_sum, float(o.count)], dtype=torch.float64) for o in observers]
+    sums = torch.cat(scalars + [o.hist for o in observers] + [o.neg_hist for o in observers])
     sums = _all_reduce(sums, dist.ReduceOp.SUM, r)
-    scalars, hists = sums[: 2 * len(observers)].tolist(), sums[2 * len(observers) :].split([o.bins for o in observers])
+    totals, hists = sums[: 2 * len(observers)].tolist(), sums[2 * len(observers) :].split([o.bins for o in observers] * 2)
     for i, o in enumerate(observers):
-        o.abs_sum, o.count = scalars[2 * i], int(scalars[2 * i + 1])
-        o.hist = hists[i].clone()
+        o.abs_sum, o.count = totals[2 * i], int(totals[2 * i + 1])
+        o.hist, o.neg_hist = hists[i].clone(), hists[len(observers) + i].clone()
 
 
 def reduce_batchnorm(norms: Sequence[nn.modules.batchnorm._BatchNorm], batches: int, r: Ranks) -> None:

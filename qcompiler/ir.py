@@ -92,8 +92,26 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class AbsHistogram:
+    """Counts of ``|x|`` in ``bins`` equal bins over ``[0, edge)``, the values at or
+    above zero and those below zero counted apart (what the initial-step search reads)."""
+
+    edge: float
+    positive: tuple[float, ...]
+    negative: tuple[float, ...]
+
+    @property
+    def bins(self) -> int:
+        return len(self.positive)
+
+
+@dataclass(frozen=True)
 class TensorRange:
-    """Streaming statistics of one tensor over the calibration data."""
+    """Streaming statistics of one tensor over the calibration data.
+
+    ``hist`` is the observer's histogram; it is left out of IR dumps (thousands of
+    counts) and is ``None`` in records made before it was kept.
+    """
 
     min: float
     max: float
@@ -101,9 +119,12 @@ class TensorRange:
     abs_p999: float  # 99.9th percentile of |x|, from the observer's histogram
     abs_p9999: float
     count: int  # elements seen
+    hist: AbsHistogram | None = dataclasses.field(default=None, repr=False)
 
     @property
     def signed(self) -> bool:
+        """Whether calibration saw any negative value (the quantizers' grid is chosen
+        by error instead, :func:`qcompiler.quantizers.init.choose_signed`)."""
         return self.min < 0.0
 
 
@@ -114,8 +135,13 @@ class ActQuant:
 
     ``role`` says why it is there: ``"input"`` when it was placed for the quantized
     layers reading it, ``"join"`` when it puts a residual add's or concat's input or
-    output on the residual stream's grid. ``init`` names how its step started:
-    ``"lsq"`` (``2 mean|x| / sqrt(p)``, for QAT) or ``"max"`` (``max|x| / p``, no clipping).
+    output on the residual stream's grid. ``signed`` is the grid chosen by
+    :func:`qcompiler.quantizers.init.choose_signed` (the lower expected error on the
+    calibration histogram). ``init`` names how its step started
+    (:data:`qcompiler.quantizers.init.INITS`): ``"mse"`` (the clip with the least
+    expected squared error), ``"percentile"`` (the 99.99th percentile of ``|x|``),
+    ``"lsq"`` (``2 mean|x| / sqrt(p)``, LSQ's QAT start) or ``"max"`` (``max|x| / p``,
+    no clipping).
     """
 
     role: str  # "input" | "join"
@@ -123,7 +149,7 @@ class ActQuant:
     bits: int
     signed: bool
     module: str  # qualified name of the quantizer module (holds the learned step)
-    init: str  # "lsq" | "max"
+    init: str  # "mse" | "percentile" | "lsq" | "max"
 
 
 @dataclass(frozen=True)
@@ -144,12 +170,18 @@ class Join:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How a compute layer's weight is quantized."""
+    """How a compute layer's weight is quantized.
+
+    ``init`` names how the weight steps (uniform) or clips ``alpha`` (pot / post)
+    started, as :class:`ActQuant`'s; adder grids take their scales from the group
+    ranges (``"range"``). Records saved before it existed read ``"lsq"``.
+    """
 
     grid: str  # "uniform" | "pot" | "post" | "adder-redistribution" | "adder-shared"
     bits: int
     granularity: str  # "per-channel" | "per-group" | "per-layer"
     module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
+    init: str = "lsq"  # "mse" | "percentile" | "lsq" | "max" | "range"
 
 
 @dataclass(frozen=True)
@@ -344,6 +376,8 @@ def format_record(rec: object) -> str:
         return repr(rec)
     parts = []
     for f in dataclasses.fields(rec):
+        if not f.repr:  # bulk data (a histogram) that a one-line listing cannot show
+            continue
         v = getattr(rec, f.name)
         parts.append(f"{f.name}={_fmt(v)}")
     return f"{type(rec).__name__}({', '.join(parts)})"

@@ -1,7 +1,9 @@
 """Streaming range statistics with bounded memory.
 
 A calibration set can be arbitrarily large, so an observer keeps only running
-scalars (min, max, sum of ``|x|``, count) and a fixed-size histogram of ``|x|``.
+scalars (min, max, sum of ``|x|``, count) and a fixed-size histogram of ``|x|``,
+plus one of ``|x|`` over the negative values alone (so the initial-step search can
+weigh what an unsigned grid would clip to zero, :mod:`qcompiler.quantizers.init`).
 When a batch exceeds the histogram's range, the range doubles (as often as needed)
 and adjacent bins merge pairwise, so counts are never re-estimated: the histogram
 is exact up to its bin width, which is at most ``2 * max|x| / bins``.
@@ -20,7 +22,7 @@ import math
 import torch
 
 from .errors import DataError
-from .ir import TensorRange
+from .ir import AbsHistogram, TensorRange
 
 # The range of a histogram that has seen only zeros (any power of two would do).
 ZERO_EDGE = 2.0**-27
@@ -48,6 +50,7 @@ class RangeObserver:
     def __init__(self, bins: int = 2048) -> None:
         self.bins = bins
         self.hist = torch.zeros(bins, dtype=torch.float64)
+        self.neg_hist = torch.zeros(bins, dtype=torch.float64)  # |x| of the values below zero; hist holds them too
         self.edge = 0.0  # the histogram covers |x| in [0, edge)
         self.min, self.max = math.inf, -math.inf
         self.abs_sum = 0.0
@@ -68,9 +71,13 @@ class RangeObserver:
             raise DataError("calibration data produced a non-finite activation (inf or nan); check the data and the model")
         self.widen_to(power_of_two_above(top))
         self.hist += torch.histc(a, bins=self.bins, min=0.0, max=self.edge).double().cpu()
+        negative = a[x.flatten() < 0]
+        if negative.numel():
+            self.neg_hist += torch.histc(negative, bins=self.bins, min=0.0, max=self.edge).double().cpu()
 
     def widen_to(self, edge: float) -> None:
         """Make the histogram cover ``[0, edge)``, a power of two, by doubling; never narrows."""
+        self.neg_hist = widened(self.neg_hist, self.edge or edge, edge)[0]
         self.hist, self.edge = widened(self.hist, self.edge or edge, edge)
 
     def merge(self, other: RangeObserver) -> None:
@@ -80,7 +87,7 @@ class RangeObserver:
         >>> x, y = torch.rand(100), 10 * torch.rand(100)
         >>> a.update(x); b.update(y); both.update(x); both.update(y)
         >>> a.merge(b)
-        >>> torch.equal(a.hist, both.hist) and a.summary() == both.summary()
+        >>> torch.equal(a.hist, both.hist) and torch.equal(a.neg_hist, both.neg_hist) and a.summary() == both.summary()
         True
         """
         assert self.bins == other.bins, "observers of different widths do not merge"
@@ -88,6 +95,7 @@ class RangeObserver:
             return
         self.widen_to(other.edge)
         self.hist = self.hist + widened(other.hist, other.edge, self.edge)[0]
+        self.neg_hist = self.neg_hist + widened(other.neg_hist, other.edge, self.edge)[0]
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self.abs_sum += other.abs_sum
         self.count += other.count
@@ -114,6 +122,11 @@ class RangeObserver:
             abs_p999=self.abs_percentile(0.999),
             abs_p9999=self.abs_percentile(0.9999),
             count=self.count,
+            hist=AbsHistogram(
+                edge=self.edge,
+                positive=tuple((self.hist - self.neg_hist).clamp_min(0).tolist()),
+                negative=tuple(self.neg_hist.tolist()),
+            ),
         )
 
 
