@@ -27,6 +27,9 @@ from .errors import SpecError
 
 MIN_BITS, MAX_BITS = 2, 16
 
+# How quantizer steps start (QuantSpec.init); qcompiler.quantizers.init implements each.
+INITS = ("mse", "percentile", "lsq", "max")
+
 
 def check_bits(bits: object, what: str) -> int:
     """Validate a bit width; the one place that says which widths we support.
@@ -89,6 +92,13 @@ class QuantSpec:
         residual_bits: width of the residual stream: the quantizers on join
             operands and results (8, the common choice).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
+        init: where the uniform steps and POT/POST clips of ``lsq`` / ``asq`` / ``pot``
+            / ``post`` start (:mod:`qcompiler.quantizers.init`): ``"mse"`` (default) the
+            clip with the least squared error on the calibration histogram (activations)
+            or the weight itself (per output channel); ``"percentile"`` the 99.99th
+            percentile of ``|x|``; ``"lsq"`` LSQ's ``2 mean|x| / sqrt(p)`` (POT/POST: a
+            0.99 quantile of ``|W|``), a QAT start; ``"max"`` no clipping. Joins and the
+            adder pipelines' multiply layers always start from ``"max"``.
     """
 
     weight_bits: int = 4
@@ -106,6 +116,7 @@ class QuantSpec:
     quantize_joins: bool = True
     residual_bits: int = 8
     leaf_modules: tuple[str, ...] = ()
+    init: str = "mse"
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -142,6 +153,8 @@ class QuantSpec:
             raise SpecError(f"outlier_alpha must be a number in (0.5, 1], got {self.outlier_alpha!r}; the paper uses 0.999")
         if not _is_int(self.adder_groups) or self.adder_groups < 1:
             raise SpecError(f"adder_groups must be a positive integer, got {self.adder_groups!r}")
+        if self.init not in INITS:
+            raise SpecError(f"init must be one of {', '.join(INITS)}, got {self.init!r}; \"mse\" suits PTQ, \"lsq\" is LSQ's QAT start")
 
     def layer_bits(self, layer: str, pinned_bits: int | None, module_path: str = "") -> tuple[int, int]:
         """(weight bits, input-activation bits) of the layer with node name ``layer``.

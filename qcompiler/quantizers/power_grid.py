@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from . import init
 from ..nn import exact
 from ..nn.saved import remember
 from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, largest_exponent, power_levels
@@ -115,6 +116,27 @@ class PowerGridQuantizer(nn.Module):
         """``alpha`` = a high quantile of ``|W|`` per output channel."""
         flat = w.detach().abs().flatten(1).float()
         self.alpha.copy_(torch.quantile(flat, self.init_quantile, dim=1).clamp_min(1e-6))
+
+    @torch.no_grad()
+    def init_mse(self, w: torch.Tensor) -> None:
+        """``alpha`` per output channel with the least squared error on ``w``, through the grid's own values."""
+        full = w.detach().abs().flatten(1).max(1).values.double()
+        best = init.search_scale(full, init.channel_error(w, lambda v, a: _grid_values(v, a, self.bits, self.base)))
+        self.alpha.copy_(best.to(self.alpha.dtype).clamp_min(init.MIN_SCALE))
+
+    @torch.no_grad()
+    def init_weight(self, w: torch.Tensor, how: str) -> None:
+        """Start ``alpha`` as ``how`` says: ``"lsq"`` is this grid's QAT start, the
+        ``init_quantile`` of ``|W|`` (docs/design.md §3.3); ``"percentile"`` the
+        99.99th percentile, as for the uniform grids; ``"max"`` ``max |W|``."""
+        if how == "mse":
+            self.init_mse(w)
+        elif how == "lsq":
+            self.init_from(w)
+        else:
+            assert how in ("percentile", "max"), how
+            q = init.PERCENTILE if how == "percentile" else 1.0
+            self.alpha.copy_(torch.quantile(w.detach().abs().flatten(1).float(), q, dim=1).clamp_min(init.MIN_SCALE))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         n = w[0].numel()

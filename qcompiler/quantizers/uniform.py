@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from . import init
 from ..nn import exact
 from ..nn.saved import recomputed, remember
 from ..numerics import int_range, quantize_codes, quantize_float, round_half_even
@@ -206,6 +207,33 @@ class UniformQuantizer(nn.Module):
         """
         m = torch.as_tensor(max_abs, dtype=self.step.dtype)
         self.step.copy_((m / max(self.qmax, 1)).clamp_min(1e-6).expand_as(self.step))
+
+    @torch.no_grad()
+    def init_mse(self, x: torch.Tensor) -> None:
+        """The step with the least squared error on ``x`` itself (per channel when per
+        channel), searched through this quantizer's own forward values (a weight)."""
+        rows = x.detach().movedim(self.channel_axis, 0) if self.step.dim() else x.detach().reshape(1, -1)
+        full = rows.abs().flatten(1).max(1).values.double() / max(self.qmax, 1)
+
+        def values(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+            return quantize_float(w, step, self.qmin, self.qmax).mul_(step)
+
+        best = init.search_scale(full, init.channel_error(rows, values))
+        self.step.copy_(best.to(self.step.dtype).clamp_min(init.MIN_SCALE).view_as(self.step))
+
+    @torch.no_grad()
+    def init_weight(self, w: torch.Tensor, how: str) -> None:
+        """Start the per-channel steps of weight ``w`` as ``how`` (one of :data:`init.INITS`) says."""
+        per_channel = w.detach().abs().flatten(1)
+        if how == "mse":
+            self.init_mse(w)
+        elif how == "percentile":
+            self.init_from_max(torch.quantile(per_channel.float(), init.PERCENTILE, dim=1))
+        elif how == "lsq":
+            self.init_from(w)
+        else:
+            assert how == "max", how
+            self.init_from_max(per_channel.max(1).values)
 
     def _kernel(self, x: torch.Tensor):
         if self.step.dim() == 0:
