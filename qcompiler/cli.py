@@ -21,7 +21,7 @@ from pathlib import Path
 from .atomic import staged_folder
 from .api import ARTIFACT_FILES, SAVED_FILES, check_replaceable
 from .errors import DataError, QCompileError, SpecError
-from .spec import QuantSpec, check_bits, parse_pass_names
+from .spec import INITS, QuantSpec, check_bits, parse_pass_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-bits", type=int, help="bit width of activations (overrides --bits)")
     p.add_argument("--no-pin", action="store_true", help="do not hold the first and last layers at 8 bits")
     p.add_argument("--residual-bits", type=int, help="bit width of the residual stream: residual adds and concats (default: 8)")
+    p.add_argument("--init", choices=list(INITS),
+                   help="how steps and clips start: mse (least squared error on the calibration data; default), "
+                        "percentile (99.99th of |x|), lsq (LSQ's 2 mean|x| / sqrt(p), a QAT start) or max (no clipping)")
     p.add_argument("--float-multiply", action="store_true",
                    help="adder pipelines: keep the multiply layers (stem, 1x1 shortcuts, classifier) in float, as the AdderNet papers' tables do")
     p.add_argument("--leaf", action="append", default=[], help="package.module:Class the tracer keeps opaque (repeatable)")
@@ -91,6 +94,8 @@ def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
         changes["pin_first_last"] = False
     if args.residual_bits is not None:
         changes["residual_bits"] = check_bits(args.residual_bits, "--residual-bits")
+    if args.init is not None:
+        changes["init"] = args.init
     if args.float_multiply:
         changes["adder_multiply_bits"] = None
     if args.leaf:

@@ -452,7 +452,8 @@ def weight_rows(gm: fx.GraphModule, layer: fx.Node) -> list[tuple[str, str]]:
     scale = codes.scale.double()
     name = "alpha" if codes.grid in numerics.GRID_BASES else "step"
     used = int(torch.unique(codes.codes).numel())
-    rows = [("weight grid", f"{wq.grid} {wq.granularity}, {codes.bits} bits, codes {codes.qmin}..{codes.qmax}"),
+    rows = [("weight grid", f"{wq.grid} {wq.granularity}, {codes.bits} bits, codes {codes.qmin}..{codes.qmax}, "
+                            f"{name}s initialised by {wq.init}"),
             (f"weight {name} (min / median / max over channels)",
              f"{_g(scale.min())} / {_g(scale.median())} / {_g(scale.max())}"),
             ("distinct codes used", f"{used} of {codes.qmax - codes.qmin + 1}")]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from . import ir
-from .spec import QuantSpec
+from .spec import INITS, QuantSpec
 
 if TYPE_CHECKING:  # passes import this module for ReportSection; no cycle at run time
     from .passes.manager import PassRun
@@ -126,7 +126,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
         act_bits = aq.bits if aq else (scales.act_bits if scales else None)
         if aq:
-            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}"
+            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}, {aq.init} init"
         elif scales:
             act_quantizer = f"{len(scales.group_ranges)} shared scale(s)"
         else:
@@ -137,7 +137,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
                 kind=info.kind,
                 weight_bits=wq.bits if wq else None,
                 act_bits=act_bits,
-                weight_quantizer=f"{wq.grid} {wq.granularity}{shared_note(layer)}" if wq else "-",
+                weight_quantizer=f"{wq.grid} {wq.granularity}{init_note(wq)}{shared_note(layer)}" if wq else "-",
                 act_quantizer=act_quantizer,
                 pinned=pin.reason if pin and wq else "",  # a float layer is not held at any width
                 params=info.params,
@@ -155,6 +155,12 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         float_regions=tuple((n.name, n.meta[ir.FLOAT].reason) for n in gm.graph.nodes if ir.FLOAT in n.meta),
         unrecorded_float=tuple(unrecorded_float(gm)),
     )
+
+
+def init_note(wq: ir.WeightQuant) -> str:
+    """``, mse init`` for a grid whose steps or clips were searched or set by the spec's
+    ``init``; nothing for adder grids, whose scales come from their group ranges."""
+    return f", {wq.init} init" if wq.init in INITS else ""
 
 
 def shared_note(layer: fx.Node) -> str:

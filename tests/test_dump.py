@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 import qcompiler
+from qcompiler.observers import RangeObserver
+from qcompiler.quantizers.init import choose_signed, fit_act_grid
 from qcompiler.dump import format_graph, node_line
 
 GOLDEN = Path(__file__).parent / "golden" / "lsq_tiny.txt"
@@ -104,8 +106,14 @@ def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
     with torch.no_grad():
         flat = model[2](model[1](model[0](calib)))
     assert f"TensorRange(min=0, max={float(flat.max()):.6g}, mean_abs={float(flat.double().mean()):.6g}," in text
-    init = 2 * mean_abs / 127**0.5
-    assert f"step={init:.6g}, rounding='half-to-even'" in (dump_dir / "05_freeze.txt").read_text()
+    # the input's step: the least-error clip on the observed histogram (spec.init's default "mse")
+    obs = RangeObserver()
+    obs.update(calib)
+    rng = obs.summary()
+    fit = fit_act_grid(rng.hist, 8, choose_signed(rng, 8))
+    assert fit.signed
+    assert f"signed=True, module='_0_act', init='mse')" in text
+    assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "05_freeze.txt").read_text()
 
 
 def test_diff_observe_to_lsq_only_adds_quantizers(dump_dir: Path) -> None:

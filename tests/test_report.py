@@ -106,7 +106,7 @@ def test_a_module_called_twice_has_one_weight_grid_and_the_report_says_so() -> N
     # one weight tensor, one grid: the widest width any call site asks for, at both sites
     assert rows["shared"].weight_bits == rows["shared_1"].weight_bits == 6
     assert rows["shared"].act_bits == rows["shared_1"].act_bits == 4
-    assert rows["shared"].weight_quantizer == rows["shared_1"].weight_quantizer == "uniform per-channel (shared: shared, shared_1)"
+    assert rows["shared"].weight_quantizer == rows["shared_1"].weight_quantizer == "uniform per-channel, mse init (shared: shared, shared_1)"
     layers = {n.name: n for n in ir.compute_layers(compiled.module)}
     assert compiled.module.get_submodule("shared.weight_quant").bits == 6
     assert ir.get(layers["shared"], ir.WEIGHT, ir.WeightQuant) == ir.get(layers["shared_1"], ir.WEIGHT, ir.WeightQuant)

@@ -120,7 +120,7 @@ class AdderGroups(Pass):
         """
         bits = ctx.spec.adder_multiply_bits
         if bits is not None:
-            quantize_multiply_layers(gm, ctx, lsq_act_quantizer, init="max", bits=bits)
+            quantize_multiply_layers(gm, ctx, lsq_act_quantizer, how="max", bits=bits)
             return
         for layer in ir.compute_layers(gm):
             if ir.get(layer, ir.LAYER, ir.LayerInfo).kind in MULTIPLY_LAYERS and ir.WEIGHT not in layer.meta:
@@ -177,7 +177,8 @@ class AdderGroups(Pass):
             compensation_applies=folded in ("", FOLDED_INTO_BIAS),
         )
         granularity = "per-group" if n_groups > 1 else "per-layer"
-        layer.meta[ir.WEIGHT] = ir.WeightQuant(grid=f"adder-{self.method}", bits=w_bits, granularity=granularity, module=layer.target)
+        layer.meta[ir.WEIGHT] = ir.WeightQuant(
+            grid=f"adder-{self.method}", bits=w_bits, granularity=granularity, module=layer.target, init="range")
 
 
 @dataclass(frozen=True)

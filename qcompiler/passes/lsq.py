@@ -1,9 +1,11 @@
 """``lsq``: uniform learned-step quantizers for weights and activations.
 
-The uniform baseline (LSQ, docs/design.md §4.2). Every conv / linear layer gets an
-unsigned (or, when calibration saw negative inputs, signed) per-tensor quantizer on
-its input and a signed per-output-channel quantizer on its weight, both initialised
-as ``2 * mean|x| / sqrt(p)``. Layers reading one tensor share its quantizer. Adder
+The uniform baseline (LSQ, docs/design.md §4.2). Every conv / linear layer gets a
+per-tensor quantizer on its input (unsigned or signed, whichever fits the calibration
+histogram better) and a signed per-output-channel quantizer on its weight, their steps
+started as the spec's ``init`` says (default ``"mse"``, the least squared error;
+``"lsq"`` is the paper's ``2 * mean|x| / sqrt(p)``). Layers reading one tensor share
+its quantizer. Adder
 layers are left to the adder passes, since a uniform grid per side does not factor
 out of ``|x - w|``.
 """

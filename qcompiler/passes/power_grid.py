@@ -37,8 +37,9 @@ class PowerGridPass(Pass):
                 continue
             w_bits, _ = layer_bits(layer, ctx.spec)
             wq = PowerGridQuantizer(w_bits, self.grid, channels=info.out_channels)
-            wq.init_from(gm.get_submodule(layer.target).weight)
-            record = ir.WeightQuant(grid=self.grid, bits=w_bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
+            wq.init_weight(gm.get_submodule(layer.target).weight, ctx.spec.init)
+            record = ir.WeightQuant(grid=self.grid, bits=w_bits, granularity="per-channel",
+                                    module=f"{layer.target}.weight_quant", init=ctx.spec.init)
             set_weight_quantizer(gm, layer, wq, record)
             changed = True
         return PassResult(gm, changed)

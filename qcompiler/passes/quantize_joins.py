@@ -15,8 +15,9 @@ exactly that:
      the tensor are moved behind the new one (they requantize its codes);
   4. each join records the grid of every operand and of its result (``qc.join``).
 
-The new quantizers are learned-step (LSQ) quantizers whose steps start at
-``max|x| / p`` (no clipping; at 8 bits that is near-lossless before any training).
+The new quantizers are learned-step (LSQ) quantizers, signed or unsigned by
+:func:`qcompiler.quantizers.init.choose_signed`, whose steps start as the spec's
+``init`` says (:func:`join_init`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ from torch import nn
 
 from .. import ir
 from ..analysis import GRID, is_identity, join_kind, join_operands, tensor_domains
-from ..quantizers import UniformQuantizer
+from ..quantizers import UniformQuantizer, init
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
 from .observe import observe_ranges
 from .rewrite import init_act_step, insert_quantizer
+
+
+def join_init(spec_init: str) -> str:
+    """How a join quantizer's step starts: as the spec says, except that LSQ's
+    ``2 mean|x| / sqrt(p)``, a start for layer inputs that QAT then trains, would clip
+    the residual stream hard; there the step reaches ``max|x|`` instead, as it always did.
+
+    >>> join_init("mse"), join_init("lsq")
+    ('mse', 'max')
+    """
+    return "max" if spec_init == "lsq" else spec_init
 
 _RELU = (nn.ReLU,)
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
@@ -75,12 +87,12 @@ class QuantizeJoins(Pass):
     produces = frozenset({"join-quant"})
     quiet_when_unchanged = True
 
-    def __init__(self, bits: int = 8) -> None:
-        self.bits = bits
+    def __init__(self, bits: int = 8, init: str = "mse") -> None:
+        self.bits, self.init = bits, init
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> QuantizeJoins:
-        return cls(bits=spec.residual_bits)
+        return cls(bits=spec.residual_bits, init=join_init(spec.init))
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         joins = [n for n in gm.graph.nodes if join_operands(n) is not None and ir.JOIN not in n.meta]
@@ -121,10 +133,10 @@ class QuantizeJoins(Pass):
             quantizer = wide[0]
         else:
             rng = ir.get(tensor, ir.RANGE, ir.TensorRange)
-            q = UniformQuantizer(self.bits, signed=rng.signed)
-            init_act_step(q, rng, "max")
+            q = UniformQuantizer(self.bits, signed=init.choose_signed(rng, self.bits))
+            init_act_step(q, rng, self.init)
             name = f"{tensor.name}_join"
-            record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=rng.signed, module=name, init="max")
+            record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=q.signed, module=name, init=self.init)
             quantizer = insert_quantizer(gm, tensor, name, q, record)
             readers = readers + existing  # narrower quantizers now requantize these codes
         for reader in readers:

@@ -20,13 +20,13 @@ from torch import nn
 from .. import ir
 from ..nn import saved
 from ..nn.qat import with_weight_quant
-from ..quantizers import UniformQuantizer
+from ..quantizers import UniformQuantizer, init
 from .base import PassContext
 
 MULTIPLY_LAYERS = ("conv1d", "conv2d", "linear")
 
-# (layer node, its LayerInfo, activation bits, observed input range, context) -> (quantizer, method name)
-ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, ir.TensorRange, PassContext], tuple[nn.Module, str]]
+# (layer node, its LayerInfo, activation bits, signed codes, context) -> (quantizer, method name)
+ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, bool, PassContext], tuple[nn.Module, str]]
 
 
 def input_quantizer(layer: fx.Node) -> fx.Node | None:
@@ -48,35 +48,35 @@ def insert_quantizer(gm: fx.GraphModule, src: fx.Node, name: str, quantizer: nn.
     return qnode
 
 
-def max_abs(rng: ir.TensorRange) -> float:
-    return max(abs(rng.min), abs(rng.max))
-
-
-def init_act_step(quantizer: UniformQuantizer, rng: ir.TensorRange, init: str) -> None:
-    """``"lsq"``: LSQ's ``2 mean|x| / sqrt(p)`` (a QAT start); ``"max"``: no clipping (PTQ, wide joins)."""
-    if init == "lsq":
+def init_act_step(quantizer: UniformQuantizer, rng: ir.TensorRange, how: str) -> None:
+    """Start an activation step from the calibration statistics as ``how`` says
+    (:data:`qcompiler.quantizers.init.INITS`): ``"lsq"`` is LSQ's ``2 mean|x| / sqrt(p)``
+    (a QAT start), the others a clip the grid reaches (``"max"``: no clipping)."""
+    clip = init.act_clip(rng, quantizer.bits, quantizer.signed, how)
+    if clip is None:
         quantizer.init_from(mean_abs=rng.mean_abs)
     else:
-        quantizer.init_from_max(max_abs(rng))
+        quantizer.init_from_max(clip)
 
 
 def quantize_input(
-    gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Module, method: str, bits: int, rng: ir.TensorRange, init: str
+    gm: fx.GraphModule, layer: fx.Node, quantizer: UniformQuantizer, method: str, rng: ir.TensorRange, how: str
 ) -> fx.Node:
     """Make ``layer`` read its input through an activation quantizer.
 
     Reuses a quantizer of the same width, signedness and method that another layer
     already reads on the same tensor; otherwise inserts ``quantizer`` (named after
-    ``layer``). Returns the quantizer node.
+    ``layer``) with its step started as ``how`` says. Returns the quantizer node.
     """
     src = layer.args[0]
+    bits, signed = quantizer.bits, quantizer.signed
     for user in src.users:
         rec = user.meta.get(ir.ACT)
-        if rec is not None and (rec.method, rec.bits, rec.signed) == (method, bits, rng.signed) and rec.role == "input":
+        if rec is not None and (rec.method, rec.bits, rec.signed) == (method, bits, signed) and rec.role == "input":
             layer.replace_input_with(src, user)
             return user
-    init_act_step(quantizer, rng, init)
-    record = ir.ActQuant(role="input", method=method, bits=bits, signed=rng.signed, module=f"{layer.name}_act", init=init)
+    init_act_step(quantizer, rng, how)
+    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=f"{layer.name}_act", init=how)
     qnode = insert_quantizer(gm, src, f"{layer.name}_act", quantizer, record)
     layer.replace_input_with(src, qnode)
     return qnode
@@ -89,16 +89,13 @@ def set_weight_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Modul
     layer.meta[ir.WEIGHT] = record
 
 
-def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, init: str = "lsq") -> None:
-    """Per-output-channel learned-step quantizer on ``layer``'s weight."""
+def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, how: str) -> None:
+    """Per-output-channel learned-step quantizer on ``layer``'s weight, its steps started as ``how`` says."""
     info = ir.get(layer, ir.LAYER, ir.LayerInfo)
     weight = gm.get_submodule(layer.target).weight.detach()
     wq = UniformQuantizer(bits, signed=True, channels=info.out_channels)
-    if init == "lsq":
-        wq.init_from(weight)
-    else:
-        wq.init_from_max(weight.abs().flatten(1).max(1).values)
-    record = ir.WeightQuant(grid="uniform", bits=bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
+    wq.init_weight(weight, how)
+    record = ir.WeightQuant(grid="uniform", bits=bits, granularity="per-channel", module=f"{layer.target}.weight_quant", init=how)
     set_weight_quantizer(gm, layer, wq, record)
 
 
@@ -130,15 +127,18 @@ def quantize_multiply_layers(
     gm: fx.GraphModule,
     ctx: PassContext,
     make_act_quantizer: ActQuantizerFactory,
-    init: str = "lsq",
+    how: str | None = None,
     bits: int | None = None,
 ) -> bool:
     """Input quantizer from ``make_act_quantizer`` plus uniform weights on every
     not-yet-quantized conv / linear layer; returns whether anything changed.
 
     ``bits`` replaces the spec's widths for layers that are not pinned (the adder
-    pipelines' multiply layers); ``init`` picks how steps start (see :func:`init_act_step`).
+    pipelines' multiply layers); ``how`` picks how steps start (see :func:`init_act_step`),
+    the spec's ``init`` when not given. Each input gets the signed or unsigned grid with
+    the lower expected error (:func:`qcompiler.quantizers.init.choose_signed`).
     """
+    how = how or ctx.spec.init
     changed = False
     for layer in ir.compute_layers(gm):
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
@@ -148,13 +148,13 @@ def quantize_multiply_layers(
         if bits is not None and ir.PIN not in layer.meta:
             w_bits = a_bits = bits
         rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
-        aq, method = make_act_quantizer(layer, info, a_bits, rng, ctx)
-        quantize_input(gm, layer, aq, method, a_bits, rng, init)
-        quantize_weight_uniform(gm, layer, w_bits, init)
+        aq, method = make_act_quantizer(layer, info, a_bits, init.choose_signed(rng, a_bits), ctx)
+        quantize_input(gm, layer, aq, method, rng, how)
+        quantize_weight_uniform(gm, layer, w_bits, how)
         changed = True
     return changed
 
 
-def lsq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, rng: ir.TensorRange, ctx: PassContext) -> tuple[nn.Module, str]:
-    """A per-tensor LSQ quantizer, signed when calibration saw negative inputs."""
-    return UniformQuantizer(bits, signed=rng.signed), "lsq"
+def lsq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, signed: bool, ctx: PassContext) -> tuple[nn.Module, str]:
+    """A per-tensor LSQ quantizer."""
+    return UniformQuantizer(bits, signed=signed), "lsq"

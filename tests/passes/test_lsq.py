@@ -47,7 +47,8 @@ def _fq(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tens
 
 
 def test_structure_and_records() -> None:
-    _, gm, _, runs = _compile(QuantSpec(passes="lsq", weight_bits=3, act_bits=4))
+    # init="lsq": the paper's start, checked to the formula (the default "mse" is tested below)
+    _, gm, _, runs = _compile(QuantSpec(passes="lsq", weight_bits=3, act_bits=4, init="lsq"))
     assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq", "quantize-joins", "freeze"]
     assert runs[2].modified
     layers = ir.compute_layers(gm)
@@ -73,7 +74,8 @@ def test_structure_and_records() -> None:
         assert ir.get(q, ir.STEP, ir.FrozenAct).step == float(module.step.detach())
 
         wq = ir.get(layer, ir.WEIGHT, ir.WeightQuant)
-        assert wq == ir.WeightQuant(grid="uniform", bits=w_bits, granularity="per-channel", module=f"{layer.target}.weight_quant")
+        assert wq == ir.WeightQuant(grid="uniform", bits=w_bits, granularity="per-channel",
+                                    module=f"{layer.target}.weight_quant", init="lsq")
         qlayer = gm.get_submodule(str(layer.target))
         assert isinstance(qlayer, QLinear if layer.name == "_5" else QConv2d)
         wmod = gm.get_submodule(wq.module)

@@ -8,6 +8,7 @@ import qcompiler
 from qcompiler import ir
 from qcompiler.analysis import GRID, tensor_domains
 from qcompiler.passes import REGISTRY, PassContext
+from qcompiler.quantizers.init import choose_signed, fit_act_grid
 
 
 class DownBlock(nn.Module):
@@ -78,14 +79,29 @@ def test_residual_bits_sets_the_width_of_every_join_quantizer():
     assert widths == {6}
 
 
-def test_join_quantizers_start_without_clipping():
+def _join_quantizers(gm):
+    return [(n, n.meta[ir.ACT], gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if ir.ACT in n.meta and n.meta[ir.ACT].role == "join"]
+
+
+@pytest.mark.parametrize("init", ["lsq", "max"])
+def test_join_quantizers_start_without_clipping_under_lsq_and_max(init):
+    """LSQ's mean-based start is for layer inputs; joins then reach max|x| as they always did."""
+    gm = _compile(init=init).module
+    assert _join_quantizers(gm)
+    for n, rec, q in _join_quantizers(gm):
+        rng = ir.get(n.args[0], ir.RANGE, ir.TensorRange)
+        assert rec.init == "max"
+        top = max(abs(rng.min), abs(rng.max)) if q.signed else rng.max
+        assert float(q.step.detach()) * q.qmax == pytest.approx(top, rel=1e-6)
+
+
+def test_join_quantizers_follow_the_spec_init_by_default():
     gm = _compile().module
-    for n in gm.graph.nodes:
-        rec = n.meta.get(ir.ACT)
-        if rec is not None and rec.role == "join":
-            rng = ir.get(n.args[0], ir.RANGE, ir.TensorRange)
-            q = gm.get_submodule(n.target)
-            assert float(q.step.detach()) * q.qmax == pytest.approx(max(abs(rng.min), abs(rng.max)), rel=1e-6)
+    for n, rec, q in _join_quantizers(gm):
+        rng = ir.get(n.args[0], ir.RANGE, ir.TensorRange)
+        assert rec.init == "mse" and rec.signed == q.signed == choose_signed(rng, 8)
+        assert float(q.step.detach()) == pytest.approx(fit_act_grid(rng.hist, 8, q.signed).step, rel=1e-6)
 
 
 def test_second_run_changes_nothing():
