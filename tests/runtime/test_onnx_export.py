@@ -269,8 +269,17 @@ def test_qdq_int32_bias_is_the_modules_integer_bias():
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
     c.freeze()
-    parity = onnx_parity(c, to_onnx(c.module, "qdq"), load_digits().x_test)
-    assert parity.classes_agree == 1.0 and parity.relative <= 1e-4, parity.text()
+    x = load_digits().x_test
+    sess = session(to_onnx(c.module, "qdq"), None, as_written=True)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = c.module.eval()(x).numpy()
+    # A bias rounded differently would move every sample; QLinearConv's own float32 requantization
+    # multiplier may still send a value within an ulp of a tie to the other code (onnx_qdq's
+    # docstring), which moves a sample or two: the rest must agree exactly.
+    differing = np.abs(got - want).max(axis=1) > 0
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert differing.mean() <= 0.01, f"{int(differing.sum())} of {len(x)} samples differ"
 
 
 def test_float_formula_layers_are_listed_in_the_metadata():
