@@ -28,6 +28,7 @@ drop (a SiLU of standard-normal inputs, half its values small negatives, goes si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,10 +46,14 @@ MIN_SCALE = 1e-6  # the smallest step the quantizers start from (an all-zero ten
 ErrorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def search_scale(full: torch.Tensor, error: ErrorFn, candidates: int = CANDIDATES, rounds: int = ROUNDS) -> torch.Tensor:
+def search_scale(
+    full: torch.Tensor, error: ErrorFn, also: torch.Tensor | None = None, candidates: int = CANDIDATES, rounds: int = ROUNDS
+) -> torch.Tensor:
     """The scale in ``(0, full]`` (per row of ``full``, shape ``(C,)``) with the least ``error``.
 
-    Round one tries ``full * j / candidates``; each later round tries ``candidates``
+    Round one tries ``full * j / candidates`` and the scales in ``also`` (``(C,)``: a
+    closed-form start, so the result is never worse than it, even where the error is
+    jagged, as for a channel of a few weights); each later round tries ``candidates``
     values evenly spaced between the best one's neighbours.
 
     >>> full = torch.tensor([1.0, 4.0])
@@ -58,15 +63,18 @@ def search_scale(full: torch.Tensor, error: ErrorFn, candidates: int = CANDIDATE
     """
     full = full.double().clamp_min(MIN_SCALE)
     lo, hi = torch.zeros_like(full), full
-    best = full
-    for _ in range(rounds):
+    best, best_error = full, torch.full_like(full, math.inf)
+    for r in range(rounds):
         frac = torch.arange(1, candidates + 1, dtype=torch.float64) / candidates
         scales = lo[:, None] + (hi - lo)[:, None] * frac  # (C, K), never 0
-        errors = error(scales)
-        i = errors.argmin(dim=1, keepdim=True)
-        best = scales.gather(1, i).squeeze(1)
-        width = (hi - lo) / candidates
-        lo, hi = (best - width).clamp_min(0), torch.minimum(best + width, full)
+        if r == 0 and also is not None:
+            scales = torch.cat([scales, also.double().clamp_min(MIN_SCALE).view(-1, 1)], dim=1)
+        errors, i = error(scales).min(dim=1)
+        better = errors < best_error  # a later round only ever improves
+        best = torch.where(better, scales.gather(1, i[:, None]).squeeze(1), best)
+        best_error = torch.minimum(errors, best_error)
+        width = full / candidates**(r + 1)
+        lo, hi = (best - width).clamp_min(0), torch.minimum(best + width, full.maximum(best))
     return best
 
 

@@ -119,9 +119,11 @@ class PowerGridQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_mse(self, w: torch.Tensor) -> None:
-        """``alpha`` per output channel with the least squared error on ``w``, through the grid's own values."""
-        full = w.detach().abs().flatten(1).max(1).values.double()
-        best = init.search_scale(full, init.channel_error(w, lambda v, a: _grid_values(v, a, self.bits, self.base)))
+        """``alpha`` per output channel with the least squared error on ``w``, through the grid's own
+        values; never worse than the quantile start (:meth:`init_from`), which the search also tries."""
+        flat = w.detach().abs().flatten(1).float()
+        full, start = flat.max(1).values, torch.quantile(flat, self.init_quantile, dim=1)
+        best = init.search_scale(full, init.channel_error(w, lambda v, a: _grid_values(v, a, self.bits, self.base)), also=start)
         self.alpha.copy_(best.to(self.alpha.dtype).clamp_min(init.MIN_SCALE))
 
     @torch.no_grad()

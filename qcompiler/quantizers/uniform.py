@@ -211,14 +211,16 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def init_mse(self, x: torch.Tensor) -> None:
         """The step with the least squared error on ``x`` itself (per channel when per
-        channel), searched through this quantizer's own forward values (a weight)."""
+        channel), searched through this quantizer's own forward values (a weight); never
+        worse than LSQ's start, which the search also tries."""
         rows = x.detach().movedim(self.channel_axis, 0) if self.step.dim() else x.detach().reshape(1, -1)
         full = rows.abs().flatten(1).max(1).values.double() / max(self.qmax, 1)
 
         def values(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
             return quantize_float(w, step, self.qmin, self.qmax).mul_(step)
 
-        best = init.search_scale(full, init.channel_error(rows, values))
+        lsq_start = 2 * rows.abs().flatten(1).double().mean(1) / math.sqrt(max(self.qmax, 1))
+        best = init.search_scale(full, init.channel_error(rows, values), also=lsq_start)
         self.step.copy_(best.to(self.step.dtype).clamp_min(init.MIN_SCALE).view_as(self.step))
 
     @torch.no_grad()
