@@ -315,3 +315,13 @@ def test_qcompile_run_bad_inputs_are_one_line(runs: dict[str, Run], tmp_path: Pa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("qcompile-run: error:") and fragment in err[0], (name, err)
     assert not (tmp_path / "logits.npz").exists()
+
+
+def test_init_flag_sets_the_spec_and_rejects_unknown_values() -> None:
+    from qcompiler.cli import _spec_from_args, build_parser
+
+    parser = build_parser()
+    assert _spec_from_args(parser.parse_args(["m.pt"])).init == "mse"
+    assert _spec_from_args(parser.parse_args(["m.pt", "--init", "lsq"])).init == "lsq"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m.pt", "--init", "minmax"])

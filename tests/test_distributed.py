@@ -140,7 +140,7 @@ def test_observers_merge_exactly_whatever_the_order() -> None:
             shards[i % 2].update(b)
         merged = shards[order[0]]
         merged.merge(shards[order[1]])
-        assert merged.edge == one.edge and torch.equal(merged.hist, one.hist)
+        assert merged.edge == one.edge and torch.equal(merged.hist, one.hist) and torch.equal(merged.neg_hist, one.neg_hist)
         assert (merged.min, merged.max, merged.count) == (one.min, one.max, one.count)
         assert merged.summary().mean_abs == pytest.approx(one.summary().mean_abs, rel=1e-12)
 

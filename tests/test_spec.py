@@ -68,11 +68,19 @@ def test_replace_validates() -> None:
         ({"outlier_alpha": 0.4}, "outlier_alpha"),
         ({"outlier_alpha": 1.01}, "outlier_alpha"),
         ({"adder_groups": 0}, "adder_groups"),
+        ({"init": "minmax"}, "init must be one of mse, percentile, lsq, max"),
+        ({"init": None}, "init"),
     ],
 )
 def test_other_fields_validated(changes: dict[str, Any], fragment: str) -> None:
     with pytest.raises(SpecError, match=fragment):
         QuantSpec(**changes)
+
+
+def test_init_defaults_to_mse_and_takes_each_documented_value() -> None:
+    assert QuantSpec().init == "mse"
+    for init in ("mse", "percentile", "lsq", "max"):
+        assert QuantSpec.from_dict({"init": init}).init == init
 
 
 # --------------------------------------------------------------------------- pass strings

@@ -26,6 +26,25 @@ def test_power_grid_replaces_uniform_weights_except_pinned(grid):
         assert ir.get(nodes[pinned], ir.CODES, ir.WeightCodes).grid == "uniform"
 
 
+@pytest.mark.parametrize("init", ["mse", "percentile", "lsq", "max"])
+def test_alpha_starts_as_the_spec_init_says_and_the_record_names_it(init):
+    torch.manual_seed(0)
+    calib = torch.randn(8, 1, 6, 6)
+    model = small_cnn()
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq,post", weight_bits=4, init=init), calib_data=calib)
+    middle = {n.name: n for n in c.module.graph.nodes}["_2"]
+    assert ir.get(middle, ir.WEIGHT, ir.WeightQuant).init == init
+    q = c.module.get_submodule("2").weight_quant
+    w = model[2].weight.detach()
+    top = w.abs().flatten(1).max(1).values
+    if init == "max":
+        torch.testing.assert_close(q.alpha.detach(), top)
+    elif init == "lsq":  # the design's start: a 0.99 quantile of |W|
+        torch.testing.assert_close(q.alpha.detach(), torch.quantile(w.abs().flatten(1), 0.99, dim=1))
+    else:
+        assert bool((q.alpha.detach() <= top * (1 + 1e-6)).all())
+
+
 def test_codes_record_reproduces_the_weights():
     calib = torch.randn(8, 1, 6, 6)
     c = qcompiler.compile(small_cnn(), qcompiler.QuantSpec(passes="asq,post", weight_bits=4), calib_data=calib)
