@@ -40,7 +40,10 @@ CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 # different orders, and a value within an ulp of a quantizer's tie got a different code on each
 # side. Sums of integer codes are exact in any order, so these now agree bit for bit. Parity runs
 # the file as written, without onnxruntime's folding rewrites (onnx_export.REASSOCIATING).
-FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
+# ("resnet20", "lsq,pot", 8) left the list with the least-error alphas: 9 of its layers now keep
+# the float formula (metadata FLOAT_LAYERS; 3 before), whose float32 sums are not order-exact, so
+# one sample of 450 takes another code; test_parity_with_fake_quant_module bounds such cases.
+FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8),
                    ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)]
 
 
@@ -108,10 +111,27 @@ def test_low_bit_weights_are_integer_codes():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("model,passes", CASES)
 def test_parity_with_fake_quant_module(model, passes, bits):
+    from qcompiler.runtime.onnx_export import FLOAT_LAYERS
+
     c = compiled(model, passes, bits)
-    parity = onnx_parity(c, to_onnx(c.module), load_digits().x_test)
+    m = to_onnx(c.module)
+    parity = onnx_parity(c, m, load_digits().x_test)
     assert parity.classes_agree == 1.0, parity.text()
-    assert parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6), parity.text()
+    if FLOAT_LAYERS not in {p.key for p in m.metadata_props}:
+        assert parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6), parity.text()
+        return
+    # Layers listed as float formula (partial sums past 2^24) sum in float32 in each runtime's
+    # own order: a value within an ulp of a tie may take the other code in a sample or two.
+    assert samples_differing(c, m, load_digits().x_test) <= 0.01, parity.text()
+
+
+def samples_differing(c, m: onnx.ModelProto, x: torch.Tensor) -> float:
+    """The fraction of samples whose output differs at all between onnxruntime and the module."""
+    sess = session(m, None, as_written=True)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = c.module.eval()(x).numpy()
+    return float((np.abs(got - want).max(axis=1) > 0).mean())
 
 
 @pytest.mark.parametrize("model,passes,bits", FORMER_NEAR_TIE)
@@ -269,17 +289,12 @@ def test_qdq_int32_bias_is_the_modules_integer_bias():
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
     c.freeze()
-    x = load_digits().x_test
-    sess = session(to_onnx(c.module, "qdq"), None, as_written=True)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        want = c.module.eval()(x).numpy()
+    m = to_onnx(c.module, "qdq")
     # A bias rounded differently would move every sample; QLinearConv's own float32 requantization
     # multiplier may still send a value within an ulp of a tie to the other code (onnx_qdq's
     # docstring), which moves a sample or two: the rest must agree exactly.
-    differing = np.abs(got - want).max(axis=1) > 0
-    assert (got.argmax(1) == want.argmax(1)).all()
-    assert differing.mean() <= 0.01, f"{int(differing.sum())} of {len(x)} samples differ"
+    assert onnx_parity(c, m, load_digits().x_test).classes_agree == 1.0
+    assert samples_differing(c, m, load_digits().x_test) <= 0.01
 
 
 def test_float_formula_layers_are_listed_in_the_metadata():
