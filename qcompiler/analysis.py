@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ir
+from .functional_layers import FORMS
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -291,6 +292,8 @@ _WEIGHT_FUNCTIONS = {
     F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
     F.conv_transpose3d: "conv_transpose3d", F.embedding: "embedding", F.bilinear: "bilinear",
 }
+# Products that are a linear layer when one operand is a Parameter (the front end rewrites the simple ones).
+_MATMUL_FUNCTIONS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.addmm: "addmm", torch.bmm: "bmm"}
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -314,13 +317,16 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
                 kind = type(m).__name__
                 found.append(FloatWeightOp(node.name, kind.lower(), sum(p.numel() for p in m.parameters()),
                                            f"{kind} has no quantized form here"))
-        elif node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+        elif node.op == "call_function" and (node.target in _WEIGHT_FUNCTIONS or node.target in _MATMUL_FUNCTIONS):
             params = [_parameter(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
             params = [p for p in params if p is not None and p.dim() >= 2]
-            if params:
-                name = _WEIGHT_FUNCTIONS[node.target]
-                found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params),
-                                           f"functional {name} with a Parameter weight has no quantized form here"))
+            name = _WEIGHT_FUNCTIONS.get(node.target) or _MATMUL_FUNCTIONS[node.target]
+            # a layer call the front end left in float carries its reason (qcompiler.functional_layers),
+            # also when its weight is not a Parameter; a product of two activations is no weight op
+            refused = node.meta.get(ir.FLOAT) if node.target in FORMS or node.target is torch.addmm else None
+            if params or (refused is not None and node.target in _WEIGHT_FUNCTIONS):
+                reason = refused.reason if refused is not None else f"functional {name} with a Parameter weight has no quantized form here"
+                found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params), reason))
     return found
 
 

@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import ir
 from .errors import DataError, SpecError, TraceError, UnsupportedError
+from .functional_layers import functional_to_modules
 from .ir import LayerInfo, compute_layers
 from .nn.adder import AdderConv2d
 
@@ -101,6 +102,7 @@ def trace(
         if isinstance(node.type, str):
             node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
     return gm
