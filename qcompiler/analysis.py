@@ -255,6 +255,8 @@ def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> 
     if ir.LAYER in node.meta:
         quantized = (ir.WEIGHT in node.meta or ir.ADDER_Q in node.meta) and ir.FLOAT not in node.meta
         return Domain(ACC) if quantized else Domain(FLOAT)
+    if ir.MATMUL in node.meta:  # an integer product of two code tensors
+        return Domain(ACC) if all(known[a].kind == GRID for a in node.args) else Domain(FLOAT)
     if not live:
         return Domain(CONST)
     if all(d.kind == INPUT for d in live):

@@ -12,6 +12,7 @@ key                 record          on which nodes
 ``qc.range``        TensorRange     nodes whose output a quantizer reads
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
 ``qc.join``         Join            residual adds and concats: the grid of each side
+``qc.matmul``       MatMul          products of two activations (q @ k^T): each operand's grid
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
 ``qc.adder_in``     ClampRange      adder layers: calibrated input range (outlier clamp)
 ``qc.adder_q``      AdderScales     quantized adder layers: scale groups, clamp, constants
@@ -50,6 +51,7 @@ ACT = "qc.act"
 WEIGHT = "qc.weight"
 CODES = "qc.codes"
 JOIN = "qc.join"
+MATMUL = "qc.matmul"
 FLOAT = "qc.float"
 STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
@@ -139,6 +141,19 @@ class Join:
     kind: str  # "add" | "sub" | "cat"
     inputs: tuple[str, ...]
     output: str
+    bits: int
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """A product of two activations (``q @ k.transpose(-2, -1)``, ``attn @ v``, ``torch.bmm``).
+
+    Both operands are read on the grids of the quantizer nodes named in ``inputs``
+    (``bits`` wide), so the product is an integer matmul of two code tensors times
+    the two steps; the next quantizer requantizes it.
+    """
+
+    inputs: tuple[str, str]
     bits: int
 
 

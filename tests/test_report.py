@@ -54,13 +54,13 @@ def test_passes_without_a_section_add_none():
 
 
 class _FloatWeights(torch.nn.Module):
-    """A ConvTranspose2d and a functional conv with a Parameter weight: ops no pass quantizes."""
+    """A ConvTranspose2d and a functional conv whose weight is a buffer: ops no pass quantizes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
         self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
-        self.w = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.register_buffer("w", torch.randn(8, 8, 3, 3) * 0.1)  # a Parameter would make it a quantized Conv2d
         self.fc = torch.nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_layers_left_in_float_get_a_row_and_a_warning() -> None:
     assert list(rows) == ["c1", "up", "conv2d", "fc"]  # graph order
     assert rows["up"].weight_bits is None and rows["up"].weight_quantizer == "float: ConvTranspose2d has no quantized form here"
     assert rows["up"].params == 8 * 8 * 2 * 2 + 8
-    assert rows["conv2d"].weight_quantizer.startswith("float: functional conv2d with a Parameter weight")
+    assert rows["conv2d"].weight_quantizer == "float: functional conv2d: its weight 'w' is a buffer or tensor constant, not an nn.Parameter"
     assert "fp32" in compiled.report.layer_table().splitlines()[3]
     messages = [str(w.message) for w in caught]
     assert any(m.startswith("2 layer(s) with weights stay in float: up (ConvTranspose2d") for m in messages), messages

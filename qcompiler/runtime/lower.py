@@ -679,6 +679,10 @@ def lower(compiled) -> Program:
     compiled.freeze()
     gm = compiled.module
     lw = _Lowering(gm)
+    products = [n for n in gm.graph.nodes if ir.MATMUL in n.meta]
+    if products:  # said before any other node fails on the way to it
+        raise lw.unsupported(products[0], "a product of two activations (attention) has no integer instruction yet; "
+                                          "export ONNX (custom form), which computes it on both operands' grids")
     out = None
     for node in gm.graph.nodes:
         try:

@@ -493,6 +493,15 @@ class _Emitter:
             self.reshape(node)
         elif fname in ("contiguous", "clone", "detach", "dropout"):
             self.node("Identity", [self.src(node)], node.name, node.name)
+        elif fname in ("matmul", "bmm") and len(node.args) == 2:  # quantized operands arrive as codes times step
+            self.node("MatMul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
+        elif fname in ("transpose", "permute"):  # attention's k.transpose(-2, -1), heads to the front
+            self.node("Transpose", [self.src(node)], node.name, node.name, perm=_permutation(node))
+        elif fname == "softmax":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
+                raise self.unsupported(node, "softmax without an integer dim, or with a dtype")
+            self.node("Softmax", [self.src(node)], node.name, node.name, axis=dim)
         elif fname in ("max_pool1d", "max_pool2d"):
             kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
             self.pool(node, "MaxPool", kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),
@@ -549,6 +558,18 @@ def _plan(gm: fx.GraphModule, node: fx.Node, frozen: ir.FrozenAct, codes: ir.Wei
     bn = exact.bn_link(gm.get_submodule(node.target))
     step = frozen.step if frozen.adapter is None else None  # ASQ: per-sample steps
     return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step)
+
+
+def _permutation(node: fx.Node) -> list[int]:
+    """The full axis order of a ``transpose(d0, d1)`` or ``permute(...)`` call, batch axis included."""
+    rank = len(_shape(node)) + 1
+    dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else [a])]
+    if getattr(node.target, "__name__", node.target) == "permute":
+        return [int(d) % rank for d in (dims or node.kwargs["dims"])]
+    d0, d1 = (int(d) % rank for d in (dims or [node.kwargs["dim0"], node.kwargs["dim1"]]))
+    perm = list(range(rank))
+    perm[d0], perm[d1] = d1, d0
+    return perm
 
 
 def _positive(v, what: str) -> None:
