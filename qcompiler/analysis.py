@@ -154,6 +154,7 @@ _AFFINE_METHODS = {"mean", "sum"}
 _SCALAR_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub}
 # Shapes, not activations.
 _CONST_METHODS = {"size", "dim", "numel"}
+_CONST_ATTRIBUTES = {"shape", "device", "dtype", "ndim"}
 
 JOIN_KINDS = {
     operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add",
@@ -182,6 +183,12 @@ def join_operands(node: fx.Node) -> list[fx.Node] | None:
     else:
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr" and _is_tensor(a)]
     return operands if len(operands) >= 2 else None
+
+
+def is_constant_join(node: fx.Node, domains: dict[fx.Node, Domain]) -> bool:
+    """An add/sub/concat with an operand computed from shapes and constants alone (transformers'
+    attention mask, ``(1 - ones(size)) * min``): not a join of two activations, so not put on grids."""
+    return any(domains[a].kind == CONST for a in join_operands(node) or ())
 
 
 def join_kind(node: fx.Node) -> str:
@@ -220,6 +227,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
     if node.op == "call_function":
+        if node.target is getattr and node.args[1:2] and node.args[1] in _CONST_ATTRIBUTES:
+            return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")
@@ -257,15 +266,17 @@ def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> 
         return Domain(ACC) if quantized else Domain(FLOAT)
     if ir.MATMUL in node.meta:  # an integer product of two code tensors
         return Domain(ACC) if all(known[a].kind == GRID for a in node.args) else Domain(FLOAT)
-    if not live:
+    if not live or op_kind(gm, node) == "const":  # x.size() is a shape even when x is the input
         return Domain(CONST)
     if all(d.kind == INPUT for d in live):
         return Domain(INPUT)
     if any(d.kind == FLOAT for d in live):
         return Domain(FLOAT)
     operands = join_operands(node)
-    if operands is not None:
+    if operands is not None and not is_constant_join(node, known):
         return Domain(ACC) if all(known[a].kind == GRID for a in operands) else Domain(FLOAT)
+    if operands is not None and len(live) == 1 and live[0].kind in (GRID, ACC):
+        return Domain(ACC)  # an activation plus a constant tensor (an attention mask): a foldable offset
     kind = op_kind(gm, node)
     if kind == "const":
         return Domain(CONST)

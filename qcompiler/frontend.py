@@ -79,10 +79,18 @@ def trace(
     example_inputs: Sequence[torch.Tensor],
     leaf_modules: Sequence[str] = (),
 ) -> fx.GraphModule:
-    """Trace a copy of ``model`` into the IR and annotate its compute layers."""
+    """Trace a copy of ``model`` into the IR and annotate its compute layers.
+
+    A ``torch.fx.GraphModule`` is taken as already traced: a copy of its graph is the
+    IR as it stands (``leaf_modules`` do not apply). That is the hook for models our
+    tracer cannot trace but another can, e.g. transformers' own tracer
+    (:func:`qcompiler.hf.trace_transformers`).
+    """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    if isinstance(model, fx.GraphModule):
+        return _annotated(model, example_inputs)
     if type(model) in LAYER_KINDS:  # a bare layer would trace to a plain function call
         model = nn.Sequential(model)
     tracer = _Tracer(resolve_leaf_types(leaf_modules))
@@ -101,7 +109,11 @@ def trace(
         # String annotations (from __future__ import annotations) break pickling of the module.
         if isinstance(node.type, str):
             node.type = None
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return _annotated(fx.GraphModule(tracer.root, graph, type(model).__name__), example_inputs)
+
+
+def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """The traced copy ``gm`` as IR: functional layers made modules, shapes and layer records written."""
     functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
