@@ -30,9 +30,9 @@ Example:
     ...         return F.linear(x, self.w)
     >>> gm = fx.symbolic_trace(Net())
     >>> functional_to_modules(gm)
-    ['w']
-    >>> gm.get_submodule("w")
-    Linear(in_features=4, out_features=3, bias=False)
+    ['linear']
+    >>> gm.get_submodule("linear").weight is gm.w
+    True
 """
 
 from __future__ import annotations
