@@ -56,6 +56,7 @@ class FunctionalForm:
     names: tuple[str, ...]  # positional argument names after the input
     defaults: dict[str, object]
     build: Callable[[torch.Tensor, dict], nn.Module]  # (weight, constant args) -> float module on "meta"
+    weight_dim: int  # the weight's rank for this layer (2 for linear, 3/4 for 1-d/2-d convolutions)
     transposed: bool = False  # the weight argument is (in, out): the module gets a transposed copy
 
 
@@ -84,25 +85,24 @@ _TCONV_ARGS = ("weight", "bias", "stride", "padding", "output_padding", "groups"
 _TCONV_DEFAULTS = {**_CONV_DEFAULTS, "output_padding": 0}
 
 FORMS: dict[object, FunctionalForm] = {
-    F.linear: FunctionalForm(("weight", "bias"), {"bias": None}, _linear),
-    F.conv1d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv1d, False)),
-    F.conv2d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv2d, False)),
-    F.conv_transpose1d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose1d, True)),
-    F.conv_transpose2d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose2d, True)),
+    F.linear: FunctionalForm(("weight", "bias"), {"bias": None}, _linear, 2),
+    F.conv1d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv1d, False), 3),
+    F.conv2d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv2d, False), 4),
+    F.conv_transpose1d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose1d, True), 3),
+    F.conv_transpose2d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose2d, True), 4),
     # x @ W with W (in, out); the operands are (input, weight)
-    torch.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, transposed=True),
-    operator.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, transposed=True),
+    torch.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, 2, transposed=True),
+    operator.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, 2, transposed=True),
 }
 # torch.addmm(bias, x, W): transformers' Conv1D (GPT-2); beta/alpha other than 1 stay float
-_ADDMM = FunctionalForm(("weight",), {"bias": None, "beta": 1, "alpha": 1}, _linear_from_in_out, transposed=True)
+_ADDMM = FunctionalForm(("weight",), {"bias": None, "beta": 1, "alpha": 1}, _linear_from_in_out, 2, transposed=True)
 
 
 def _arguments(node: fx.Node, form: FunctionalForm) -> tuple[object, dict[str, object]]:
     """``(input, {name: value})`` with defaults filled in; for addmm, bias first as torch orders it."""
-    if node.target is torch.addmm:
-        names = ("bias", "input", "weight")
-        values = dict(zip(names, node.args)) | {("input" if k == "mat1" else "weight" if k == "mat2" else k): v
-                                                 for k, v in node.kwargs.items()}
+    if node.target is torch.addmm:  # addmm(input, mat1, mat2): torch's "input" is the bias
+        renamed = {"input": "bias", "mat1": "input", "mat2": "weight"}
+        values = dict(zip(("bias", "input", "weight"), node.args)) | {renamed.get(k, k): v for k, v in node.kwargs.items()}
         x = values.pop("input", None)
         return x, {**_ADDMM.defaults, **values}
     values = dict(zip(("input", *form.names), node.args)) | dict(node.kwargs)
@@ -134,8 +134,8 @@ def refusal(gm: fx.GraphModule, node: fx.Node, form: FunctionalForm, args: dict[
             return f"its argument {name!r} is computed in forward, not a constant"
     if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
         return "addmm with beta or alpha other than 1"
-    if form.transposed and w.dim() != 2:
-        return f"a matmul with a {w.dim()}-d Parameter operand is not a linear layer"
+    if w.dim() != form.weight_dim:
+        return f"its {w.dim()}-d weight is not the {form.weight_dim}-d weight of a layer"
     readers = [u for n in node.graph.nodes if n.op == "get_attr" and n.target == weight.target for u in n.users]
     if form.transposed and len(readers) > 1:
         return "its (in, out) weight is also read elsewhere; a transposed copy would untie them"
@@ -178,9 +178,13 @@ def functional_to_modules(gm: fx.GraphModule) -> list[str]:
                *sorted((k, repr(v)) for k, v in args.items() if k not in ("weight", "bias")))
         target = made.get(key)
         if target is None:
-            target = _new_target(gm, node, weight)
-            module = form.build(_param(gm, weight), args)
             w = _param(gm, weight)
+            try:
+                module = form.build(w, args)
+            except (ValueError, TypeError, RuntimeError) as e:  # e.g. padding='same' with a stride: torch refuses it too
+                node.meta[ir.FLOAT] = ir.FloatRegion(f"functional {_name(node)}: no equivalent layer ({e})")
+                continue
+            target = _new_target(gm, node, weight)
             module.weight = nn.Parameter(w.detach().t().contiguous(), w.requires_grad) if form.transposed else w
             if bias is not None:
                 module.bias = _param(gm, bias)

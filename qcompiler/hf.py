@@ -72,11 +72,15 @@ def _iterable_shapes() -> Iterator[None]:
             return fx.Tracer.iter(self, obj)
         return iter([obj[i] for i in range(len(meta))])
 
+    saved = HFTracer.__dict__.get("iter")
     HFTracer.iter = iterate
     try:
         yield
     finally:
-        del HFTracer.iter
+        if saved is None:
+            del HFTracer.iter
+        else:
+            HFTracer.iter = saved
 
 
 @contextlib.contextmanager

@@ -188,3 +188,26 @@ def test_transposed_weights_become_linear_layers() -> None:
     max_init(compiled)
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) < 0.02
+
+
+def test_addmm_by_keyword_and_a_vector_weight() -> None:
+    """torch's own names for addmm (``input`` is the bias); F.linear with a 1-d weight is no layer."""
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.b, self.w, self.v = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return F.linear(torch.addmm(input=self.b, mat1=x, mat2=self.w), self.v)
+
+    model, x = Keywords().eval(), torch.randn(4, 4)
+    gm = torch.fx.symbolic_trace(model)
+    from qcompiler.functional_layers import functional_to_modules
+
+    assert functional_to_modules(gm) == ["addmm"] and gm.get_submodule("addmm").bias is gm.get_parameter("b")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear)
+    assert ir.get(node, ir.FLOAT, ir.FloatRegion).reason == "functional linear: its 1-d weight is not the 2-d weight of a layer"
