@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import ir
 from .errors import DataError, SpecError, TraceError, UnsupportedError
+from .attention import spell_out_attention
 from .functional_layers import functional_to_modules
 from .ir import LayerInfo, compute_layers
 from .nn.adder import AdderConv2d
@@ -88,8 +89,11 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
+    original, model = model, copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
+        # unpickling traces the code again with the tracer's extras (transformers': example inputs),
+        # which a deep copy drops
+        model._tracer_extras = dict(getattr(original, "_tracer_extras", {}))
         return _annotated(model, example_inputs)
     if type(model) in LAYER_KINDS:  # a bare layer would trace to a plain function call
         model = nn.Sequential(model)
@@ -116,6 +120,8 @@ def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx
     """The traced copy ``gm`` as IR: functional layers made modules, shapes and layer records written."""
     functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     propagate_shapes(gm, example_inputs)
+    if spell_out_attention(gm):  # fused attention as its two products, which quantize-matmuls quantizes
+        propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
     return gm
 

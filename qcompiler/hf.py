@@ -54,6 +54,10 @@ def trace_transformers(model: nn.Module, input_names: Sequence[str] = ("input_id
     out.args = (result[output],)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    # Unpickling a GraphModule traces its code again with the tracer that made it; transformers'
+    # tracer then needs example inputs, which it would otherwise make from attributes that copies
+    # of the module (the compiled one) do not keep. Token ids of a short sequence serve any model.
+    gm._tracer_extras = {"dummy_inputs": {name: torch.zeros(1, 8, dtype=torch.long) for name in input_names}}
     return gm
 
 
