@@ -115,6 +115,75 @@ def _part(v, shape: tuple[int, ...], index: tuple) -> np.ndarray:
     return v[(slice(None),) * axis + (index[1],)]
 
 
+F32_PROOF_LIMIT = 1 << 22  # inputs enumerated per requant: beyond this the proof costs more than it saves
+
+
+def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi,
+                  bounds: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """float32 multipliers and bias under which :func:`apply_f32` equals :func:`apply`, or None.
+
+    float32 arithmetic is not exact here (``x m`` needs ``in_bits + 31`` bits), but a
+    static requant has few possible inputs: every integer ``|x_t| <= bounds[t]`` (the
+    lowering's proven bounds), per channel. When those are few enough, all of them are
+    run through both functions; if every code agrees, the float32 evaluation *is* the
+    requant for every input the program can produce, and the interpreter may use it
+    (half the memory traffic of float64). IEEE float32 multiply, add and ``rint`` are
+    correctly rounded everywhere, so the proof holds on any machine.
+
+    >>> m, sh, b = multipliers([np.array([0.0571])], np.array([0.3]))
+    >>> f32_constants(m, sh, b, 0, 15, [np.array(255.0)]) is not None
+    True
+    """
+    sh = np.asarray(sh, dtype=np.int64)
+    shape = np.broadcast_shapes(*(np.shape(m) for m in ms), sh.shape, np.shape(b), np.shape(lo), np.shape(hi))
+    reach = [int(np.max(bd)) for bd in bounds]
+    positions = math.prod(shape) if shape else 1
+    if positions * math.prod(2 * r + 1 for r in reach) > F32_PROOF_LIMIT or max(reach) >= 2**24:
+        return None
+    k = len(ms)
+    # one axis of constants (every channel), then one axis per term holding every value it can take
+    consts = [np.broadcast_to(np.asarray(v), shape).reshape(-1, *([1] * k)) for v in (*ms, sh, b, lo, hi)]
+    cms, csh, cb, clo, chi = consts[:k], consts[k], consts[k + 1], consts[k + 2], consts[k + 3]
+    xs = [np.arange(-r, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
+          for t, r in enumerate(reach)]
+    m32 = [np.ldexp(np.asarray(m, dtype=np.float64), -sh).astype(np.float32) for m in ms]
+    b32 = np.ldexp(np.asarray(b, dtype=np.float64), -sh).astype(np.float32)
+    worst = sum(r * int(np.max(np.abs(m))) for r, m in zip(reach, ms)) + int(np.max(np.abs(b)))
+    if worst >= 2**63:
+        return None
+    exact = apply(xs, cms, csh, cb, clo, chi, exact_f64=worst < 2**53)
+    fast = apply_f32(xs, [np.broadcast_to(m, shape).reshape(-1, *([1] * k)) for m in m32],
+                     np.broadcast_to(b32, shape).reshape(-1, *([1] * k)), clo, chi)
+    return (m32, b32) if np.array_equal(exact, fast) else None
+
+
+def apply_f32(xs, m32: list[np.ndarray], b32: np.ndarray, lo, hi) -> np.ndarray:
+    """``clamp(rint(sum_t x_t m_t + b), lo, hi)`` in float32, terms summed in order, codes as float32.
+
+    Equal to :func:`apply` only where :func:`f32_constants` proved it; the same in-place,
+    two-thread layout as :func:`_apply_f64`.
+    """
+    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), *(np.shape(m) for m in m32), np.shape(b32))
+    out = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=np.float32)
+    bias = b32 if np.any(b32) else None
+    lo, hi = (v.flat[0] if np.ndim(v) and np.all(v == v.flat[0]) else v for v in (np.asarray(lo), np.asarray(hi)))
+
+    def part(index: tuple) -> None:
+        t = out[index]
+        np.multiply(_part(xs[0], shape, index), _part(m32[0], shape, index), out=t)
+        term = None
+        for x, m in zip(xs[1:], m32[1:]):
+            term = np.multiply(_part(x, shape, index), _part(m, shape, index), out=term)
+            t += term
+        if bias is not None:
+            t += _part(bias, shape, index)
+        np.rint(t, out=t)
+        np.clip(t, _part(lo, shape, index), _part(hi, shape, index), out=t)
+
+    _parallel(part, shape)
+    return out
+
+
 def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
     """:func:`apply` in float64: codes as exact floats.
 
@@ -152,4 +221,4 @@ def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
     return out
 
 
-__all__ = ["apply", "multipliers"]
+__all__ = ["apply", "apply_f32", "f32_constants", "multipliers"]
