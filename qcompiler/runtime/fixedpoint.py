@@ -160,28 +160,9 @@ def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi,
 def apply_f32(xs, m32: list[np.ndarray], b32: np.ndarray, lo, hi) -> np.ndarray:
     """``clamp(rint(sum_t x_t m_t + b), lo, hi)`` in float32, terms summed in order, codes as float32.
 
-    Equal to :func:`apply` only where :func:`f32_constants` proved it; the same in-place,
-    two-thread layout as :func:`_apply_f64`.
+    Equal to :func:`apply` only where :func:`f32_constants` proved it.
     """
-    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), *(np.shape(m) for m in m32), np.shape(b32))
-    out = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=np.float32)
-    bias = b32 if np.any(b32) else None
-    lo, hi = (v.flat[0] if np.ndim(v) and np.all(v == v.flat[0]) else v for v in (np.asarray(lo), np.asarray(hi)))
-
-    def part(index: tuple) -> None:
-        t = out[index]
-        np.multiply(_part(xs[0], shape, index), _part(m32[0], shape, index), out=t)
-        term = None
-        for x, m in zip(xs[1:], m32[1:]):
-            term = np.multiply(_part(x, shape, index), _part(m, shape, index), out=term)
-            t += term
-        if bias is not None:
-            t += _part(bias, shape, index)
-        np.rint(t, out=t)
-        np.clip(t, _part(lo, shape, index), _part(hi, shape, index), out=t)
-
-    _parallel(part, shape)
-    return out
+    return _affine_round(xs, m32, b32, lo, hi, np.float32, np.float32)
 
 
 def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
@@ -190,31 +171,49 @@ def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
     ``m_t 2^-sh`` and ``b 2^-sh`` are exact (a power-of-two scaling), so ``x_t m_t 2^-sh``
     and the sum are the exact ``(sum_t x_t m_t + b) 2^-sh`` below ``2^53``; rounding that
     half to even is ``shift_round_half_even``. The codes come back as float32 when they
-    fit its ``2^24`` exactly (the next ``mac`` reads float32), else float64. Every pass
-    writes in place into one buffer laid out like ``xs[0]`` (``empty_like`` keeps the
-    memory order), so a channels-first accumulator gives channels-first codes; the two
-    channel halves run in two threads (:func:`_parallel`).
+    fit its ``2^24`` exactly (the next ``mac`` reads float32), else float64.
     """
     sh = np.asarray(sh, dtype=np.int64)
-    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), np.shape(sh), np.shape(b), *(np.shape(m) for m in ms))
     scaled = [np.ldexp(np.asarray(m, dtype=np.float64), -sh) for m in ms]
     bias = np.ldexp(np.asarray(b, dtype=np.float64), -sh)
-    lo, hi = (v.flat[0] if np.ndim(v) and np.all(v == v.flat[0]) else v for v in (np.asarray(lo), np.asarray(hi)))
     narrow = max(int(np.max(np.abs(lo))), int(np.max(np.abs(hi)))) < 2**24
-    total = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=np.float64)
-    out = np.empty_like(total, dtype=np.float32) if narrow else total
+    return _affine_round(xs, scaled, bias, lo, hi, np.float64, np.float32 if narrow else np.float64)
+
+
+def _bound_in(v, work) -> np.ndarray:
+    """A clamp bound in the ``work`` dtype where it converts exactly (an int64 bound would make
+    NumPy clip in float64), a single value where it is uniform."""
+    v = np.asarray(v)
+    v = v.flat[0] if v.ndim and np.all(v == v.flat[0]) else v
+    as_work = np.asarray(v).astype(work)
+    return as_work if np.array_equal(as_work, v) else v
+
+
+def _affine_round(xs, ms, bias, lo, hi, work, out_dtype) -> np.ndarray:
+    """``clamp(rint(sum_t x_t m_t + bias), lo, hi)`` computed in ``work``, returned as ``out_dtype``.
+
+    Every pass writes in place into one buffer laid out like ``xs[0]`` (``empty_like``
+    keeps the memory order), so a channels-first accumulator gives channels-first codes;
+    the two channel halves run in two threads (:func:`_parallel`). A zero bias is skipped.
+    """
+    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), *(np.shape(m) for m in ms), np.shape(bias))
+    lo, hi = (_bound_in(v, work) for v in (lo, hi))
+    total = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=work)
+    out = total if out_dtype == work else np.empty_like(total, dtype=out_dtype)
+    bias = bias if np.any(bias) else None
 
     def part(index: tuple) -> None:
         t = total[index]
-        np.multiply(_part(xs[0], shape, index), _part(scaled[0], shape, index), out=t)
+        np.multiply(_part(xs[0], shape, index), _part(ms[0], shape, index), out=t)
         term = None
-        for x, m in zip(xs[1:], scaled[1:]):
+        for x, m in zip(xs[1:], ms[1:]):
             term = np.multiply(_part(x, shape, index), _part(m, shape, index), out=term)
             t += term
-        t += _part(bias, shape, index)
+        if bias is not None:
+            t += _part(bias, shape, index)
         np.rint(t, out=t)  # half to even
         np.clip(t, _part(lo, shape, index), _part(hi, shape, index), out=t)  # in place: a float32 out is ~1.5x slower
-        if narrow:
+        if out is not total:
             out[index] = t
 
     _parallel(part, shape)
