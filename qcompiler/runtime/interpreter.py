@@ -221,6 +221,7 @@ def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = N
     wm = w.reshape(groups, o // groups, -1).astype(dtype)
     y = np.empty((o, n, *size), dtype=dtype)
     step = max(1, min(n, COLS_CHUNK // (rows * positions)))
+    step = -(-n // -(-n // step))  # equal chunks: a small last chunk runs the matmul at a poor shape
     plain = all(k == 1 for k in kernel) and all(s == 1 for s in a["stride"]) and not any(a["padding"])
     if not plain:  # a 1x1, stride-1, unpadded kernel reads xc itself
         buf = _scratch({} if work is None else work, rows * step * positions, dtype)

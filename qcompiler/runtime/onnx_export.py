@@ -240,6 +240,20 @@ class _Emitter:
             return
         self.node("Conv", [x, w, *b], node.name, node.name, **_conv_attrs(info))
 
+    def product(self, info: ir.LayerInfo, x: str, w: str, out: str) -> str:
+        """The layer's exact integer sum of codes ``x`` and integer weights ``w``: Conv, Gemm or MatMul."""
+        if info.kind != "linear":
+            return self.node("Conv", [x, w], out, out, **_conv_attrs(info))
+        if len(info.input_shape) == 1:
+            return self.node("Gemm", [x, w], out, out, transB=1)
+        wt = self.node("Transpose", [w], f"{w}.t", f"{w}/transpose", perm=[1, 0])
+        return self.node("MatMul", [x, wt], out, out)
+
+    def channel_slice(self, x: str, axis: int, start: int, stop: int, out: str) -> str:
+        """``x`` restricted to channels ``[start, stop)`` along ``axis``."""
+        ends = [self.init(f"{out}.{k}", np.array([v], np.int64)) for k, v in (("start", start), ("stop", stop), ("axis", axis))]
+        return self.node("Slice", [x, *ends], out, out)
+
     def integer_plan(self, node: fx.Node) -> tuple[ir.FrozenAct, exact.LayerPlan] | None:
         """How the module computes ``node`` on integer codes when deployed (:func:`exact.frozen_layer`,
         from the same record values and the same bounds), or None where it keeps the float formula."""
@@ -282,6 +296,7 @@ class _Emitter:
         x = f"{q.name}.codes"  # UniformCodes, emitted by the quantizer
         stored = self.init(f"{name}.codes", _int_codes(codes.codes.numpy().astype(np.int64), codes.bits))
         accs = []
+        in_axis = rank - 1 if info.kind == "linear" else 1  # the input's channel axis, the weight's is 1
         for part, which in zip(weight.parts(), ("", "_odd")):
             if codes.grid == "uniform":
                 w = self.node("Cast", [stored], f"{name}.weight_int", f"{name}/cast", to=TensorProto.FLOAT)
@@ -292,15 +307,20 @@ class _Emitter:
                     self.init(f"{name}.one", np.ones([1] * part.dim(), np.float32))
                 w = self.custom("PowerGridDecode", [stored, table, f"{name}.one"], f"{name}.weight_int{which}",
                                 f"{name}/decode{which}", levels=levels)
-            part_acc = f"{name}.acc{which}"
-            if info.kind == "linear":
-                if len(info.input_shape) == 1:
-                    accs.append(self.node("Gemm", [x, w], part_acc, part_acc, transB=1))
-                else:
-                    wt = self.node("Transpose", [w], f"{name}.weight_t{which}", f"{name}/transpose{which}", perm=[1, 0])
-                    accs.append(self.node("MatMul", [x, wt], part_acc, part_acc))
-            else:
-                accs.append(self.node("Conv", [x, w], part_acc, part_acc, **_conv_attrs(info)))
+            if not plan.chunks:
+                accs.append(self.product(info, x, w, f"{name}.acc{which}"))
+                continue
+            # input-channel ranges, each exact in float32, summed in float64 (exact.integer_layer)
+            total = None
+            for i, (a, b) in enumerate(plan.chunks):
+                xi = self.channel_slice(x, in_axis, a, b, f"{name}.codes{which}_{i}")
+                wi = self.channel_slice(w, 1, a, b, f"{name}.weight_int{which}_{i}")
+                acc_i = self.product(info, xi, wi, f"{name}.acc{which}_{i}")
+                acc_i = self.node("Cast", [acc_i], f"{acc_i}.f64", f"{acc_i}/f64", to=TensorProto.DOUBLE)
+                total = acc_i if total is None else self.node("Add", [total, acc_i], f"{name}.acc{which}_sum{i}", "")
+            accs.append(total)
+        if plan.chunks and (weight.odd is not None or plan.int_bias is None):  # back to float32, rounded once
+            accs = [self.node("Cast", [a], f"{a}.f32", f"{a}/f32", to=TensorProto.FLOAT) for a in accs]
         acc = accs[0]
         if weight.odd is not None:  # acc_even + c * acc_odd, as the module adds them
             c = self.init(f"{name}.odd_factor", np.float32(weight.odd_factor))
@@ -310,9 +330,12 @@ class _Emitter:
             scale = self.init(f"{name}.scale", np.float32(frozen.step) * unit)
         else:
             scale = self.node("Mul", [step, self.init(f"{name}.unit", unit)], f"{name}.scale", f"{name}/scale")
-        if plan.int_bias is not None:  # exact: an integer sum below 2^24
-            int_bias = exact.channel_view(plan.int_bias.float(), rank, axis)[0].numpy()
+        if plan.int_bias is not None:  # exact: an integer sum below 2^24 (2^53 when summed in float64)
+            wide = plan.chunks and weight.odd is None
+            int_bias = exact.channel_view(plan.int_bias.double() if wide else plan.int_bias.float(), rank, axis)[0].numpy()
             acc = self.node("Add", [acc, self.init(f"{name}.bias", int_bias)], f"{name}.acc_biased", f"{name}/bias")
+            if wide:
+                acc = self.node("Cast", [acc], f"{name}.acc_biased.f32", f"{name}/f32", to=TensorProto.FLOAT)
         bias = plan.bias if plan.int_bias is None else None
         y = self.node("Mul", [acc, scale], f"{name}.scaled" if bias is not None else out, f"{name}/scaled")
         if bias is not None:
@@ -548,7 +571,9 @@ def _plan(gm: fx.GraphModule, node: fx.Node, frozen: ir.FrozenAct, codes: ir.Wei
     """The deployed module's choices for ``node`` (:func:`exact.plan_layer`), from the records."""
     bn = exact.bn_link(gm.get_submodule(node.target))
     step = frozen.step if frozen.adapter is None else None  # ASQ: per-sample steps
-    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step)
+    info = ir.get(node, ir.LAYER, ir.LayerInfo)
+    chunkable = info.kind in ("conv1d", "conv2d", "linear") and info.groups == 1  # as exact.frozen_layer decides
+    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step, chunkable=chunkable)
 
 
 def _positive(v, what: str) -> None:
