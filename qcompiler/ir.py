@@ -60,7 +60,7 @@ ADDER_Q = "qc.adder_q"
 class LayerInfo:
     """Static facts about a compute layer, written by the front end."""
 
-    kind: str  # "conv1d" | "conv2d" | "linear" | "adder2d"
+    kind: str  # "conv1d" | "conv2d" | "conv_transpose1d" | "conv_transpose2d" | "linear" | "adder2d"
     in_channels: int
     out_channels: int
     weight_shape: tuple[int, ...]
@@ -69,11 +69,12 @@ class LayerInfo:
     macs: int  # multiply-accumulates (or abs-diff-accumulates) per sample
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved
+    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved; transposed: cropped
     groups: int = 1
     has_bias: bool = False
     dilation: tuple[int, ...] = ()
     padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()  # transposed convs: extra output rows/columns after the last
 
     @property
     def params(self) -> int:

@@ -53,13 +53,20 @@ def test_passes_without_a_section_add_none():
     assert c.report.sections == ()
 
 
+class _Upsample(torch.nn.ConvTranspose2d):
+    """A subclass that overrides forward: it could compute anything, so it stays float."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
 class _FloatWeights(torch.nn.Module):
-    """A ConvTranspose2d and a functional conv with a Parameter weight: ops no pass quantizes."""
+    """A ConvTranspose2d subclass overriding forward and a functional conv with a Parameter weight: ops no pass quantizes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.up = _Upsample(8, 8, 2, stride=2)
         self.w = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
         self.fc = torch.nn.Linear(8, 10)
 
@@ -75,12 +82,14 @@ def test_layers_left_in_float_get_a_row_and_a_warning() -> None:
         compiled = qcompiler.compile(_FloatWeights(), qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(8, 1, 8, 8))
     rows = {r.name: r for r in compiled.report.layers}
     assert list(rows) == ["c1", "up", "conv2d", "fc"]  # graph order
-    assert rows["up"].weight_bits is None and rows["up"].weight_quantizer == "float: ConvTranspose2d has no quantized form here"
+    assert rows["up"].weight_bits is None and rows["up"].weight_quantizer == (
+        "float: _Upsample subclasses nn.ConvTranspose2d but overrides forward, so it may not compute a "
+        "conv_transpose2d; it runs as written, in float")
     assert rows["up"].params == 8 * 8 * 2 * 2 + 8
     assert rows["conv2d"].weight_quantizer.startswith("float: functional conv2d with a Parameter weight")
     assert "fp32" in compiled.report.layer_table().splitlines()[3]
     messages = [str(w.message) for w in caught]
-    assert any(m.startswith("2 layer(s) with weights stay in float: up (ConvTranspose2d") for m in messages), messages
+    assert any(m.startswith("2 layer(s) with weights stay in float: up (_Upsample subclasses") for m in messages), messages
     # c1 and fc are pinned at 8 bits and the rest is float: nothing is at the requested 4 bits
     assert any(m.startswith("no layer is at the requested W4A4") for m in messages), messages
 

@@ -32,6 +32,7 @@ import torch.fx
 from torch import nn
 
 from ..numerics import POST_MANTISSA, POST_SHIFT
+from .layout import channel_weight
 
 F32_EXACT = 2**24  # float32 holds every integer below this exactly
 F64_EXACT = 2**53
@@ -240,14 +241,14 @@ def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -
     grid = grid_of(x)
     plan = None
     if grid is not None:
-        weight = layer.weight_quant.integer_weight(layer.weight.detach())
+        weight = layer.weight_quant.integer_weight(channel_weight(layer).detach())
         step = grid.step if grid.step.dim() == 0 else None
         chunkable = isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
         plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype, chunkable)
     if plan is None:
         if bn is None:
             return None
-        y = op(x, layer.weight_quant(layer.weight))  # the float formula, then the batch norm as two ops
+        y = op(x, layer.weight_quant(channel_weight(layer)))  # the float formula, then the batch norm as two ops
         return batchnorm(y if layer.bias is None else y + channel_view(layer.bias, y.dim(), channel_axis % y.dim()), bn)
     return integer_layer(x, grid, replace(plan.weight, unit=plan.unit), op, plan.bias, channel_axis, plan.int_bias,
                          plan.chunks)

@@ -19,11 +19,12 @@ from torch import nn
 
 from .. import ir
 from ..nn import saved
+from ..nn.layout import channel_weight
 from ..nn.qat import with_weight_quant
 from ..quantizers import UniformQuantizer
 from .base import PassContext
 
-MULTIPLY_LAYERS = ("conv1d", "conv2d", "linear")
+MULTIPLY_LAYERS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear")
 
 # (layer node, its LayerInfo, activation bits, observed input range, context) -> (quantizer, method name)
 ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, ir.TensorRange, PassContext], tuple[nn.Module, str]]
@@ -92,7 +93,7 @@ def set_weight_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Modul
 def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, init: str = "lsq") -> None:
     """Per-output-channel learned-step quantizer on ``layer``'s weight."""
     info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-    weight = gm.get_submodule(layer.target).weight.detach()
+    weight = channel_weight(gm.get_submodule(layer.target)).detach()
     wq = UniformQuantizer(bits, signed=True, channels=info.out_channels)
     if init == "lsq":
         wq.init_from(weight)
