@@ -47,6 +47,7 @@ from .. import ir
 from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
+from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
 from .fixedpoint import f32_constants, multipliers
 from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, index_tuple
@@ -274,6 +275,9 @@ class _Lowering:
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         if codes is None or ir.FLOAT in node.meta:
             raise self.unsupported(node, "float compute layers have no integer form")
+        if info.kind in TRANSPOSED_KINDS:
+            raise self.unsupported(node, f"a {info.kind} layer has no integer lowering yet; export it to ONNX "
+                                         "(qcompiler.runtime.onnx_export.to_onnx, custom or qdq form) instead")
         if codes.grid not in ("uniform", "pot", "post") or info.kind == "adder2d":
             raise self.unsupported(node, f"{codes.grid} weights are not lowered yet")
         shape = _shape(node)

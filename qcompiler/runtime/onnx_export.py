@@ -65,6 +65,7 @@ from .. import ir
 from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
+from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
 from .lower import _shape
 
@@ -238,12 +239,32 @@ class _Emitter:
                 if b:
                     self.node("Add", [out, b[0]], node.name, f"{node.name}/bias")
             return
-        self.node("Conv", [x, w, *b], node.name, node.name, **_conv_attrs(info))
+        self.conv(info, x, w, b, node.name, node.name, channel_first=quantized)
+
+    def conv(self, info: ir.LayerInfo, x: str, w: str, b: list[str], out: str, name: str, channel_first: bool) -> str:
+        """``Conv``, or ``ConvTranspose`` for a transposed layer. A weight output channel first (codes,
+        :mod:`qcompiler.nn.layout`) is put back in ConvTranspose's ``(in, out/groups, *k)`` first: a
+        Reshape/Transpose/Reshape of a constant, which onnxruntime folds, moving values without rounding."""
+        if info.kind not in TRANSPOSED_KINDS:
+            return self.node("Conv", [x, w, *b], out, name, **_conv_attrs(info))
+        if channel_first and info.groups == 1:  # (out, in, *k) -> (in, out, *k); also an input-channel range's
+            w = self.node("Transpose", [w], f"{w}_layout", f"{w}/layout", perm=[1, 0, *range(2, 2 + len(info.kernel_size))])
+        elif channel_first:  # group by group: (g, out/g, in/g, *k) -> (g, in/g, out/g, *k)
+            k, g = list(info.kernel_size), info.groups
+            split = self.init(f"{w}.groups", np.array([g, info.out_channels // g, info.in_channels // g, *k], np.int64))
+            merged = self.init(f"{w}.layout", np.array([info.in_channels, info.out_channels // g, *k], np.int64))
+            w = self.node("Reshape", [w, split], f"{w}.grouped", f"{w}/grouped")
+            w = self.node("Transpose", [w], f"{w}_t", f"{w}/transpose", perm=[0, 2, 1, *range(3, 3 + len(k))])
+            w = self.node("Reshape", [w, merged], f"{w}_layout", f"{w}/layout")
+        attrs = _conv_attrs(info)
+        if any(info.output_padding):
+            attrs["output_padding"] = list(info.output_padding)
+        return self.node("ConvTranspose", [x, w, *b], out, name, **attrs)
 
     def product(self, info: ir.LayerInfo, x: str, w: str, out: str) -> str:
         """The layer's exact integer sum of codes ``x`` and integer weights ``w``: Conv, Gemm or MatMul."""
         if info.kind != "linear":
-            return self.node("Conv", [x, w], out, out, **_conv_attrs(info))
+            return self.conv(info, x, w, [], out, out, channel_first=True)
         if len(info.input_shape) == 1:
             return self.node("Gemm", [x, w], out, out, transB=1)
         wt = self.node("Transpose", [w], f"{w}.t", f"{w}/transpose", perm=[1, 0])
