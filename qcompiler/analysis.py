@@ -337,8 +337,8 @@ def float_module_reason(m: nn.Module) -> str:
                 "which no pass does, so it stays float")
     if isinstance(m, nn.MultiheadAttention):
         return unsupported_reason(m) or f"{name} was not replaced by its traceable form (a call the front end did not see)"
-    if isinstance(m, nn.Embedding):
-        return f"{name} stays float: its rows (a lookup table, not a multiply) have no weight grid here yet"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return f"{name} with max_norm rewrites its rows as it reads them, so it stays float"
     return f"{name} has no quantized form here"
 
 

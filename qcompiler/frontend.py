@@ -40,6 +40,7 @@ LAYER_KINDS: dict[type[nn.Module], str] = {
     nn.ConvTranspose1d: "conv_transpose1d",
     nn.ConvTranspose2d: "conv_transpose2d",
     nn.Linear: "linear",
+    nn.Embedding: "embedding",
     AdderConv2d: "adder2d",
 }
 TRANSPOSED_KINDS = ("conv_transpose1d", "conv_transpose2d")
@@ -227,7 +228,7 @@ def annotate_layers(gm: fx.GraphModule) -> None:
             continue
         m = gm.get_submodule(node.target)
         kind = layer_kind(m)
-        if kind is None:
+        if kind is None or (kind == "embedding" and m.max_norm is not None):  # max_norm rewrites rows as it reads them
             continue
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         w = m.weight
@@ -237,7 +238,9 @@ def annotate_layers(gm: fx.GraphModule) -> None:
         else:
             # Each output element costs in_channels/groups * prod(kernel) accumulates.
             macs = math.prod(w.shape[1:]) * (math.prod(out_shape) if out_shape else w.shape[0])
-        conv_like = kind != "linear"
+        if kind == "embedding":  # a lookup: no multiply-accumulates; each row is an output "channel" of the weight grid
+            macs = 0
+        conv_like = kind not in ("linear", "embedding")
         if conv_like and getattr(m, "padding_mode", "zeros") != "zeros":
             raise UnsupportedError(
                 f"layer {node.target!r} uses padding_mode={m.padding_mode!r}; only zero padding is supported: "
@@ -245,8 +248,8 @@ def annotate_layers(gm: fx.GraphModule) -> None:
             )
         node.meta[ir.LAYER] = LayerInfo(
             kind=kind,
-            in_channels=m.in_channels if conv_like else m.in_features,
-            out_channels=m.out_channels if conv_like else m.out_features,
+            in_channels=m.in_channels if conv_like else m.num_embeddings if kind == "embedding" else m.in_features,
+            out_channels=m.out_channels if conv_like else m.embedding_dim if kind == "embedding" else m.out_features,
             weight_shape=tuple(w.shape),
             input_shape=in_shape,
             output_shape=out_shape,

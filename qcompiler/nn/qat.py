@@ -85,12 +85,24 @@ class QConvTranspose2d(nn.ConvTranspose2d):
     forward = _quantized_conv_transpose_forward
 
 
+class QEmbedding(nn.Embedding):
+    """``nn.Embedding`` looking up rows of ``weight_quant(weight)``: its output is on the weight grid.
+
+    No integer form of its own: in eval the rows are ``codes * step[row]``, one float32 product
+    each, which the ONNX file computes the same way (``Cast``, ``Mul``, ``Gather``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight_quant(self.weight), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+
+
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QConv1d,
     nn.Conv2d: QConv2d,
     nn.Linear: QLinear,
     nn.ConvTranspose1d: QConvTranspose1d,
     nn.ConvTranspose2d: QConvTranspose2d,
+    nn.Embedding: QEmbedding,
 }
 
 

@@ -269,15 +269,15 @@ class _Lowering:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         if info.kind == "adder2d" and ir.ADDER_Q in node.meta and ir.FLOAT not in node.meta:
             return self.adder(node, info)
+        if info.kind in (*TRANSPOSED_KINDS, "embedding"):
+            raise self.unsupported(node, f"{info.kind} layers have no integer lowering yet; export the model to ONNX "
+                                         "(qcompiler.runtime.onnx_export.to_onnx, custom or qdq form) instead")
         src = self.values[node.args[0]]
         if not isinstance(src, Grid):
             raise self.unsupported(node, "a compute layer must read an activation quantizer's codes")
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         if codes is None or ir.FLOAT in node.meta:
             raise self.unsupported(node, "float compute layers have no integer form")
-        if info.kind in TRANSPOSED_KINDS:
-            raise self.unsupported(node, f"a {info.kind} layer has no integer lowering yet; export it to ONNX "
-                                         "(qcompiler.runtime.onnx_export.to_onnx, custom or qdq form) instead")
         if codes.grid not in ("uniform", "pot", "post") or info.kind == "adder2d":
             raise self.unsupported(node, f"{codes.grid} weights are not lowered yet")
         shape = _shape(node)

@@ -216,6 +216,10 @@ class _Emitter:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         quantized = codes is not None and ir.FLOAT not in node.meta
+        if info.kind == "embedding":  # the rows the module looks up: the weight decoded as it decodes it, then Gather
+            w = self.weight(node, codes) if quantized else self.float_weight(node)
+            self.node("Gather", [w, self.src(node)], node.name, node.name, axis=0)
+            return
         if quantized and info.kind != "adder2d" and info.padding_mode == "zeros" and self.integer_layer(node, info, codes):
             return
         if quantized and info.kind != "adder2d" and self.fmt == "custom":
@@ -550,7 +554,9 @@ class _Emitter:
         if node.name in self.folded:  # the layer before it computed this tensor
             return
         if node.op == "placeholder":
-            self.inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, [BATCH, *_shape(node)]))
+            meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
+            dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT
+            self.inputs.append(helper.make_tensor_value_info(node.name, dtype, [BATCH, *_shape(node)]))
             return
         if ir.ACT in node.meta:
             self.quantizer(node)
@@ -766,7 +772,8 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
     name = sess.get_inputs()[0].name
     module = compiled.module.eval()
     got, want = [], []
-    for batch in torch.as_tensor(x).float().split(batch_size):
+    x = torch.as_tensor(x)
+    for batch in (x if not x.is_floating_point() else x.float()).split(batch_size):  # indices stay integers
         got.append(sess.run(None, {name: batch.numpy()})[0])
         want.append(module(batch).float().numpy())
     got, want = np.concatenate(got), np.concatenate(want)

@@ -163,6 +163,12 @@ class _QdqEmitter(_Emitter):
         c = codes.codes.numpy().astype(np.int64)
         scale = codes.scale.detach().double().numpy()
         _positive(scale, f"layer {name!r} weight scale")
+        if info.kind == "embedding":  # INT8 rows, dequantized per row (one float32 product, as the module), then Gather
+            s, zero = self.init(f"{name}.scale", scale.astype(np.float32)), self.init(f"{name}.zero_point", np.zeros(scale.shape, np.int8))
+            w = self.node("DequantizeLinear", [self.init(f"{name}.codes", c.astype(np.int8)), s, zero], f"{name}.weight",
+                          f"{name}/weight", axis=0)
+            self.node("Gather", [w, self.src(node)], name, name, axis=0)
+            return
         out = name
         bn = exact.bn_link(self.gm.get_submodule(node.target)) if info.kind != "linear" else None
         if bn is not None:
