@@ -119,3 +119,23 @@ def test_a_module_called_twice_has_one_weight_grid_and_the_report_says_so() -> N
     layers = {n.name: n for n in ir.compute_layers(compiled.module)}
     assert compiled.module.get_submodule("shared.weight_quant").bits == 6
     assert ir.get(layers["shared"], ir.WEIGHT, ir.WeightQuant) == ir.get(layers["shared_1"], ir.WEIGHT, ir.WeightQuant)
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rnn, self.fc = torch.nn.Linear(3, 8), torch.nn.LSTM(8, 8, batch_first=True), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(self.inp(x))
+        return self.fc(y[:, -1])
+
+
+def test_a_recurrent_layer_gets_a_float_row_with_its_reason() -> None:
+    from qcompiler.api import FloatLayerWarning
+
+    with pytest.warns(FloatLayerWarning, match="rnn \\(LSTM is a recurrent layer"):
+        compiled = qcompiler.compile(_Recurrent(), qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(8, 5, 3))
+    row = {r.name: r for r in compiled.report.layers}["rnn"]
+    assert row.weight_bits is None and row.float_reason.startswith("LSTM is a recurrent layer")
+    assert row.weight_quantizer == f"float: {row.float_reason}" and row.params == sum(p.numel() for p in _Recurrent().rnn.parameters())
