@@ -7,7 +7,7 @@ the reports and the backends read the same facts without re-deriving them:
 ==================  ==============  ==================================================
 key                 record          on which nodes
 ==================  ==============  ==================================================
-``qc.layer``        LayerInfo       compute layers (conv, linear, adder)
+``qc.layer``        LayerInfo       compute layers (conv, transposed conv, linear, embedding, adder)
 ``qc.pin``          Pin             compute layers held at a fixed bit width
 ``qc.range``        TensorRange     nodes whose output a quantizer reads
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
@@ -149,7 +149,7 @@ class WeightQuant:
 
     grid: str  # "uniform" | "pot" | "post" | "adder-redistribution" | "adder-shared"
     bits: int
-    granularity: str  # "per-channel" | "per-group" | "per-layer"
+    granularity: str  # "per-channel" | "per-row" (embedding) | "per-group" | "per-layer"
     module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
 
 
