@@ -79,7 +79,7 @@ def test_results_file_has_the_header_and_a_table_row_per_model(run):
     _, _, text = run
     assert text.startswith("# 8-bit PTQ")
     for field in ("Command: `python bench/ptq.py --models", "UTC", "commit ", "Machine: ", "torch threads 1",
-                  "qcompiler spec: `{"):
+                  "qcompiler spec: `{", "qcompiler measured: the package as of commit "):
         assert field in text, field
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert [r.split(" ")[1] for r in rows] == list(MODELS), text
