@@ -139,7 +139,7 @@ _GRID_KEEPING_FUNCTIONS = {
 }
 _GRID_KEEPING_METHODS = {
     "view", "reshape", "flatten", "relu", "contiguous", "permute", "transpose", "squeeze",
-    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as", "chunk", "split", "unbind",
+    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as", "chunk", "split", "unbind", "unflatten",
 }
 # Per-channel affine maps and linear reductions: foldable into the next requantization.
 _AFFINE_MODULES = (
@@ -327,9 +327,8 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
                 continue
             weights = [p for p in m.parameters() if p.dim() >= 2]
             if weights:
-                kind = type(m).__name__
-                found.append(FloatWeightOp(node.name, kind.lower(), sum(p.numel() for p in m.parameters()),
-                                           f"{kind} has no quantized form here"))
+                found.append(FloatWeightOp(node.name, type(m).__name__.lower(), sum(p.numel() for p in m.parameters()),
+                                           float_module_reason(m)))
         elif node.op == "call_function" and (node.target in _WEIGHT_FUNCTIONS or node.target in _MATMUL_FUNCTIONS):
             params = [_parameter(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
             params = [p for p in params if p is not None and p.dim() >= 2]
@@ -343,6 +342,25 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
     return found
 
 
+def float_module_reason(m: nn.Module) -> str:
+    """Why the module ``m``, holding weights, is not a quantized compute layer, in words a user can act on."""
+    from .frontend import LAYER_KINDS, layer_base  # the front end imports this module's users
+    from .nn.attention import unsupported_reason
+
+    name, base = type(m).__name__, layer_base(m)
+    if base is not None and type(m).forward is not base.forward:
+        return (f"{name} subclasses nn.{base.__name__} but overrides forward, so it may not compute a "
+                f"{LAYER_KINDS[base]}; it runs as written, in float")
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        return (f"{name} is a recurrent layer: its gates and state would need requantizing at every time step, "
+                "which no pass does, so it stays float")
+    if isinstance(m, nn.MultiheadAttention):
+        return unsupported_reason(m) or f"{name} was not replaced by its traceable form (a call the front end did not see)"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return f"{name} with max_norm rewrites its rows as it reads them, so it stays float"
+    return f"{name} has no quantized form here"
+
+
 def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
     try:
         return gm.get_parameter(target)
@@ -350,4 +368,4 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
         return None
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops"]
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason"]

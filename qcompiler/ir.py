@@ -7,7 +7,7 @@ the reports and the backends read the same facts without re-deriving them:
 ==================  ==============  ==================================================
 key                 record          on which nodes
 ==================  ==============  ==================================================
-``qc.layer``        LayerInfo       compute layers (conv, linear, adder)
+``qc.layer``        LayerInfo       compute layers (conv, transposed conv, linear, embedding, adder)
 ``qc.pin``          Pin             compute layers held at a fixed bit width
 ``qc.range``        TensorRange     nodes whose output a quantizer reads
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
@@ -62,7 +62,7 @@ ADDER_Q = "qc.adder_q"
 class LayerInfo:
     """Static facts about a compute layer, written by the front end."""
 
-    kind: str  # "conv1d" | "conv2d" | "linear" | "adder2d"
+    kind: str  # "conv1d" | "conv2d" | "conv_transpose1d" | "conv_transpose2d" | "linear" | "adder2d"
     in_channels: int
     out_channels: int
     weight_shape: tuple[int, ...]
@@ -71,11 +71,12 @@ class LayerInfo:
     macs: int  # multiply-accumulates (or abs-diff-accumulates) per sample
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved
+    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved; transposed: cropped
     groups: int = 1
     has_bias: bool = False
     dilation: tuple[int, ...] = ()
     padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()  # transposed convs: extra output rows/columns after the last
 
     @property
     def params(self) -> int:
@@ -163,7 +164,7 @@ class WeightQuant:
 
     grid: str  # "uniform" | "pot" | "post" | "adder-redistribution" | "adder-shared"
     bits: int
-    granularity: str  # "per-channel" | "per-group" | "per-layer"
+    granularity: str  # "per-channel" | "per-row" (embedding) | "per-group" | "per-layer"
     module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
 
 

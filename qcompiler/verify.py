@@ -107,7 +107,7 @@ def quantized_layer_records(f: Facts, node: fx.Node) -> str | None:
     scale = q.alpha if isinstance(q, PowerGridQuantizer) else q.step
     if not _finite_positive(scale):
         return "weight steps are not positive and finite"
-    if ir.input_act(node) is None:
+    if ir.input_act(node) is None and info.kind != "embedding":  # an embedding reads indices, not activations
         return "quantized layer reads no activation quantizer"
     return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qcompiler import ir
+from qcompiler.nn.layout import channel_weight
 from qcompiler.passes.rewrite import init_act_step
 
 
@@ -25,7 +26,7 @@ def max_init(compiled) -> None:
         rec = ir.find(layer, ir.WEIGHT, ir.WeightQuant)
         if rec is not None and rec.grid == "uniform":
             m = gm.get_submodule(layer.target)
-            m.weight_quant.init_from_max(m.weight.abs().flatten(1).max(1).values)
+            m.weight_quant.init_from_max(channel_weight(m).abs().flatten(1).max(1).values)
     compiled.freeze()
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import qcompiler
 from qcompiler import ir
-from qcompiler.frontend import LAYER_KINDS, trace
+from qcompiler.frontend import trace
 from max_init import max_init, relative_error
 
 SPEC8 = qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8)
@@ -83,17 +83,15 @@ def test_rewrite_makes_a_module_sharing_the_parameters_and_computing_the_same(ki
 def test_each_functional_kind_is_quantized_and_close_to_float_at_8_bits(kind: str) -> None:
     model, x = FunctionalNet(kind).eval(), _input(kind)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qcompiler.api.FloatLayerWarning)  # a transposed conv may stay float
+        warnings.simplefilter("error", qcompiler.api.FloatLayerWarning)  # nothing with weights stays float
         compiled = qcompiler.compile(model, SPEC8, calib_data=x)
-    if "transpose" in kind and MODULE[kind] not in LAYER_KINDS:
-        row = next(r for r in compiled.report.layers if r.name == kind)
-        assert row.weight_bits is None and row.float_reason  # listed, never silent
-        pytest.skip(f"nn.{MODULE[kind].__name__} layers are not quantized on this branch (module-layer work); "
-                    "the rewrite itself is checked above")
     node = next(n for n in compiled.module.graph.nodes if n.name == kind)
     rec = ir.get(node, ir.WEIGHT, ir.WeightQuant)
     codes = ir.get(node, ir.CODES, ir.WeightCodes)
-    assert (rec.grid, rec.bits) == ("uniform", 8) and codes.codes.shape == model.w.shape
+    w_shape = tuple(model.w.shape)
+    if "transpose" in kind:  # codes are kept output channel first (qcompiler.nn.layout)
+        w_shape = (w_shape[1], w_shape[0], *w_shape[2:])
+    assert (rec.grid, rec.bits) == ("uniform", 8) and tuple(codes.codes.shape) == w_shape
     assert int(codes.codes.abs().max()) <= 127 and ir.input_act(node) is not None
     row = next(r for r in compiled.report.layers if r.name == kind)
     assert (row.weight_bits, row.act_bits, row.float_reason) == (8, 8, "")

@@ -48,7 +48,8 @@ def _compile(model: nn.Module, ids: torch.Tensor):
     gm = trace_transformers(model, ["input_ids"], output="logits")
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids).logits)  # the traced graph is the model
-    with pytest.warns(FloatLayerWarning, match="Embedding has no quantized form here"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatLayerWarning)  # every layer with weights is quantized
         return qcompiler.compile(gm, SPEC8, calib_data=ids)
 
 
@@ -59,7 +60,8 @@ def _check(compiled, model: nn.Module, ids: torch.Tensor, projections: list[str]
         assert (rows[name].kind, rows[name].weight_bits, rows[name].act_bits) == ("linear", 8, 8), name
     products = [r for r in rows.values() if r.kind == "matmul"]
     assert len(products) == 4 and all(r.act_bits == 8 for r in products)  # q @ k^T and attn @ v, two layers
-    assert {r.kind for r in rows.values() if r.weight_bits is None and r.kind != "matmul"} == {"embedding"}
+    assert not [r.name for r in rows.values() if r.weight_bits is None and r.kind != "matmul"]
+    assert {r.weight_bits for r in rows.values() if r.kind == "embedding"} == {8}
     domains = tensor_domains(compiled.module)
     # the attention mask is computed from shapes: a constant added to the scores, never put on a grid
     assert not [q.name for q in ir.act_quantizers(compiled.module) if domains[q.args[0]].kind == "const"]
