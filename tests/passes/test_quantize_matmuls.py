@@ -101,3 +101,29 @@ def test_onnx_export_matches_and_the_integer_backend_refuses_in_one_line(tmp_pat
         compiled.lower()
     message = str(info.value)
     assert "\n" not in message and "%matmul" in message and "product of two activations" in message
+
+
+def test_multihead_attention_products_are_quantized_and_export() -> None:
+    """nn.MultiheadAttention, expanded by the front end into linear layers and tensor ops."""
+
+    class MHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.attn, self.o = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.o(self.attn(x, x, x, need_weights=False)[0])
+
+    model, x = MHA().eval(), torch.randn(32, 6, 16)
+    compiled = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8), calib_data=x)
+    assert [r.kind for r in compiled.report.layers].count("matmul") == 2
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        parity = compiled.verify_onnx(compiled.export_onnx(Path(d) / "mha.onnx"), x)
+    assert parity.ok(), parity.text()
+    max_init(compiled)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < 0.02
