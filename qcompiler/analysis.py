@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ir
+from .functional_layers import FORMS
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -138,7 +139,7 @@ _GRID_KEEPING_FUNCTIONS = {
 }
 _GRID_KEEPING_METHODS = {
     "view", "reshape", "flatten", "relu", "contiguous", "permute", "transpose", "squeeze",
-    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as", "chunk", "split", "unbind",
+    "unsqueeze", "clone", "detach", "expand", "expand_as", "view_as", "chunk", "split", "unbind", "unflatten",
 }
 # Per-channel affine maps and linear reductions: foldable into the next requantization.
 _AFFINE_MODULES = (
@@ -153,6 +154,7 @@ _AFFINE_METHODS = {"mean", "sum"}
 _SCALAR_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub}
 # Shapes, not activations.
 _CONST_METHODS = {"size", "dim", "numel"}
+_CONST_ATTRIBUTES = {"shape", "device", "dtype", "ndim"}
 
 JOIN_KINDS = {
     operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add",
@@ -181,6 +183,12 @@ def join_operands(node: fx.Node) -> list[fx.Node] | None:
     else:
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr" and _is_tensor(a)]
     return operands if len(operands) >= 2 else None
+
+
+def is_constant_join(node: fx.Node, domains: dict[fx.Node, Domain]) -> bool:
+    """An add/sub/concat with an operand computed from shapes and constants alone (transformers'
+    attention mask, ``(1 - ones(size)) * min``): not a join of two activations, so not put on grids."""
+    return any(domains[a].kind == CONST for a in join_operands(node) or ())
 
 
 def join_kind(node: fx.Node) -> str:
@@ -219,6 +227,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
     if node.op == "call_function":
+        if node.target is getattr and node.args[1:2] and node.args[1] in _CONST_ATTRIBUTES:
+            return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")
@@ -254,15 +264,19 @@ def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> 
     if ir.LAYER in node.meta:
         quantized = (ir.WEIGHT in node.meta or ir.ADDER_Q in node.meta) and ir.FLOAT not in node.meta
         return Domain(ACC) if quantized else Domain(FLOAT)
-    if not live:
+    if ir.MATMUL in node.meta:  # an integer product of two code tensors
+        return Domain(ACC) if all(known[a].kind == GRID for a in node.args) else Domain(FLOAT)
+    if not live or op_kind(gm, node) == "const":  # x.size() is a shape even when x is the input
         return Domain(CONST)
     if all(d.kind == INPUT for d in live):
         return Domain(INPUT)
     if any(d.kind == FLOAT for d in live):
         return Domain(FLOAT)
     operands = join_operands(node)
-    if operands is not None:
+    if operands is not None and not is_constant_join(node, known):
         return Domain(ACC) if all(known[a].kind == GRID for a in operands) else Domain(FLOAT)
+    if operands is not None and len(live) == 1 and live[0].kind in (GRID, ACC):
+        return Domain(ACC)  # an activation plus a constant tensor (an attention mask): a foldable offset
     kind = op_kind(gm, node)
     if kind == "const":
         return Domain(CONST)
@@ -291,6 +305,8 @@ _WEIGHT_FUNCTIONS = {
     F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
     F.conv_transpose3d: "conv_transpose3d", F.embedding: "embedding", F.bilinear: "bilinear",
 }
+# Products that are a linear layer when one operand is a Parameter (the front end rewrites the simple ones).
+_MATMUL_FUNCTIONS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.addmm: "addmm", torch.bmm: "bmm"}
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -311,17 +327,38 @@ def float_weight_ops(gm: fx.GraphModule, skip: tuple[type, ...] = ()) -> list[Fl
                 continue
             weights = [p for p in m.parameters() if p.dim() >= 2]
             if weights:
-                kind = type(m).__name__
-                found.append(FloatWeightOp(node.name, kind.lower(), sum(p.numel() for p in m.parameters()),
-                                           f"{kind} has no quantized form here"))
-        elif node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+                found.append(FloatWeightOp(node.name, type(m).__name__.lower(), sum(p.numel() for p in m.parameters()),
+                                           float_module_reason(m)))
+        elif node.op == "call_function" and (node.target in _WEIGHT_FUNCTIONS or node.target in _MATMUL_FUNCTIONS):
             params = [_parameter(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
             params = [p for p in params if p is not None and p.dim() >= 2]
-            if params:
-                name = _WEIGHT_FUNCTIONS[node.target]
-                found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params),
-                                           f"functional {name} with a Parameter weight has no quantized form here"))
+            name = _WEIGHT_FUNCTIONS.get(node.target) or _MATMUL_FUNCTIONS[node.target]
+            # a layer call the front end left in float carries its reason (qcompiler.functional_layers),
+            # also when its weight is not a Parameter; a product of two activations is no weight op
+            refused = node.meta.get(ir.FLOAT) if node.target in FORMS or node.target is torch.addmm else None
+            if params or (refused is not None and node.target in _WEIGHT_FUNCTIONS):
+                reason = refused.reason if refused is not None else f"functional {name} with a Parameter weight has no quantized form here"
+                found.append(FloatWeightOp(node.name, name, sum(p.numel() for p in params), reason))
     return found
+
+
+def float_module_reason(m: nn.Module) -> str:
+    """Why the module ``m``, holding weights, is not a quantized compute layer, in words a user can act on."""
+    from .frontend import LAYER_KINDS, layer_base  # the front end imports this module's users
+    from .nn.attention import unsupported_reason
+
+    name, base = type(m).__name__, layer_base(m)
+    if base is not None and type(m).forward is not base.forward:
+        return (f"{name} subclasses nn.{base.__name__} but overrides forward, so it may not compute a "
+                f"{LAYER_KINDS[base]}; it runs as written, in float")
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        return (f"{name} is a recurrent layer: its gates and state would need requantizing at every time step, "
+                "which no pass does, so it stays float")
+    if isinstance(m, nn.MultiheadAttention):
+        return unsupported_reason(m) or f"{name} was not replaced by its traceable form (a call the front end did not see)"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return f"{name} with max_norm rewrites its rows as it reads them, so it stays float"
+    return f"{name} has no quantized form here"
 
 
 def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
@@ -331,4 +368,4 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
         return None
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops"]
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason"]

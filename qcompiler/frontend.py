@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import importlib
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -28,16 +29,46 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import ir
 from .errors import DataError, SpecError, TraceError, UnsupportedError
+from .attention import spell_out_attention
+from .functional_layers import functional_to_modules
 from .ir import LayerInfo, compute_layers
 from .nn.adder import AdderConv2d
+from .nn.attention import TracedMultiheadAttention, call_reason, mark_unsupported, unsupported_reason
 
-# Exact types only: a user subclass may change forward, so we leave it alone.
+# These classes and their subclasses that keep the class's forward (layer_kind).
 LAYER_KINDS: dict[type[nn.Module], str] = {
     nn.Conv1d: "conv1d",
     nn.Conv2d: "conv2d",
+    nn.ConvTranspose1d: "conv_transpose1d",
+    nn.ConvTranspose2d: "conv_transpose2d",
     nn.Linear: "linear",
+    nn.Embedding: "embedding",
     AdderConv2d: "adder2d",
 }
+TRANSPOSED_KINDS = ("conv_transpose1d", "conv_transpose2d")
+
+
+def layer_base(m: nn.Module) -> type[nn.Module] | None:
+    """The nearest class of ``LAYER_KINDS`` that ``m`` is an instance of, if any."""
+    return next((cls for cls in type(m).__mro__ if cls in LAYER_KINDS), None)
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    """The layer kind of ``m``: one of ``LAYER_KINDS``' classes, or a subclass of one whose
+    forward is the class's own (``class MyConv(nn.Conv2d)`` adding only methods or defaults).
+
+    A subclass that overrides ``forward`` may compute anything (padding first, another
+    weight), so it is no layer of that kind: it stays float, and the layer table says why
+    (:func:`qcompiler.analysis.float_module_reason`).
+
+    >>> class Same(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+    >>> layer_kind(nn.Conv2d(1, 1, 3)), layer_kind(Same(1, 1, 3)), layer_kind(nn.ReLU())
+    ('conv2d', None, None)
+    """
+    base = layer_base(m)
+    return LAYER_KINDS[base] if base is not None and type(m).forward is base.forward else None
 
 
 class _Tracer(fx.Tracer):
@@ -49,7 +80,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        # A user subclass of a layer class stays whole too: quantized like its base, or reported float.
+        return isinstance(m, self.leaf_types) or layer_base(m) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -78,13 +110,36 @@ def trace(
     example_inputs: Sequence[torch.Tensor],
     leaf_modules: Sequence[str] = (),
 ) -> fx.GraphModule:
-    """Trace a copy of ``model`` into the IR and annotate its compute layers."""
+    """Trace a copy of ``model`` into the IR and annotate its compute layers.
+
+    A ``torch.fx.GraphModule`` is taken as already traced: a copy of its graph is the
+    IR as it stands (``leaf_modules`` do not apply). That is the hook for models our
+    tracer cannot trace but another can, e.g. transformers' own tracer
+    (:func:`qcompiler.hf.trace_transformers`).
+    """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
-    if type(model) in LAYER_KINDS:  # a bare layer would trace to a plain function call
+    original, model = model, copy.deepcopy(model).eval()
+    if isinstance(model, fx.GraphModule):
+        # unpickling traces the code again with the tracer's extras (transformers': example inputs),
+        # which a deep copy drops
+        model._tracer_extras = dict(getattr(original, "_tracer_extras", {}))
+        return _annotated(model, example_inputs)
+    if layer_base(model) is not None:  # a bare layer would trace to a plain function call
         model = nn.Sequential(model)
-    tracer = _Tracer(resolve_leaf_types(leaf_modules))
+    leaf_types = resolve_leaf_types(leaf_modules)
+    gm = _trace_graph(model, leaf_types)
+    if any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        propagate_shapes(gm, example_inputs)  # expand_attention reads the shapes of each call
+        if expand_attention(model, gm):  # traced again through the attention modules' projections
+            gm = _trace_graph(model, leaf_types)
+            drop_unused_attention_weights(gm)
+    return _annotated(gm, example_inputs)
+
+
+def _trace_graph(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule:
+    """``model`` traced into a GraphModule, or one line naming what could not be traced."""
+    tracer = _Tracer(leaf_types)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many kinds; all mean "not traceable"
@@ -100,10 +155,61 @@ def trace(
         # String annotations (from __future__ import annotations) break pickling of the module.
         if isinstance(node.type, str):
             node.type = None
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """The traced copy ``gm`` as IR: functional layers made modules, shapes and layer records written."""
+    functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     propagate_shapes(gm, example_inputs)
+    if spell_out_attention(gm):  # fused attention as its two products, which quantize-matmuls quantizes
+        propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
     return gm
+
+
+def drop_unused_attention_weights(gm: fx.GraphModule) -> None:
+    """Erase the ops of a traced attention module that nothing reads (its head-averaged weights,
+    computed because ``need_weights`` defaults to True), so no float node is reported for them."""
+    for node in reversed(list(gm.graph.nodes)):
+        stack = node.meta.get("nn_module_stack", {})
+        inside = any(cls is TracedMultiheadAttention or getattr(cls, "__name__", "") == "TracedMultiheadAttention"
+                     for _, cls in stack.values())
+        if inside and not node.users and node.op in ("call_function", "call_method"):
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def expand_attention(root: nn.Module, gm: fx.GraphModule) -> bool:
+    """Replace in ``root`` each ``nn.MultiheadAttention`` by its traceable form
+    (:class:`~qcompiler.nn.attention.TracedMultiheadAttention`), whose ``nn.Linear`` projections the
+    passes quantize; returns whether any was replaced.
+
+    Only where every call of the module in ``gm`` (traced with it as a leaf, shapes known) is
+    one that form computes; any other module is left whole, in float, with the reason recorded
+    on it for the layer table (:func:`qcompiler.nn.attention.unsupported_reason`).
+    """
+    reasons: dict[str, str | None] = {}
+    for node in gm.graph.nodes:
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if type(m) is not nn.MultiheadAttention:  # exact: a subclass may compute something else
+            continue
+        args = inspect.signature(nn.MultiheadAttention.forward).bind(m, *node.args, **node.kwargs)
+        args.apply_defaults()
+        a = args.arguments
+        meta = a["query"].meta.get("tensor_meta") if isinstance(a["query"], fx.Node) else None
+        rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        reason = unsupported_reason(m) or call_reason(rank, a["need_weights"], a["average_attn_weights"], a["is_causal"],
+                                                      a["attn_mask"] is not None)
+        reasons[node.target] = reasons.get(node.target) or reason
+    for target, reason in reasons.items():
+        if reason is not None:
+            mark_unsupported(root.get_submodule(target), reason)
+            continue
+        parent, _, leaf = target.rpartition(".")
+        setattr(root.get_submodule(parent), leaf, TracedMultiheadAttention.from_module(root.get_submodule(target)))
+    return any(r is None for r in reasons.values())
+
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -143,15 +249,20 @@ def annotate_layers(gm: fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
-        kind = LAYER_KINDS.get(type(m))
-        if kind is None:
+        kind = layer_kind(m)
+        if kind is None or (kind == "embedding" and m.max_norm is not None):  # max_norm rewrites rows as it reads them
             continue
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         w = m.weight
-        # Each output element costs in_channels/groups * prod(kernel) accumulates.
-        per_output = math.prod(w.shape[1:])
-        out_elems = math.prod(out_shape) if out_shape else w.shape[0]
-        conv_like = kind != "linear"
+        if kind in TRANSPOSED_KINDS:
+            # Each input element is scattered to out_channels/groups * prod(kernel) outputs.
+            macs = math.prod(w.shape[1:]) * (math.prod(in_shape) if in_shape else w.shape[0])
+        else:
+            # Each output element costs in_channels/groups * prod(kernel) accumulates.
+            macs = math.prod(w.shape[1:]) * (math.prod(out_shape) if out_shape else w.shape[0])
+        if kind == "embedding":  # a lookup: no multiply-accumulates; each row is an output "channel" of the weight grid
+            macs = 0
+        conv_like = kind not in ("linear", "embedding")
         if conv_like and getattr(m, "padding_mode", "zeros") != "zeros":
             raise UnsupportedError(
                 f"layer {node.target!r} uses padding_mode={m.padding_mode!r}; only zero padding is supported: "
@@ -159,12 +270,12 @@ def annotate_layers(gm: fx.GraphModule) -> None:
             )
         node.meta[ir.LAYER] = LayerInfo(
             kind=kind,
-            in_channels=m.in_channels if conv_like else m.in_features,
-            out_channels=m.out_channels if conv_like else m.out_features,
+            in_channels=m.in_channels if conv_like else m.num_embeddings if kind == "embedding" else m.in_features,
+            out_channels=m.out_channels if conv_like else m.embedding_dim if kind == "embedding" else m.out_features,
             weight_shape=tuple(w.shape),
             input_shape=in_shape,
             output_shape=out_shape,
-            macs=per_output * out_elems,
+            macs=macs,
             kernel_size=tuple(m.kernel_size) if conv_like else (),
             stride=tuple(m.stride) if conv_like else (),
             padding=resolved_padding(m) if conv_like else (),
@@ -172,7 +283,20 @@ def annotate_layers(gm: fx.GraphModule) -> None:
             has_bias=getattr(m, "bias", None) is not None,
             dilation=tuple(m.dilation) if conv_like else (),
             padding_mode="zeros",
+            output_padding=transposed_output_padding(m, in_shape, out_shape) if kind in TRANSPOSED_KINDS else (),
         )
+
+
+def transposed_output_padding(m: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A transposed conv's extra output size per spatial dim, as traced: its ``output_padding``,
+    or what a call with ``output_size=`` chose (the output's size less the size without it)."""
+    dims = len(m.kernel_size)
+    if len(in_shape) != dims + 1 or len(out_shape) != dims + 1:
+        return tuple(m.output_padding)
+    return tuple(
+        o - ((i - 1) * s - 2 * p + d * (k - 1) + 1)
+        for i, o, s, p, d, k in zip(in_shape[1:], out_shape[1:], m.stride, m.padding, m.dilation, m.kernel_size)
+    )
 
 
 def resolved_padding(m: nn.Module) -> tuple[int, ...]:
@@ -195,4 +319,5 @@ def resolved_padding(m: nn.Module) -> tuple[int, ...]:
     return tuple(v for p in pads for v in (p, p))
 
 
-__all__ = ["trace", "propagate_shapes", "annotate_layers", "compute_layers", "LAYER_KINDS"]
+__all__ = ["trace", "propagate_shapes", "annotate_layers", "compute_layers", "layer_base", "layer_kind", "LAYER_KINDS",
+           "TRANSPOSED_KINDS"]

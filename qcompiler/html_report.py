@@ -36,6 +36,7 @@ import torch.fx as fx
 
 from . import ir, numerics
 from .errors import QCompileError
+from .nn.layout import channel_weight
 from .quantizers.asq import beta_float64
 from .report import CompileReport, LayerReport
 
@@ -203,7 +204,7 @@ def weight_view(gm: fx.GraphModule, layer: fx.Node) -> WeightView | None:
     codes = ir.find(layer, ir.CODES, ir.WeightCodes)
     if codes is None:
         return None
-    weight = gm.get_submodule(layer.target).weight.detach().double()
+    weight = channel_weight(gm.get_submodule(layer.target)).detach().double()
     scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
     if scales is not None:
         bounds = tuple(b for g, r in enumerate(scales.group_ranges)

@@ -7,11 +7,12 @@ the reports and the backends read the same facts without re-deriving them:
 ==================  ==============  ==================================================
 key                 record          on which nodes
 ==================  ==============  ==================================================
-``qc.layer``        LayerInfo       compute layers (conv, linear, adder)
+``qc.layer``        LayerInfo       compute layers (conv, transposed conv, linear, embedding, adder)
 ``qc.pin``          Pin             compute layers held at a fixed bit width
 ``qc.range``        TensorRange     nodes whose output a quantizer reads
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
 ``qc.join``         Join            residual adds and concats: the grid of each side
+``qc.matmul``       MatMul          products of two activations (q @ k^T): each operand's grid
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
 ``qc.adder_in``     ClampRange      adder layers: calibrated input range (outlier clamp)
 ``qc.adder_q``      AdderScales     quantized adder layers: scale groups, clamp, constants
@@ -50,6 +51,7 @@ ACT = "qc.act"
 WEIGHT = "qc.weight"
 CODES = "qc.codes"
 JOIN = "qc.join"
+MATMUL = "qc.matmul"
 FLOAT = "qc.float"
 STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
@@ -60,7 +62,7 @@ ADDER_Q = "qc.adder_q"
 class LayerInfo:
     """Static facts about a compute layer, written by the front end."""
 
-    kind: str  # "conv1d" | "conv2d" | "linear" | "adder2d"
+    kind: str  # "conv1d" | "conv2d" | "conv_transpose1d" | "conv_transpose2d" | "linear" | "adder2d"
     in_channels: int
     out_channels: int
     weight_shape: tuple[int, ...]
@@ -69,11 +71,12 @@ class LayerInfo:
     macs: int  # multiply-accumulates (or abs-diff-accumulates) per sample
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved
+    padding: tuple[int, ...] = ()  # zero padding (before, after) per spatial dim, 'same'/'valid' resolved; transposed: cropped
     groups: int = 1
     has_bias: bool = False
     dilation: tuple[int, ...] = ()
     padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()  # transposed convs: extra output rows/columns after the last
 
     @property
     def params(self) -> int:
@@ -169,6 +172,19 @@ class Join:
 
 
 @dataclass(frozen=True)
+class MatMul:
+    """A product of two activations (``q @ k.transpose(-2, -1)``, ``attn @ v``, ``torch.bmm``).
+
+    Both operands are read on the grids of the quantizer nodes named in ``inputs``
+    (``bits`` wide), so the product is an integer matmul of two code tensors times
+    the two steps; the next quantizer requantizes it.
+    """
+
+    inputs: tuple[str, str]
+    bits: int
+
+
+@dataclass(frozen=True)
 class WeightQuant:
     """How a compute layer's weight is quantized.
 
@@ -179,7 +195,7 @@ class WeightQuant:
 
     grid: str  # "uniform" | "pot" | "post" | "adder-redistribution" | "adder-shared"
     bits: int
-    granularity: str  # "per-channel" | "per-group" | "per-layer"
+    granularity: str  # "per-channel" | "per-row" (embedding) | "per-group" | "per-layer"
     module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
     init: str = "lsq"  # "mse" | "percentile" | "lsq" | "max" | "range"
 

@@ -7,6 +7,7 @@ the passes that ran, so nothing here knows any pass by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,9 @@ from .spec import INITS, QuantSpec
 
 if TYPE_CHECKING:  # passes import this module for ReportSection; no cycle at run time
     from .passes.manager import PassRun
+
+
+MATMUL_KIND = "matmul"  # a product of two activations: a row with no weight
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class CompileReport:
         rows = [
             (
                 r.name, r.kind,
-                str(r.weight_bits or "fp32"), str(r.act_bits or "fp32"),
+                str(r.weight_bits or ("-" if r.kind == MATMUL_KIND else "fp32")), str(r.act_bits or "fp32"),
                 r.weight_quantizer, r.act_quantizer, r.pinned,
             )
             for r in self.layers
@@ -144,6 +148,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
                 macs=info.macs,
             )
         )
+    rows += matmul_rows(gm)
     rows += float_weight_rows(gm)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     rows.sort(key=lambda r: order.get(r.name, 0))
@@ -169,6 +174,24 @@ def shared_note(layer: fx.Node) -> str:
 
     sites = call_sites(layer)
     return f" (shared: {', '.join(n.name for n in sites)})" if len(sites) > 1 else ""
+
+
+def matmul_rows(gm: fx.GraphModule) -> list[LayerReport]:
+    """A row for every quantized product of two activations (``qc.matmul``): no weight, two input grids."""
+    rows = []
+    for node in gm.graph.nodes:
+        rec = ir.find(node, ir.MATMUL, ir.MatMul)
+        if rec is None:
+            continue
+        acts = [ir.get(a, ir.ACT, ir.ActQuant) for a in node.args]
+        signs = " x ".join("signed" if a.signed else "unsigned" for a in acts)
+        out = node.meta.get("tensor_meta")
+        depth = node.args[0].meta["tensor_meta"].shape[-1] if "tensor_meta" in node.args[0].meta else 0
+        macs = math.prod(out.shape[1:]) * depth if out is not None else 0  # per sample, as for layers
+        rows.append(LayerReport(name=node.name, kind=MATMUL_KIND, weight_bits=None, act_bits=rec.bits,
+                                weight_quantizer="- (two activations)", act_quantizer=f"{acts[0].method} {signs}",
+                                pinned="", params=0, macs=macs))
+    return rows
 
 
 def float_weight_rows(gm: fx.GraphModule) -> list[LayerReport]:

@@ -107,7 +107,7 @@ def quantized_layer_records(f: Facts, node: fx.Node) -> str | None:
     scale = q.alpha if isinstance(q, PowerGridQuantizer) else q.step
     if not _finite_positive(scale):
         return "weight steps are not positive and finite"
-    if ir.input_act(node) is None:
+    if ir.input_act(node) is None and info.kind != "embedding":  # an embedding reads indices, not activations
         return "quantized layer reads no activation quantizer"
     return None
 
@@ -139,6 +139,16 @@ def join_record_matches(f: Facts, node: fx.Node) -> str | None:
     return None
 
 
+def matmul_record_matches(f: Facts, node: fx.Node) -> str | None:
+    rec = node.meta.get(ir.MATMUL)
+    if rec is None:
+        return None
+    grids = tuple(f.domains[a].grid if f.domains[a].kind == GRID else None for a in node.args)
+    if grids != rec.inputs:
+        return f"qc.matmul says operand grids {rec.inputs}, graph has {grids}"
+    return None
+
+
 def steps_finite(f: Facts, node: fx.Node) -> str | None:
     frozen = node.meta.get(ir.STEP)
     if frozen is not None and not (math.isfinite(frozen.step) and frozen.step > 0):
@@ -150,6 +160,7 @@ RULES: tuple[Rule, ...] = (
     Rule("activation quantizer matches its record", act_quantizer_module),
     Rule("quantized layer has its records and input quantizer", quantized_layer_records),
     Rule("join record matches the graph", join_record_matches),
+    Rule("matmul record matches the graph", matmul_record_matches),
     Rule("frozen step is positive and finite", steps_finite),
     Rule("no unrecorded float edge", no_unrecorded_float, final=True),
     Rule("frozen records equal module state", frozen_records_current, final=True),

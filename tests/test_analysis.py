@@ -153,3 +153,30 @@ def test_networkx_view_and_dot() -> None:
     assert dot.startswith('digraph "') and dot.rstrip().endswith("}")
     assert '\\"quoted\\"' in dot and '"x" -> "a";' in dot
     assert dot.count("->") == g.number_of_edges()
+
+
+class MaskedScores(nn.Module):
+    """Scores plus a mask built from the input's shape, as transformers builds its attention masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (1.0 - torch.ones((x.size(0), 4))) * -1e9
+        return self.fc(x) + mask
+
+
+def test_a_mask_from_the_input_shape_is_a_constant_and_its_add_no_join() -> None:
+    import qcompiler
+    from qcompiler.analysis import ACC, CONST, tensor_domains
+
+    compiled = qcompiler.compile(MaskedScores(), QuantSpec(passes="lsq"), calib_data=torch.randn(16, 4))
+    gm = compiled.module
+    domains = tensor_domains(gm)
+    size = next(n for n in gm.graph.nodes if n.target == "size")
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert domains[size].kind == CONST and domains[add.args[1]].kind == CONST
+    assert domains[add].kind == ACC and ir.JOIN not in add.meta  # an offset, not a join of two activations
+    assert not [q for q in ir.act_quantizers(gm) if domains[q.args[0]].kind == CONST]  # -1e9 never on a grid
+    assert compiled.report.joins == 0

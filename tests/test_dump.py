@@ -49,7 +49,7 @@ def _split_numbers(text: str) -> tuple[str, list[float]]:
 
 
 def test_dump_files_numbered(dump_dir: Path) -> None:
-    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-joins", "05_freeze"]
+    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_quantize-joins", "06_freeze"]
     assert sorted(p.name for p in dump_dir.iterdir()) == sorted(f"{s}.{e}" for s in stems for e in ("txt", "dot"))
 
 
@@ -92,7 +92,7 @@ def test_quantize_joins_dump_matches_golden(tmp_path: Path) -> None:
             p.copy_(torch.randint(-2, 3, p.shape).float())
     calib = torch.randint(0, 4, (8, 1, 5, 5)).float()
     qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4), calib_data=calib, dump_ir=tmp_path)
-    _assert_matches_golden((tmp_path / "04_quantize-joins.txt").read_text(), GOLDEN.parent / "joins_tiny.txt")
+    _assert_matches_golden((tmp_path / "05_quantize-joins.txt").read_text(), GOLDEN.parent / "joins_tiny.txt")
 
 
 def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
@@ -113,7 +113,7 @@ def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
     fit = fit_act_grid(rng.hist, 8, choose_signed(rng, 8))
     assert fit.signed
     assert f"signed=True, module='_0_act', init='mse')" in text
-    assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "05_freeze.txt").read_text()
+    assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "06_freeze.txt").read_text()
 
 
 def test_diff_observe_to_lsq_only_adds_quantizers(dump_dir: Path) -> None:

@@ -292,3 +292,40 @@ def test_non_zero_padding_mode_is_refused_with_the_fix() -> None:
 
     with pytest.raises(UnsupportedError, match="padding_mode='reflect'.*F.pad"):
         trace(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), (torch.randn(1, 1, 6, 6),))
+
+
+class _KeepsForward(nn.Conv2d):
+    """A subclass adding a method only."""
+
+    def describe(self) -> str:
+        return "mine"
+
+
+class _Pads(nn.Conv2d):
+    """A timm-style 'same' conv: pads in forward, so it is not a plain conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_a_subclass_keeping_forward_is_a_layer_of_its_base_and_an_overriding_one_a_float_leaf() -> None:
+    model = nn.Sequential(_KeepsForward(1, 2, 3), nn.ReLU(), _Pads(2, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    gm = trace(model, (torch.randn(2, 1, 6, 6),))
+    assert [(n.name, ir.get(n, ir.LAYER, ir.LayerInfo).kind) for n in ir.compute_layers(gm)] == [("_0", "conv2d"), ("_4", "linear")]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2", "3", "4"]  # _Pads stays whole
+
+
+def test_transposed_conv_records_hand_checked() -> None:
+    # ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2) on 5 x 5 -> 6 x 10 x 10
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2))
+    info = ir.get(ir.compute_layers(trace(model, (torch.randn(2, 4, 5, 5),)))[0], ir.LAYER, ir.LayerInfo)
+    assert (info.kind, info.in_channels, info.out_channels, info.weight_shape) == ("conv_transpose2d", 4, 6, (4, 3, 3, 3))
+    assert (info.output_shape, info.padding, info.output_padding, info.groups) == ((6, 10, 10), (1, 1, 1, 1), (1, 1), 2)
+    assert info.macs == 4 * 5 * 5 * 3 * 9  # each input element scatters to out/groups * 3 * 3 outputs
+    assert info.params == 4 * 3 * 9 + 6
+
+
+def test_embedding_record() -> None:
+    gm = trace(nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), (torch.randint(0, 10, (2, 3)),))
+    info = ir.get(ir.compute_layers(gm)[0], ir.LAYER, ir.LayerInfo)
+    assert (info.kind, info.in_channels, info.out_channels, info.weight_shape, info.macs) == ("embedding", 10, 4, (10, 4), 0)

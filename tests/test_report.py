@@ -53,14 +53,21 @@ def test_passes_without_a_section_add_none():
     assert c.report.sections == ()
 
 
+class _Upsample(torch.nn.ConvTranspose2d):
+    """A subclass that overrides forward: it could compute anything, so it stays float."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
 class _FloatWeights(torch.nn.Module):
-    """A ConvTranspose2d and a functional conv with a Parameter weight: ops no pass quantizes."""
+    """A ConvTranspose2d subclass overriding forward and a functional conv whose weight is a buffer: ops no pass quantizes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
-        self.w = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.up = _Upsample(8, 8, 2, stride=2)
+        self.register_buffer("w", torch.randn(8, 8, 3, 3) * 0.1)  # a Parameter would make it a quantized Conv2d
         self.fc = torch.nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,12 +82,14 @@ def test_layers_left_in_float_get_a_row_and_a_warning() -> None:
         compiled = qcompiler.compile(_FloatWeights(), qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(8, 1, 8, 8))
     rows = {r.name: r for r in compiled.report.layers}
     assert list(rows) == ["c1", "up", "conv2d", "fc"]  # graph order
-    assert rows["up"].weight_bits is None and rows["up"].weight_quantizer == "float: ConvTranspose2d has no quantized form here"
+    assert rows["up"].weight_bits is None and rows["up"].weight_quantizer == (
+        "float: _Upsample subclasses nn.ConvTranspose2d but overrides forward, so it may not compute a "
+        "conv_transpose2d; it runs as written, in float")
     assert rows["up"].params == 8 * 8 * 2 * 2 + 8
-    assert rows["conv2d"].weight_quantizer.startswith("float: functional conv2d with a Parameter weight")
+    assert rows["conv2d"].weight_quantizer == "float: functional conv2d: its weight 'w' is a buffer or tensor constant, not an nn.Parameter"
     assert "fp32" in compiled.report.layer_table().splitlines()[3]
     messages = [str(w.message) for w in caught]
-    assert any(m.startswith("2 layer(s) with weights stay in float: up (ConvTranspose2d") for m in messages), messages
+    assert any(m.startswith("2 layer(s) with weights stay in float: up (_Upsample subclasses") for m in messages), messages
     # c1 and fc are pinned at 8 bits and the rest is float: nothing is at the requested 4 bits
     assert any(m.startswith("no layer is at the requested W4A4") for m in messages), messages
 
@@ -110,3 +119,23 @@ def test_a_module_called_twice_has_one_weight_grid_and_the_report_says_so() -> N
     layers = {n.name: n for n in ir.compute_layers(compiled.module)}
     assert compiled.module.get_submodule("shared.weight_quant").bits == 6
     assert ir.get(layers["shared"], ir.WEIGHT, ir.WeightQuant) == ir.get(layers["shared_1"], ir.WEIGHT, ir.WeightQuant)
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rnn, self.fc = torch.nn.Linear(3, 8), torch.nn.LSTM(8, 8, batch_first=True), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(self.inp(x))
+        return self.fc(y[:, -1])
+
+
+def test_a_recurrent_layer_gets_a_float_row_with_its_reason() -> None:
+    from qcompiler.api import FloatLayerWarning
+
+    with pytest.warns(FloatLayerWarning, match="rnn \\(LSTM is a recurrent layer"):
+        compiled = qcompiler.compile(_Recurrent(), qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(8, 5, 3))
+    row = {r.name: r for r in compiled.report.layers}["rnn"]
+    assert row.weight_bits is None and row.float_reason.startswith("LSTM is a recurrent layer")
+    assert row.weight_quantizer == f"float: {row.float_reason}" and row.params == sum(p.numel() for p in _Recurrent().rnn.parameters())

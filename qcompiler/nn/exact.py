@@ -10,8 +10,10 @@ with the same constants, so onnxruntime and PyTorch give identical values:
   of its weights (:func:`integer_weight`). Float32 sums of integers are exact, in any
   summation order, while every partial sum stays below 2^24 (:func:`exact_in`), so
   oneDNN and MLAS agree; one multiply by the per-channel scale ``step * unit[c]``
-  follows, then the bias. A layer whose bound reaches 2^24 (or a POST grid, whose
-  levels are not integers) keeps the float formula and is reported (``exact=False``);
+  follows, then the bias. An ungrouped layer whose bound reaches 2^24 sums ranges of its
+  input channels apart (:func:`input_chunks`), each exact in float32, and the ranges in
+  float64; where one channel alone reaches it, the layer keeps the float formula and is
+  reported (``exact=False``);
 * batch norm is ``x * alpha + beta``, two ops with float32 constants from
   :func:`bn_affine` (PyTorch's kernel computes its own constants, may fuse the two, and
   onnxruntime's BatchNormalization rounds its own way);
@@ -30,6 +32,7 @@ import torch.fx
 from torch import nn
 
 from ..numerics import POST_MANTISSA, POST_SHIFT
+from .layout import channel_weight
 
 F32_EXACT = 2**24  # float32 holds every integer below this exactly
 F64_EXACT = 2**53
@@ -136,25 +139,58 @@ def channel_view(v: torch.Tensor, rank: int, axis: int = 1) -> torch.Tensor:
     return v.reshape(shape)
 
 
+def input_chunks(weight: IntegerWeight, x_bound: int) -> tuple[tuple[int, int], ...] | None:
+    """Consecutive input-channel ranges ``(start, stop)`` over which each weight part's partial
+    sums stay below 2^24, or None where one input channel alone reaches it.
+
+    A layer too wide to sum exactly in float32 in one piece (a 3x3x512 convolution at 8 bits)
+    sums each range in float32, exactly, and the ranges in float64, exactly (:func:`integer_layer`).
+
+    >>> input_chunks(IntegerWeight(torch.full((2, 4, 1), 127), torch.ones(2)), 2**16)
+    ((0, 2), (2, 4))
+    """
+    per_input = torch.stack([part.abs().reshape(part.shape[0], part.shape[1], -1).sum(2) for part in weight.parts()])
+    per_input = per_input.double() * x_bound  # (parts, out, in): the largest sum each input channel adds
+    chunks, start, running = [], 0, torch.zeros_like(per_input[:, :, 0])
+    for i in range(per_input.shape[2]):
+        if bool(torch.any(per_input[:, :, i] >= F32_EXACT)):
+            return None
+        if bool(torch.any(running + per_input[:, :, i] >= F32_EXACT)):
+            chunks.append((start, i))
+            start, running = i, torch.zeros_like(running)
+        running = running + per_input[:, :, i]
+    return (*chunks, (start, per_input.shape[2]))
+
+
 def integer_layer(x: torch.Tensor, grid: Grid, weight: IntegerWeight, op, bias: torch.Tensor | None,
-                  channel_axis: int = 1, int_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  channel_axis: int = 1, int_bias: torch.Tensor | None = None,
+                  chunks: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
     """``op(codes, ints) * (step * unit) + bias``: the codes recovered exactly, an exact sum, one scale.
 
     With ``int_bias`` (:func:`integer_bias`) the bias is added to the exact sum instead,
-    ``(acc + int_bias) * (step * unit)``: one rounding in all.
+    ``(acc + int_bias) * (step * unit)``: one rounding in all. With ``chunks``
+    (:func:`input_chunks`) each input-channel range is summed in float32 and the ranges in
+    float64, both exact; the sum (with the integer bias) is rounded once to float32.
 
     ``round(x / step)`` gives back the codes exactly: ``x = fl(c * step)`` is within a relative
     2^-24 of ``c * step``, far from a half for codes below 2^16.
     """
     codes = torch.round(x / grid.step)
-    acc = op(codes, weight.ints.to(x.dtype))
+
+    def exact_sum(ints: torch.Tensor) -> torch.Tensor:
+        if not chunks:
+            return op(codes, ints.to(x.dtype))
+        parts = [op(codes.narrow(channel_axis, a, b - a), ints.narrow(1, a, b - a).to(x.dtype)).double() for a, b in chunks]
+        return torch.stack(parts).sum(0)  # exact in any order: integers below 2^53
+
+    acc = exact_sum(weight.ints)
     if weight.odd is not None:  # POST: one rounding for the odd exponents' factor, one for the sum
-        acc = acc + op(codes, weight.odd.to(x.dtype)) * torch.tensor(weight.odd_factor, dtype=x.dtype)
+        acc = acc.to(x.dtype) + exact_sum(weight.odd).to(x.dtype) * torch.tensor(weight.odd_factor, dtype=x.dtype)
     axis = channel_axis % acc.dim()
     scale = grid.step * channel_view(weight.unit.to(x.dtype), acc.dim(), axis)
     if int_bias is not None:
-        return (acc + channel_view(int_bias.to(x.dtype), acc.dim(), axis)) * scale
-    y = acc * scale
+        return (acc + channel_view(int_bias.to(acc.dtype), acc.dim(), axis)).to(x.dtype) * scale
+    y = acc.to(x.dtype) * scale
     return y if bias is None else y + channel_view(bias.to(x.dtype), acc.dim(), channel_axis % acc.dim())
 
 
@@ -168,23 +204,30 @@ class LayerPlan:
     unit: torch.Tensor  # per channel, float32, the batch norm folded in
     bias: torch.Tensor | None  # float32, the batch norm folded in
     int_bias: torch.Tensor | None  # the bias in accumulator steps (scalar input steps), float64 integers
+    chunks: tuple[tuple[int, int], ...] = ()  # input-channel ranges summed apart (:func:`input_chunks`); () is one
 
 
 def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.Module | None, x_bound: int,
-               step: torch.Tensor | float | None, dtype: torch.dtype = torch.float32) -> LayerPlan | None:
+               step: torch.Tensor | float | None, dtype: torch.dtype = torch.float32,
+               chunkable: bool = False) -> LayerPlan | None:
     """The integer form of a layer: its weight, folded constants and integer bias, or None where
     it has none or it would not be exact in ``dtype`` (the layer keeps the float formula).
 
     ``step`` is the input quantizer's scalar step, None for ASQ's per-sample steps (whose
-    layers add a float bias after the scale).
+    layers add a float bias after the scale). ``chunkable``: the layer's input channels can
+    be summed apart (an ungrouped convolution or a linear layer); where one float32 sum
+    would not be exact, the plan then sums ranges of them (:func:`input_chunks`).
     """
     if weight is None:
         return None
     unit, folded_bias = folded_constants(weight.unit, bias, bn)
     int_bias = integer_bias(folded_bias, step, unit) if step is not None else None
-    if not exact_layer(weight, x_bound, int_bias, dtype):
+    if exact_layer(weight, x_bound, int_bias, dtype):
+        return LayerPlan(weight, bn, unit, folded_bias, int_bias)
+    chunks = input_chunks(weight, x_bound) if chunkable and dtype == torch.float32 else None
+    if chunks is None:
         return None
-    return LayerPlan(weight, bn, unit, folded_bias, int_bias)
+    return LayerPlan(weight, bn, unit, folded_bias, int_bias, chunks)
 
 
 def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -> torch.Tensor | None:
@@ -198,15 +241,17 @@ def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -
     grid = grid_of(x)
     plan = None
     if grid is not None:
-        weight = layer.weight_quant.integer_weight(layer.weight.detach())
+        weight = layer.weight_quant.integer_weight(channel_weight(layer).detach())
         step = grid.step if grid.step.dim() == 0 else None
-        plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype)
+        chunkable = isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
+        plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype, chunkable)
     if plan is None:
         if bn is None:
             return None
-        y = op(x, layer.weight_quant(layer.weight))  # the float formula, then the batch norm as two ops
+        y = op(x, layer.weight_quant(channel_weight(layer)))  # the float formula, then the batch norm as two ops
         return batchnorm(y if layer.bias is None else y + channel_view(layer.bias, y.dim(), channel_axis % y.dim()), bn)
-    return integer_layer(x, grid, replace(plan.weight, unit=plan.unit), op, plan.bias, channel_axis, plan.int_bias)
+    return integer_layer(x, grid, replace(plan.weight, unit=plan.unit), op, plan.bias, channel_axis, plan.int_bias,
+                         plan.chunks)
 
 
 def folded_constants(unit: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None):
@@ -361,5 +406,5 @@ def use_exact_eval(gm: nn.Module) -> nn.Module:
     return gm
 
 
-__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "integer_layer",
+__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer",
            "integer_weight", "tag", "use_exact_eval"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exact import deployed, frozen_layer
+from .layout import channel_first, from_channel_first
 from .saved import recomputed
 
 
@@ -53,10 +54,55 @@ class QLinear(nn.Linear):
             return F.linear(x, w, self.bias)
 
 
+def _quantized_conv_transpose_forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    """A QConvTranspose's forward. The quantizer and the integer form see the weight output channel
+    first (:mod:`qcompiler.nn.layout`); the op gets it back in the transposed conv's own layout."""
+    dims = len(self.kernel_size)
+    output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
+    conv = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
+
+    def op(c: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return conv(c, from_channel_first(w, self.groups), bias, self.stride, self.padding, output_padding,
+                    self.groups, self.dilation)
+
+    y = frozen_layer(self, x, op) if deployed(self) else None
+    if y is not None:
+        return y
+    w = self.weight_quant(channel_first(self.weight, self.groups))
+    with recomputed(self):
+        return op(x, w, self.bias)
+
+
+class QConvTranspose1d(nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` computing with ``weight_quant`` of its output-channel-first weight."""
+
+    forward = _quantized_conv_transpose_forward
+
+
+class QConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` computing with ``weight_quant`` of its output-channel-first weight."""
+
+    forward = _quantized_conv_transpose_forward
+
+
+class QEmbedding(nn.Embedding):
+    """``nn.Embedding`` looking up rows of ``weight_quant(weight)``: its output is on the weight grid.
+
+    No integer form of its own: in eval the rows are ``codes * step[row]``, one float32 product
+    each, which the ONNX file computes the same way (``Cast``, ``Mul``, ``Gather``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight_quant(self.weight), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+
+
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QConv1d,
     nn.Conv2d: QConv2d,
     nn.Linear: QLinear,
+    nn.ConvTranspose1d: QConvTranspose1d,
+    nn.ConvTranspose2d: QConvTranspose2d,
+    nn.Embedding: QEmbedding,
 }
 
 
@@ -68,7 +114,9 @@ def register_qat_class(float_cls: type[nn.Module], qat_cls: type[nn.Module]) -> 
 def with_weight_quant(layer: nn.Module, weight_quant: nn.Module) -> nn.Module:
     """A QAT copy of ``layer`` sharing its parameters and using ``weight_quant``.
 
-    Applied to an already-quantized layer, it swaps the weight quantizer.
+    Applied to an already-quantized layer, it swaps the weight quantizer. A subclass of a
+    float layer class (whose forward is the class's own, :func:`qcompiler.frontend.layer_kind`)
+    becomes that class's QAT class.
 
     Example:
         >>> from qcompiler.quantizers import UniformQuantizer
@@ -79,7 +127,7 @@ def with_weight_quant(layer: nn.Module, weight_quant: nn.Module) -> nn.Module:
     if type(layer) in _QAT_CLASS.values():
         layer.weight_quant = weight_quant
         return layer
-    cls = _QAT_CLASS[type(layer)]
+    cls = next(_QAT_CLASS[c] for c in type(layer).__mro__ if c in _QAT_CLASS)
     q = cls.__new__(cls)
     # Share every attribute (hyper-parameters, parameters, buffers) of the float
     # layer; the containers are copied so the float layer itself is untouched.

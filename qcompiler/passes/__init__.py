@@ -19,6 +19,7 @@ from .pin_first_last import PinFirstLast
 from .post import POST
 from .pot import POT
 from .quantize_joins import QuantizeJoins
+from .quantize_matmuls import QuantizeMatmuls
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Pass]] = {
         OutlierClamp,
         AdderGroups,
         AdderShared,
+        QuantizeMatmuls,
         QuantizeJoins,
         Freeze,
     )

@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from .. import ir, numerics
 from ..analysis import FLOAT, describe_op, join_operands, tensor_domains
+from ..nn.layout import channel_weight
 from ..quantizers.adder import QAdderConv2d
 from ..quantizers.asq import BETA_BOUND, ASQQuantizer
 from ..quantizers.power_grid import PowerGridQuantizer
@@ -47,7 +48,7 @@ def weight_codes(gm: fx.GraphModule, layer: fx.Node) -> ir.WeightCodes:
     """The integer weight codes of a quantized layer, read from its module now."""
     module = gm.get_submodule(layer.target)
     grid = ir.get(layer, ir.WEIGHT, ir.WeightQuant).grid
-    weight = module.weight.detach()
+    weight = channel_weight(module).detach()
     bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
     if isinstance(module, QAdderConv2d):
         lo, hi = numerics.int_range(module.weight_bits, signed=True, narrow=True)

@@ -69,6 +69,9 @@ def plan(
     quantizes = any(registry[n].produces & QUANTIZING_FACTS for n in chosen)
     if spec.quantize_joins and quantizes and "quantize-joins" in registry and "quantize-joins" not in seen:
         chosen.append("quantize-joins")
+    # products of two activations (attention) go on grids whenever activations do
+    if quantizes and "quantize-matmuls" in registry and "quantize-matmuls" not in seen:
+        chosen.append("quantize-matmuls")
     if "freeze" in registry and "freeze" not in seen:
         chosen.append("freeze")
     for i, a in enumerate(chosen):
@@ -113,7 +116,7 @@ class PassManager:
         >>> from qcompiler.spec import QuantSpec
         >>> spec = QuantSpec(passes=("lsq",))
         >>> [p.name for p in plan(spec.passes, spec, {"calibration-data"}, REGISTRY)]
-        ['pin-first-last', 'observe', 'lsq', 'quantize-joins', 'freeze']
+        ['pin-first-last', 'observe', 'lsq', 'quantize-matmuls', 'quantize-joins', 'freeze']
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: Path | None = None, verify: bool = False) -> None:

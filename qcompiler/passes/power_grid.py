@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from .. import ir
+from ..nn.layout import channel_weight
 from ..quantizers.power_grid import PowerGridQuantizer
 from .base import STAGE_WEIGHT_GRID, Pass, PassContext, PassResult
 from .rewrite import MULTIPLY_LAYERS, layer_bits, set_weight_quantizer
@@ -37,7 +38,7 @@ class PowerGridPass(Pass):
                 continue
             w_bits, _ = layer_bits(layer, ctx.spec)
             wq = PowerGridQuantizer(w_bits, self.grid, channels=info.out_channels)
-            wq.init_weight(gm.get_submodule(layer.target).weight, ctx.spec.init)
+            wq.init_weight(channel_weight(gm.get_submodule(layer.target)), ctx.spec.init)
             record = ir.WeightQuant(grid=self.grid, bits=w_bits, granularity="per-channel",
                                     module=f"{layer.target}.weight_quant", init=ctx.spec.init)
             set_weight_quantizer(gm, layer, wq, record)

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
-from ..analysis import GRID, is_identity, join_kind, join_operands, tensor_domains
+from ..analysis import GRID, is_constant_join, is_identity, join_kind, join_operands, tensor_domains
 from ..quantizers import UniformQuantizer, init
 from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
@@ -95,7 +95,9 @@ class QuantizeJoins(Pass):
         return cls(bits=spec.residual_bits, init=join_init(spec.init))
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        joins = [n for n in gm.graph.nodes if join_operands(n) is not None and ir.JOIN not in n.meta]
+        domains = tensor_domains(gm)
+        joins = [n for n in gm.graph.nodes if join_operands(n) is not None and ir.JOIN not in n.meta
+                 and not is_constant_join(n, domains)]
         quantized = any(ir.ACT in n.meta or ir.ADDER_Q in n.meta for n in gm.graph.nodes)
         if not joins or not quantized:
             return PassResult(gm, False)

@@ -19,11 +19,14 @@ from torch import nn
 
 from .. import ir
 from ..nn import saved
+from ..nn.layout import channel_weight
 from ..nn.qat import with_weight_quant
 from ..quantizers import UniformQuantizer, init
 from .base import PassContext
 
-MULTIPLY_LAYERS = ("conv1d", "conv2d", "linear")
+MULTIPLY_LAYERS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear")
+# Layers that read integer indices, not an activation: only their weight (a table of rows) is quantized.
+LOOKUP_LAYERS = ("embedding",)
 
 # (layer node, its LayerInfo, activation bits, signed codes, context) -> (quantizer, method name)
 ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, bool, PassContext], tuple[nn.Module, str]]
@@ -90,12 +93,13 @@ def set_weight_quantizer(gm: fx.GraphModule, layer: fx.Node, quantizer: nn.Modul
 
 
 def quantize_weight_uniform(gm: fx.GraphModule, layer: fx.Node, bits: int, how: str) -> None:
-    """Per-output-channel learned-step quantizer on ``layer``'s weight, its steps started as ``how`` says."""
-    info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-    weight = gm.get_submodule(layer.target).weight.detach()
-    wq = UniformQuantizer(bits, signed=True, channels=info.out_channels)
+    """Per-output-channel learned-step quantizer on ``layer``'s weight (per row for an embedding),
+    its steps started as ``how`` says."""
+    weight = channel_weight(gm.get_submodule(layer.target)).detach()
+    wq = UniformQuantizer(bits, signed=True, channels=weight.shape[0])
     wq.init_weight(weight, how)
-    record = ir.WeightQuant(grid="uniform", bits=bits, granularity="per-channel", module=f"{layer.target}.weight_quant", init=how)
+    per = "per-row" if ir.get(layer, ir.LAYER, ir.LayerInfo).kind in LOOKUP_LAYERS else "per-channel"
+    record = ir.WeightQuant(grid="uniform", bits=bits, granularity=per, module=f"{layer.target}.weight_quant", init=how)
     set_weight_quantizer(gm, layer, wq, record)
 
 
@@ -131,7 +135,8 @@ def quantize_multiply_layers(
     bits: int | None = None,
 ) -> bool:
     """Input quantizer from ``make_act_quantizer`` plus uniform weights on every
-    not-yet-quantized conv / linear layer; returns whether anything changed.
+    not-yet-quantized conv / linear layer, and uniform per-row weights on every embedding
+    (its output, the rows it looks up, is then on the weight grid); returns whether anything changed.
 
     ``bits`` replaces the spec's widths for layers that are not pinned (the adder
     pipelines' multiply layers); ``how`` picks how steps start (see :func:`init_act_step`),
@@ -142,11 +147,15 @@ def quantize_multiply_layers(
     changed = False
     for layer in ir.compute_layers(gm):
         info = ir.get(layer, ir.LAYER, ir.LayerInfo)
-        if info.kind not in MULTIPLY_LAYERS or ir.WEIGHT in layer.meta or ir.FLOAT in layer.meta:
+        if info.kind not in MULTIPLY_LAYERS + LOOKUP_LAYERS or ir.WEIGHT in layer.meta or ir.FLOAT in layer.meta:
             continue
         w_bits, a_bits = layer_bits(layer, ctx.spec)
         if bits is not None and ir.PIN not in layer.meta:
             w_bits = a_bits = bits
+        if info.kind in LOOKUP_LAYERS:
+            quantize_weight_uniform(gm, layer, w_bits, how)
+            changed = True
+            continue
         rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
         aq, method = make_act_quantizer(layer, info, a_bits, init.choose_signed(rng, a_bits), ctx)
         quantize_input(gm, layer, aq, method, rng, how)

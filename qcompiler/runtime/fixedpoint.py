@@ -115,41 +115,109 @@ def _part(v, shape: tuple[int, ...], index: tuple) -> np.ndarray:
     return v[(slice(None),) * axis + (index[1],)]
 
 
+F32_PROOF_LIMIT = 1 << 22  # inputs enumerated per requant: beyond this the proof costs more than it saves
+
+
+def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi,
+                  bounds: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """float32 multipliers and bias under which :func:`apply_f32` equals :func:`apply`, or None.
+
+    float32 arithmetic is not exact here (``x m`` needs ``in_bits + 31`` bits), but a
+    static requant has few possible inputs: every integer ``|x_t| <= bounds[t]`` (the
+    lowering's proven bounds), per channel. When those are few enough, all of them are
+    run through both functions; if every code agrees, the float32 evaluation *is* the
+    requant for every input the program can produce, and the interpreter may use it
+    (half the memory traffic of float64). IEEE float32 multiply, add and ``rint`` are
+    correctly rounded everywhere, so the proof holds on any machine.
+
+    >>> m, sh, b = multipliers([np.array([0.0571])], np.array([0.3]))
+    >>> f32_constants(m, sh, b, 0, 15, [np.array(255.0)]) is not None
+    True
+    """
+    sh = np.asarray(sh, dtype=np.int64)
+    shape = np.broadcast_shapes(*(np.shape(m) for m in ms), sh.shape, np.shape(b), np.shape(lo), np.shape(hi))
+    reach = [int(np.max(bd)) for bd in bounds]
+    positions = math.prod(shape) if shape else 1
+    if positions * math.prod(2 * r + 1 for r in reach) > F32_PROOF_LIMIT or max(reach) >= 2**24:
+        return None
+    k = len(ms)
+    # one axis of constants (every channel), then one axis per term holding every value it can take
+    consts = [np.broadcast_to(np.asarray(v), shape).reshape(-1, *([1] * k)) for v in (*ms, sh, b, lo, hi)]
+    cms, csh, cb, clo, chi = consts[:k], consts[k], consts[k + 1], consts[k + 2], consts[k + 3]
+    xs = [np.arange(-r, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
+          for t, r in enumerate(reach)]
+    m32 = [np.ldexp(np.asarray(m, dtype=np.float64), -sh).astype(np.float32) for m in ms]
+    b32 = np.ldexp(np.asarray(b, dtype=np.float64), -sh).astype(np.float32)
+    worst = sum(r * int(np.max(np.abs(m))) for r, m in zip(reach, ms)) + int(np.max(np.abs(b)))
+    if worst >= 2**63:
+        return None
+    exact = apply(xs, cms, csh, cb, clo, chi, exact_f64=worst < 2**53)
+    fast = apply_f32(xs, [np.broadcast_to(m, shape).reshape(-1, *([1] * k)) for m in m32],
+                     np.broadcast_to(b32, shape).reshape(-1, *([1] * k)), clo, chi)
+    return (m32, b32) if np.array_equal(exact, fast) else None
+
+
+def apply_f32(xs, m32: list[np.ndarray], b32: np.ndarray, lo, hi) -> np.ndarray:
+    """``clamp(rint(sum_t x_t m_t + b), lo, hi)`` in float32, terms summed in order, codes as float32.
+
+    Equal to :func:`apply` only where :func:`f32_constants` proved it.
+    """
+    return _affine_round(xs, m32, b32, lo, hi, np.float32, np.float32)
+
+
 def _apply_f64(xs, ms, sh, b, lo, hi) -> np.ndarray:
     """:func:`apply` in float64: codes as exact floats.
 
     ``m_t 2^-sh`` and ``b 2^-sh`` are exact (a power-of-two scaling), so ``x_t m_t 2^-sh``
     and the sum are the exact ``(sum_t x_t m_t + b) 2^-sh`` below ``2^53``; rounding that
     half to even is ``shift_round_half_even``. The codes come back as float32 when they
-    fit its ``2^24`` exactly (the next ``mac`` reads float32), else float64. Every pass
-    writes in place into one buffer laid out like ``xs[0]`` (``empty_like`` keeps the
-    memory order), so a channels-first accumulator gives channels-first codes; the two
-    channel halves run in two threads (:func:`_parallel`).
+    fit its ``2^24`` exactly (the next ``mac`` reads float32), else float64.
     """
     sh = np.asarray(sh, dtype=np.int64)
-    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), np.shape(sh), np.shape(b), *(np.shape(m) for m in ms))
     scaled = [np.ldexp(np.asarray(m, dtype=np.float64), -sh) for m in ms]
     bias = np.ldexp(np.asarray(b, dtype=np.float64), -sh)
-    lo, hi = (v.flat[0] if np.ndim(v) and np.all(v == v.flat[0]) else v for v in (np.asarray(lo), np.asarray(hi)))
     narrow = max(int(np.max(np.abs(lo))), int(np.max(np.abs(hi)))) < 2**24
-    total = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=np.float64)
-    out = np.empty_like(total, dtype=np.float32) if narrow else total
+    return _affine_round(xs, scaled, bias, lo, hi, np.float64, np.float32 if narrow else np.float64)
+
+
+def _bound_in(v, work) -> np.ndarray:
+    """A clamp bound in the ``work`` dtype where it converts exactly (an int64 bound would make
+    NumPy clip in float64), a single value where it is uniform."""
+    v = np.asarray(v)
+    v = v.flat[0] if v.ndim and np.all(v == v.flat[0]) else v
+    as_work = np.asarray(v).astype(work)
+    return as_work if np.array_equal(as_work, v) else v
+
+
+def _affine_round(xs, ms, bias, lo, hi, work, out_dtype) -> np.ndarray:
+    """``clamp(rint(sum_t x_t m_t + bias), lo, hi)`` computed in ``work``, returned as ``out_dtype``.
+
+    Every pass writes in place into one buffer laid out like ``xs[0]`` (``empty_like``
+    keeps the memory order), so a channels-first accumulator gives channels-first codes;
+    the two channel halves run in two threads (:func:`_parallel`). A zero bias is skipped.
+    """
+    shape = np.broadcast_shapes(*(np.shape(x) for x in xs), *(np.shape(m) for m in ms), np.shape(bias))
+    lo, hi = (_bound_in(v, work) for v in (lo, hi))
+    total = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=work)
+    out = total if out_dtype == work else np.empty_like(total, dtype=out_dtype)
+    bias = bias if np.any(bias) else None
 
     def part(index: tuple) -> None:
         t = total[index]
-        np.multiply(_part(xs[0], shape, index), _part(scaled[0], shape, index), out=t)
+        np.multiply(_part(xs[0], shape, index), _part(ms[0], shape, index), out=t)
         term = None
-        for x, m in zip(xs[1:], scaled[1:]):
+        for x, m in zip(xs[1:], ms[1:]):
             term = np.multiply(_part(x, shape, index), _part(m, shape, index), out=term)
             t += term
-        t += _part(bias, shape, index)
+        if bias is not None:
+            t += _part(bias, shape, index)
         np.rint(t, out=t)  # half to even
         np.clip(t, _part(lo, shape, index), _part(hi, shape, index), out=t)  # in place: a float32 out is ~1.5x slower
-        if narrow:
+        if out is not total:
             out[index] = t
 
     _parallel(part, shape)
     return out
 
 
-__all__ = ["apply", "multipliers"]
+__all__ = ["apply", "apply_f32", "f32_constants", "multipliers"]

@@ -13,7 +13,8 @@ records ``exact_f32`` / ``exact_f64``); the others run in int64. Convolutions ar
 im2col matmul per chunk of images, channels-first (:func:`conv_cf`); buffers stay
 logically ``(N, C, *S)`` but are laid out channels-first in memory, which NumPy's
 elementwise ops preserve, so no instruction transposes between layers.
-``requant`` runs exactly in float64 (:mod:`.fixedpoint`) and ``sad`` as convolutions
+``requant`` runs exactly in float64, or in float32 where the lowering proved float32
+exact on every input its bounds allow (:mod:`.fixedpoint`), and ``sad`` as convolutions
 (:func:`sad_as_matmuls`). docs/runtime.md, *Speed*, has the numbers.
 
 Example:
@@ -36,7 +37,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import QCompileError
 from ..numerics import quantize_codes
-from .fixedpoint import apply, multipliers
+from .fixedpoint import apply, apply_f32, multipliers
 from .isa import ISA, Instr
 from .program import Program
 
@@ -175,14 +176,19 @@ def _im2col_shifted(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.nd
         shift = [o * dl - pads[2 * i] for i, (o, dl) in enumerate(zip(off, dil))]
         delta = int(np.dot(shift, strides))
         lo, hi = max(0, -delta), min(total, total - delta)
-        col = cols[:, k]
-        col[:, lo:hi] = flat[:, lo + delta:hi + delta]
-        grid = col.reshape(c, -1, *spatial)
-        for axis, (sh, size) in enumerate(zip(shift, spatial), start=2):
-            if sh:  # positions whose neighbour along this axis is padding (this also covers the
-                # ends of the flat copy, which wrap into the next line or image)
+        cols[:, k, lo:hi] = flat[:, lo + delta:hi + delta]
+    # positions whose neighbour along an axis is padding (this also covers the ends of the
+    # flat copies, which wrap into the next line or image): one border per axis and kernel
+    # index, zeroed for all the offsets sharing it at once
+    grid = cols.reshape(c, *kernel, -1, *spatial)
+    for axis, (size, k_size, dl) in enumerate(zip(spatial, kernel, dil)):
+        for o in range(k_size):
+            sh = o * dl - pads[2 * axis]
+            if sh:
                 border = slice(size - sh, None) if sh > 0 else slice(None, -sh)
-                grid[(slice(None),) * axis + (border,)] = 0
+                index = [slice(None)] * grid.ndim
+                index[1 + axis], index[2 + len(kernel) + axis] = o, border
+                grid[tuple(index)] = 0
     return cols.reshape(-1, total)
 
 
@@ -215,6 +221,7 @@ def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = N
     wm = w.reshape(groups, o // groups, -1).astype(dtype)
     y = np.empty((o, n, *size), dtype=dtype)
     step = max(1, min(n, COLS_CHUNK // (rows * positions)))
+    step = -(-n // -(-n // step))  # equal chunks: a small last chunk runs the matmul at a poor shape
     plain = all(k == 1 for k in kernel) and all(s == 1 for s in a["stride"]) and not any(a["padding"])
     if not plain:  # a 1x1, stride-1, unpadded kernel reads xc itself
         buf = _scratch({} if work is None else work, rows * step * positions, dtype)
@@ -486,6 +493,9 @@ class Interpreter:
         if a["static"]:
             ms = [self.c(n) for n in names[k + 2:2 * k + 2]]
             sh, b, lo, hi = (self.c(n) for n in names[2 * k + 2:2 * k + 6])
+            if a.get("f32") and all(x.dtype == np.float32 for x in xs):
+                # the lowering proved float32 exact on every input the bounds allow (fixedpoint.f32_constants)
+                return apply_f32(xs, [self.c(n) for n in names[2 * k + 6:3 * k + 6]], self.c(names[3 * k + 6]), lo, hi)
         else:
             from .lower import code_bounds
 

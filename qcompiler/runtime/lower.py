@@ -47,8 +47,9 @@ from .. import ir
 from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
+from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
-from .fixedpoint import multipliers
+from .fixedpoint import f32_constants, multipliers
 from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, index_tuple
 from .isa import ISA, Instr
 from .program import Program
@@ -176,6 +177,11 @@ class _Lowering:
             attrs["wide"] = attrs["wide"] or b.dtype != np.int64  # a bias past int64 (float64, exact)
             lo, hi = code_bounds(acc.lo, acc.hi, step, qmin, qmax)
             names += [self.const(f"{dst}.lo", np.asarray(lo, dtype=np.int64)), self.const(f"{dst}.hi", np.asarray(hi, dtype=np.int64))]
+            fast = None if attrs["wide"] else f32_constants(ms, sh, b, lo, hi, [t.bound for t in acc.terms])
+            if fast is not None:  # proven equal on every input the bounds allow: the interpreter may run float32
+                names += [self.const(f"{dst}.mult{t}_f32", m) for t, m in enumerate(fast[0])]
+                names += [self.const(f"{dst}.bias_f32", fast[1])]
+                attrs["f32"] = True
         srcs = [t.buf for t in acc.terms] + [f for f in factors if f is not None] + ([out_factor] if out_factor else [])
         return self.emit("requant", dst, dict.fromkeys(srcs), names, attrs, layer)
 
@@ -263,6 +269,9 @@ class _Lowering:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         if info.kind == "adder2d" and ir.ADDER_Q in node.meta and ir.FLOAT not in node.meta:
             return self.adder(node, info)
+        if info.kind in (*TRANSPOSED_KINDS, "embedding"):
+            raise self.unsupported(node, f"{info.kind} layers have no integer lowering yet; export the model to ONNX "
+                                         "(qcompiler.runtime.onnx_export.to_onnx, custom or qdq form) instead")
         src = self.values[node.args[0]]
         if not isinstance(src, Grid):
             raise self.unsupported(node, "a compute layer must read an activation quantizer's codes")
@@ -679,6 +688,10 @@ def lower(compiled) -> Program:
     compiled.freeze()
     gm = compiled.module
     lw = _Lowering(gm)
+    products = [n for n in gm.graph.nodes if ir.MATMUL in n.meta]
+    if products:  # said before any other node fails on the way to it
+        raise lw.unsupported(products[0], "a product of two activations (attention) has no integer instruction yet; "
+                                          "export ONNX (custom form), which computes it on both operands' grids")
     out = None
     for node in gm.graph.nodes:
         try:

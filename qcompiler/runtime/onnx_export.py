@@ -65,6 +65,7 @@ from .. import ir
 from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
+from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
 from .lower import _shape
 
@@ -215,6 +216,10 @@ class _Emitter:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         quantized = codes is not None and ir.FLOAT not in node.meta
+        if info.kind == "embedding":  # the rows the module looks up: the weight decoded as it decodes it, then Gather
+            w = self.weight(node, codes) if quantized else self.float_weight(node)
+            self.node("Gather", [w, self.src(node)], node.name, node.name, axis=0)
+            return
         if quantized and info.kind != "adder2d" and info.padding_mode == "zeros" and self.integer_layer(node, info, codes):
             return
         if quantized and info.kind != "adder2d" and self.fmt == "custom":
@@ -238,7 +243,41 @@ class _Emitter:
                 if b:
                     self.node("Add", [out, b[0]], node.name, f"{node.name}/bias")
             return
-        self.node("Conv", [x, w, *b], node.name, node.name, **_conv_attrs(info))
+        self.conv(info, x, w, b, node.name, node.name, channel_first=quantized)
+
+    def conv(self, info: ir.LayerInfo, x: str, w: str, b: list[str], out: str, name: str, channel_first: bool) -> str:
+        """``Conv``, or ``ConvTranspose`` for a transposed layer. A weight output channel first (codes,
+        :mod:`qcompiler.nn.layout`) is put back in ConvTranspose's ``(in, out/groups, *k)`` first: a
+        Reshape/Transpose/Reshape of a constant, which onnxruntime folds, moving values without rounding."""
+        if info.kind not in TRANSPOSED_KINDS:
+            return self.node("Conv", [x, w, *b], out, name, **_conv_attrs(info))
+        if channel_first and info.groups == 1:  # (out, in, *k) -> (in, out, *k); also an input-channel range's
+            w = self.node("Transpose", [w], f"{w}_layout", f"{w}/layout", perm=[1, 0, *range(2, 2 + len(info.kernel_size))])
+        elif channel_first:  # group by group: (g, out/g, in/g, *k) -> (g, in/g, out/g, *k)
+            k, g = list(info.kernel_size), info.groups
+            split = self.init(f"{w}.groups", np.array([g, info.out_channels // g, info.in_channels // g, *k], np.int64))
+            merged = self.init(f"{w}.layout", np.array([info.in_channels, info.out_channels // g, *k], np.int64))
+            w = self.node("Reshape", [w, split], f"{w}.grouped", f"{w}/grouped")
+            w = self.node("Transpose", [w], f"{w}_t", f"{w}/transpose", perm=[0, 2, 1, *range(3, 3 + len(k))])
+            w = self.node("Reshape", [w, merged], f"{w}_layout", f"{w}/layout")
+        attrs = _conv_attrs(info)
+        if any(info.output_padding):
+            attrs["output_padding"] = list(info.output_padding)
+        return self.node("ConvTranspose", [x, w, *b], out, name, **attrs)
+
+    def product(self, info: ir.LayerInfo, x: str, w: str, out: str) -> str:
+        """The layer's exact integer sum of codes ``x`` and integer weights ``w``: Conv, Gemm or MatMul."""
+        if info.kind != "linear":
+            return self.conv(info, x, w, [], out, out, channel_first=True)
+        if len(info.input_shape) == 1:
+            return self.node("Gemm", [x, w], out, out, transB=1)
+        wt = self.node("Transpose", [w], f"{w}.t", f"{w}/transpose", perm=[1, 0])
+        return self.node("MatMul", [x, wt], out, out)
+
+    def channel_slice(self, x: str, axis: int, start: int, stop: int, out: str) -> str:
+        """``x`` restricted to channels ``[start, stop)`` along ``axis``."""
+        ends = [self.init(f"{out}.{k}", np.array([v], np.int64)) for k, v in (("start", start), ("stop", stop), ("axis", axis))]
+        return self.node("Slice", [x, *ends], out, out)
 
     def integer_plan(self, node: fx.Node) -> tuple[ir.FrozenAct, exact.LayerPlan] | None:
         """How the module computes ``node`` on integer codes when deployed (:func:`exact.frozen_layer`,
@@ -282,6 +321,7 @@ class _Emitter:
         x = f"{q.name}.codes"  # UniformCodes, emitted by the quantizer
         stored = self.init(f"{name}.codes", _int_codes(codes.codes.numpy().astype(np.int64), codes.bits))
         accs = []
+        in_axis = rank - 1 if info.kind == "linear" else 1  # the input's channel axis, the weight's is 1
         for part, which in zip(weight.parts(), ("", "_odd")):
             if codes.grid == "uniform":
                 w = self.node("Cast", [stored], f"{name}.weight_int", f"{name}/cast", to=TensorProto.FLOAT)
@@ -292,15 +332,20 @@ class _Emitter:
                     self.init(f"{name}.one", np.ones([1] * part.dim(), np.float32))
                 w = self.custom("PowerGridDecode", [stored, table, f"{name}.one"], f"{name}.weight_int{which}",
                                 f"{name}/decode{which}", levels=levels)
-            part_acc = f"{name}.acc{which}"
-            if info.kind == "linear":
-                if len(info.input_shape) == 1:
-                    accs.append(self.node("Gemm", [x, w], part_acc, part_acc, transB=1))
-                else:
-                    wt = self.node("Transpose", [w], f"{name}.weight_t{which}", f"{name}/transpose{which}", perm=[1, 0])
-                    accs.append(self.node("MatMul", [x, wt], part_acc, part_acc))
-            else:
-                accs.append(self.node("Conv", [x, w], part_acc, part_acc, **_conv_attrs(info)))
+            if not plan.chunks:
+                accs.append(self.product(info, x, w, f"{name}.acc{which}"))
+                continue
+            # input-channel ranges, each exact in float32, summed in float64 (exact.integer_layer)
+            total = None
+            for i, (a, b) in enumerate(plan.chunks):
+                xi = self.channel_slice(x, in_axis, a, b, f"{name}.codes{which}_{i}")
+                wi = self.channel_slice(w, 1, a, b, f"{name}.weight_int{which}_{i}")
+                acc_i = self.product(info, xi, wi, f"{name}.acc{which}_{i}")
+                acc_i = self.node("Cast", [acc_i], f"{acc_i}.f64", f"{acc_i}/f64", to=TensorProto.DOUBLE)
+                total = acc_i if total is None else self.node("Add", [total, acc_i], f"{name}.acc{which}_sum{i}", "")
+            accs.append(total)
+        if plan.chunks and (weight.odd is not None or plan.int_bias is None):  # back to float32, rounded once
+            accs = [self.node("Cast", [a], f"{a}.f32", f"{a}/f32", to=TensorProto.FLOAT) for a in accs]
         acc = accs[0]
         if weight.odd is not None:  # acc_even + c * acc_odd, as the module adds them
             c = self.init(f"{name}.odd_factor", np.float32(weight.odd_factor))
@@ -310,9 +355,12 @@ class _Emitter:
             scale = self.init(f"{name}.scale", np.float32(frozen.step) * unit)
         else:
             scale = self.node("Mul", [step, self.init(f"{name}.unit", unit)], f"{name}.scale", f"{name}/scale")
-        if plan.int_bias is not None:  # exact: an integer sum below 2^24
-            int_bias = exact.channel_view(plan.int_bias.float(), rank, axis)[0].numpy()
+        if plan.int_bias is not None:  # exact: an integer sum below 2^24 (2^53 when summed in float64)
+            wide = plan.chunks and weight.odd is None
+            int_bias = exact.channel_view(plan.int_bias.double() if wide else plan.int_bias.float(), rank, axis)[0].numpy()
             acc = self.node("Add", [acc, self.init(f"{name}.bias", int_bias)], f"{name}.acc_biased", f"{name}/bias")
+            if wide:
+                acc = self.node("Cast", [acc], f"{name}.acc_biased.f32", f"{name}/f32", to=TensorProto.FLOAT)
         bias = plan.bias if plan.int_bias is None else None
         y = self.node("Mul", [acc, scale], f"{name}.scaled" if bias is not None else out, f"{name}/scaled")
         if bias is not None:
@@ -443,7 +491,7 @@ class _Emitter:
         rank = len(_shape(node.args[0])) + 1
         if start < 0:
             start += rank
-        if end in (-1, rank - 1) and start >= 1:
+        if end in (-1, rank - 1) and start == 1:  # ONNX Flatten makes 2-d: (N, rest) only from axis 1
             self.node("Flatten", [self.src(node)], node.name, node.name, axis=start)
             return
         self.reshape(node)
@@ -489,10 +537,19 @@ class _Emitter:
         elif fname == "flatten":
             kw = dict(zip(("start_dim", "end_dim"), node.args[1:])) | node.kwargs
             self.flatten(node, kw.get("start_dim", 0 if node.op == "call_function" else 0), kw.get("end_dim", -1))
-        elif fname in ("view", "reshape", "squeeze", "unsqueeze"):
+        elif fname in ("view", "reshape", "squeeze", "unsqueeze", "unflatten"):
             self.reshape(node)
         elif fname in ("contiguous", "clone", "detach", "dropout"):
             self.node("Identity", [self.src(node)], node.name, node.name)
+        elif fname in ("matmul", "bmm") and len(node.args) == 2:  # quantized operands arrive as codes times step
+            self.node("MatMul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
+        elif fname in ("transpose", "permute"):  # attention's k.transpose(-2, -1), heads to the front
+            self.node("Transpose", [self.src(node)], node.name, node.name, perm=_permutation(node))
+        elif fname == "softmax":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
+                raise self.unsupported(node, "softmax without an integer dim, or with a dtype")
+            self.node("Softmax", [self.src(node)], node.name, node.name, axis=dim)
         elif fname in ("max_pool1d", "max_pool2d"):
             kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
             self.pool(node, "MaxPool", kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),
@@ -506,7 +563,9 @@ class _Emitter:
         if node.name in self.folded:  # the layer before it computed this tensor
             return
         if node.op == "placeholder":
-            self.inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, [BATCH, *_shape(node)]))
+            meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
+            dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT
+            self.inputs.append(helper.make_tensor_value_info(node.name, dtype, [BATCH, *_shape(node)]))
             return
         if ir.ACT in node.meta:
             self.quantizer(node)
@@ -548,7 +607,21 @@ def _plan(gm: fx.GraphModule, node: fx.Node, frozen: ir.FrozenAct, codes: ir.Wei
     """The deployed module's choices for ``node`` (:func:`exact.plan_layer`), from the records."""
     bn = exact.bn_link(gm.get_submodule(node.target))
     step = frozen.step if frozen.adapter is None else None  # ASQ: per-sample steps
-    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step)
+    info = ir.get(node, ir.LAYER, ir.LayerInfo)
+    chunkable = info.kind in ("conv1d", "conv2d", "linear") and info.groups == 1  # as exact.frozen_layer decides
+    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step, chunkable=chunkable)
+
+
+def _permutation(node: fx.Node) -> list[int]:
+    """The full axis order of a ``transpose(d0, d1)`` or ``permute(...)`` call, batch axis included."""
+    rank = len(_shape(node)) + 1
+    dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else [a])]
+    if getattr(node.target, "__name__", node.target) == "permute":
+        return [int(d) % rank for d in (dims or node.kwargs["dims"])]
+    d0, d1 = (int(d) % rank for d in (dims or [node.kwargs["dim0"], node.kwargs["dim1"]]))
+    perm = list(range(rank))
+    perm[d0], perm[d1] = d1, d0
+    return perm
 
 
 def _positive(v, what: str) -> None:
@@ -720,7 +793,8 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
     name = sess.get_inputs()[0].name
     module = compiled.module.eval()
     got, want = [], []
-    for batch in torch.as_tensor(x).float().split(batch_size):
+    x = torch.as_tensor(x)
+    for batch in (x if not x.is_floating_point() else x.float()).split(batch_size):  # indices stay integers
         got.append(sess.run(None, {name: batch.numpy()})[0])
         want.append(module(batch).float().numpy())
     got, want = np.concatenate(got), np.concatenate(want)

@@ -51,6 +51,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import ir
+from ..frontend import TRANSPOSED_KINDS
 from ..nn import exact
 from ..numerics import round_half_even
 from .onnx_export import ExportError, _conv_attrs, _Emitter, _positive
@@ -162,6 +163,12 @@ class _QdqEmitter(_Emitter):
         c = codes.codes.numpy().astype(np.int64)
         scale = codes.scale.detach().double().numpy()
         _positive(scale, f"layer {name!r} weight scale")
+        if info.kind == "embedding":  # INT8 rows, dequantized per row (one float32 product, as the module), then Gather
+            s, zero = self.init(f"{name}.scale", scale.astype(np.float32)), self.init(f"{name}.zero_point", np.zeros(scale.shape, np.int8))
+            w = self.node("DequantizeLinear", [self.init(f"{name}.codes", c.astype(np.int8)), s, zero], f"{name}.weight",
+                          f"{name}/weight", axis=0)
+            self.node("Gather", [w, self.src(node)], name, name, axis=0)
+            return
         out = name
         bn = exact.bn_link(self.gm.get_submodule(node.target)) if info.kind != "linear" else None
         if bn is not None:
@@ -189,9 +196,11 @@ class _QdqEmitter(_Emitter):
         zero = self.init(f"{name}.zero_point", np.zeros(scale.shape, np.int8))
         w = self.node("DequantizeLinear", [stored, s, zero], f"{name}.weight", f"{name}/weight", axis=0)
         has_bias = codes.bias is not None or bn is not None
-        if has_bias and info.kind != "linear" and not self.fused(bn_node if bn is not None else node):
-            # onnxruntime runs this conv in float (a Clip or a float op before the next
-            # quantizer): a float bias then computes what the module does, an INT32 one would not
+        unfused = info.kind in TRANSPOSED_KINDS or not self.fused(bn_node if bn is not None else node)
+        if has_bias and info.kind != "linear" and unfused:
+            # onnxruntime runs this conv in float (a Clip or a float op before the next quantizer;
+            # a transposed conv's weight passes a layout Transpose): a float bias then computes what
+            # the module does, an INT32 one would not
             b = [self.init(f"{name}.bias", bias.astype(np.float32))]
         elif has_bias and int_bias is not None:  # the module's integer bias on the widened, sign-folded grid
             b = self.bias_codes(node, int_bias.numpy() * sign * ratio, np.float32(frozen.step) * scale32)
@@ -203,7 +212,7 @@ class _QdqEmitter(_Emitter):
                 raise self.unsupported(node, "a linear layer on (N, ..., C) inputs in the qdq form")
             self.node("Gemm", [x, w, *b], out, name, transB=1)
         else:
-            self.node("Conv", [x, w, *b], out, name, **_conv_attrs(info))
+            self.conv(info, x, w, b, out, name, channel_first=True)
 
     def fused(self, out: fx.Node) -> bool:
         """Whether the tensor ``out`` reaches a full-range UINT8 quantizer through ReLUs only,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompiler.numerics import shift_round_half_even
-from qcompiler.runtime.fixedpoint import apply, multipliers
+from qcompiler.runtime.fixedpoint import F32_PROOF_LIMIT, apply, apply_f32, f32_constants, multipliers
 
 
 def round_half_even(q: Fraction) -> int:
@@ -79,3 +79,40 @@ def test_requant_paths_agree_on_large_accumulators():
     assert np.array_equal(apply(xs, ms, sh, b, -128, 127), want)
     small = [x >> 10 for x in xs]
     assert np.array_equal(apply(small, ms, sh, b, -128, 127, exact_f64=True), apply(small, ms, sh, b, -128, 127, wide=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(1e-4, 2.0), min_size=1, max_size=2),
+    st.floats(-20.0, 20.0),
+    st.sampled_from([(-8, 7), (0, 15), (-128, 127), (0, 255)]),
+    st.lists(st.integers(1, 3000), min_size=2, max_size=2),
+    st.integers(0, 2**32 - 1),
+)
+def test_float32_requant_where_proven_equals_the_integer_one(reals, offset, qrange, reach, seed):
+    """Whenever the proof accepts float32 constants, apply_f32 is the requant on every allowed input."""
+    reach = reach[: len(reals)]
+    if len(reals) == 2:
+        reach = [min(r, 300) for r in reach]  # keep the two-term enumeration small
+    ms, sh, b = multipliers([np.full((3, 1), r) * (1 + np.arange(3)[:, None]) for r in reals], np.full((3, 1), offset))
+    fast = f32_constants(ms, sh, b, *qrange, [np.full((3, 1), float(r)) for r in reach])
+    if fast is None:
+        return  # not proven: the interpreter keeps float64, nothing to check
+    rng = np.random.default_rng(seed)
+    xs = [rng.integers(-r, r + 1, size=(5, 3, 7)).astype(np.float32) for r in reach]
+    got = apply_f32(xs, *fast, *qrange)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, apply([x.astype(np.int64) for x in xs], ms, sh, b, *qrange))
+
+
+def test_float32_requant_is_refused_where_float32_rounds_wrong_or_the_proof_is_too_big():
+    # |x| up to 2^20 times a many-bit multiplier: products far past float32's 24 bits, and
+    # the enumeration finds inputs whose float32 value rounds the other way
+    ms, sh, b = multipliers([np.array([0.3183098861837907])], np.array([0.1]))
+    assert f32_constants(ms, sh, b, -(2**31), 2**31 - 1, [np.array(2.0**20)]) is None
+    # more inputs than the proof enumerates: not attempted
+    ms, sh, b = multipliers([np.ones((64, 1))], np.zeros((64, 1)))
+    assert f32_constants(ms, sh, b, -128, 127, [np.full((64, 1), float(F32_PROOF_LIMIT))]) is None
+    # and where it is small and float32 is exact (a power-of-two step), it is accepted
+    ms, sh, b = multipliers([np.array([0.25])], np.array([0.0]))
+    assert f32_constants(ms, sh, b, -128, 127, [np.array(1000.0)]) is not None

@@ -369,3 +369,69 @@ def test_4bit_resnet20_file_is_under_0_15x_the_float_file():
         torch.onnx.export(resnet20().eval(), torch.randn(1, 3, 32, 32), f, dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "N"}})
     assert ours <= 0.15 * len(f.getvalue()), (ours, len(f.getvalue()))
+
+
+class _Upsampler(nn.Module):
+    """conv, a grouped transposed conv with output_padding and a batch norm, then a dilated one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 8, 3, padding=1)
+        self.t = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.t2 = nn.ConvTranspose2d(6, 4, (4, 3), stride=(2, 1), dilation=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t2(torch.relu(self.bn(self.t(torch.relu(self.c(x))))))
+
+
+UPSAMPLERS = {
+    "2d": (_Upsampler, (2, 6, 6)),
+    "1d": (lambda: nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 3, 4, stride=2, bias=False)), (2, 12)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_upsampler(name: str, passes: str, bits: int = 8):
+    make, shape = UPSAMPLERS[name]
+    torch.manual_seed(0)
+    c = qcompiler.compile(make().eval(), qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits),
+                          calib_data=torch.randn(64, *shape))
+    c.freeze()
+    return c
+
+
+@pytest.mark.parametrize("name", UPSAMPLERS)
+@pytest.mark.parametrize("passes,fmt", [("lsq", "custom"), ("lsq,pot", "custom"), ("lsq,post", "custom"), ("asq", "custom"),
+                                        ("lsq", "qdq")])
+def test_transposed_convs_export_as_conv_transpose_and_match_the_module(name, passes, fmt):
+    c = compiled_upsampler(name, passes)
+    model = to_onnx(c.module, fmt)
+    onnx.checker.check_model(model, full_check=True)
+    transposed = sum(isinstance(m, nn.modules.conv._ConvTransposeNd) for m in c.module.modules())
+    assert sum(n.op_type == "ConvTranspose" for n in model.graph.node) >= transposed
+    torch.manual_seed(5)
+    parity = onnx_parity(c, model, torch.randn(32, *UPSAMPLERS[name][1]))
+    # the custom form computes the module's integer form op for op; QDQ runs the transposed convs in
+    # float on dequantized weights with a float bias (not fused), one float32 rounding away
+    assert parity.max_abs_diff <= (0.0 if fmt == "custom" else 1e-5), parity
+
+
+def test_embedding_exports_as_gather_on_the_decoded_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(8 * 5, 3)).eval()
+    x = torch.randint(0, 30, (64, 5))
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8), calib_data=x)
+    c.freeze()
+    for fmt in ("custom", "qdq"):
+        m = to_onnx(c.module, fmt)
+        onnx.checker.check_model(m, full_check=True)
+        assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert "Gather" in [n.op_type for n in m.graph.node]
+        assert onnx_parity(c, m, x).max_abs_diff == 0.0
+
+
+def test_the_integer_lowering_refuses_transposed_convs_in_one_line():
+    with pytest.raises(QCompileError, match="conv_transpose2d layers have no integer lowering yet; export the model to ONNX") as e:
+        compiled_upsampler("2d", "lsq").lower()
+    assert "\n" not in str(e.value)

@@ -1,5 +1,6 @@
 """Program files: a round trip gives identical outputs; a damaged file gives one line of error."""
 
+import copy
 import json
 import zipfile
 
@@ -30,6 +31,26 @@ def test_save_load_round_trip_is_identical(compiled, tmp_path):
     assert np.array_equal(loaded.run(x), program.run(x))
     with zipfile.ZipFile(path) as z:  # plain arrays and JSON: nothing to unpickle
         assert all(n.endswith(".npy") for n in z.namelist())
+
+
+def test_float32_requants_give_the_float64_codes():
+    """The lowering proves some requants exact in float32; the program gives the same codes without them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 3)).eval()
+    program = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(64, 1, 8, 8)).lower()
+    proven = [ins.dst for ins in program.instructions if ins.attrs.get("f32")]
+    assert len(proven) == 3  # the accumulators of the 4-bit layers have few possible values: proven
+    slow = copy.deepcopy(program)
+    for ins in slow.instructions:
+        ins.attrs.pop("f32", None)
+    x = torch.randn(32, 1, 8, 8).numpy()
+    got, kept = Interpreter(program).run(x, keep=tuple(proven))
+    ref, ref_kept = Interpreter(slow).run(x, keep=tuple(proven))
+    assert np.array_equal(got, ref)
+    for name in proven:
+        assert kept[name].dtype == np.float32 and np.array_equal(kept[name], ref_kept[name])
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
