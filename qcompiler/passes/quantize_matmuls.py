@@ -3,8 +3,9 @@
 Attention computes ``q @ k.transpose(-2, -1)`` and ``attn @ v``: products of two
 activations, with no weight. Left alone they would be float islands between
 quantized projections. This pass puts a per-tensor learned-step (LSQ) quantizer of
-the spec's activation width on each operand (signed when calibration saw negative
-values), so the product is an integer matmul of two code tensors times the two
+the spec's activation width on each operand (signed or unsigned by
+:func:`qcompiler.quantizers.init.choose_signed`, its step started as the spec's
+``init`` says), so the product is an integer matmul of two code tensors times the two
 steps, and records the operands' grids on the product (``qc.matmul``). The report
 lists each product as a layer of kind ``matmul`` with no weight.
 
@@ -27,7 +28,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..analysis import CONST, tensor_domains
-from ..quantizers import UniformQuantizer
+from ..quantizers import UniformQuantizer, init
 from .base import CALIBRATION_DATA, STAGE_ACTIVATIONS, Pass, PassContext, PassResult
 from .observe import observe_ranges
 from .rewrite import init_act_step, insert_quantizer
@@ -61,27 +62,28 @@ class QuantizeMatmuls(Pass):
         observe_ranges(gm, ctx, [a for a in operands if ir.RANGE not in a.meta], self.name)
         for node in products:
             bits = ctx.spec.layer_bits(node.name, None)[1]
-            q0, q1 = (self.quantize_operand(gm, node, i, bits) for i in range(2))
+            q0, q1 = (self.quantize_operand(gm, node, i, bits, ctx.spec.init) for i in range(2))
             node.meta[ir.MATMUL] = ir.MatMul(inputs=(q0.name, q1.name), bits=bits)
         return PassResult(gm, True)
 
     @staticmethod
-    def quantize_operand(gm: fx.GraphModule, node: fx.Node, i: int, bits: int) -> fx.Node:
+    def quantize_operand(gm: fx.GraphModule, node: fx.Node, i: int, bits: int, how: str) -> fx.Node:
         """Make operand ``i`` of ``node`` a quantizer's output: one already there of this width, or a new one."""
         src = node.args[i]
         rec = src.meta.get(ir.ACT)
         if rec is not None and rec.bits == bits and rec.method == "lsq":
             return src  # already on a grid of this width (x @ x, or a quantized tensor read twice)
         rng = ir.get(src, ir.RANGE, ir.TensorRange)
+        signed = init.choose_signed(rng, bits)
         for user in src.users:  # one quantizer per tensor and width (rewrite.quantize_input's rule)
             urec = user.meta.get(ir.ACT)
-            if urec is not None and (urec.method, urec.bits, urec.signed, urec.role) == ("lsq", bits, rng.signed, "input"):
+            if urec is not None and (urec.method, urec.bits, urec.signed, urec.role) == ("lsq", bits, signed, "input"):
                 node.replace_input_with(src, user)
                 return user
-        q = UniformQuantizer(bits, signed=rng.signed)
-        init_act_step(q, rng, "lsq")
+        q = UniformQuantizer(bits, signed=signed)
+        init_act_step(q, rng, how)
         name = f"{node.name}_in{i}"
-        record = ir.ActQuant(role="input", method="lsq", bits=bits, signed=rng.signed, module=name, init="lsq")
+        record = ir.ActQuant(role="input", method="lsq", bits=bits, signed=signed, module=name, init=how)
         qnode = insert_quantizer(gm, src, name, q, record)
         node.replace_input_with(src, qnode)
         return qnode
