@@ -135,7 +135,8 @@ def test_each_layer_kind_is_quantized_and_8_bit_is_within_2_percent(case: str) -
     rows = {r.name: r for r in c.report.layers}
     for name, (kind, cls, per) in CASES[case][2].items():
         assert ir.get(layers[name], ir.LAYER, ir.LayerInfo).kind == kind
-        assert ir.get(layers[name], ir.WEIGHT, ir.WeightQuant) == ir.WeightQuant("uniform", 8, per, f"{layers[name].target}.weight_quant")
+        assert ir.get(layers[name], ir.WEIGHT, ir.WeightQuant) == ir.WeightQuant(
+            "uniform", 8, per, f"{layers[name].target}.weight_quant", init="mse")
         assert type(c.module.get_submodule(layers[name].target)) is cls
         assert rows[name].weight_bits == 8 and not rows[name].float_reason
         assert (kind == "embedding") == (ir.input_act(layers[name]) is None)  # an embedding reads indices

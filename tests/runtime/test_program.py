@@ -41,7 +41,10 @@ def test_float32_requants_give_the_float64_codes():
                           nn.Linear(8 * 8 * 8, 3)).eval()
     program = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randn(64, 1, 8, 8)).lower()
     proven = [ins.dst for ins in program.instructions if ins.attrs.get("f32")]
-    assert len(proven) == 3  # the accumulators of the 4-bit layers have few possible values: proven
+    # the requants onto the 4-bit layers' inputs: their accumulators have few possible values.
+    # (An 8-bit one was proven too while LSQ's start left 8-bit weight codes small; least-error
+    # steps use the whole code range, and that proof no longer goes through.)
+    assert {"_3_act", "_6_act"} <= set(proven)
     slow = copy.deepcopy(program)
     for ins in slow.instructions:
         ins.attrs.pop("f32", None)
