@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -118,17 +119,19 @@ def _part(v, shape: tuple[int, ...], index: tuple) -> np.ndarray:
 F32_PROOF_LIMIT = 1 << 22  # inputs enumerated per requant: beyond this the proof costs more than it saves
 
 
-def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi,
-                  bounds: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray] | None:
+def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, bounds: list[np.ndarray],
+                  floors: list[int | None] | None = None) -> tuple[list[np.ndarray], np.ndarray] | None:
     """float32 multipliers and bias under which :func:`apply_f32` equals :func:`apply`, or None.
 
     float32 arithmetic is not exact here (``x m`` needs ``in_bits + 31`` bits), but a
     static requant has few possible inputs: every integer ``|x_t| <= bounds[t]`` (the
-    lowering's proven bounds), per channel. When those are few enough, all of them are
-    run through both functions; if every code agrees, the float32 evaluation *is* the
-    requant for every input the program can produce, and the interpreter may use it
-    (half the memory traffic of float64). IEEE float32 multiply, add and ``rint`` are
-    correctly rounded everywhere, so the proof holds on any machine.
+    lowering's proven bounds; ``x_t >= floors[t]`` where given, as for unsigned codes),
+    per channel. When those are few enough, all of them are run through both functions;
+    if every code agrees, the float32 evaluation *is* the requant for every input the
+    program can produce, and the interpreter may use it (half the memory traffic of
+    float64). Where the nearest float32 constants let one input round the other way, the
+    float32 neighbours a few ulps off are tried, per channel. IEEE float32 multiply, add
+    and ``rint`` are correctly rounded everywhere, so the proof holds on any machine.
 
     >>> m, sh, b = multipliers([np.array([0.0571])], np.array([0.3]))
     >>> f32_constants(m, sh, b, 0, 15, [np.array(255.0)]) is not None
@@ -137,24 +140,46 @@ def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi,
     sh = np.asarray(sh, dtype=np.int64)
     shape = np.broadcast_shapes(*(np.shape(m) for m in ms), sh.shape, np.shape(b), np.shape(lo), np.shape(hi))
     reach = [int(np.max(bd)) for bd in bounds]
+    lows = [-r if f is None else max(-r, int(f)) for r, f in zip(reach, floors or [None] * len(reach))]
     positions = math.prod(shape) if shape else 1
-    if positions * math.prod(2 * r + 1 for r in reach) > F32_PROOF_LIMIT or max(reach) >= 2**24:
+    if positions * math.prod(r - low + 1 for r, low in zip(reach, lows)) > F32_PROOF_LIMIT or max(reach) >= 2**24:
         return None
     k = len(ms)
     # one axis of constants (every channel), then one axis per term holding every value it can take
     consts = [np.broadcast_to(np.asarray(v), shape).reshape(-1, *([1] * k)) for v in (*ms, sh, b, lo, hi)]
     cms, csh, cb, clo, chi = consts[:k], consts[k], consts[k + 1], consts[k + 2], consts[k + 3]
-    xs = [np.arange(-r, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
-          for t, r in enumerate(reach)]
-    m32 = [np.ldexp(np.asarray(m, dtype=np.float64), -sh).astype(np.float32) for m in ms]
-    b32 = np.ldexp(np.asarray(b, dtype=np.float64), -sh).astype(np.float32)
+    xs = [np.arange(low, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
+          for t, (low, r) in enumerate(zip(lows, reach))]
     worst = sum(r * int(np.max(np.abs(m))) for r, m in zip(reach, ms)) + int(np.max(np.abs(b)))
     if worst >= 2**63:
         return None
     exact = apply(xs, cms, csh, cb, clo, chi, exact_f64=worst < 2**53)
-    fast = apply_f32(xs, [np.broadcast_to(m, shape).reshape(-1, *([1] * k)) for m in m32],
-                     np.broadcast_to(b32, shape).reshape(-1, *([1] * k)), clo, chi)
-    return (m32, b32) if np.array_equal(exact, fast) else None
+    # the nearest float32 constants, or where some input rounds the other way, a neighbour a few
+    # ulps off (the float32 constants are free: only the proof below binds them), per channel
+    nearest = [np.ldexp(np.asarray(v, dtype=np.float64), -sh).astype(np.float32) for v in (*ms, b)]
+    nearest = [np.broadcast_to(v, shape).reshape(-1, *([1] * k)) for v in nearest]
+    chosen = [v.copy() for v in nearest]
+    open_ = np.ones(positions, dtype=bool)
+    steps = [0, 1, -1, 2, -2]
+    for offsets in sorted(itertools.product(steps, repeat=k + 1), key=lambda o: sum(map(abs, o))):
+        if offsets[-1] and not np.any(nearest[-1]):
+            continue  # a zero bias stays zero (apply_f32 then skips the pass)
+        trial = [_ulps(v, o) for v, o in zip(nearest, offsets)]
+        fast = apply_f32(xs, trial[:k], trial[k], clo, chi)
+        agree = np.all((fast == exact).reshape(positions, -1), axis=1) & open_
+        for c, t in zip(chosen, trial):
+            c[agree] = t[agree]
+        open_ &= ~agree
+        if not open_.any():
+            return [c.reshape(shape) for c in chosen[:k]], chosen[k].reshape(shape)
+    return None
+
+
+def _ulps(v: np.ndarray, n: int) -> np.ndarray:
+    """``v`` moved ``n`` float32 ulps (towards +inf for ``n > 0``)."""
+    for _ in range(abs(n)):
+        v = np.nextafter(v, np.float32(np.inf if n > 0 else -np.inf))
+    return v
 
 
 def apply_f32(xs, m32: list[np.ndarray], b32: np.ndarray, lo, hi) -> np.ndarray:

@@ -65,6 +65,7 @@ class Term:
     scale: np.ndarray  # float64, broadcastable to the per-sample shape
     bound: np.ndarray  # float64, same shape as scale: the largest |integer| the buffer can hold
     factor: str | None = None
+    floor: int | None = None  # the smallest integer it can hold, where that is above -bound (unsigned codes)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Grid:
 
     def acc(self) -> Acc:
         bound = np.array(float(max(abs(self.qmin), abs(self.qmax))))
-        return Acc([Term(self.buf, np.array(self.step), bound, self.factor)], np.zeros(()), self.shape)
+        return Acc([Term(self.buf, np.array(self.step), bound, self.factor, self.qmin)], np.zeros(()), self.shape)
 
 
 @dataclass
@@ -177,7 +178,8 @@ class _Lowering:
             attrs["wide"] = attrs["wide"] or b.dtype != np.int64  # a bias past int64 (float64, exact)
             lo, hi = code_bounds(acc.lo, acc.hi, step, qmin, qmax)
             names += [self.const(f"{dst}.lo", np.asarray(lo, dtype=np.int64)), self.const(f"{dst}.hi", np.asarray(hi, dtype=np.int64))]
-            fast = None if attrs["wide"] else f32_constants(ms, sh, b, lo, hi, [t.bound for t in acc.terms])
+            fast = None if attrs["wide"] else f32_constants(ms, sh, b, lo, hi, [t.bound for t in acc.terms],
+                                                             [t.floor for t in acc.terms])
             if fast is not None:  # proven equal on every input the bounds allow: the interpreter may run float32
                 names += [self.const(f"{dst}.mult{t}_f32", m) for t, m in enumerate(fast[0])]
                 names += [self.const(f"{dst}.bias_f32", fast[1])]
