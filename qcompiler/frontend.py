@@ -161,11 +161,33 @@ def _trace_graph(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModu
 def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """The traced copy ``gm`` as IR: functional layers made modules, shapes and layer records written."""
     functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
+    drop_single_concats(gm)
     propagate_shapes(gm, example_inputs)
     if spell_out_attention(gm):  # fused attention as its two products, which quantize-matmuls quantizes
         propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
     return gm
+
+
+def drop_single_concats(gm: fx.GraphModule) -> None:
+    """Replace ``torch.cat([x])`` (a dense block's first concat) by ``x``: it is ``x``, and as
+    a concat of one operand it would be neither a join nor an op with an integer form.
+
+    >>> class Block(nn.Module):
+    ...     def forward(self, x):
+    ...         return torch.relu(torch.cat([x], 1))
+    >>> gm = fx.symbolic_trace(Block()); drop_single_concats(gm)
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_function', 'output']
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+            continue
+        seq = node.args[0] if node.args else node.kwargs.get("tensors")
+        if isinstance(seq, (list, tuple)) and len(seq) == 1 and isinstance(seq[0], fx.Node):
+            node.replace_all_uses_with(seq[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def drop_unused_attention_weights(gm: fx.GraphModule) -> None:

@@ -329,3 +329,27 @@ def test_embedding_record() -> None:
     gm = trace(nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), (torch.randint(0, 10, (2, 3)),))
     info = ir.get(ir.compute_layers(gm)[0], ir.LAYER, ir.LayerInfo)
     assert (info.kind, info.in_channels, info.out_channels, info.weight_shape, info.macs) == ("embedding", 10, 4, (10, 4), 0)
+
+
+def test_single_operand_concat_is_dropped_and_leaves_nothing_in_float() -> None:
+    """A dense block's first ``torch.cat([x])`` is ``x``: no float region, no join, no concat node."""
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = self.c1(x)
+            y = torch.relu(self.bn(torch.cat([x], 1)))
+            return self.fc(torch.cat([x, self.c2(y)], 1).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Dense().eval()
+    x = torch.randn(32, 1, 8, 8)
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=x)
+    cats = [n for n in c.module.graph.nodes if n.op == "call_function" and n.target is torch.cat]
+    assert len(cats) == 1 and len(cats[0].args[0]) == 2
+    assert not [n.name for n in c.module.graph.nodes if ir.FLOAT in n.meta]
+    with torch.no_grad():
+        assert torch.allclose(c.module(x), model(x), rtol=0.1, atol=0.1)
