@@ -196,8 +196,10 @@ def run_qcompiler(model: nn.Module, spec: qcompiler.QuantSpec, calib: list[torch
     layers = compiled.report.layers
     return Outcome(
         rel_error=rel, agreement=agree, accuracy=acc, seconds=seconds,
-        quantized=sum(1 for r in layers if r.weight_bits is not None),
-        float_layers=[(r.name, r.float_reason or "kept in float") for r in layers if r.weight_bits is None],
+        # an activation product (kind "matmul") has no weight: it is quantized when its operands are
+        quantized=sum(1 for r in layers if r.weight_bits is not None or (r.kind == "matmul" and r.act_bits is not None)),
+        float_layers=[(r.name, r.float_reason or "kept in float") for r in layers
+                      if r.weight_bits is None and not (r.kind == "matmul" and r.act_bits is not None)],
     ), list(compiled.report.float_regions)
 
 
