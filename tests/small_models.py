@@ -23,3 +23,17 @@ def small_cnn() -> nn.Sequential:
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
     )
+
+
+class Upsampler(nn.Module):
+    """conv, a grouped transposed conv with output_padding and a batch norm, then a dilated one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 8, 3, padding=1)
+        self.t = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.t2 = nn.ConvTranspose2d(6, 4, (4, 3), stride=(2, 1), dilation=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t2(torch.relu(self.bn(self.t(torch.relu(self.c(x))))))

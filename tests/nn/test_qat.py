@@ -19,20 +19,7 @@ from qcompiler.nn.exact import bn_link, grid_of, plan_layer
 from qcompiler.nn.layout import channel_weight, from_channel_first
 from qcompiler.nn.qat import QConv2d, QConvTranspose1d, QConvTranspose2d, QEmbedding, QLinear
 from qcompiler.passes.rewrite import init_act_step
-
-
-class _Up(nn.Module):
-    """conv, then two transposed convs (grouped with output_padding and a batch norm; plain)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(2, 8, 3, padding=1)
-        self.t = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.bn = nn.BatchNorm2d(6)
-        self.t2 = nn.ConvTranspose2d(6, 4, (4, 3), stride=(2, 1), dilation=(1, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.t2(torch.relu(self.bn(self.t(torch.relu(self.c(x))))))
+from small_models import Upsampler
 
 
 class _Up1d(nn.Module):
@@ -89,7 +76,7 @@ class _Lookup(nn.Module):
 torch.manual_seed(0)
 CASES = {
     # model, calibration data, {layer: (kind, QAT class, weight granularity)}
-    "conv_transpose": (_Up, lambda: torch.randn(64, 2, 6, 6),
+    "conv_transpose": (Upsampler, lambda: torch.randn(64, 2, 6, 6),
                        {"t": ("conv_transpose2d", QConvTranspose2d, "per-channel"),
                         "t2": ("conv_transpose2d", QConvTranspose2d, "per-channel")}),
     "conv_transpose1d": (_Up1d, lambda: torch.randn(64, 2, 12),

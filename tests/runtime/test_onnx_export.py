@@ -45,6 +45,7 @@ CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 # one sample of 450 takes another code; test_parity_with_fake_quant_module bounds such cases.
 FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8),
                    ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)]
+from small_models import Upsampler
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,22 +372,8 @@ def test_4bit_resnet20_file_is_under_0_15x_the_float_file():
     assert ours <= 0.15 * len(f.getvalue()), (ours, len(f.getvalue()))
 
 
-class _Upsampler(nn.Module):
-    """conv, a grouped transposed conv with output_padding and a batch norm, then a dilated one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(2, 8, 3, padding=1)
-        self.t = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.bn = nn.BatchNorm2d(6)
-        self.t2 = nn.ConvTranspose2d(6, 4, (4, 3), stride=(2, 1), dilation=(1, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.t2(torch.relu(self.bn(self.t(torch.relu(self.c(x))))))
-
-
 UPSAMPLERS = {
-    "2d": (_Upsampler, (2, 6, 6)),
+    "2d": (Upsampler, (2, 6, 6)),
     "1d": (lambda: nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 3, 4, stride=2, bias=False)), (2, 12)),
 }
 
