@@ -12,8 +12,9 @@ with the same constants, so onnxruntime and PyTorch give identical values:
   oneDNN and MLAS agree; one multiply by the per-channel scale ``step * unit[c]``
   follows, then the bias. An ungrouped layer whose bound reaches 2^24 sums ranges of its
   input channels apart (:func:`input_chunks`), each exact in float32, and the ranges in
-  float64; where one channel alone reaches it, the layer keeps the float formula and is
-  reported (``exact=False``);
+  float64; where one channel alone reaches it (8-bit POT/POST), the integer weights are cut
+  into bands of bits, each exact, scaled by powers of two and added in float64 in a fixed order
+  (:func:`band_plan`); a layer with no such form keeps the float formula and is reported;
 * batch norm is ``x * alpha + beta``, two ops with float32 constants from
   :func:`bn_affine` (PyTorch's kernel computes its own constants, may fuse the two, and
   onnxruntime's BatchNormalization rounds its own way);
@@ -149,7 +150,12 @@ def input_chunks(weight: IntegerWeight, x_bound: int) -> tuple[tuple[int, int], 
     >>> input_chunks(IntegerWeight(torch.full((2, 4, 1), 127), torch.ones(2)), 2**16)
     ((0, 2), (2, 4))
     """
-    per_input = torch.stack([part.abs().reshape(part.shape[0], part.shape[1], -1).sum(2) for part in weight.parts()])
+    return channel_ranges(weight.parts(), x_bound)
+
+
+def channel_ranges(parts: list[torch.Tensor], x_bound: int) -> tuple[tuple[int, int], ...] | None:
+    """:func:`input_chunks` of integer weight tensors ``parts`` (each ``(out, in, ...)``), every one kept exact."""
+    per_input = torch.stack([part.abs().reshape(part.shape[0], part.shape[1], -1).sum(2) for part in parts])
     per_input = per_input.double() * x_bound  # (parts, out, in): the largest sum each input channel adds
     chunks, start, running = [], 0, torch.zeros_like(per_input[:, :, 0])
     for i in range(per_input.shape[2]):
@@ -162,9 +168,39 @@ def input_chunks(weight: IntegerWeight, x_bound: int) -> tuple[tuple[int, int], 
     return (*chunks, (start, per_input.shape[2]))
 
 
+def weight_band(ints: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+    """Bits ``[shift, shift + bits)`` of each ``|ints|``, with its sign: ``ints == sum 2^shift * band``.
+
+    >>> weight_band(torch.tensor([5 * 2**12 + 3, -(2**13)]), 12, 12).tolist()
+    [5, -2]
+    """
+    return torch.sign(ints) * ((ints.abs() >> shift) & ((1 << bits) - 1))
+
+
+def band_plan(weight: IntegerWeight, x_bound: int) -> tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+    """``(bits, shifts, chunks)`` where one input channel alone passes 2^24: the integer weights
+    cut into bands of ``bits`` bits (:func:`weight_band`, shifts ``0, bits, 2 bits, ...``) small
+    enough that each band sums exactly in float32 over the input-channel ranges ``chunks``, or None.
+
+    An 8-bit POT or POST grid's integer weights ``2^(K-k)`` reach 2^31: no range of channels is
+    exact in float32, but each band is, and the bands scale by exact powers of two.
+    """
+    kernel = max(1, weight.ints[0, 0].numel())
+    bits = 0
+    while x_bound * kernel * ((1 << (bits + 1)) - 1) < F32_EXACT:
+        bits += 1
+    top = max(int(part.abs().max()) for part in weight.parts()).bit_length()
+    if bits < 1 or top <= bits:
+        return None
+    shifts = tuple(range(0, top, bits))
+    chunks = channel_ranges([weight_band(part, shift, bits) for part in weight.parts() for shift in shifts], x_bound)
+    return None if chunks is None else (bits, shifts, chunks)
+
+
 def integer_layer(x: torch.Tensor, grid: Grid, weight: IntegerWeight, op, bias: torch.Tensor | None,
                   channel_axis: int = 1, int_bias: torch.Tensor | None = None,
-                  chunks: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+                  chunks: tuple[tuple[int, int], ...] = (), band_bits: int = 0,
+                  band_shifts: tuple[int, ...] = ()) -> torch.Tensor:
     """``op(codes, ints) * (step * unit) + bias``: the codes recovered exactly, an exact sum, one scale.
 
     With ``int_bias`` (:func:`integer_bias`) the bias is added to the exact sum instead,
@@ -172,16 +208,29 @@ def integer_layer(x: torch.Tensor, grid: Grid, weight: IntegerWeight, op, bias: 
     (:func:`input_chunks`) each input-channel range is summed in float32 and the ranges in
     float64, both exact; the sum (with the integer bias) is rounded once to float32.
 
+    With ``band_bits`` (:func:`band_plan`) the weights are cut into bands, each summed that way
+    and scaled by its exact power of two, the bands added in float64 in ``band_shifts`` order
+    (rounded, but by the same operations in the same order as the ONNX file).
+
     ``round(x / step)`` gives back the codes exactly: ``x = fl(c * step)`` is within a relative
     2^-24 of ``c * step``, far from a half for codes below 2^16.
     """
     codes = torch.round(x / grid.step)
 
-    def exact_sum(ints: torch.Tensor) -> torch.Tensor:
+    def ranges_sum(ints: torch.Tensor) -> torch.Tensor:
         if not chunks:
             return op(codes, ints.to(x.dtype))
         parts = [op(codes.narrow(channel_axis, a, b - a), ints.narrow(1, a, b - a).to(x.dtype)).double() for a, b in chunks]
         return torch.stack(parts).sum(0)  # exact in any order: integers below 2^53
+
+    def exact_sum(ints: torch.Tensor) -> torch.Tensor:
+        if not band_bits:
+            return ranges_sum(ints)
+        total = None
+        for shift in band_shifts:
+            band = ranges_sum(weight_band(ints, shift, band_bits)).double() * 2.0**shift
+            total = band if total is None else total + band
+        return total
 
     acc = exact_sum(weight.ints)
     if weight.odd is not None:  # POST: one rounding for the odd exponents' factor, one for the sum
@@ -205,6 +254,13 @@ class LayerPlan:
     bias: torch.Tensor | None  # float32, the batch norm folded in
     int_bias: torch.Tensor | None  # the bias in accumulator steps (scalar input steps), float64 integers
     chunks: tuple[tuple[int, int], ...] = ()  # input-channel ranges summed apart (:func:`input_chunks`); () is one
+    band_bits: int = 0  # weights cut into bands of this many bits (:func:`band_plan`); 0: not cut
+    band_shifts: tuple[int, ...] = ()
+
+    @property
+    def wide(self) -> bool:
+        """Whether the sum is formed in float64 (input-channel ranges or weight bands)."""
+        return bool(self.chunks or self.band_bits)
 
 
 def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.Module | None, x_bound: int,
@@ -216,7 +272,9 @@ def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.M
     ``step`` is the input quantizer's scalar step, None for ASQ's per-sample steps (whose
     layers add a float bias after the scale). ``chunkable``: the layer's input channels can
     be summed apart (an ungrouped convolution or a linear layer); where one float32 sum
-    would not be exact, the plan then sums ranges of them (:func:`input_chunks`).
+    would not be exact, the plan then sums ranges of them (:func:`input_chunks`). Where one
+    input channel alone is not exact (8-bit POT/POST), the weights are cut into bands of
+    bits (:func:`band_plan`), for any layer where that needs no channel ranges.
     """
     if weight is None:
         return None
@@ -224,10 +282,16 @@ def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.M
     int_bias = integer_bias(folded_bias, step, unit) if step is not None else None
     if exact_layer(weight, x_bound, int_bias, dtype):
         return LayerPlan(weight, bn, unit, folded_bias, int_bias)
-    chunks = input_chunks(weight, x_bound) if chunkable and dtype == torch.float32 else None
-    if chunks is None:
+    if dtype != torch.float32:
         return None
-    return LayerPlan(weight, bn, unit, folded_bias, int_bias, chunks)
+    chunks = input_chunks(weight, x_bound) if chunkable else None
+    if chunks is not None:
+        return LayerPlan(weight, bn, unit, folded_bias, int_bias, chunks)
+    banded = band_plan(weight, x_bound)
+    if banded is None or (len(banded[2]) > 1 and not chunkable):  # bands alone need no channel ranges
+        return None
+    bits, shifts, chunks = banded
+    return LayerPlan(weight, bn, unit, folded_bias, int_bias, chunks if len(chunks) > 1 else (), bits, shifts)
 
 
 def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -> torch.Tensor | None:
@@ -251,7 +315,7 @@ def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -
         y = op(x, layer.weight_quant(channel_weight(layer)))  # the float formula, then the batch norm as two ops
         return batchnorm(y if layer.bias is None else y + channel_view(layer.bias, y.dim(), channel_axis % y.dim()), bn)
     return integer_layer(x, grid, replace(plan.weight, unit=plan.unit), op, plan.bias, channel_axis, plan.int_bias,
-                         plan.chunks)
+                         plan.chunks, plan.band_bits, plan.band_shifts)
 
 
 def folded_constants(unit: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None):
@@ -406,5 +470,5 @@ def use_exact_eval(gm: nn.Module) -> nn.Module:
     return gm
 
 
-__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer",
+__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer", "band_plan", "weight_band",
            "integer_weight", "tag", "use_exact_eval"]

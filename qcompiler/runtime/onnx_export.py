@@ -274,6 +274,31 @@ class _Emitter:
         wt = self.node("Transpose", [w], f"{w}.t", f"{w}/transpose", perm=[1, 0])
         return self.node("MatMul", [x, wt], out, out)
 
+    def ranges_sum(self, info: ir.LayerInfo, plan: exact.LayerPlan, x: str, w: str, in_axis: int, out: str) -> str:
+        """The exact sum of codes ``x`` and integer weights ``w`` in float64: one product, or one
+        per input-channel range of ``plan.chunks`` (each exact in float32) added up."""
+        if not plan.chunks:
+            acc = self.product(info, x, w, out)
+            return self.node("Cast", [acc], f"{acc}.f64", f"{acc}/f64", to=TensorProto.DOUBLE)
+        total = None
+        for i, (a, b) in enumerate(plan.chunks):
+            xi = self.channel_slice(x, in_axis, a, b, f"{out}.codes_{i}")
+            wi = self.channel_slice(w, 1, a, b, f"{out}.weight_{i}")
+            acc_i = self.product(info, xi, wi, f"{out}_{i}")
+            acc_i = self.node("Cast", [acc_i], f"{acc_i}.f64", f"{acc_i}/f64", to=TensorProto.DOUBLE)
+            total = acc_i if total is None else self.node("Add", [total, acc_i], f"{out}_sum{i}", "")
+        return total
+
+    def weight_band(self, w: str, shift: int, bits: int, out: str) -> str:
+        """:func:`exact.weight_band` of float integers ``w``: ``sign(w) * (floor(|w| / 2^shift) mod 2^bits)``,
+        exact in float32 (constants: folded when the session loads)."""
+        scale = self.init(f"{out}.div", np.float32(2.0**shift))
+        modulus = self.init(f"{out}.mod", np.float32(2.0**bits))
+        mag = self.node("Floor", [self.node("Div", [self.node("Abs", [w], f"{out}.abs", ""), scale], f"{out}.div_", "")],
+                        f"{out}.floor", "")
+        mag = self.node("Mod", [mag, modulus], f"{out}.mag", "", fmod=1)
+        return self.node("Mul", [mag, self.node("Sign", [w], f"{out}.sign", "")], out, "")
+
     def channel_slice(self, x: str, axis: int, start: int, stop: int, out: str) -> str:
         """``x`` restricted to channels ``[start, stop)`` along ``axis``."""
         ends = [self.init(f"{out}.{k}", np.array([v], np.int64)) for k, v in (("start", start), ("stop", stop), ("axis", axis))]
@@ -332,19 +357,21 @@ class _Emitter:
                     self.init(f"{name}.one", np.ones([1] * part.dim(), np.float32))
                 w = self.custom("PowerGridDecode", [stored, table, f"{name}.one"], f"{name}.weight_int{which}",
                                 f"{name}/decode{which}", levels=levels)
-            if not plan.chunks:
+            if not plan.wide:
                 accs.append(self.product(info, x, w, f"{name}.acc{which}"))
                 continue
-            # input-channel ranges, each exact in float32, summed in float64 (exact.integer_layer)
+            if not plan.band_bits:
+                accs.append(self.ranges_sum(info, plan, x, w, in_axis, f"{name}.acc{which}"))
+                continue
+            # weight bands, each exact, scaled by 2^shift and added in float64 in order (exact.integer_layer)
             total = None
-            for i, (a, b) in enumerate(plan.chunks):
-                xi = self.channel_slice(x, in_axis, a, b, f"{name}.codes{which}_{i}")
-                wi = self.channel_slice(w, 1, a, b, f"{name}.weight_int{which}_{i}")
-                acc_i = self.product(info, xi, wi, f"{name}.acc{which}_{i}")
-                acc_i = self.node("Cast", [acc_i], f"{acc_i}.f64", f"{acc_i}/f64", to=TensorProto.DOUBLE)
-                total = acc_i if total is None else self.node("Add", [total, acc_i], f"{name}.acc{which}_sum{i}", "")
+            for shift in plan.band_shifts:
+                wb = self.weight_band(w, shift, plan.band_bits, f"{name}.weight_int{which}_b{shift}")
+                band = self.ranges_sum(info, plan, x, wb, in_axis, f"{name}.acc{which}_b{shift}")
+                band = self.node("Mul", [band, self.init(f"{band}.scale", np.float64(2.0**shift))], f"{band}.scaled", "")
+                total = band if total is None else self.node("Add", [total, band], f"{band}.total", "")
             accs.append(total)
-        if plan.chunks and (weight.odd is not None or plan.int_bias is None):  # back to float32, rounded once
+        if plan.wide and (weight.odd is not None or plan.int_bias is None):  # back to float32, rounded once
             accs = [self.node("Cast", [a], f"{a}.f32", f"{a}/f32", to=TensorProto.FLOAT) for a in accs]
         acc = accs[0]
         if weight.odd is not None:  # acc_even + c * acc_odd, as the module adds them
@@ -356,7 +383,7 @@ class _Emitter:
         else:
             scale = self.node("Mul", [step, self.init(f"{name}.unit", unit)], f"{name}.scale", f"{name}/scale")
         if plan.int_bias is not None:  # exact: an integer sum below 2^24 (2^53 when summed in float64)
-            wide = plan.chunks and weight.odd is None
+            wide = plan.wide and weight.odd is None
             int_bias = exact.channel_view(plan.int_bias.double() if wide else plan.int_bias.float(), rank, axis)[0].numpy()
             acc = self.node("Add", [acc, self.init(f"{name}.bias", int_bias)], f"{name}.acc_biased", f"{name}/bias")
             if wide:

@@ -66,3 +66,21 @@ def test_grouped_layers_are_not_chunked(groups):
     weight = exact.IntegerWeight(ints, torch.ones(4))
     assert exact.plan_layer(weight, None, None, 255, 1.0, chunkable=True).chunks  # ranges would exist
     assert exact.plan_layer(weight, None, None, 255, 1.0, chunkable=groups == 1) is None  # the float formula
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 31), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_weight_bands_add_back_to_the_weights_and_each_is_exact(top, channels, seed):
+    g = torch.Generator().manual_seed(seed)
+    ints = torch.sign(torch.randn(4, channels, 3, 3, generator=g)).long() * torch.pow(2, torch.randint(0, top + 1, (4, channels, 3, 3), generator=g))
+    weight = exact.IntegerWeight(ints, torch.ones(4))
+    planned = exact.band_plan(weight, 255)
+    if planned is None:  # only where the weights already fit one band
+        assert int(ints.abs().max()).bit_length() <= 12
+        return
+    bits, shifts, chunks = planned
+    bands = [exact.weight_band(ints, shift, bits) for shift in shifts]
+    assert torch.equal(sum(band * 2**shift for band, shift in zip(bands, shifts)), ints)
+    for band in bands:
+        for a, b in chunks:
+            assert int((band[:, a:b].abs().sum((1, 2, 3)) * 255).max()) < exact.F32_EXACT

@@ -303,10 +303,32 @@ def test_float_formula_layers_are_listed_in_the_metadata():
 
     plain = to_onnx(compiled("resnet20", "lsq", 4).module)
     assert FLOAT_LAYERS not in {p.key for p in plain.metadata_props}  # every layer on integer codes
-    c = compiled("resnet20", "lsq,pot", 8)  # large exponents: 2^(K-k) past the 2^24 bound
-    listed = {p.key: p.value for p in to_onnx(c.module).metadata_props}.get(FLOAT_LAYERS, "")
-    layers = {n.name for n in ir.compute_layers(c.module)}
-    assert listed and set(listed.split(",")) <= layers
+    # 8-bit POT reaches 2^31 per weight: the ungrouped layers sum bands of bits over channel ranges,
+    # but the grouped one cannot be cut into channel ranges and keeps the float formula
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.Conv2d(256, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq,pot", weight_bits=8, act_bits=8),
+                          calib_data=torch.randn(64, 1, 8, 8))
+    c.freeze()
+    proto = to_onnx(c.module)
+    listed = {p.key: p.value for p in proto.metadata_props}.get(FLOAT_LAYERS, "")
+    assert listed == "_2"
+    parity = onnx_parity(c, proto, torch.randn(64, 1, 8, 8))
+    assert parity.classes_agree == 1.0, parity.text()
+
+
+def test_8bit_power_grids_compute_on_integer_codes_in_weight_bands():
+    """8-bit POT/POST weights reach 2^31: cut into bands of bits, every layer stays on integer codes."""
+    from qcompiler.runtime.onnx_export import FLOAT_LAYERS
+
+    for passes in ("lsq,pot", "lsq,post", "asq,post"):
+        c = compiled("resnet20", passes, 8)
+        proto = to_onnx(c.module)
+        assert FLOAT_LAYERS not in {p.key for p in proto.metadata_props}, passes
+        assert any(n.op_type == "Mod" for n in proto.graph.node)  # the bands, cut from the decoded weights
+        parity = onnx_parity(c, proto, load_digits().x_test)
+        assert parity.max_abs_diff == 0.0 and parity.classes_agree == 1.0, parity.text()
 
 
 @pytest.mark.parametrize("bits", [2, 4])
