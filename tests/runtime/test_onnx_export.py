@@ -40,10 +40,8 @@ CASES = [(m, p) for m in MODELS for p in SCHEMES[m]]
 # different orders, and a value within an ulp of a quantizer's tie got a different code on each
 # side. Sums of integer codes are exact in any order, so these now agree bit for bit. Parity runs
 # the file as written, without onnxruntime's folding rewrites (onnx_export.REASSOCIATING).
-# ("resnet20", "lsq,pot", 8) left the list with the least-error alphas: 9 of its layers now keep
-# the float formula (metadata FLOAT_LAYERS; 3 before), whose float32 sums are not order-exact, so
-# one sample of 450 takes another code; test_parity_with_fake_quant_module bounds such cases.
-FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8),
+# 8-bit POT/POST layers sum bands of their integer weights (exact.band_plan): no float formula left.
+FORMER_NEAR_TIE = [("resnet20", "lsq", 2), ("resnet20", "lsq", 4), ("resnet20", "lsq", 8), ("resnet20", "lsq,pot", 8),
                    ("resnet20", "lsq,post", 8), ("resnet20", "asq", 8)]
 from small_models import Upsampler
 
