@@ -89,6 +89,9 @@ class QuantSpec:
             in float, as the AdderNet papers' tables do (recorded as float regions).
         quantize_joins: put residual adds and concats on integer grids (the
             ``quantize-joins`` pass, added whenever activations are quantized).
+        quantize_matmuls: put both operands of every product of two activations
+            (attention's ``q @ k^T``, ``attn @ v``) on grids (the ``quantize-matmuls``
+            pass, added whenever activations are quantized); off keeps them float.
         residual_bits: width of the residual stream: the quantizers on join
             operands and results (8, the common choice).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
@@ -114,6 +117,7 @@ class QuantSpec:
     adder_weight_clamp: bool = True
     adder_multiply_bits: int | None = 8
     quantize_joins: bool = True
+    quantize_matmuls: bool = True
     residual_bits: int = 8
     leaf_modules: tuple[str, ...] = ()
     init: str = "mse"
@@ -131,7 +135,7 @@ class QuantSpec:
             object.__setattr__(self, "passes", _names(self.passes, "passes", 'e.g. ["asq", "post"] or "asq,post"'))
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
-        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins"):
+        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.pin_first_last and "pin-first-last" in self.passes:

@@ -70,7 +70,7 @@ def plan(
     if spec.quantize_joins and quantizes and "quantize-joins" in registry and "quantize-joins" not in seen:
         chosen.append("quantize-joins")
     # products of two activations (attention) go on grids whenever activations do
-    if quantizes and "quantize-matmuls" in registry and "quantize-matmuls" not in seen:
+    if spec.quantize_matmuls and quantizes and "quantize-matmuls" in registry and "quantize-matmuls" not in seen:
         chosen.append("quantize-matmuls")
     if "freeze" in registry and "freeze" not in seen:
         chosen.append("freeze")

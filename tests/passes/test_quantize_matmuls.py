@@ -9,7 +9,7 @@ from torch import nn
 import qcompiler
 from qcompiler import ir
 from qcompiler.analysis import ACC, GRID, tensor_domains
-from qcompiler.errors import UnsupportedError
+from qcompiler.errors import SpecError, UnsupportedError
 from qcompiler.passes import REGISTRY, PassContext
 from numeric_checks import relative_error
 
@@ -54,6 +54,21 @@ def test_both_operands_of_each_product_are_quantized_and_recorded() -> None:
     assert rows["matmul"].macs == 6 * 6 * 16  # per sample: (6 x 16) @ (16 x 6)
     line = next(ln for ln in compiled.report.layer_table().splitlines() if ln.startswith("bmm "))
     assert line.split()[:4] == ["bmm", "matmul", "-", "4"]  # no weight: "-", not "fp32"
+
+
+def test_quantize_matmuls_off_keeps_the_products_float_and_says_so() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(64, 6, 16)
+    spec = qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8, quantize_matmuls=False)
+    from qcompiler.passes.manager import plan
+
+    assert "quantize-matmuls" not in [p.name for p in plan(spec.passes, spec, {"calibration-data"}, REGISTRY)]
+    gm = qcompiler.compile(Attention().eval(), spec, calib_data=x).module
+    products = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in ("matmul", "bmm")]
+    assert products and not [n.name for n in gm.graph.nodes if ir.MATMUL in n.meta]
+    assert all(ir.FLOAT in n.meta for n in products)  # float regions, with their reason in the report
+    with pytest.raises(SpecError, match="quantize_matmuls"):
+        qcompiler.QuantSpec(passes="lsq", quantize_matmuls="no")
 
 
 def test_second_run_changes_nothing() -> None:
