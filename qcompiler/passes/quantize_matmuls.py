@@ -31,7 +31,7 @@ from ..analysis import CONST, tensor_domains
 from ..quantizers import UniformQuantizer, init
 from .base import CALIBRATION_DATA, STAGE_ACTIVATIONS, Pass, PassContext, PassResult
 from .observe import observe_ranges
-from .rewrite import init_act_step, insert_quantizer
+from .rewrite import quantize_input
 
 MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
 MATMUL_METHODS = ("matmul", "bmm")
@@ -74,16 +74,5 @@ class QuantizeMatmuls(Pass):
         if rec is not None and rec.bits == bits and rec.method == "lsq":
             return src  # already on a grid of this width (x @ x, or a quantized tensor read twice)
         rng = ir.get(src, ir.RANGE, ir.TensorRange)
-        signed = init.choose_signed(rng, bits)
-        for user in src.users:  # one quantizer per tensor and width (rewrite.quantize_input's rule)
-            urec = user.meta.get(ir.ACT)
-            if urec is not None and (urec.method, urec.bits, urec.signed, urec.role) == ("lsq", bits, signed, "input"):
-                node.replace_input_with(src, user)
-                return user
-        q = UniformQuantizer(bits, signed=signed)
-        init_act_step(q, rng, how)
-        name = f"{node.name}_in{i}"
-        record = ir.ActQuant(role="input", method="lsq", bits=bits, signed=signed, module=name, init=how)
-        qnode = insert_quantizer(gm, src, name, q, record)
-        node.replace_input_with(src, qnode)
-        return qnode
+        q = UniformQuantizer(bits, signed=init.choose_signed(rng, bits))
+        return quantize_input(gm, node, q, "lsq", rng, how, operand=i, name=f"{node.name}_in{i}")

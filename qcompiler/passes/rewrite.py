@@ -63,24 +63,27 @@ def init_act_step(quantizer: UniformQuantizer, rng: ir.TensorRange, how: str) ->
 
 
 def quantize_input(
-    gm: fx.GraphModule, layer: fx.Node, quantizer: UniformQuantizer, method: str, rng: ir.TensorRange, how: str
+    gm: fx.GraphModule, layer: fx.Node, quantizer: UniformQuantizer, method: str, rng: ir.TensorRange, how: str,
+    operand: int = 0, name: str | None = None,
 ) -> fx.Node:
-    """Make ``layer`` read its input through an activation quantizer.
+    """Make ``layer`` read its input ``operand`` through an activation quantizer.
 
     Reuses a quantizer of the same width, signedness and method that another layer
-    already reads on the same tensor; otherwise inserts ``quantizer`` (named after
-    ``layer``) with its step started as ``how`` says. Returns the quantizer node.
+    already reads on the same tensor; otherwise inserts ``quantizer`` (named ``name``,
+    by default after ``layer``) with its step started as ``how`` says. Returns the
+    quantizer node.
     """
-    src = layer.args[0]
+    src = layer.args[operand]
     bits, signed = quantizer.bits, quantizer.signed
     for user in src.users:
         rec = user.meta.get(ir.ACT)
         if rec is not None and (rec.method, rec.bits, rec.signed) == (method, bits, signed) and rec.role == "input":
             layer.replace_input_with(src, user)
             return user
+    name = name or f"{layer.name}_act"
     init_act_step(quantizer, rng, how)
-    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=f"{layer.name}_act", init=how)
-    qnode = insert_quantizer(gm, src, f"{layer.name}_act", quantizer, record)
+    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=name, init=how)
+    qnode = insert_quantizer(gm, src, name, quantizer, record)
     layer.replace_input_with(src, qnode)
     return qnode
 
