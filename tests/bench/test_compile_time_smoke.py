@@ -6,13 +6,11 @@ The 0.25 target is not asserted here (timings on a shared machine are noisy);
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
+from bench_scripts import load_bench
+
 NUM = r"([0-9]+(?:\.[0-9]+)?)"
 # model  input  qcompiler ms  (trace / passes)  torch.ao ms  (prepare / convert)  ratio  target  result
 ROW = re.compile(
@@ -21,16 +19,8 @@ ROW = re.compile(
 )
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_compile_time", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compile_time_resnet20_reports_a_finite_positive_ratio(capsys):
-    bench = _load_bench()
+    bench = load_bench("compile_time")
     status = bench.main(["--models", "resnet20", "--repeats", "1"])
     out = capsys.readouterr().out
     assert status == 0  # without --check it never fails on the target
@@ -55,7 +45,7 @@ def test_compile_time_resnet20_reports_a_finite_positive_ratio(capsys):
 
 
 def test_compile_time_writes_its_results_file_with_the_machine(tmp_path):
-    bench = _load_bench()
+    bench = load_bench("compile_time")
     out = tmp_path / "compile_time.md"
     assert bench.main(["--models", "resnet20", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
     text = out.read_text()

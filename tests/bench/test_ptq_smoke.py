@@ -7,35 +7,25 @@ one training epoch and two calibration batches are far from the real run;
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "ptq.py"
+from bench_scripts import load_bench
+
 MODELS = ("plain_cnn", "unet")  # a zoo model and a foreign one whose ConvTranspose2d exercises the float-layer path
 PCT = r"([0-9]+\.[0-9]+) %"
 # model  qc rel.err  qc agree  qc q/float  ao rel.err  ao agree  ao q/float   (or "failed: reason  -  -" per side)
 SIDE = rf"(?:{PCT}\s+{PCT}\s+([0-9]+) / ([0-9]+)|failed: .+?\s+-\s+-)"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_ptq", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One short run of the bench, shared by the tests: (exit status, stdout, results file text)."""
     out = tmp_path_factory.mktemp("ptq") / "ptq.md"
-    bench = _load()
+    bench = load_bench("ptq")
     from io import StringIO
     from contextlib import redirect_stdout
 
@@ -91,7 +81,7 @@ def test_results_file_has_the_header_and_a_table_row_per_model(run):
 
 def test_a_torch_ao_failure_is_one_line_in_its_column(monkeypatch):
     """torch.ao refusing a model leaves its cells to the reason; the bench does not crash."""
-    bench = _load()
+    bench = load_bench("ptq")
     import torch.ao.quantization.quantize_fx as quantize_fx
 
     def refuse(*args, **kwargs):

@@ -6,44 +6,33 @@ The 1.3x target is not asserted here (timings on a shared machine are noisy);
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
 from qcompiler import kernels
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "qat_step.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_qat_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_ratios_are_taken_within_rounds_so_drift_cancels():
     """Per-round ratios: the machine slowing down 4x over the run leaves the ratio at 1.25."""
     drift = [1.0, 1.5, 2.0, 3.0, 4.0]
     times = {"float": [d * 0.2 for d in drift], "model": [d * 0.25 for d in drift[::-1]][::-1]}
-    ratios = _load().round_ratios(times)
+    ratios = load_bench("qat_step").round_ratios(times)
     assert ratios["model"] == pytest.approx(1.25)
     assert ratios["float"] == 1.0
     # the machine slows down in the last two rounds and the model hits a hiccup in round 3:
     # a ratio of separate medians would say 5x, the per-round median says 1.25x
     noisy = {"float": [1.0, 1.0, 1.0, 4.0, 4.0], "model": [1.25, 1.25, 5.0, 5.0, 5.0]}
     assert statistics.median(noisy["model"]) / statistics.median(noisy["float"]) == 5.0
-    assert _load().round_ratios(noisy)["model"] == pytest.approx(1.25)
+    assert load_bench("qat_step").round_ratios(noisy)["model"] == pytest.approx(1.25)
 
 
 def test_qat_step_bench_runs_and_reports_ratios(capsys):
-    module = _load()
+    module = load_bench("qat_step")
     assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1", "--no-memory"]) == 0
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^(float|LSQ 4-bit|ASQ\+POST 4-bit|ASQ\+POST, eager)\s+[0-9.]+\s+([0-9.]+)$", out, re.MULTILINE))
