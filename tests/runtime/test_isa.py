@@ -58,10 +58,30 @@ def test_mac_same_size_convolutions_and_batch_chunks(groups, padding, dilation, 
              "groups": groups, "exact_f32": True, "exact_f64": True}
     want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=padding,
                     dilation=dilation, groups=groups).long().numpy()
-    for chunk in (1 << 20, 3 * 4 * 9 * 42):  # whole batch; 3 images per chunk (5 = 3 + 2)
+    # whole batch; 3 images per chunk (5 = 3 + 2); 2 per chunk in the row-stacked path (ungrouped)
+    for chunk in (1 << 20, 3 * 4 * 9 * 42, 2 * 4 * 3 * 42):
         monkeypatch.setattr(interpreter, "COLS_CHUNK", chunk)
         got = run1("mac", ["x"], {"w": w}, attrs, {"x": x})
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("kernel,padding,dilation", [((2, 2), (1, 1), (2, 2)), ((3, 1), (1, 0), (1, 1)), ((3, 3), (3, 1), (3, 1))])
+def test_mac_row_stacked_convolutions(kernel, padding, dilation, monkeypatch):
+    """Ungrouped same-size convolutions stack the first axis's offsets into the matmul's rows:
+    offsets with no zero shift (the output is then zeroed first), shifts past the image, one-wide kernels."""
+    from qcompiler.runtime import interpreter
+
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 16, size=(3, 4, 5, 6))
+    w = rng.integers(-8, 8, size=(6, 4, *kernel))
+    attrs = {"kind": "conv2d", "stride": [1, 1], "padding": [padding[0]] * 2 + [padding[1]] * 2,
+             "dilation": list(dilation), "groups": 1, "exact_f32": True, "exact_f64": True}
+    want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=padding,
+                    dilation=dilation).long().numpy()
+    assert want.shape[2:] == x.shape[2:]
+    for chunk in (1 << 20, 100):  # whole batch; one image per chunk
+        monkeypatch.setattr(interpreter, "COLS_CHUNK", chunk)
+        assert np.array_equal(run1("mac", ["x"], {"w": w}, attrs, {"x": x}), want)
 
 
 def test_mac_conv1d_asymmetric_padding_and_linear():
