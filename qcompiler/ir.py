@@ -144,7 +144,10 @@ class ActQuant:
     (:data:`qcompiler.quantizers.init.INITS`): ``"mse"`` (the clip with the least
     expected squared error), ``"percentile"`` (the 99.99th percentile of ``|x|``),
     ``"lsq"`` (``2 mean|x| / sqrt(p)``, LSQ's QAT start) or ``"max"`` (``max|x| / p``,
-    no clipping).
+    no clipping). ``learned`` is False for a uniform step on the network input that
+    calibration set (any init but ``"lsq"``): QAT holds it, since learning it would make
+    every step compute the first layer's input gradient, a full backward convolution
+    that the float model never runs, for a step the data's fixed range already sets.
     """
 
     role: str  # "input" | "join"
@@ -153,6 +156,7 @@ class ActQuant:
     signed: bool
     module: str  # qualified name of the quantizer module (holds the learned step)
     init: str  # "mse" | "percentile" | "lsq" | "max"
+    learned: bool = True  # QAT trains the step (False: held at its calibrated value)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
         act_bits = aq.bits if aq else (scales.act_bits if scales else None)
         if aq:
-            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}, {aq.init} init"
+            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}, {aq.init} init" + ("" if aq.learned else ", held")
         elif scales:
             act_quantizer = f"{len(scales.group_ranges)} shared scale(s)"
         else:

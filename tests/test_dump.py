@@ -112,7 +112,7 @@ def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
     rng = obs.summary()
     fit = fit_act_grid(rng.hist, 8, choose_signed(rng, 8))
     assert fit.signed
-    assert f"signed=True, module='_0_act', init='mse')" in text
+    assert f"signed=True, module='_0_act', init='mse', learned=False)" in text
     assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "06_freeze.txt").read_text()
 
 

@@ -82,7 +82,10 @@ def quantize_input(
             return user
     name = name or f"{layer.name}_act"
     init_act_step(quantizer, rng, how)
-    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=name, init=how)
+    # the network input's range is the data's: a calibrated uniform step on it is held (ir.ActQuant)
+    learned = not (src.op == "placeholder" and type(quantizer) is UniformQuantizer and how != "lsq")
+    quantizer.step.requires_grad_(learned)
+    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=name, init=how, learned=learned)
     qnode = insert_quantizer(gm, src, name, quantizer, record)
     layer.replace_input_with(src, qnode)
     return qnode

@@ -139,8 +139,22 @@ def test_qat_gradients_reach_steps_and_weights() -> None:
     gm.train()
     gm(ctx.calib_batches[0]).square().mean().backward()
     for name, p in gm.named_parameters():
+        if name == "_0_act.step":  # the network input's calibrated step is held (ir.ActQuant.learned)
+            assert not p.requires_grad and p.grad is None
+            continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert float(gm.get_submodule("_2_act").step.grad.abs()) > 0
+
+
+def test_network_input_step_held_unless_lsq_init() -> None:
+    """A calibrated uniform step on the network input is held in QAT (no input gradient
+    through the first layer); with LSQ's init, a QAT start, it is learned like the others."""
+    for init, learned in (("mse", False), ("max", False), ("lsq", True)):
+        _, gm, _, _ = _compile(QuantSpec(passes="lsq", init=init))
+        node = next(n for n in gm.graph.nodes if n.name == "_0_act")
+        assert node.meta[ir.ACT].learned is learned and node.args[0].op == "placeholder"
+        assert gm.get_submodule("_0_act").step.requires_grad is learned
+        assert all(u.meta[ir.ACT].learned for u in gm.graph.nodes if ir.ACT in u.meta and u.name != "_0_act")
 
 
 def test_overrides_and_no_pin() -> None:
@@ -256,7 +270,7 @@ def test_signedness_follows_the_negative_mass_and_the_table_says_so() -> None:
     assert not gm_module(compiled, act).signed
     rows = {r.name: r for r in compiled.report.layers}
     assert rows["_2"].act_quantizer == "lsq unsigned, mse init"
-    assert rows["_0"].act_quantizer == "lsq signed, mse init"  # the network input is symmetric
+    assert rows["_0"].act_quantizer == "lsq signed, mse init, held"  # the network input: symmetric, its step held
     assert rows["_0"].weight_quantizer == "uniform per-channel, mse init"
 
 
