@@ -56,6 +56,7 @@ FLOAT = "qc.float"
 STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
 ADDER_Q = "qc.adder_q"
+BIAS = "qc.bias"
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,20 @@ class WeightQuant:
     granularity: str  # "per-channel" | "per-row" (embedding) | "per-group" | "per-layer"
     module: str  # qualified name of the module holding the weight quantizer (or the adder layer)
     init: str = "lsq"  # "mse" | "percentile" | "lsq" | "max" | "range"
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """The shift the ``bias-correction`` pass added to a quantized layer's output, per channel.
+
+    ``target`` is where it went: ``"bias"`` (the layer's own) or ``"batch-norm"`` (the running
+    mean of the batch norm ``batch_norm`` that alone reads the layer); ``rms`` is the shift's
+    root mean square over the channels, in the layer's output units.
+    """
+
+    target: str  # "bias" | "batch-norm"
+    rms: float
+    batch_norm: str = ""  # the batch norm's node name when target is "batch-norm"
 
 
 @dataclass(frozen=True)

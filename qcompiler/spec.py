@@ -92,6 +92,10 @@ class QuantSpec:
         quantize_matmuls: put both operands of every product of two activations
             (attention's ``q @ k^T``, ``attn @ v``) on grids (the ``quantize-matmuls``
             pass, added whenever activations are quantized); off keeps them float.
+        bias_correction: after every quantizer is in place, shift each quantized
+            layer's bias (or its batch norm's running mean) so its output mean per
+            channel matches float on the calibration data (the ``bias-correction``
+            pass, added whenever weights are quantized and calibration data is given).
         residual_bits: width of the residual stream: the quantizers on join
             operands and results (8, the common choice).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
@@ -118,6 +122,7 @@ class QuantSpec:
     adder_multiply_bits: int | None = 8
     quantize_joins: bool = True
     quantize_matmuls: bool = True
+    bias_correction: bool = True
     residual_bits: int = 8
     leaf_modules: tuple[str, ...] = ()
     init: str = "mse"
@@ -135,7 +140,7 @@ class QuantSpec:
             object.__setattr__(self, "passes", _names(self.passes, "passes", 'e.g. ["asq", "post"] or "asq,post"'))
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
-        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls"):
+        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls", "bias_correction"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.pin_first_last and "pin-first-last" in self.passes:

@@ -192,7 +192,7 @@ def test_happy_path_prints_table_accuracy_and_dumps(runs: dict[str, Run]) -> Non
     assert "quantized, after 1 QAT epoch(s):" in out
     acc = float(out.split("quantized, after 1 QAT epoch(s):")[1].split("%")[0])
     assert 0.0 <= acc <= 100.0
-    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_quantize-joins", "06_freeze"]
+    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_quantize-joins", "06_bias-correction", "07_freeze"]
     assert sorted(p.name for p in run.ir.iterdir()) == sorted(f"{s}.{e}" for s in stems for e in ("txt", "dot"))
     assert "%stages_0_conv1_act = module stages_0_conv1_act(%stem_2)" in (run.ir / "03_lsq.txt").read_text()
     assert "ActQuant(role='input', method='lsq', bits=4" in (run.ir / "03_lsq.txt").read_text()

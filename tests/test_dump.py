@@ -49,7 +49,7 @@ def _split_numbers(text: str) -> tuple[str, list[float]]:
 
 
 def test_dump_files_numbered(dump_dir: Path) -> None:
-    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_quantize-joins", "06_freeze"]
+    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_quantize-joins", "06_bias-correction", "07_freeze"]
     assert sorted(p.name for p in dump_dir.iterdir()) == sorted(f"{s}.{e}" for s in stems for e in ("txt", "dot"))
 
 
@@ -113,7 +113,7 @@ def test_golden_numbers_are_the_exact_ones(dump_dir: Path) -> None:
     fit = fit_act_grid(rng.hist, 8, choose_signed(rng, 8))
     assert fit.signed
     assert f"signed=True, module='_0_act', init='mse', learned=False)" in text
-    assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "06_freeze.txt").read_text()
+    assert f"step={fit.step:.6g}, rounding='half-to-even'" in (dump_dir / "07_freeze.txt").read_text()
 
 
 def test_diff_observe_to_lsq_only_adds_quantizers(dump_dir: Path) -> None:

@@ -111,6 +111,21 @@ def register_qat_class(float_cls: type[nn.Module], qat_cls: type[nn.Module]) -> 
     _QAT_CLASS[float_cls] = qat_cls
 
 
+def float_forward(layer: nn.Module):
+    """The float layer class's ``forward`` of a QAT layer (its weight used as it is), or None
+    for a layer that is not one of these classes (an adder layer).
+
+    >>> from qcompiler.quantizers import UniformQuantizer
+    >>> q = with_weight_quant(nn.Linear(3, 2), UniformQuantizer(2, signed=True, channels=2))
+    >>> x = torch.randn(4, 3)
+    >>> torch.equal(float_forward(q)(q, x), torch.nn.functional.linear(x, q.weight, q.bias))
+    True
+    """
+    if type(layer) not in _QAT_CLASS.values():
+        return None
+    return next(c for c in type(layer).__mro__[1:] if c in _QAT_CLASS).forward
+
+
 def with_weight_quant(layer: nn.Module, weight_quant: nn.Module) -> nn.Module:
     """A QAT copy of ``layer`` sharing its parameters and using ``weight_quant``.
 

@@ -10,6 +10,7 @@ from .base import Pass, PassContext, PassResult
 from .adder_groups import AdderGroups
 from .adder_shared import AdderShared
 from .asq import ASQ
+from .bias_correction import BiasCorrection
 from .freeze import Freeze
 from .lsq import LSQ
 from .manager import PassManager, PassRun, plan
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[Pass]] = {
         AdderShared,
         QuantizeMatmuls,
         QuantizeJoins,
+        BiasCorrection,
         Freeze,
     )
 }

@@ -72,6 +72,11 @@ def plan(
     # products of two activations (attention) go on grids whenever activations do
     if spec.quantize_matmuls and quantizes and "quantize-matmuls" in registry and "quantize-matmuls" not in seen:
         chosen.append("quantize-matmuls")
+    # each quantized layer's output mean moved back to float's, when there is data to measure it on
+    corrects = any("weight-quant" in registry[n].produces for n in chosen)
+    if spec.bias_correction and corrects and CALIBRATION_DATA in provided and "bias-correction" in registry \
+            and "bias-correction" not in seen:
+        chosen.append("bias-correction")
     if "freeze" in registry and "freeze" not in seen:
         chosen.append("freeze")
     for i, a in enumerate(chosen):
@@ -116,7 +121,7 @@ class PassManager:
         >>> from qcompiler.spec import QuantSpec
         >>> spec = QuantSpec(passes=("lsq",))
         >>> [p.name for p in plan(spec.passes, spec, {"calibration-data"}, REGISTRY)]
-        ['pin-first-last', 'observe', 'lsq', 'quantize-matmuls', 'quantize-joins', 'freeze']
+        ['pin-first-last', 'observe', 'lsq', 'quantize-matmuls', 'quantize-joins', 'bias-correction', 'freeze']
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: Path | None = None, verify: bool = False) -> None:

@@ -124,15 +124,15 @@ def _names(passes: list[Pass]) -> list[str]:
 
 def test_real_pipeline_inserts_pin_and_observe() -> None:
     spec = QuantSpec(passes="lsq")
-    assert _names(plan(spec.passes, spec, CALIB, REGISTRY)) == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "freeze"]
+    assert _names(plan(spec.passes, spec, CALIB, REGISTRY)) == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "bias-correction", "freeze"]
     nopin = spec.replace(pin_first_last=False)
-    assert _names(plan(nopin.passes, nopin, CALIB, REGISTRY)) == ["observe", "lsq", "quantize-matmuls", "quantize-joins", "freeze"]
+    assert _names(plan(nopin.passes, nopin, CALIB, REGISTRY)) == ["observe", "lsq", "quantize-matmuls", "quantize-joins", "bias-correction", "freeze"]
 
 
 @pytest.mark.parametrize("names", [("observe", "lsq"), ("lsq", "observe"), ("lsq", "pin-first-last", "observe")])
 def test_explicit_analysis_not_duplicated(names: tuple[str, ...]) -> None:
     spec = QuantSpec(passes=names)
-    assert _names(plan(names, spec, CALIB, REGISTRY)) == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "freeze"]
+    assert _names(plan(names, spec, CALIB, REGISTRY)) == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "bias-correction", "freeze"]
 
 
 def test_plan_configures_from_spec() -> None:
@@ -392,15 +392,15 @@ def test_verify_passes_a_good_pipeline_and_keeps_mode() -> None:
     ctx = _ctx()
     gm = trace(_tiny(), ctx.example_inputs).train()
     gm, runs = PassManager(plan(("lsq",), ctx.spec, ctx.provided(), REGISTRY), verify=True).run(gm, ctx)
-    assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "freeze"]
-    assert [r.modified for r in runs] == [True, True, True, False, False, True]  # the tiny model has no product, no join
+    assert [r.name for r in runs] == ["pin-first-last", "observe", "lsq", "quantize-matmuls", "quantize-joins", "bias-correction", "freeze"]
+    assert [r.modified for r in runs] == [True, True, True, False, False, True, True]  # the tiny model has no product, no join
     assert all(r.seconds >= 0 and r.dump is None for r in runs)
     assert gm.training
 
 
 def test_dumps_are_numbered(tmp_path: Path) -> None:
     gm, runs = _run(MakeInf, dump_dir=tmp_path / "ir")
-    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_make-inf", "06_quantize-joins", "07_freeze"]
+    stems = ["00_input", "01_pin-first-last", "02_observe", "03_lsq", "04_quantize-matmuls", "05_make-inf", "06_quantize-joins", "07_bias-correction", "08_freeze"]
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == sorted(
         f"{s}.{ext}" for s in stems for ext in ("txt", "dot")
     )
@@ -424,7 +424,7 @@ def test_second_run_of_pipeline_adds_nothing() -> None:
     with pytest.warns(NoChangeWarning) as caught:
         gm, second = PassManager(passes).run(gm, ctx)
     assert sorted(str(w.message).split("'")[1] for w in caught) == ["lsq", "pin-first-last"]
-    assert [r.modified for r in first] == [True, True, True, False, False, True]
+    assert [r.modified for r in first] == [True, True, True, False, False, True, True]
     modified = {r.name: r.modified for r in second}
     assert not modified["pin-first-last"] and not modified["lsq"]
     assert len(gm.graph.nodes) == n_nodes
