@@ -18,10 +18,11 @@ def float_model():
     return model, evaluate(model, data)
 
 
-def _compile_and_train(model, passes: str, bits: int) -> tuple[float, float]:
+def _compile_and_train(model, passes: str, bits: int, **spec) -> tuple[float, float]:
     """Accuracy right after compile (post-training quantization only) and after 3 QAT epochs."""
     data = load_digits()
-    compiled = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits), calib_data=data)
+    compiled = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes, weight_bits=bits, act_bits=bits, **spec),
+                                 calib_data=data)
     before = evaluate(compiled.module, data)
     train(compiled.module, data, TrainConfig(epochs=3, lr=0.01, seed=0), progress=False)
     return before, evaluate(compiled.module, data)
@@ -44,9 +45,15 @@ def test_2bit_qat_recovers_what_compile_lost(float_model, passes):
 
 def test_4bit_qat_improves_on_compile_and_ends_within_2_points_of_float(float_model):
     model, float_acc = float_model
-    before, after = _compile_and_train(model, "asq,post", bits=4)
+    # without bias correction, so that compile leaves a gap for QAT to close: with it (the
+    # default) 4-bit compile alone already lands at float's accuracy here (96.7-97.1 vs 96.9),
+    # and "QAT improves on compile" would ask for more than float
+    before, after = _compile_and_train(model, "asq,post", bits=4, bias_correction=False)
     assert after > before, f"QAT {before:.2f} -> {after:.2f}"
     assert after >= float_acc - 2.0, f"{after:.2f} vs float {float_acc:.2f}"
+    data = load_digits()
+    corrected = qcompiler.compile(model, qcompiler.QuantSpec(passes="asq,post", weight_bits=4, act_bits=4), calib_data=data)
+    assert evaluate(corrected.module, data) >= float_acc - 2.0
 
 
 @pytest.mark.parametrize("passes", ["lsq", "asq,post"])
