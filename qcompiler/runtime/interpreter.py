@@ -204,6 +204,13 @@ def _scratch(work: dict, size: int, dtype, role: str = "im2col") -> np.ndarray:
 COLS_CHUNK = 1 << 20  # im2col entries per batch chunk: 4 MB of float32, still in cache when the matmul reads it
 
 
+def _chunk(n: int, per_image: int) -> int:
+    """Images per chunk of a batch of ``n`` whose im2col takes ``per_image`` entries each: at most
+    :data:`COLS_CHUNK` entries, and equal chunks (a small last one runs the matmul at a poor shape)."""
+    step = max(1, min(n, COLS_CHUNK // per_image))
+    return -(-n // -(-n // step))
+
+
 def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = None) -> np.ndarray:
     """Exact convolution of channels-first codes ``xc`` ``(C, N, *S)``: ``(O, N, *out)`` in ``dtype``.
 
@@ -222,8 +229,7 @@ def conv_cf(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict | None = N
     rows, positions = c * int(np.prod(kernel)), int(np.prod(size))
     wm = w.reshape(groups, o // groups, -1).astype(dtype)
     y = np.empty((o, n, *size), dtype=dtype)
-    step = max(1, min(n, COLS_CHUNK // (rows * positions)))
-    step = -(-n // -(-n // step))  # equal chunks: a small last chunk runs the matmul at a poor shape
+    step = _chunk(n, rows * positions)
     plain = all(k == 1 for k in kernel) and all(s == 1 for s in a["stride"]) and not any(a["padding"])
     if not plain:  # a 1x1, stride-1, unpadded kernel reads xc itself
         buf = _scratch({} if work is None else work, rows * step * positions, dtype)
@@ -253,8 +259,7 @@ def _conv_rows_stacked(xc: np.ndarray, w: np.ndarray, a: dict, dtype, work: dict
     wm = np.moveaxis(w, 2, 0).reshape(k0 * o, rows).astype(dtype)
     inner = dict(a, padding=[0, 0, *pads[2:]])  # im2col over the other axes: the first has kernel 1
     y = np.empty((o, n, *spatial), dtype=dtype)
-    step = max(1, min(n, COLS_CHUNK // (rows * positions)))
-    step = -(-n // -(-n // step))
+    step = _chunk(n, rows * positions)
     work = {} if work is None else work
     buf = _scratch(work, rows * step * positions, dtype)
     stacked = _scratch(work, k0 * o * step * positions, dtype, "stacked")
