@@ -144,8 +144,9 @@ def im2col(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.ndarray) ->
     pads, stride, dil = a["padding"], a["stride"], a["dilation"]
     c, n, spatial = xc.shape[0], xc.shape[1], xc.shape[2:]
     size = out_shape(spatial, kernel, a)
-    if all(s == 1 for s in stride) and size == list(spatial):
-        return _im2col_shifted(xc, kernel, a, out)
+    taps = _phase_taps(spatial, kernel, a, size)
+    if taps is not None:
+        return _im2col_shifted(xc, kernel, stride, taps, size, out)
     if any(pads):
         padded = np.zeros((c, n, *(s + pads[2 * i] + pads[2 * i + 1] for i, s in enumerate(spatial))), dtype=out.dtype)
         padded[(slice(None), slice(None), *(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(spatial)))] = xc
@@ -158,34 +159,66 @@ def im2col(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.ndarray) ->
     return cols.reshape(c * int(np.prod(kernel)), -1)
 
 
-def _im2col_shifted(xc: np.ndarray, kernel: tuple[int, ...], a: dict, out: np.ndarray) -> np.ndarray:
-    """:func:`im2col` of a stride-1 convolution whose output keeps the input's size.
+def _phase_taps(spatial, kernel, a: dict, size: list[int]) -> list[list[tuple[int, int]]] | None:
+    """Per axis and kernel tap, ``(phase, shift)``: the tap reads input index ``stride * (i + shift) + phase``
+    for output index ``i``; None unless every phase image fits the output grid.
 
-    Then every kernel offset reads the input at one fixed shift ``delta`` of the flat
-    ``(N, *S)`` index: each offset is one contiguous copy of ``C`` rows, shifted, after
-    which the positions whose neighbour lies outside the image (the padding, and the
-    rows that wrapped into the next line or image) are zeroed, a thin border per axis.
+    The phase image ``x[phase::stride]`` (along each axis) then holds at most ``size``
+    entries, so laid out on the output's grid (zeros after its end) every tap is a fixed
+    flat shift of one phase image: the contiguous copies of :func:`_im2col_shifted`.
+    Stride 1 has one phase, the input itself; stride 2 with "same" padding has four.
     """
-    pads, dil = a["padding"], a["dilation"]
-    c, spatial = xc.shape[0], xc.shape[2:]
-    flat = xc.reshape(c, -1)  # a view: the batch chunk of each channel is contiguous
-    total = flat.shape[1]
-    strides = np.cumprod((1, *spatial[::-1]))[::-1][1:]  # flat distance of one step along each spatial axis
+    taps = []
+    for i, (s, k, st, dl, m) in enumerate(zip(spatial, kernel, a["stride"], a["dilation"], size)):
+        axis = [tuple(reversed(divmod(t * dl - a["padding"][2 * i], st))) for t in range(k)]
+        if any(-(-(s - phase) // st) > m for phase, _ in axis):
+            return None
+        taps.append(axis)
+    return taps
+
+
+def _phase_image(xc: np.ndarray, phase: tuple[int, ...], stride, size: list[int], dtype) -> np.ndarray:
+    """``xc[:, :, phase::stride]`` on the output grid ``(C, N, *size)``: zeros after its end."""
+    src = xc[(slice(None), slice(None), *(slice(p, None, st) for p, st in zip(phase, stride)))]
+    if list(src.shape[2:]) == list(size):
+        return src  # the copies into im2col's rows convert the dtype
+    img = np.zeros((*xc.shape[:2], *size), dtype=dtype)
+    img[(slice(None), slice(None), *(slice(0, m) for m in src.shape[2:]))] = src
+    return img
+
+
+def _im2col_shifted(xc: np.ndarray, kernel: tuple[int, ...], stride, taps, size: list[int], out: np.ndarray) -> np.ndarray:
+    """:func:`im2col` when every phase image fits the output grid (:func:`_phase_taps`).
+
+    Then every kernel offset reads its phase image at one fixed shift ``delta`` of the
+    flat ``(N, *size)`` index: each offset is one contiguous copy of ``C`` rows, shifted,
+    after which the positions whose neighbour lies outside the image (the padding, and
+    the rows that wrapped into the next line or image) are zeroed, a thin border per axis.
+    A strided convolution first splits the input into its phase images (strided copies
+    of the input, once), so its windows too are long contiguous copies rather than one
+    short strided copy per output line.
+    """
+    c, n = xc.shape[:2]
+    images: dict[tuple[int, ...], np.ndarray] = {}
+    strides = np.cumprod((1, *size[::-1]))[::-1][1:]  # flat distance of one step along each output axis
+    total = n * int(np.prod(size))
     cols = out[:c * int(np.prod(kernel)) * total].reshape(c, -1, total)
     for k, off in enumerate(np.ndindex(*kernel)):
-        shift = [o * dl - pads[2 * i] for i, (o, dl) in enumerate(zip(off, dil))]
-        delta = int(np.dot(shift, strides))
+        phase = tuple(taps[i][o][0] for i, o in enumerate(off))
+        if phase not in images:
+            images[phase] = _phase_image(xc, phase, stride, size, out.dtype).reshape(c, -1)
+        flat = images[phase]
+        delta = int(np.dot([taps[i][o][1] for i, o in enumerate(off)], strides))
         lo, hi = max(0, -delta), min(total, total - delta)
         cols[:, k, lo:hi] = flat[:, lo + delta:hi + delta]
     # positions whose neighbour along an axis is padding (this also covers the ends of the
     # flat copies, which wrap into the next line or image): one border per axis and kernel
     # index, zeroed for all the offsets sharing it at once
-    grid = cols.reshape(c, *kernel, -1, *spatial)
-    for axis, (size, k_size, dl) in enumerate(zip(spatial, kernel, dil)):
-        for o in range(k_size):
-            sh = o * dl - pads[2 * axis]
+    grid = cols.reshape(c, *kernel, -1, *size)
+    for axis, (m, axis_taps) in enumerate(zip(size, taps)):
+        for o, (_, sh) in enumerate(axis_taps):
             if sh:
-                border = slice(size - sh, None) if sh > 0 else slice(None, -sh)
+                border = slice(max(0, m - sh), None) if sh > 0 else slice(None, min(m, -sh))
                 index = [slice(None)] * grid.ndim
                 index[1 + axis], index[2 + len(kernel) + axis] = o, border
                 grid[tuple(index)] = 0

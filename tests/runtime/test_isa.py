@@ -84,6 +84,40 @@ def test_mac_row_stacked_convolutions(kernel, padding, dilation, monkeypatch):
         assert np.array_equal(run1("mac", ["x"], {"w": w}, attrs, {"x": x}), want)
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding,dilation", [
+    ((8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),  # ResNet's downsampling 3x3
+    ((7, 9), (3, 3), (2, 2), (1, 1), (1, 1)),  # odd sizes: phase images shorter than the output grid
+    ((8, 8), (1, 1), (2, 2), (0, 0), (1, 1)),  # the 1x1 shortcut
+    ((14, 14), (7, 7), (2, 2), (3, 3), (1, 1)),  # an ImageNet stem
+    ((9, 10), (3, 2), (3, 2), (2, 0), (2, 1)),  # stride 3, dilation, a tap past the end
+    ((6, 6), (3, 3), (2, 1), (3, 1), (1, 1)),  # over-padded: output longer than any phase
+])
+def test_mac_strided_convolutions_through_phase_images(size, kernel, stride, padding, dilation, monkeypatch):
+    """Strided convolutions whose phase images fit the output grid take the flat-shift im2col."""
+    from qcompiler.runtime import interpreter
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 16, size=(3, 4, *size))
+    w = rng.integers(-8, 8, size=(6, 4, *kernel))
+    attrs = {"kind": "conv2d", "stride": list(stride), "padding": [padding[0]] * 2 + [padding[1]] * 2,
+             "dilation": list(dilation), "groups": 1, "exact_f32": True, "exact_f64": True}
+    want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride, padding=padding,
+                    dilation=dilation).long().numpy()
+    assert interpreter._phase_taps(size, kernel, attrs, list(want.shape[2:])) is not None
+    for chunk in (1 << 20, 100):  # whole batch; one image per chunk
+        monkeypatch.setattr(interpreter, "COLS_CHUNK", chunk)
+        assert np.array_equal(run1("mac", ["x"], {"w": w}, attrs, {"x": x}), want)
+
+
+def test_phase_taps_refuse_a_phase_longer_than_the_output():
+    """A valid (unpadded) stride-2 convolution reads past the output grid of a phase image: generic path."""
+    from qcompiler.runtime import interpreter
+
+    attrs = {"stride": [2], "padding": [0, 0], "dilation": [1]}
+    assert interpreter._phase_taps((8,), (3,), attrs, [3]) is None
+    assert interpreter._phase_taps((8,), (3,), dict(attrs, padding=[1, 1]), [4]) == [[(1, -1), (0, 0), (1, 0)]]
+
+
 def test_mac_conv1d_asymmetric_padding_and_linear():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 16, size=(2, 3, 9))
