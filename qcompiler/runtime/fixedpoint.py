@@ -133,6 +133,12 @@ def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, b
     float32 neighbours a few ulps off are tried, per channel. IEEE float32 multiply, add
     and ``rint`` are correctly rounded everywhere, so the proof holds on any machine.
 
+    A one-term requant with more inputs than :data:`F32_PROOF_LIMIT` (a first layer's
+    18-bit accumulator) is proven on far fewer: both evaluations are monotone in ``x``
+    (correctly rounded operations are), so where they agree at the two ends of the input
+    range and on both sides of every point where the exact one changes code, they agree
+    on every input in between (:func:`_transition_inputs`).
+
     >>> m, sh, b = multipliers([np.array([0.0571])], np.array([0.3]))
     >>> f32_constants(m, sh, b, 0, 15, [np.array(255.0)]) is not None
     True
@@ -142,14 +148,20 @@ def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, b
     reach = [int(np.max(bd)) for bd in bounds]
     lows = [-r if f is None else max(-r, int(f)) for r, f in zip(reach, floors or [None] * len(reach))]
     positions = math.prod(shape) if shape else 1
-    if positions * math.prod(r - low + 1 for r, low in zip(reach, lows)) > F32_PROOF_LIMIT or max(reach) >= 2**24:
-        return None
     k = len(ms)
+    enumerable = positions * math.prod(r - low + 1 for r, low in zip(reach, lows)) <= F32_PROOF_LIMIT
+    codes = int(np.max(hi)) - int(np.min(lo)) + 1
+    by_transitions = k == 1 and positions * codes * 5 <= F32_PROOF_LIMIT
+    if not (enumerable or by_transitions) or max(reach) >= 2**24 or max(abs(int(np.min(lo))), abs(int(np.max(hi)))) >= 2**24:
+        return None
     # one axis of constants (every channel), then one axis per term holding every value it can take
     consts = [np.broadcast_to(np.asarray(v), shape).reshape(-1, *([1] * k)) for v in (*ms, sh, b, lo, hi)]
     cms, csh, cb, clo, chi = consts[:k], consts[k], consts[k + 1], consts[k + 2], consts[k + 3]
-    xs = [np.arange(low, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
-          for t, (low, r) in enumerate(zip(lows, reach))]
+    if enumerable:
+        xs = [np.arange(low, r + 1, dtype=np.float32).reshape(1, *[-1 if u == t else 1 for u in range(k)])
+              for t, (low, r) in enumerate(zip(lows, reach))]
+    else:
+        xs = [_transition_inputs(cms[0], csh, cb, clo, chi, lows[0], reach[0])]
     worst = sum(r * int(np.max(np.abs(m))) for r, m in zip(reach, ms)) + int(np.max(np.abs(b)))
     if worst >= 2**63:
         return None
@@ -173,6 +185,26 @@ def f32_constants(ms: list[np.ndarray], sh: np.ndarray, b: np.ndarray, lo, hi, b
         if not open_.any():
             return [c.reshape(shape) for c in chosen[:k]], chosen[k].reshape(shape)
     return None
+
+
+def _transition_inputs(m, sh, b, lo, hi, low: int, reach: int) -> np.ndarray:
+    """Per channel (rows), the inputs that decide a monotone one-term requant, as float32 columns.
+
+    The exact requant of ``x`` changes code only where ``(x m + b) 2^-sh`` crosses a
+    half-integer ``v + 1/2`` with ``lo <= v < hi``; around each such crossing (found in
+    float64, within far less than one input of the true one) the inputs ``-2..+2`` away
+    are taken, with the range's two ends. Rows are padded with the low end.
+    """
+    m = np.ldexp(np.asarray(m, dtype=np.float64), -np.asarray(sh)).reshape(-1, 1)
+    b = np.ldexp(np.asarray(b, dtype=np.float64), -np.asarray(sh)).reshape(-1, 1)
+    rows = m.shape[0]
+    lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float64).reshape(-1, 1), (rows, 1)) for v in (lo, hi))
+    levels = np.arange(int(lo.min()), int(hi.max())) + 0.5  # every half-integer some channel's codes cross
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where((m != 0) & (levels >= lo) & (levels < hi), (levels - b) / np.where(m == 0, 1.0, m), np.nan)
+    near = np.floor(cross)[..., None] + np.arange(-2, 3)  # (rows, levels, 5)
+    near = np.where(np.isfinite(near) & (near >= low) & (near <= reach), near, low).reshape(rows, -1)
+    return np.concatenate([near, np.full((rows, 1), low), np.full((rows, 1), reach)], axis=1).astype(np.float32)
 
 
 def _ulps(v: np.ndarray, n: int) -> np.ndarray:

@@ -105,14 +105,55 @@ def test_float32_requant_where_proven_equals_the_integer_one(reals, offset, qran
     assert np.array_equal(got, apply([x.astype(np.int64) for x in xs], ms, sh, b, *qrange))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-3.0, 3.0), min_size=3, max_size=3),
+    st.floats(-20.0, 20.0),
+    st.sampled_from([(-8, 7), (0, 15), (-128, 127), (0, 255)]),
+    st.integers(1, 5000),
+    st.booleans(),
+)
+def test_one_term_float32_proof_on_transition_inputs_holds_on_every_input(reals, offset, qrange, reach, unsigned):
+    """With the enumeration switched off, the one-term proof checks only the inputs around the
+    exact requant's code changes; whatever it accepts must still agree on every input."""
+    reals = np.array([r if abs(r) > 1e-3 else 0.0 for r in reals]).reshape(3, 1)  # a zero multiplier too
+    ms, sh, b = multipliers([reals], np.full((3, 1), offset))
+    floor = 0 if unsigned else None
+    import qcompiler.runtime.fixedpoint as fixedpoint
+
+    limit = fixedpoint.F32_PROOF_LIMIT
+    fixedpoint.F32_PROOF_LIMIT = 0
+    try:
+        fast = f32_constants(ms, sh, b, *qrange, [np.full((3, 1), float(reach))], [floor])
+    finally:
+        fixedpoint.F32_PROOF_LIMIT = limit
+    if fast is None:
+        return
+    x = np.broadcast_to(np.arange(0 if unsigned else -reach, reach + 1, dtype=np.float32), (3, 1 + reach * (1 if unsigned else 2)))
+    got = apply_f32([x], fast[0], fast[1], *(np.float32(q) for q in qrange))
+    assert np.array_equal(got, apply([x.astype(np.int64)], ms, sh, b, *qrange))
+
+
+def test_one_term_float32_proof_covers_a_first_layers_wide_accumulator():
+    """An 18-bit accumulator (8-bit input codes and weights) is past the enumeration, yet proven."""
+    rng = np.random.default_rng(3)
+    ms, sh, b = multipliers([rng.uniform(1e-5, 4e-5, size=(16, 1))], rng.uniform(-2, 2, size=(16, 1)))
+    reach = 221824
+    fast = f32_constants(ms, sh, b, 0, 255, [np.full((16, 1), float(reach))])
+    assert 16 * (2 * reach + 1) > F32_PROOF_LIMIT and fast is not None
+    x = np.broadcast_to(np.arange(-reach, reach + 1, dtype=np.float32), (16, 2 * reach + 1))
+    assert np.array_equal(apply_f32([x], fast[0], fast[1], np.float32(0), np.float32(255)),
+                          apply([x.astype(np.int64)], ms, sh, b, 0, 255))
+
+
 def test_float32_requant_is_refused_where_float32_rounds_wrong_or_the_proof_is_too_big():
     # |x| up to 2^20 times a many-bit multiplier: products far past float32's 24 bits, and
     # the enumeration finds inputs whose float32 value rounds the other way
     ms, sh, b = multipliers([np.array([0.3183098861837907])], np.array([0.1]))
     assert f32_constants(ms, sh, b, -(2**31), 2**31 - 1, [np.array(2.0**20)]) is None
-    # more inputs than the proof enumerates: not attempted
-    ms, sh, b = multipliers([np.ones((64, 1))], np.zeros((64, 1)))
-    assert f32_constants(ms, sh, b, -128, 127, [np.full((64, 1), float(F32_PROOF_LIMIT))]) is None
+    # more two-term inputs than the proof enumerates: not attempted
+    ms, sh, b = multipliers([np.ones((64, 1)), np.ones((64, 1))], np.zeros((64, 1)))
+    assert f32_constants(ms, sh, b, -128, 127, [np.full((64, 1), 300.0)] * 2) is None
     # and where it is small and float32 is exact (a power-of-two step), it is accepted
     ms, sh, b = multipliers([np.array([0.25])], np.array([0.0]))
     assert f32_constants(ms, sh, b, -128, 127, [np.array(1000.0)]) is not None
