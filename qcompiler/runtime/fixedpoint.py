@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -81,39 +79,6 @@ def apply(xs: list[np.ndarray], ms: list[np.ndarray], sh: np.ndarray, b: np.ndar
         mask = shifts == s
         out[mask] = shift_round_half_even(total[mask], int(s))
     return np.clip(out, lo, hi).astype(np.int64)
-
-
-PARALLEL_MIN = 1 << 18  # elements: below this a thread hand-off costs more than it saves
-_POOL: list[ThreadPoolExecutor] = []
-if hasattr(os, "register_at_fork"):  # a forked child has no worker thread behind the pool: start its own
-    os.register_at_fork(after_in_child=_POOL.clear)
-
-
-def _parallel(fn, shape: tuple[int, ...]) -> None:
-    """``fn(index)`` over the channel halves of ``shape`` (axis 1), the halves in two threads.
-
-    NumPy's elementwise loops run on one core but release the GIL, so two threads on
-    disjoint halves use both cores; small arrays run in the caller's thread.
-    """
-    whole = (slice(None),) * len(shape)
-    if len(shape) < 2 or shape[1] < 2 or math.prod(shape) < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
-        fn(whole)
-        return
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcompiler-requant"))
-    half = shape[1] // 2
-    second = _POOL[0].submit(fn, (slice(None), slice(half, None)))
-    fn((slice(None), slice(None, half)))
-    second.result()
-
-
-def _part(v, shape: tuple[int, ...], index: tuple) -> np.ndarray:
-    """The slice of operand ``v`` (broadcast against ``shape``) that meets ``shape[index]``."""
-    v = np.asarray(v)
-    axis = v.ndim - len(shape) + 1  # where shape's axis 1 lies in v, right-aligned
-    if len(index) < 2 or axis < 0 or v.shape[axis] == 1:
-        return v
-    return v[(slice(None),) * axis + (index[1],)]
 
 
 F32_PROOF_LIMIT = 1 << 22  # inputs enumerated per requant: beyond this the proof costs more than it saves
@@ -250,31 +215,24 @@ def _affine_round(xs, ms, bias, lo, hi, work, out_dtype) -> np.ndarray:
     """``clamp(rint(sum_t x_t m_t + bias), lo, hi)`` computed in ``work``, returned as ``out_dtype``.
 
     Every pass writes in place into one buffer laid out like ``xs[0]`` (``empty_like``
-    keeps the memory order), so a channels-first accumulator gives channels-first codes;
-    the two channel halves run in two threads (:func:`_parallel`). A zero bias is skipped.
+    keeps the memory order), so a channels-first accumulator gives channels-first codes.
+    A zero bias is skipped. One thread: the requant follows a matmul whose BLAS threads
+    still spin on the other core, and a second NumPy thread there made the whole
+    program slower (docs/runtime.md, *Speed*).
     """
     shape = np.broadcast_shapes(*(np.shape(x) for x in xs), *(np.shape(m) for m in ms), np.shape(bias))
     lo, hi = (_bound_in(v, work) for v in (lo, hi))
     total = np.empty_like(xs[0] if np.shape(xs[0]) == shape else np.empty(shape), dtype=work)
-    out = total if out_dtype == work else np.empty_like(total, dtype=out_dtype)
-    bias = bias if np.any(bias) else None
-
-    def part(index: tuple) -> None:
-        t = total[index]
-        np.multiply(_part(xs[0], shape, index), _part(ms[0], shape, index), out=t)
-        term = None
-        for x, m in zip(xs[1:], ms[1:]):
-            term = np.multiply(_part(x, shape, index), _part(m, shape, index), out=term)
-            t += term
-        if bias is not None:
-            t += _part(bias, shape, index)
-        np.rint(t, out=t)  # half to even
-        np.clip(t, _part(lo, shape, index), _part(hi, shape, index), out=t)  # in place: a float32 out is ~1.5x slower
-        if out is not total:
-            out[index] = t
-
-    _parallel(part, shape)
-    return out
+    np.multiply(xs[0], ms[0], out=total)
+    term = None
+    for x, m in zip(xs[1:], ms[1:]):
+        term = np.multiply(x, m, out=term)
+        total += term
+    if np.any(bias):
+        total += bias
+    np.rint(total, out=total)  # half to even
+    np.clip(total, lo, hi, out=total)  # in place: a float32 out is ~1.5x slower
+    return total if out_dtype == work else total.astype(out_dtype)
 
 
 __all__ = ["apply", "apply_f32", "f32_constants", "multipliers"]
