@@ -11,11 +11,12 @@ back, once every quantizer is in place:
   1. run the calibration batches through the graph in float (quantizer nodes pass
      their input on, quantized layers compute with their float weights) and keep the
      mean of every quantized conv / linear output per output channel;
-  2. in graph order, run the quantized graph up to each such layer, take the same
-     mean, and add the difference (float minus quantized) to the layer's bias, or,
-     for a layer without one, subtract it from the running mean of the batch norm
-     that alone reads the layer; later layers are measured with the earlier
-     corrections in place, so each corrects what is left;
+  2. run the quantized graph on all the batches at once, node by node; at each such
+     layer take the same mean, and add the difference (float minus quantized) to the
+     layer's bias, or, for a layer without one, subtract it from the running mean of
+     the batch norm that alone reads the layer, before the nodes after it run; later
+     layers are so measured with the earlier corrections in place, and each corrects
+     what is left (one pass over the graph, however deep);
   3. record the shift on the layer (``qc.bias``).
 
 Only parameters change, so the freeze records, the integer program and the ONNX
@@ -37,69 +38,44 @@ from torch import nn
 from .. import ir
 from ..distributed import all_reduce_values
 from ..nn.exact import bn_link
-from ..nn.modes import training_mode
-from ..nn.qat import float_forward
 from .base import CALIBRATION_DATA, STAGE_CORRECT, Pass, PassContext, PassResult
+from .calibrate import Lockstep, run_calibration
 from .rewrite import MULTIPLY_LAYERS, call_sites
 
 
-class _Reached(Exception):
-    """Raised once the watched layer has run: the rest of the graph is not needed."""
-
-
-class _MeanInterpreter(fx.Interpreter):
-    """Runs the graph and sums each watched layer's output per channel.
-
-    ``float_=True`` computes the float model inside the quantized graph: activation
-    quantizers pass their input on and quantized layers use their float weights.
-    ``stop_after`` ends the run once that node has been computed.
-    """
-
-    def __init__(self, gm: fx.GraphModule, watched: dict[str, int], float_: bool, stop_after: str | None = None) -> None:
-        super().__init__(gm)
-        self.watched, self.float_, self.stop_after = watched, float_, stop_after
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node):
-        if self.float_ and ir.ACT in n.meta:
-            out = self.env[n.args[0]]
-        elif self.float_ and n.op == "call_module" and ir.WEIGHT in n.meta:
-            module = self.fetch_attr(n.target)
-            forward = float_forward(module)
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            out = forward(module, *args, **kwargs) if forward is not None else module(*args, **kwargs)
-        else:
-            out = super().run_node(n)
-        axis = self.watched.get(n.name)
-        if axis is not None:
-            y = out.detach().double().movedim(axis, 0).flatten(1)
-            self.sums[n.name] = self.sums.get(n.name, 0) + y.sum(1)
-            self.counts[n.name] = self.counts.get(n.name, 0) + y.shape[1]
-        if n.name == self.stop_after:
-            raise _Reached
-        return out
-
-
-def channel_means(gm: fx.GraphModule, ctx: PassContext, watched: dict[str, int], float_: bool,
-                  stop_after: str | None = None) -> dict[str, torch.Tensor]:
-    """Per-channel output means of the ``watched`` layers (name -> channel axis) over the
-    calibration batches (all ranks' together), float or quantized."""
-    interp = _MeanInterpreter(gm, watched, float_, stop_after)
-    with training_mode(gm, False), torch.no_grad():
-        for x in ctx.calib_batches:
-            try:
-                interp.run(x)
-            except _Reached:
-                pass
-    names = sorted(interp.sums)
-    flat = [v for n in names for v in [*interp.sums[n].tolist(), float(interp.counts[n])]]
-    flat = iter(all_reduce_values(flat, dist.ReduceOp.SUM, ctx.ranks))
+def _reduced_means(sums: dict[str, torch.Tensor], counts: dict[str, int], ranks) -> dict[str, torch.Tensor]:
+    """``sums / counts`` per name, both summed over the ranks first."""
+    names = sorted(sums)
+    flat = [v for n in names for v in [*sums[n].tolist(), float(counts[n])]]
+    flat = iter(all_reduce_values(flat, dist.ReduceOp.SUM, ranks))
     means = {}
     for n in names:
-        sums = torch.tensor([next(flat) for _ in range(interp.sums[n].numel())], dtype=torch.float64)
-        means[n] = sums / max(next(flat), 1.0)
+        total = torch.tensor([next(flat) for _ in range(sums[n].numel())], dtype=torch.float64)
+        means[n] = total / max(next(flat), 1.0)
     return means
+
+
+def _channel_sum(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
+    y = y.detach().double().movedim(axis, 0).flatten(1)
+    return y.sum(1), y.shape[1]
+
+
+def float_channel_means(gm: fx.GraphModule, ctx: PassContext, watched: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per-channel output means of the ``watched`` layers (name -> channel axis) in the float
+    model, over the calibration batches (all ranks' together)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def watcher(name: str, axis: int):
+        def add(y: torch.Tensor) -> None:
+            total, count = _channel_sum(y, axis)
+            sums[name] = sums.get(name, 0) + total
+            counts[name] = counts.get(name, 0) + count
+        return add
+
+    run_calibration(gm, ctx.calib_batches, {n: watcher(n, axis) for n, axis in watched.items()},
+                    "bias-correction (float)", ctx.progress, float_=True)
+    return _reduced_means(sums, counts, ctx.ranks)
 
 
 def correction_target(gm: fx.GraphModule, layer: fx.Node) -> tuple[str, nn.Module, fx.Node | None] | None:
@@ -142,15 +118,22 @@ class BiasCorrection(Pass):
         targets = {n: t for n in layers if (t := correction_target(gm, n)) is not None}
         if not targets:
             return PassResult(gm, False)
-        reference = channel_means(gm, ctx, {n.name: output_axis(n) for n in targets}, float_=True)
-        for layer, (kind, module, bn_node) in targets.items():
-            quantized = channel_means(gm, ctx, {layer.name: output_axis(layer)}, float_=False, stop_after=layer.name)
-            shift = reference[layer.name] - quantized[layer.name]
-            with torch.no_grad():
-                if kind == "bias":
-                    module.bias.add_(shift.to(module.bias.dtype))
-                else:
-                    module.running_mean.sub_(shift.to(module.running_mean.dtype))
+        reference = float_channel_means(gm, ctx, {n.name: output_axis(n) for n in targets})
+        # the quantized graph on all calibration batches at once, node by node: each layer is
+        # measured with every earlier correction in place, in one pass over the graph
+        run = Lockstep(gm, ctx.calib_batches)
+        for node in run.nodes():
+            if node not in targets:
+                continue
+            kind, module, bn_node = targets[node]
+            parts = [_channel_sum(y, output_axis(node)) for y in run.outputs(node)]
+            quantized = _reduced_means({node.name: sum(p[0] for p in parts)}, {node.name: sum(p[1] for p in parts)}, ctx.ranks)
+            shift = reference[node.name] - quantized[node.name]
+            if kind == "bias":
+                module.bias.add_(shift.to(module.bias.dtype))
+                run.rerun(node)  # the layers after it read the corrected output
+            else:
+                module.running_mean.sub_(shift.to(module.running_mean.dtype))  # its batch norm runs next
             rms = math.sqrt(float((shift**2).mean()))
-            layer.meta[ir.BIAS] = ir.BiasCorrection(kind, rms, bn_node.name if bn_node is not None else "")
+            node.meta[ir.BIAS] = ir.BiasCorrection(kind, rms, bn_node.name if bn_node is not None else "")
         return PassResult(gm, True)

@@ -1,9 +1,12 @@
 """Running the graph over calibration data while watching chosen tensors.
 
-Calibration passes (``observe``, ``outlier-clamp``) differ only in what they do with
-a watched tensor, so they share this ``fx.Interpreter``: it runs the graph batch by
-batch in eval mode and hands the output of each watched node to its callback.
-Nothing is kept between batches but what the callbacks keep.
+Calibration passes (``observe``, ``outlier-clamp``, ``bias-correction``) differ only in
+what they do with a watched tensor, so they share one ``fx.Interpreter``: it runs the
+graph batch by batch in eval mode and hands the output of each watched node to its
+callback; nothing is kept between batches but what the callbacks keep. It can also
+compute the float model inside the quantized graph (``float_``), and run every batch
+at once node by node (:class:`Lockstep`), for a pass that changes a layer from what
+that layer's output shows before the layers after it run.
 """
 
 from __future__ import annotations
@@ -14,17 +17,33 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from .. import ir
 from ..distributed import LOCAL, Ranks, reduce_batchnorm
 from ..nn.modes import training_mode
+from ..nn.qat import float_forward
 
 
 class _WatchingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: dict[str, Callable[[torch.Tensor], None]]) -> None:
+    """Calls ``watched[node_name](value)`` as values appear.
+
+    ``float_=True`` computes the float model inside the quantized graph: activation
+    quantizers pass their input on and quantized layers use their float weights.
+    """
+
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, Callable[[torch.Tensor], None]], float_: bool = False) -> None:
         super().__init__(gm)
-        self.watched = watched
+        self.watched, self.float_ = watched, float_
 
     def run_node(self, n: fx.Node):
-        out = super().run_node(n)
+        if self.float_ and ir.ACT in n.meta:
+            out = self.env[n.args[0]]
+        elif self.float_ and n.op == "call_module" and ir.WEIGHT in n.meta:
+            module = self.fetch_attr(n.target)
+            forward = float_forward(module)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            out = forward(module, *args, **kwargs) if forward is not None else module(*args, **kwargs)
+        else:
+            out = super().run_node(n)
         callback = self.watched.get(n.name)
         if callback is not None:
             callback(out)
@@ -37,12 +56,48 @@ def run_calibration(
     watched: dict[str, Callable[[torch.Tensor], None]],
     desc: str,
     progress: bool = False,
+    float_: bool = False,
 ) -> None:
-    """Run ``gm`` on every batch, calling ``watched[node_name](value)`` as values appear."""
-    interp = _WatchingInterpreter(gm, watched)
+    """Run ``gm`` on every batch, calling ``watched[node_name](value)`` as values appear
+    (in the float model inside the graph with ``float_``)."""
+    interp = _WatchingInterpreter(gm, watched, float_)
     with training_mode(gm, False), torch.no_grad():
         for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
             interp.run(x)
+
+
+class Lockstep:
+    """The graph run on every batch at once, one node at a time (eval mode, no autograd).
+
+    ``for node in run.nodes(): ...`` sees each node once its output exists on every
+    batch (:meth:`outputs`); the loop body may change that node's module and
+    :meth:`rerun` it before any later node runs. Values are freed after their last
+    use, as ``fx.Interpreter`` does, so what is held is one inference's live
+    activations for all the batches together.
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> None:
+        self.gm = gm
+        self.runs = [_WatchingInterpreter(gm, {}) for _ in batches]
+        for run, x in zip(self.runs, batches):
+            run.env, run.args_iter = {}, iter([x])
+
+    def nodes(self):
+        with training_mode(self.gm, False), torch.no_grad():
+            for node in self.gm.graph.nodes:
+                for run in self.runs:
+                    run.env[node] = run.run_node(node)
+                yield node
+                for run in self.runs:
+                    for dead in run.user_to_last_uses.get(node, []):
+                        del run.env[dead]
+
+    def outputs(self, node: fx.Node) -> list[torch.Tensor]:
+        return [run.env[node] for run in self.runs]
+
+    def rerun(self, node: fx.Node) -> None:
+        for run in self.runs:
+            run.env[node] = run.run_node(node)
 
 
 def reestimate_batchnorm(gm: fx.GraphModule, batches: Sequence[torch.Tensor], progress: bool = False, ranks: Ranks = LOCAL) -> int:
