@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ir
 from .functional_layers import FORMS
+from .nn import exact
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -148,7 +149,7 @@ _AFFINE_MODULES = (
 )
 _AFFINE_FUNCTIONS = {
     F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.relu6,
-    F.hardtanh, torch.mean, torch.sum, F.batch_norm,
+    F.hardtanh, torch.mean, exact.mean, torch.sum, F.batch_norm,
 }
 _AFFINE_METHODS = {"mean", "sum"}
 _SCALAR_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub}

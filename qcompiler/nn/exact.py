@@ -410,13 +410,43 @@ class ExactBatchNorm2d(_ExactBatchNorm, nn.BatchNorm2d):
     pass
 
 
-def global_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over every axis after the channel, keeping them: summed in float64, rounded once.
+def mean(x: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
+    """``x.mean(dim, keepdim)`` as the deployed model computes it: without autograd, summed in
+    float64 and rounded once; with autograd, ``torch.mean``.
 
-    Grid values (codes times one step) sum exactly in float64, in any order.
+    Grid values (codes times one step) sum exactly in float64, in any order, so
+    onnxruntime's float64 ``ReduceMean`` gives the same bits, where a float32 sum's order
+    would not. :func:`use_exact_eval` puts this function in place of a graph's ``mean`` calls.
+
+    >>> x = torch.tensor([[0.1, 0.2, 0.7]])
+    >>> with torch.no_grad():
+    ...     bool(mean(x, 1) == x.double().mean(1).float())
+    True
     """
-    dims = tuple(range(2, x.dim()))
-    return x.double().mean(dim=dims, keepdim=True).to(x.dtype)
+    if torch.is_grad_enabled():
+        return x.mean(dim, keepdim=keepdim)
+    return x.double().mean(dim, keepdim=keepdim).to(x.dtype)
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The deployed :func:`mean` over every axis after the channel, keeping them."""
+    with torch.no_grad():
+        return mean(x, tuple(range(2, x.dim())), keepdim=True)
+
+
+def _exact_means(graph: torch.fx.Graph) -> bool:
+    """Point every ``x.mean(dim)`` / ``torch.mean(x, dim)`` of ``graph`` at :func:`mean`; whether any changed."""
+    changed = False
+    for node in graph.nodes:
+        if not ((node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)):
+            continue
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dim is None or node.kwargs.get("dtype") is not None or not isinstance(node.args[0], torch.fx.Node):
+            continue  # a mean of everything (a scalar) or in another dtype: left as written
+        node.op, node.target, node.args, node.kwargs = "call_function", mean, (node.args[0], dim), {"keepdim": keepdim}
+        changed = True
+    return changed
 
 
 class _ExactGlobalPool:
@@ -440,7 +470,7 @@ _EXACT = {nn.BatchNorm1d: ExactBatchNorm1d, nn.BatchNorm2d: ExactBatchNorm2d,
 
 
 def use_exact_eval(gm: nn.Module) -> nn.Module:
-    """Give every batch norm and adaptive average pool of ``gm`` the eval numerics above.
+    """Give every batch norm, adaptive average pool and ``mean`` call of ``gm`` the eval numerics above.
 
     Each such submodule is replaced by an instance of a subclass that shares its parameters
     and buffers (the state dict and ``isinstance`` checks are unchanged, and the model the
@@ -459,6 +489,8 @@ def use_exact_eval(gm: nn.Module) -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, q)
     graph = getattr(gm, "graph", None)
+    if graph is not None and _exact_means(graph):
+        gm.recompile()
     for node in graph.nodes if graph is not None else ():
         bn = gm.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(bn, _ExactBatchNorm) or not isinstance(node.args[0], torch.fx.Node):
@@ -471,4 +503,4 @@ def use_exact_eval(gm: nn.Module) -> nn.Module:
 
 
 __all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer", "band_plan", "weight_band",
-           "integer_weight", "tag", "use_exact_eval"]
+           "integer_weight", "mean", "tag", "use_exact_eval"]

@@ -506,12 +506,16 @@ class _Emitter:
         self.pool(node, "AveragePool", kernel, kernel, 0, 1, False)
 
     def global_pool(self, node: fx.Node) -> None:
-        """Global average pooling as the module computes it in eval mode (:func:`exact.global_mean`):
-        summed in float64, rounded once (a float32 sum's order would differ from PyTorch's)."""
-        rank, name = len(_shape(node)) + 1, node.name
+        """Global average pooling as the module computes it in eval mode (:func:`exact.global_mean`)."""
+        self.mean(node, list(range(2, len(_shape(node)) + 1)), True)
+
+    def mean(self, node: fx.Node, axes: list[int], keepdims: bool) -> None:
+        """A mean as the module computes it in eval mode (:func:`exact.mean`): summed in float64,
+        rounded once (a float32 sum's order would differ from PyTorch's)."""
+        name = node.name
         wide = self.node("Cast", [self.src(node)], f"{name}.f64", f"{name}/widen", to=TensorProto.DOUBLE)
-        axes = self.init(f"{name}.axes", np.arange(2, rank, dtype=np.int64))
-        mean = self.node("ReduceMean", [wide, axes], f"{name}.mean", f"{name}/mean", keepdims=1)
+        axes = self.init(f"{name}.axes", np.asarray(axes, dtype=np.int64))
+        mean = self.node("ReduceMean", [wide, axes], f"{name}.mean", f"{name}/mean", keepdims=int(keepdims))
         self.node("Cast", [mean], name, name, to=TensorProto.FLOAT)
 
     def flatten(self, node: fx.Node, start: int, end: int) -> None:
@@ -577,6 +581,10 @@ class _Emitter:
             if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
                 raise self.unsupported(node, "softmax without an integer dim, or with a dtype")
             self.node("Softmax", [self.src(node)], node.name, node.name, axis=dim)
+        elif node.target is exact.mean:
+            rank = len(_shape(node.args[0])) + 1
+            dim = node.args[1]
+            self.mean(node, sorted(d % rank for d in ([dim] if isinstance(dim, int) else dim)), node.kwargs.get("keepdim", False))
         elif fname in ("max_pool1d", "max_pool2d"):
             kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
             self.pool(node, "MaxPool", kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),

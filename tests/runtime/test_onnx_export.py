@@ -20,6 +20,7 @@ from qcompiler.quantizers.power_grid import PowerGridQuantizer
 from qcompiler.quantizers.uniform import UniformQuantizer
 from qcompiler.runtime import onnx_ops
 from qcompiler.runtime.onnx_export import ExportError, onnx_parity, session, to_onnx
+from qcompiler.nn import exact
 from qcompiler.nn.adder import AdderConv2d
 from qcompiler.zoo import adder_resnet20, plain_cnn, resnet20
 
@@ -442,3 +443,39 @@ def test_the_integer_lowering_refuses_transposed_convs_in_one_line():
     with pytest.raises(QCompileError, match="conv_transpose2d layers have no integer lowering yet; export the model to ONNX") as e:
         compiled_upsampler("2d", "lsq").lower()
     assert "\n" not in str(e.value)
+
+
+class _SpatialMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class _TokenMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # (batch, tokens, features): pool the tokens
+        return self.head(torch.mean(torch.relu(self.embed(x)), dim=1, keepdim=False))
+
+
+@pytest.mark.parametrize("make,shape", [(_SpatialMean, (1, 8, 8)), (_TokenMean, (6, 8))])
+def test_mean_calls_export_and_match_the_module_bit_for_bit(make, shape):
+    """``x.mean(dims)`` / ``torch.mean(x, dim)`` run in float64 and round once in the deployed module
+    (exact.mean), so the file's float64 ReduceMean gives the same bits."""
+    torch.manual_seed(0)
+    c = qcompiler.compile(make().eval(), qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8),
+                          calib_data=torch.randn(64, *shape))
+    c.freeze()
+    assert any(n.target is exact.mean for n in c.module.graph.nodes)
+    model = to_onnx(c.module)
+    onnx.checker.check_model(model, full_check=True)
+    assert "ReduceMean" in [n.op_type for n in model.graph.node]
+    x = torch.randn(128, *shape)
+    assert onnx_parity(c, model, x).max_abs_diff == 0.0
+    if make is _SpatialMean:  # a spatial mean is a whole-axis sumpool in the integer program
+        assert c.lower().verify(c, x).ok()
