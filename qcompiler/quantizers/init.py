@@ -28,6 +28,7 @@ drop (a SiLU of standard-normal inputs, half its values small negatives, goes si
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,8 +106,9 @@ def histogram_sse(counts: torch.Tensor, edge: float, step: torch.Tensor, levels:
     0.583333
     """
     bins = counts.numel()
-    edges = torch.linspace(0.0, edge, bins + 1, dtype=torch.float64)
-    lo, hi = edges[:-1], edges[1:]
+    filled = torch.nonzero(counts).flatten()
+    used = int(filled[-1]) + 1 if filled.numel() else 0  # bins past the last count add nothing
+    edges = torch.linspace(0.0, edge, bins + 1, dtype=torch.float64)[:used + 1]
     top = levels * step
 
     def integral(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,11 @@ def histogram_sse(counts: torch.Tensor, edge: float, step: torch.Tensor, levels:
         r = inside - k * step
         return k * step**3 / 12 + r**3 / 3 + (x - top).clamp_min(0) ** 3 / 3
 
-    per_value = (integral(hi) - integral(lo)) / (hi - lo)
+    # one integral per edge (each bin's upper edge is the next one's lower edge), zeros for
+    # the empty bins at the top, so the sum runs over the same terms in the same order
+    at = integral(edges)
+    per_value = torch.zeros(*at.shape[:-1], bins, dtype=torch.float64)
+    per_value[..., :used] = (at[..., 1:] - at[..., :-1]) / (edges[1:] - edges[:-1])
     return (per_value * counts.double()).sum(dim=-1)
 
 
@@ -130,6 +136,7 @@ class ActGridFit:
     mse: float
 
 
+@functools.lru_cache(maxsize=8)  # choose_signed fits both grids, act_clip then the chosen one again
 def fit_act_grid(hist: AbsHistogram, bits: int, signed: bool) -> ActGridFit:
     """The MSE-optimal step of a ``bits``-wide grid on the histogram.
 
