@@ -11,7 +11,9 @@ back, once every quantizer is in place:
   1. run the calibration batches through the graph in float (quantizer nodes pass
      their input on, quantized layers compute with their float weights) and keep the
      mean of every quantized conv / linear output per output channel;
-  2. run the quantized graph on all the batches at once, node by node; at each such
+  2. run the quantized graph on the batches at once, node by node (as many as fit in
+     :data:`LOCKSTEP_BYTES` of live activations, the float means then taken over the
+     same ones: all of them unless the model is large); at each such
      layer take the same mean, and add the difference (float minus quantized) to the
      layer's bias, or, for a layer without one, subtract it from the running mean of
      the batch norm that alone reads the layer, before the nodes after it run; later
@@ -60,22 +62,30 @@ def _channel_sum(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
     return y.sum(1), y.shape[1]
 
 
-def float_channel_means(gm: fx.GraphModule, ctx: PassContext, watched: dict[str, int]) -> dict[str, torch.Tensor]:
+LOCKSTEP_BYTES = 2 << 30  # activations the quantized run may hold for all its batches at once
+
+
+def float_channel_means(gm: fx.GraphModule, ctx: PassContext, watched: dict[str, int]) -> tuple[dict[str, torch.Tensor], int]:
     """Per-channel output means of the ``watched`` layers (name -> channel axis) in the float
-    model, over the calibration batches (all ranks' together)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    model (all ranks' together), and how many calibration batches they cover: the first
+    ones, as many as the quantized run can hold at once within :data:`LOCKSTEP_BYTES`
+    (at least one), so that both sides measure the same images."""
+    sums: dict[str, list[torch.Tensor]] = {n: [] for n in watched}
+    counts: dict[str, list[int]] = {n: [] for n in watched}
 
     def watcher(name: str, axis: int):
         def add(y: torch.Tensor) -> None:
             total, count = _channel_sum(y, axis)
-            sums[name] = sums.get(name, 0) + total
-            counts[name] = counts.get(name, 0) + count
+            sums[name].append(total)
+            counts[name].append(count)
         return add
 
-    run_calibration(gm, ctx.calib_batches, {n: watcher(n, axis) for n, axis in watched.items()},
-                    "bias-correction (float)", ctx.progress, float_=True)
-    return _reduced_means(sums, counts, ctx.ranks)
+    peak = run_calibration(gm, ctx.calib_batches, {n: watcher(n, axis) for n, axis in watched.items()},
+                           "bias-correction (float)", ctx.progress, float_=True)
+    batches = max(1, min(len(ctx.calib_batches), LOCKSTEP_BYTES // max(peak, 1)))
+    means = _reduced_means({n: sum(v[:batches]) for n, v in sums.items() if v},
+                           {n: sum(v[:batches]) for n, v in counts.items() if v}, ctx.ranks)
+    return means, batches
 
 
 def correction_target(gm: fx.GraphModule, layer: fx.Node) -> tuple[str, nn.Module, fx.Node | None] | None:
@@ -118,12 +128,12 @@ class BiasCorrection(Pass):
         targets = {n: t for n in layers if (t := correction_target(gm, n)) is not None}
         if not targets:
             return PassResult(gm, False)
-        reference = float_channel_means(gm, ctx, {n.name: output_axis(n) for n in targets})
-        # the quantized graph on all calibration batches at once, node by node: each layer is
+        reference, batches = float_channel_means(gm, ctx, {n.name: output_axis(n) for n in targets})
+        # the quantized graph on those calibration batches at once, node by node: each layer is
         # measured with every earlier correction in place, in one pass over the graph
-        run = Lockstep(gm, ctx.calib_batches)
+        run = Lockstep(gm, ctx.calib_batches[:batches])
         for node in run.nodes():
-            if node not in targets:
+            if node not in targets or node.name not in reference:
                 continue
             kind, module, bn_node = targets[node]
             parts = [_channel_sum(y, output_axis(node)) for y in run.outputs(node)]

@@ -30,9 +30,11 @@ class _WatchingInterpreter(fx.Interpreter):
     quantizers pass their input on and quantized layers use their float weights.
     """
 
-    def __init__(self, gm: fx.GraphModule, watched: dict[str, Callable[[torch.Tensor], None]], float_: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, Callable[[torch.Tensor], None]], float_: bool = False,
+                 measure: bool = False) -> None:
         super().__init__(gm)
-        self.watched, self.float_ = watched, float_
+        self.watched, self.float_, self.measure = watched, float_, measure
+        self.peak_bytes = 0  # with ``measure``: the most tensor bytes one run held at once
 
     def run_node(self, n: fx.Node):
         if self.float_ and ir.ACT in n.meta:
@@ -47,6 +49,9 @@ class _WatchingInterpreter(fx.Interpreter):
         callback = self.watched.get(n.name)
         if callback is not None:
             callback(out)
+        if self.measure:
+            held = sum(v.nbytes for v in (*self.env.values(), out) if isinstance(v, torch.Tensor))
+            self.peak_bytes = max(self.peak_bytes, held)
         return out
 
 
@@ -57,13 +62,15 @@ def run_calibration(
     desc: str,
     progress: bool = False,
     float_: bool = False,
-) -> None:
+) -> int:
     """Run ``gm`` on every batch, calling ``watched[node_name](value)`` as values appear
-    (in the float model inside the graph with ``float_``)."""
-    interp = _WatchingInterpreter(gm, watched, float_)
+    (in the float model inside the graph with ``float_``). Returns the most tensor bytes
+    one batch's run held at once (measured only with ``float_``, for :class:`Lockstep`)."""
+    interp = _WatchingInterpreter(gm, watched, float_, measure=float_)
     with training_mode(gm, False), torch.no_grad():
         for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
             interp.run(x)
+    return interp.peak_bytes
 
 
 class Lockstep:
@@ -73,7 +80,7 @@ class Lockstep:
     batch (:meth:`outputs`); the loop body may change that node's module and
     :meth:`rerun` it before any later node runs. Values are freed after their last
     use, as ``fx.Interpreter`` does, so what is held is one inference's live
-    activations for all the batches together.
+    activations for all the batches together (the caller bounds how many batches).
     """
 
     def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> None:

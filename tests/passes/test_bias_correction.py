@@ -124,3 +124,24 @@ def test_second_run_changes_nothing() -> None:
     bias = compiled.module.get_submodule("c2").bias.clone()
     assert REGISTRY["bias-correction"]().run(compiled.module, ctx).modified is False
     assert torch.equal(compiled.module.get_submodule("c2").bias, bias)
+
+
+def test_a_memory_bound_measures_both_sides_on_fewer_batches(monkeypatch) -> None:
+    """When all calibration batches' live activations would pass LOCKSTEP_BYTES, both the float and
+    the quantized means come from the first batches that fit (here one), and the correction still
+    moves each output mean towards float's."""
+    from qcompiler.passes import bias_correction, calibrate
+
+    seen = []
+    monkeypatch.setattr(bias_correction, "LOCKSTEP_BYTES", 1)
+    real = calibrate.Lockstep.__init__
+    monkeypatch.setattr(calibrate.Lockstep, "__init__", lambda self, gm, batches: (seen.append(len(batches)), real(self, gm, batches))[1])
+    spec = qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4, pin_first_last=False, calib_batches=4)
+    gm = qcompiler.compile(ConvBnNet().eval(), spec, calib_data=list(_data().split(32))).module
+    assert seen == [1]
+    assert sorted(n.name for n in gm.graph.nodes if ir.BIAS in n.meta) == ["c1", "c2", "fc"]
+    x = _data()
+    want = _output_means(ConvBnNet().eval(), x)
+    off = _output_means(_compile(False).module, x)
+    got = _output_means(gm, x)
+    assert all(float((got[n] - want[n]).abs().max()) < float((off[n] - want[n]).abs().max()) for n in want)
