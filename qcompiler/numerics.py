@@ -88,16 +88,18 @@ def round_clamp_(v: Array, qmin: int, qmax: int) -> Array:
     return np.clip(v, qmin, qmax, out=v)
 
 
-def quantize_float(x: Array, step: Step, qmin: int, qmax: int) -> Array:
+def quantize_float(x: Array, step: Step, qmin: int, qmax: int, out: torch.Tensor | None = None) -> Array:
     """Codes ``clamp(round(x / step), qmin, qmax)`` as floats of ``x / step``'s dtype.
 
     The fake-quant forward multiplies them by ``step``; one new tensor (the
     quotient), rounded and clamped in place, so it costs three passes over ``x``.
+    ``out`` (a tensor of the quotient's shape and dtype) receives the quotient instead:
+    a search calling this once per candidate step reuses one buffer.
 
     >>> quantize_float(torch.tensor([-0.3, 0.26, 0.625, 9.0]), 0.25, 0, 15)
     tensor([ 0.,  1.,  2., 15.])
     """
-    return round_clamp_(x / step, qmin, qmax)
+    return round_clamp_(x / step if out is None else torch.div(x, step, out=out), qmin, qmax)
 
 
 def quantize_codes(x: Array, step: Step, qmin: int, qmax: int, narrow_dtype: bool = False) -> Array:

@@ -87,7 +87,8 @@ def channel_error(w: torch.Tensor, values: Callable[[torch.Tensor, torch.Tensor]
     view = (-1,) + (1,) * (w.dim() - 1)
 
     def error(scales: torch.Tensor) -> torch.Tensor:
-        cols = [((values(w, s.to(w.dtype).view(view)) - w) ** 2).flatten(1).sum(1) for s in scales.T]
+        # in place on the fresh values tensor: a weight-sized temporary fewer per candidate
+        cols = [values(w, s.to(w.dtype).view(view)).sub_(w).square_().flatten(1).sum(1) for s in scales.T]
         return torch.stack(cols, dim=1).double()
 
     return error

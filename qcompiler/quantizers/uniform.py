@@ -216,8 +216,10 @@ class UniformQuantizer(nn.Module):
         rows = x.detach().movedim(self.channel_axis, 0) if self.step.dim() else x.detach().reshape(1, -1)
         full = rows.abs().flatten(1).max(1).values.double() / max(self.qmax, 1)
 
+        buffer = torch.empty_like(rows)  # one per search, not one fresh weight-sized tensor per candidate
+
         def values(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-            return quantize_float(w, step, self.qmin, self.qmax).mul_(step)
+            return quantize_float(w, step, self.qmin, self.qmax, out=buffer).mul_(step)
 
         lsq_start = 2 * rows.abs().flatten(1).double().mean(1) / math.sqrt(max(self.qmax, 1))
         best = init.search_scale(full, init.channel_error(rows, values), also=lsq_start)
