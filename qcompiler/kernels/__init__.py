@@ -120,14 +120,26 @@ def _one_per_row(x: torch.Tensor, step: torch.Tensor) -> bool:
     return step.dim() == x.dim() and step.shape[0] == x.shape[0] == step.numel()
 
 
-def usable(x: torch.Tensor, step: torch.Tensor) -> ModuleType | None:
+def built() -> bool:
+    """Whether the kernels are loaded in this process or built in the cache (so :func:`fused` starts no build)."""
+    if "module" in _state:
+        return _state["module"] is not None
+    name, build_dir = _build_dir()
+    return enabled() and any(build_dir.glob(f"{name}*.so"))
+
+
+def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True) -> ModuleType | None:
     """The kernel module if it can quantize ``x`` with ``step`` (one step per row of ``x``), else ``None``.
 
     The kernels take float32 CPU tensors whose step is one scalar or one value per
     index of dim 0 (per-sample ASQ steps, per-output-channel weight steps), and they
     stay out of tracing, export and ``torch.compile``, which need the eager ops.
+    ``build=False``: only where they are already :func:`built` (a compile-time search
+    that runs eager too should not start the one-minute build).
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or step.dtype != torch.float32:
+        return None
+    if not build and not built():
         return None
     if step.dim() > x.dim() or (step.numel() != 1 and not _one_per_row(x, step)):
         return None
@@ -136,4 +148,4 @@ def usable(x: torch.Tensor, step: torch.Tensor) -> ModuleType | None:
     return fused()
 
 
-__all__ = ["disabled", "enabled", "fused", "usable"]
+__all__ = ["built", "disabled", "enabled", "fused", "usable"]

@@ -123,7 +123,16 @@ class PowerGridQuantizer(nn.Module):
         values; never worse than the quantile start (:meth:`init_from`), which the search also tries."""
         flat = w.detach().abs().flatten(1).float()
         full, start = flat.max(1).values, torch.quantile(flat, self.init_quantile, dim=1)
-        best = init.search_scale(full, init.channel_error(w, lambda v, a: _grid_values(v, a, self.bits, self.base)), also=start)
+        # the fused forward where it is built (the same values bit for bit, one pass and no temporaries
+        # per candidate: ~13x faster); the eager formula elsewhere
+        w = w.detach().contiguous()
+        kernel = kernels.usable(w, self._alpha_view(w).detach(), build=False) if self.bits <= 8 else None
+        if kernel is not None:
+            grid = dataclasses.astuple(grid_thresholds(self.bits, self.base))
+            values = lambda v, a: kernel.power_forward(v, a.reshape(-1).contiguous(), *grid)  # noqa: E731
+        else:
+            values = lambda v, a: _grid_values(v, a, self.bits, self.base)  # noqa: E731
+        best = init.search_scale(full, init.channel_error(w, values), also=start)
         self.alpha.copy_(best.to(self.alpha.dtype).clamp_min(init.MIN_SCALE))
 
     @torch.no_grad()

@@ -472,3 +472,26 @@ def test_quantizers_take_the_fused_path_wherever_it_applies(monkeypatch, make, s
     assert bool(counting.calls) is fused, counting.calls
     with kernels.disabled():
         assert torch.equal(q(x).detach(), fused_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_power_grid_step_search_on_the_kernel_equals_the_eager_search(grid, bits):
+    """init_mse runs its candidates through the fused forward where it is built: same alpha bit for bit."""
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3) * torch.rand(16, 1, 1, 1)
+    fused, eager = PowerGridQuantizer(bits, grid, 16), PowerGridQuantizer(bits, grid, 16)
+    fused.init_mse(w)
+    with kernels.disabled():
+        eager.init_mse(w)
+    assert torch.equal(fused.alpha, eager.alpha)
+
+
+def test_a_compile_time_search_does_not_start_a_kernel_build(monkeypatch, tmp_path):
+    """usable(build=False) answers None where the kernels are neither loaded nor in the cache."""
+    monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_load", lambda: pytest.fail("a build was started"))
+    assert not kernels.built()
+    assert kernels.usable(torch.ones(2, 3), torch.ones(2, 1), build=False) is None
