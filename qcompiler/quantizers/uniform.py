@@ -216,9 +216,15 @@ class UniformQuantizer(nn.Module):
         rows = x.detach().movedim(self.channel_axis, 0) if self.step.dim() else x.detach().reshape(1, -1)
         full = rows.abs().flatten(1).max(1).values.double() / max(self.qmax, 1)
 
-        buffer = torch.empty_like(rows)  # one per search, not one fresh weight-sized tensor per candidate
+        rows = rows.contiguous()
+        # the fused forward where it is built (the same values bit for bit, one pass), else the eager
+        # formula into one buffer per search, not one fresh weight-sized tensor per candidate
+        kernel = kernels.usable(rows, full.float().view(-1, *([1] * (rows.dim() - 1))), build=False)
+        buffer = torch.empty_like(rows) if kernel is None else None
 
         def values(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+            if kernel is not None:
+                return kernel.lsq_forward(w, step.contiguous(), self.qmin, self.qmax)
             return quantize_float(w, step, self.qmin, self.qmax, out=buffer).mul_(step)
 
         lsq_start = 2 * rows.abs().flatten(1).double().mean(1) / math.sqrt(max(self.qmax, 1))

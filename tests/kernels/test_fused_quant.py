@@ -495,3 +495,15 @@ def test_a_compile_time_search_does_not_start_a_kernel_build(monkeypatch, tmp_pa
     monkeypatch.setattr(kernels, "_load", lambda: pytest.fail("a build was started"))
     assert not kernels.built()
     assert kernels.usable(torch.ones(2, 3), torch.ones(2, 1), build=False) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, True), (8, True), (4, False)])
+def test_uniform_step_search_on_the_kernel_equals_the_eager_search(bits, signed):
+    torch.manual_seed(bits)
+    w = torch.randn(12, 5, 3, 3) * torch.rand(12, 1, 1, 1)
+    fused, eager = UniformQuantizer(bits, signed, channels=12), UniformQuantizer(bits, signed, channels=12)
+    fused.init_mse(w)
+    with kernels.disabled():
+        eager.init_mse(w)
+    assert torch.equal(fused.step, eager.step)
