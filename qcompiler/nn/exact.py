@@ -294,6 +294,12 @@ def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.M
     return LayerPlan(weight, bn, unit, folded_bias, int_bias, chunks if len(chunks) > 1 else (), bits, shifts)
 
 
+def chunkable(layer: nn.Module) -> bool:
+    """Whether ``layer`` can sum ranges of its input channels apart (:func:`input_chunks`): a
+    convolution or linear map without groups. The module and the ONNX emitter both ask this."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
+
+
 def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -> torch.Tensor | None:
     """A quantized layer's eval output (its batch norm folded in, :func:`linked_bn`), or None.
 
@@ -307,8 +313,7 @@ def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -
     if grid is not None:
         weight = layer.weight_quant.integer_weight(channel_weight(layer).detach())
         step = grid.step if grid.step.dim() == 0 else None
-        chunkable = isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
-        plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype, chunkable)
+        plan = plan_layer(weight, layer.bias, bn, grid.bound, step, x.dtype, chunkable(layer))
     if plan is None:
         if bn is None:
             return None
@@ -502,5 +507,5 @@ def use_exact_eval(gm: nn.Module) -> nn.Module:
     return gm
 
 
-__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer", "band_plan", "weight_band",
+__all__ = ["F32_EXACT", "Grid", "IntegerWeight", "LayerPlan", "bn_affine", "bn_link", "chunkable", "plan_layer", "deployed", "exact_layer", "integer_bias", "exact_in", "global_mean", "grid_of", "frozen_layer", "input_chunks", "integer_layer", "band_plan", "weight_band",
            "integer_weight", "mean", "tag", "use_exact_eval"]

@@ -640,11 +640,10 @@ class _Emitter:
 def _plan(gm: fx.GraphModule, node: fx.Node, frozen: ir.FrozenAct, codes: ir.WeightCodes,
           weight: exact.IntegerWeight) -> exact.LayerPlan | None:
     """The deployed module's choices for ``node`` (:func:`exact.plan_layer`), from the records."""
-    bn = exact.bn_link(gm.get_submodule(node.target))
+    layer = gm.get_submodule(node.target)
     step = frozen.step if frozen.adapter is None else None  # ASQ: per-sample steps
-    info = ir.get(node, ir.LAYER, ir.LayerInfo)
-    chunkable = info.kind in ("conv1d", "conv2d", "linear") and info.groups == 1  # as exact.frozen_layer decides
-    return exact.plan_layer(weight, codes.bias, bn, max(abs(frozen.qmin), abs(frozen.qmax)), step, chunkable=chunkable)
+    return exact.plan_layer(weight, codes.bias, exact.bn_link(layer), max(abs(frozen.qmin), abs(frozen.qmax)), step,
+                            chunkable=exact.chunkable(layer))
 
 
 def _permutation(node: fx.Node) -> list[int]:
