@@ -113,12 +113,15 @@ def trace(
     """Trace a copy of ``model`` into the IR and annotate its compute layers.
 
     A ``torch.fx.GraphModule`` is taken as already traced: a copy of its graph is the
-    IR as it stands (``leaf_modules`` do not apply). That is the hook for models our
-    tracer cannot trace but another can, e.g. transformers' own tracer
-    (:func:`qcompiler.hf.trace_transformers`).
+    IR as it stands, so ``leaf_modules`` cannot apply and asking for them is an error.
+    That is the hook for models our tracer cannot trace but another can, e.g.
+    transformers' own tracer (:func:`qcompiler.hf.trace_transformers`).
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and leaf_modules:
+        raise SpecError(f"leaf_modules {list(leaf_modules)} cannot apply to a model that is already a torch.fx.GraphModule; "
+                        "pass the nn.Module itself, or trace it with those modules as leaves and drop leaf_modules")
     original, model = model, copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
         # unpickling traces the code again with the tracer's extras (transformers': example inputs),

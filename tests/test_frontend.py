@@ -353,3 +353,11 @@ def test_single_operand_concat_is_dropped_and_leaves_nothing_in_float() -> None:
     assert not [n.name for n in c.module.graph.nodes if ir.FLOAT in n.meta]
     with torch.no_grad():
         assert torch.allclose(c.module(x), model(x), rtol=0.1, atol=0.1)
+
+
+def test_leaf_modules_on_an_already_traced_graph_module_is_an_error() -> None:
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    with pytest.raises(SpecError, match=r"leaf_modules \['torch.nn.ReLU'\] cannot apply .*GraphModule") as e:
+        trace(gm, (torch.randn(1, 1, 6, 6),), ["torch.nn.ReLU"])
+    assert "\n" not in str(e.value)
+    assert trace(gm, (torch.randn(1, 1, 6, 6),)) is not gm  # without leaf_modules: taken as traced, copied

@@ -273,6 +273,11 @@ def _api_override_pattern_not_text(tmp: Path) -> None:
     QuantSpec.from_dict({"overrides": [{"pattern": 3, "weight_bits": 8}]})
 
 
+def _api_leaf_modules_on_a_graph_module(tmp: Path) -> None:
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()))
+    qcompiler.compile(gm, QuantSpec(passes="lsq", leaf_modules=["torch.nn.ReLU"]), calib_data=torch.randn(8, 1, 6, 6))
+
+
 API: dict[str, tuple[Callable[[Path], None], type[Exception], tuple[str, ...]]] = {
     "compiled_load_untrusted": (_api_compiled_load_untrusted, QCompileError, ("trust=True", "runs code")),
     "compiled_load_corrupt": (_api_compiled_load_corrupt, QCompileError, ("records.pt", "truncated or corrupt")),
@@ -282,6 +287,7 @@ API: dict[str, tuple[Callable[[Path], None], type[Exception], tuple[str, ...]]] 
     "non_finite_model": (_api_non_finite_model, QCompileError, ("'fc.bias'", "NaN or infinite")),
     "train_config_lr_nan": (_api_train_config_lr_nan, SpecError, ("lr must be a finite positive number",)),
     "override_pattern_not_text": (_api_override_pattern_not_text, SpecError, ("pattern",)),
+    "leaf_modules_on_a_graph_module": (_api_leaf_modules_on_a_graph_module, SpecError, ("already a torch.fx.GraphModule", "pass the nn.Module")),
 }
 
 
