@@ -19,7 +19,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 from pathlib import Path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def stage_dir(dst: Path) -> Path:
@@ -30,10 +37,38 @@ def stage_dir(dst: Path) -> Path:
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file beside ``path`` to write; on success it replaces ``path``.
+
+    Its permissions are those a plain ``open`` would give (``mkstemp`` makes the file
+    private, 0600, which the rename would carry over). On a failure the file is removed
+    and ``path`` is untouched.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> dst = Path(tempfile.mkdtemp()) / "a.bin"
+    >>> with staged_file(dst) as f:
+    ...     _ = f.write(b"ok")
+    >>> dst.read_bytes()
+    b'ok'
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -48,8 +48,6 @@ Example:
 from __future__ import annotations
 
 import operator
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +60,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .. import ir
+from ..atomic import staged_file
 from ..nn import exact
 from ..analysis import join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
@@ -753,15 +752,8 @@ def to_onnx(gm: fx.GraphModule, fmt: str = "custom") -> onnx.ModelProto:
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` to ``path`` atomically: a temporary file beside it, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as f:
+        f.write(model.SerializeToString(deterministic=True))
     return path
 
 

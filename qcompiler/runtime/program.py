@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import staged_file
 from ..errors import QCompileError
 from .isa import ISA, Instr
 
@@ -94,14 +95,8 @@ class Program:
         doc["digest"] = _digest(doc, self.consts)
         text = json.dumps(doc, sort_keys=True).encode()
         # staged beside the destination and moved into place: never a half-written program
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-                np.savez(f, **self.consts, **{_JSON_KEY: np.frombuffer(text, dtype=np.uint8)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(path) as f:  # a file object: np.savez would append .npz to a bare name
+            np.savez(f, **self.consts, **{_JSON_KEY: np.frombuffer(text, dtype=np.uint8)})
         return path
 
     @classmethod

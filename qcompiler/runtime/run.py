@@ -12,14 +12,13 @@ with ``allow_pickle=False``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import staged_file
 from ..errors import DataError, QCompileError
 from .program import Program
 
@@ -46,15 +45,8 @@ def load_batch(path: str, key: str) -> np.ndarray:
 
 
 def _write_atomically(path: Path, logits: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, logits=logits)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as f:
+        np.savez(f, logits=logits)
 
 
 def main(argv: list[str] | None = None) -> int:
