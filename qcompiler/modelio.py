@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import staged_file
 from .errors import ModelLoadError
 
 CHECKPOINT_FORMAT = "qcompiler-checkpoint-1"
@@ -38,11 +39,11 @@ ZOO_MODULE = "qcompiler.zoo"
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, arch: str, arch_kwargs: dict[str, Any] | None = None) -> None:
-    """Save ``model`` so that :func:`load_model` can rebuild it without unpickling code."""
-    torch.save(
-        {"format": CHECKPOINT_FORMAT, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "state_dict": model.state_dict()},
-        path,
-    )
+    """Save ``model`` so that :func:`load_model` can rebuild it without unpickling code (atomically:
+    a crash or a full disk leaves the old file, never half of a new one)."""
+    with staged_file(path) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
+                    "state_dict": model.state_dict()}, f)
 
 
 def build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
