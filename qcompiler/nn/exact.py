@@ -430,13 +430,16 @@ def mean(x: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
     """
     if torch.is_grad_enabled():
         return x.mean(dim, keepdim=keepdim)
+    return _rounded_mean(x, dim, keepdim)
+
+
+def _rounded_mean(x: torch.Tensor, dim, keepdim: bool) -> torch.Tensor:
     return x.double().mean(dim, keepdim=keepdim).to(x.dtype)
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
-    """The deployed :func:`mean` over every axis after the channel, keeping them."""
-    with torch.no_grad():
-        return mean(x, tuple(range(2, x.dim())), keepdim=True)
+    """The deployed mean (:func:`mean`) over every axis after the channel, keeping them."""
+    return _rounded_mean(x, tuple(range(2, x.dim())), True)
 
 
 def _exact_means(graph: torch.fx.Graph) -> bool:
