@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-bits", type=int, help="bit width of activations (overrides --bits)")
     p.add_argument("--no-pin", action="store_true", help="do not hold the first and last layers at 8 bits")
     p.add_argument("--residual-bits", type=int, help="bit width of the residual stream: residual adds and concats (default: 8)")
+    p.add_argument("--asymmetric-acts", action="store_true",
+                   help="give activations with a thin negative tail (hardswish, SiLU, GELU outputs) an asymmetric grid "
+                        "with a zero point where that loses less than the signed or unsigned one")
     p.add_argument("--init", choices=list(INITS),
                    help="how steps and clips start: mse (least squared error on the calibration data; default), "
                         "percentile (99.99th of |x|), lsq (LSQ's 2 mean|x| / sqrt(p), a QAT start) or max (no clipping)")
@@ -94,6 +97,8 @@ def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
         changes["pin_first_last"] = False
     if args.residual_bits is not None:
         changes["residual_bits"] = check_bits(args.residual_bits, "--residual-bits")
+    if args.asymmetric_acts:
+        changes["asymmetric_acts"] = True
     if args.init is not None:
         changes["init"] = args.init
     if args.float_multiply:

@@ -472,7 +472,7 @@ def act_rows(source: fx.Node | None, quantizer: fx.Node, obs: Observed | None) -
     frozen = ir.find(quantizer, ir.STEP, ir.FrozenAct)
     if frozen is not None:
         act = ir.get(quantizer, ir.ACT, ir.ActQuant)
-        rows.append(("activation quantizer", f"{act.method} {'signed' if frozen.signed else 'unsigned'}, "
+        rows.append(("activation quantizer", f"{act.method} {act.grid_kind}, "
                                              f"{frozen.bits} bits, step initialised by {act.init}"))
         at = " (at β=1)" if frozen.adapter is not None else ""
         rows.append((f"step{at}", _g(frozen.step)))

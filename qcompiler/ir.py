@@ -149,6 +149,9 @@ class ActQuant:
     calibration set (any init but ``"lsq"``): QAT holds it, since learning it would make
     every step compute the first layer's input gradient, a full backward convolution
     that the float model never runs, for a step the data's fixed range already sets.
+    ``zero_point`` is set for an asymmetric grid (``QuantSpec.asymmetric_acts``): codes
+    ``[-zero_point, 2^bits - 1 - zero_point]``, stored by hardware as unsigned
+    ``code + zero_point`` (:func:`qcompiler.quantizers.init.choose_grid`).
     """
 
     role: str  # "input" | "join"
@@ -158,6 +161,14 @@ class ActQuant:
     module: str  # qualified name of the quantizer module (holds the learned step)
     init: str  # "mse" | "percentile" | "lsq" | "max"
     learned: bool = True  # QAT trains the step (False: held at its calibrated value)
+    zero_point: int | None = dataclasses.field(default=None, metadata={"shown_unless": None})
+
+    @property
+    def grid_kind(self) -> str:
+        """``"signed"``, ``"unsigned"`` or ``"asymmetric (zero point z)"``, as reports name the grid."""
+        if self.zero_point is not None:
+            return f"asymmetric (zero point {self.zero_point})"
+        return "signed" if self.signed else "unsigned"
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,13 @@ class FrozenAdapter:
     fc2_bias: torch.Tensor
     beta_bound: float
     feature_axis: int = 1
+
+    def pools_channels_first(self, node: fx.Node) -> bool:
+        """Whether a mean over the positions of ``(N, C, ...)`` maps is this adapter's pooling of
+        ``node``'s output: features on axis 1, or a 2-D ``(N, C)`` input, which has no positions
+        and so one pooling on either axis. Unknown rank (no shape recorded): only for axis 1."""
+        meta = node.meta.get("tensor_meta")
+        return self.feature_axis == 1 or (meta is not None and len(meta.shape) == 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -414,6 +432,8 @@ def format_record(rec: object) -> str:
         if not f.repr:  # bulk data (a histogram) that a one-line listing cannot show
             continue
         v = getattr(rec, f.name)
+        if "shown_unless" in f.metadata and v == f.metadata["shown_unless"]:
+            continue  # an optional fact most records lack (listings stay as they were)
         parts.append(f"{f.name}={_fmt(v)}")
     return f"{type(rec).__name__}({', '.join(parts)})"
 

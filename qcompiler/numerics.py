@@ -59,6 +59,22 @@ def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     return (-qmax if narrow else -qmax - 1), qmax
 
 
+def offset_range(bits: int, zero_point: int) -> tuple[int, int]:
+    """The code range of a ``bits``-bit grid whose zero sits ``zero_point`` codes above its bottom.
+
+    Hardware stores ``code + zero_point`` as an unsigned ``bits``-bit value (the
+    zero point of an asymmetric activation); here the codes stay the integers
+    relative to zero, so every backend reads them as it reads signed ones. 0 is the
+    unsigned range, ``2^(bits-1)`` the signed one.
+
+    >>> offset_range(8, 16), offset_range(4, 0), offset_range(4, 8) == int_range(4, signed=True)
+    ((-16, 239), (0, 15), True)
+    """
+    if not 0 <= zero_point <= 2 ** (bits - 1):
+        raise ValueError(f"zero point {zero_point} outside [0, {2 ** (bits - 1)}] for {bits}-bit codes")
+    return -zero_point, 2**bits - 1 - zero_point
+
+
 def round_half_even(v: Array, out: Array | None = None) -> Array:
     """Round to the nearest integer, ties to even; ``out=v`` rounds in place.
 
@@ -450,6 +466,7 @@ __all__ = [
     "grid_levels",
     "grid_thresholds",
     "int_range",
+    "offset_range",
     "largest_exponent",
     "post_constant",
     "post_table",

@@ -130,7 +130,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
         scales = ir.find(layer, ir.ADDER_Q, ir.AdderScales)
         act_bits = aq.bits if aq else (scales.act_bits if scales else None)
         if aq:
-            act_quantizer = f"{aq.method} {'signed' if aq.signed else 'unsigned'}, {aq.init} init" + ("" if aq.learned else ", held")
+            act_quantizer = f"{aq.method} {aq.grid_kind}, {aq.init} init" + ("" if aq.learned else ", held")
         elif scales:
             act_quantizer = f"{len(scales.group_ranges)} shared scale(s)"
         else:
@@ -184,7 +184,7 @@ def matmul_rows(gm: fx.GraphModule) -> list[LayerReport]:
         if rec is None:
             continue
         acts = [ir.get(a, ir.ACT, ir.ActQuant) for a in node.args]
-        signs = " x ".join("signed" if a.signed else "unsigned" for a in acts)
+        signs = " x ".join(a.grid_kind for a in acts)
         out = node.meta.get("tensor_meta")
         depth = node.args[0].meta["tensor_meta"].shape[-1] if "tensor_meta" in node.args[0].meta else 0
         macs = math.prod(out.shape[1:]) * depth if out is not None else 0  # per sample, as for layers

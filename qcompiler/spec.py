@@ -98,6 +98,12 @@ class QuantSpec:
             pass, added whenever weights are quantized and calibration data is given).
         residual_bits: width of the residual stream: the quantizers on join
             operands and results (8, the common choice).
+        asymmetric_acts: let an activation with negative values take an asymmetric
+            grid, a zero point of a few codes below zero and the rest above, where that
+            has the lower expected error on the calibration histogram (the thin
+            negative tails of hardswish, SiLU and GELU outputs); off, each gets the
+            signed or the unsigned grid. Hardware stores such codes as unsigned
+            ``code + zero_point`` and folds the zero point into the next layer's bias.
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
         init: where the uniform steps and POT/POST clips of ``lsq`` / ``asq`` / ``pot``
             / ``post`` start (:mod:`qcompiler.quantizers.init`): ``"mse"`` (default) the
@@ -124,6 +130,7 @@ class QuantSpec:
     quantize_matmuls: bool = True
     bias_correction: bool = True
     residual_bits: int = 8
+    asymmetric_acts: bool = False
     leaf_modules: tuple[str, ...] = ()
     init: str = "mse"
 
@@ -140,7 +147,8 @@ class QuantSpec:
             object.__setattr__(self, "passes", _names(self.passes, "passes", 'e.g. ["asq", "post"] or "asq,post"'))
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
-        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls", "bias_correction"):
+        for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls", "bias_correction",
+                     "asymmetric_acts"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.pin_first_last and "pin-first-last" in self.passes:

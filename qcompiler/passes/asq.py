@@ -45,15 +45,16 @@ def adapter_generator(seed: int, layer_name: str) -> torch.Generator:
 
 
 def asq_act_quantizer(
-    layer: fx.Node, info: ir.LayerInfo, bits: int, signed: bool, ctx: PassContext
+    layer: fx.Node, info: ir.LayerInfo, bits: int, grid: tuple[bool, int | None], ctx: PassContext
 ) -> tuple[nn.Module, str]:
     if ir.PIN in layer.meta:
-        return lsq_act_quantizer(layer, info, bits, signed, ctx)
+        return lsq_act_quantizer(layer, info, bits, grid, ctx)
+    signed, zero_point = grid
     generator = adapter_generator(ctx.spec.seed, layer.name)
     # A Linear reads features on the last axis, maybe after token axes: its adapter pools over the tokens.
     feature_axis = -1 if info.kind == "linear" else 1
     return ASQQuantizer(bits, signed=signed, channels=info.in_channels, generator=generator,
-                        feature_axis=feature_axis), "asq"
+                        feature_axis=feature_axis, zero_point=zero_point), "asq"
 
 
 class ASQ(Pass):

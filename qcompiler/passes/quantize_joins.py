@@ -15,8 +15,8 @@ exactly that:
      the tensor are moved behind the new one (they requantize its codes);
   4. each join records the grid of every operand and of its result (``qc.join``).
 
-The new quantizers are learned-step (LSQ) quantizers, signed or unsigned by
-:func:`qcompiler.quantizers.init.choose_signed`, whose steps start as the spec's
+The new quantizers are learned-step (LSQ) quantizers, signed, unsigned or (with
+``asymmetric_acts``) asymmetric by :func:`qcompiler.quantizers.init.choose_grid`, whose steps start as the spec's
 ``init`` says (:func:`join_init`).
 """
 
@@ -87,12 +87,12 @@ class QuantizeJoins(Pass):
     produces = frozenset({"join-quant"})
     quiet_when_unchanged = True
 
-    def __init__(self, bits: int = 8, init: str = "mse") -> None:
-        self.bits, self.init = bits, init
+    def __init__(self, bits: int = 8, init: str = "mse", asymmetric: bool = False) -> None:
+        self.bits, self.init, self.asymmetric = bits, init, asymmetric
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> QuantizeJoins:
-        return cls(bits=spec.residual_bits, init=join_init(spec.init))
+        return cls(bits=spec.residual_bits, init=join_init(spec.init), asymmetric=spec.asymmetric_acts)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         domains = tensor_domains(gm)
@@ -135,10 +135,12 @@ class QuantizeJoins(Pass):
             quantizer = wide[0]
         else:
             rng = ir.get(tensor, ir.RANGE, ir.TensorRange)
-            q = UniformQuantizer(self.bits, signed=init.choose_signed(rng, self.bits))
+            signed, zero_point = init.choose_grid(rng, self.bits, self.asymmetric)
+            q = UniformQuantizer(self.bits, signed=signed, zero_point=zero_point)
             init_act_step(q, rng, self.init)
             name = f"{tensor.name}_join"
-            record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=q.signed, module=name, init=self.init)
+            record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=q.signed, module=name, init=self.init,
+                                 zero_point=zero_point)
             quantizer = insert_quantizer(gm, tensor, name, q, record)
             readers = readers + existing  # narrower quantizers now requantize these codes
         for reader in readers:

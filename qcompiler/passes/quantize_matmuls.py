@@ -62,17 +62,18 @@ class QuantizeMatmuls(Pass):
         observe_ranges(gm, ctx, [a for a in operands if ir.RANGE not in a.meta], self.name)
         for node in products:
             bits = ctx.spec.layer_bits(node.name, None)[1]
-            q0, q1 = (self.quantize_operand(gm, node, i, bits, ctx.spec.init) for i in range(2))
+            q0, q1 = (self.quantize_operand(gm, node, i, bits, ctx.spec.init, ctx.spec.asymmetric_acts) for i in range(2))
             node.meta[ir.MATMUL] = ir.MatMul(inputs=(q0.name, q1.name), bits=bits)
         return PassResult(gm, True)
 
     @staticmethod
-    def quantize_operand(gm: fx.GraphModule, node: fx.Node, i: int, bits: int, how: str) -> fx.Node:
+    def quantize_operand(gm: fx.GraphModule, node: fx.Node, i: int, bits: int, how: str, asymmetric: bool = False) -> fx.Node:
         """Make operand ``i`` of ``node`` a quantizer's output: one already there of this width, or a new one."""
         src = node.args[i]
         rec = src.meta.get(ir.ACT)
         if rec is not None and rec.bits == bits and rec.method == "lsq":
             return src  # already on a grid of this width (x @ x, or a quantized tensor read twice)
         rng = ir.get(src, ir.RANGE, ir.TensorRange)
-        q = UniformQuantizer(bits, signed=init.choose_signed(rng, bits))
+        signed, zero_point = init.choose_grid(rng, bits, asymmetric)
+        q = UniformQuantizer(bits, signed=signed, zero_point=zero_point)
         return quantize_input(gm, node, q, "lsq", rng, how, operand=i, name=f"{node.name}_in{i}")

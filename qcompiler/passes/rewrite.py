@@ -29,7 +29,8 @@ MULTIPLY_LAYERS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "
 LOOKUP_LAYERS = ("embedding",)
 
 # (layer node, its LayerInfo, activation bits, signed codes, context) -> (quantizer, method name)
-ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, bool, PassContext], tuple[nn.Module, str]]
+# (layer, its info, bits, (signed, zero_point) from init.choose_grid, ctx) -> (quantizer, method)
+ActQuantizerFactory = Callable[[fx.Node, ir.LayerInfo, int, tuple[bool, 'int | None'], PassContext], tuple[nn.Module, str]]
 
 
 def input_quantizer(layer: fx.Node) -> fx.Node | None:
@@ -55,7 +56,7 @@ def init_act_step(quantizer: UniformQuantizer, rng: ir.TensorRange, how: str) ->
     """Start an activation step from the calibration statistics as ``how`` says
     (:data:`qcompiler.quantizers.init.INITS`): ``"lsq"`` is LSQ's ``2 mean|x| / sqrt(p)``
     (a QAT start), the others a clip the grid reaches (``"max"``: no clipping)."""
-    clip = init.act_clip(rng, quantizer.bits, quantizer.signed, how)
+    clip = init.act_clip(rng, quantizer.bits, quantizer.signed, how, quantizer.zero_point)
     if clip is None:
         quantizer.init_from(mean_abs=rng.mean_abs)
     else:
@@ -68,16 +69,17 @@ def quantize_input(
 ) -> fx.Node:
     """Make ``layer`` read its input ``operand`` through an activation quantizer.
 
-    Reuses a quantizer of the same width, signedness and method that another layer
+    Reuses a quantizer of the same width, code range and method that another layer
     already reads on the same tensor; otherwise inserts ``quantizer`` (named ``name``,
     by default after ``layer``) with its step started as ``how`` says. Returns the
     quantizer node.
     """
     src = layer.args[operand]
-    bits, signed = quantizer.bits, quantizer.signed
+    bits, signed, zero_point = quantizer.bits, quantizer.signed, quantizer.zero_point
     for user in src.users:
         rec = user.meta.get(ir.ACT)
-        if rec is not None and (rec.method, rec.bits, rec.signed) == (method, bits, signed) and rec.role == "input":
+        if rec is not None and (rec.method, rec.bits, rec.signed, rec.zero_point) == (method, bits, signed, zero_point) \
+                and rec.role == "input":
             layer.replace_input_with(src, user)
             return user
     name = name or f"{layer.name}_act"
@@ -85,7 +87,8 @@ def quantize_input(
     # the network input's range is the data's: a calibrated uniform step on it is held (ir.ActQuant)
     learned = not (src.op == "placeholder" and type(quantizer) is UniformQuantizer and how != "lsq")
     quantizer.step.requires_grad_(learned)
-    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=name, init=how, learned=learned)
+    record = ir.ActQuant(role="input", method=method, bits=bits, signed=signed, module=name, init=how, learned=learned,
+                         zero_point=zero_point)
     qnode = insert_quantizer(gm, src, name, quantizer, record)
     layer.replace_input_with(src, qnode)
     return qnode
@@ -147,7 +150,8 @@ def quantize_multiply_layers(
     ``bits`` replaces the spec's widths for layers that are not pinned (the adder
     pipelines' multiply layers); ``how`` picks how steps start (see :func:`init_act_step`),
     the spec's ``init`` when not given. Each input gets the signed or unsigned grid with
-    the lower expected error (:func:`qcompiler.quantizers.init.choose_signed`).
+    the lower expected error, or with ``asymmetric_acts`` the best zero point
+    (:func:`qcompiler.quantizers.init.choose_grid`).
     """
     how = how or ctx.spec.init
     changed = False
@@ -163,13 +167,15 @@ def quantize_multiply_layers(
             changed = True
             continue
         rng = ir.get(layer.args[0], ir.RANGE, ir.TensorRange)
-        aq, method = make_act_quantizer(layer, info, a_bits, init.choose_signed(rng, a_bits), ctx)
+        aq, method = make_act_quantizer(layer, info, a_bits, init.choose_grid(rng, a_bits, ctx.spec.asymmetric_acts), ctx)
         quantize_input(gm, layer, aq, method, rng, how)
         quantize_weight_uniform(gm, layer, w_bits, how)
         changed = True
     return changed
 
 
-def lsq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, signed: bool, ctx: PassContext) -> tuple[nn.Module, str]:
-    """A per-tensor LSQ quantizer."""
-    return UniformQuantizer(bits, signed=signed), "lsq"
+def lsq_act_quantizer(layer: fx.Node, info: ir.LayerInfo, bits: int, grid: tuple[bool, int | None],
+                      ctx: PassContext) -> tuple[nn.Module, str]:
+    """A per-tensor LSQ quantizer on ``grid``, ``(signed, zero_point)``."""
+    signed, zero_point = grid
+    return UniformQuantizer(bits, signed=signed, zero_point=zero_point), "lsq"

@@ -213,8 +213,8 @@ class ASQQuantizer(UniformQuantizer):
     """
 
     def __init__(self, bits: int, signed: bool, channels: int, generator: torch.Generator | None = None,
-                 feature_axis: int = 1) -> None:
-        super().__init__(bits, signed)
+                 feature_axis: int = 1, zero_point: int | None = None) -> None:
+        super().__init__(bits, signed, zero_point=zero_point)
         self.adapter = Adapter(channels, generator, feature_axis)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import AbsHistogram, TensorRange
-from ..numerics import int_range
+from ..numerics import int_range, offset_range
 from ..spec import INITS  # how a step (or clip) starts: the QuantSpec option and the records' `init`
 CANDIDATES = 64  # scales tried per round
 ROUNDS = 2  # the second round searches between the first round's neighbours of the best
 PERCENTILE = 0.9999  # init="percentile": the quantile of |x| (or |W| per channel) the grid reaches
 MIN_SCALE = 1e-6  # the smallest step the quantizers start from (an all-zero tensor)
+ASYMMETRIC_GAIN = 0.9  # a zero point must bring the expected error below this share of the plain grid's
 
 # (C, K) candidate scales -> (C, K) squared errors
 ErrorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -137,14 +138,15 @@ class ActGridFit:
     mse: float
 
 
-@functools.lru_cache(maxsize=8)  # choose_signed fits both grids, act_clip then the chosen one again
-def fit_act_grid(hist: AbsHistogram, bits: int, signed: bool) -> ActGridFit:
+@functools.lru_cache(maxsize=64)  # choose_signed fits both grids (choose_grid many), act_clip then the chosen one again
+def fit_act_grid(hist: AbsHistogram, bits: int, signed: bool, zero_point: int | None = None) -> ActGridFit:
     """The MSE-optimal step of a ``bits``-wide grid on the histogram.
 
     Signed codes reach ``qmax * s`` above zero and ``-qmin * s`` below; unsigned codes
-    send every negative value to zero.
+    send every negative value to zero. A ``zero_point`` makes the grid asymmetric
+    (:func:`qcompiler.numerics.offset_range`), ``signed`` then being ``zero_point > 0``.
     """
-    qmin, qmax = int_range(bits, signed)
+    qmin, qmax = int_range(bits, signed) if zero_point is None else offset_range(bits, zero_point)
     pos = torch.tensor(hist.positive, dtype=torch.float64)
     neg = torch.tensor(hist.negative, dtype=torch.float64)
     width = hist.edge / hist.bins
@@ -189,15 +191,63 @@ def choose_signed(rng: TensorRange, bits: int) -> bool:
     return fit_act_grid(rng.hist, bits, True).mse < fit_act_grid(rng.hist, bits, False).mse
 
 
-def act_clip(rng: TensorRange, bits: int, signed: bool, init: str) -> float | None:
+def zero_point_candidates(bits: int) -> list[int]:
+    """Zero points :func:`choose_grid` tries first: 0, then ``2^(b-1)`` down by factors
+    of ``sqrt 2`` (the negative tail's share of the range spans orders of magnitude).
+
+    >>> zero_point_candidates(4)
+    [0, 1, 2, 3, 4, 6, 8]
+    """
+    half = 2 ** (bits - 1)
+    return sorted({0, *(max(1, round(half * 2 ** (-k / 2))) for k in range(2 * bits - 1))})
+
+
+def choose_grid(rng: TensorRange, bits: int, asymmetric: bool = False) -> tuple[bool, int | None]:
+    """``(signed, zero_point)`` of an activation grid: :func:`choose_signed`'s choice, or
+    with ``asymmetric`` the zero point with the least expected error, searched on the
+    histogram (the geometric :func:`zero_point_candidates`, then every integer between
+    the best one's neighbours). A zero point of 0 or ``2^(b-1)`` is the plain unsigned
+    or signed grid and comes back as ``None``, and so does one that does not cut the
+    plain grid's error by ``1 - ASYMMETRIC_GAIN`` at least (a near-symmetric tensor keeps
+    the signed grid rather than a zero point a few codes off the middle).
+
+    >>> from qcompiler.observers import RangeObserver
+    >>> obs = RangeObserver(); obs.update(torch.nn.functional.hardswish(torch.linspace(-4, 6, 10001)))
+    >>> signed, zero_point = choose_grid(obs.summary(), 8, asymmetric=True)
+    >>> signed, 0 < zero_point < 64  # a thin negative tail gets a few codes below zero
+    (True, True)
+    """
+    signed = choose_signed(rng, bits)
+    if not asymmetric or rng.hist is None or not rng.signed:
+        return signed, None
+
+    def mse(z: int) -> float:
+        return fit_act_grid(rng.hist, bits, z > 0, z).mse
+
+    coarse = zero_point_candidates(bits)
+    i = min(range(len(coarse)), key=lambda j: mse(coarse[j]))
+    lo, hi = coarse[max(i - 1, 0)], coarse[min(i + 1, len(coarse) - 1)]
+    # every integer between the neighbours, at most 16 of them evenly spread
+    fine = sorted({round(lo + (hi - lo) * j / 16) for j in range(17)})
+    best = min(fine, key=lambda z: (mse(z), z))
+    plain = 2 ** (bits - 1) if signed else 0
+    if best in (0, 2 ** (bits - 1)) or mse(best) > ASYMMETRIC_GAIN * mse(plain):
+        return signed, None
+    return True, best
+
+
+def act_clip(rng: TensorRange, bits: int, signed: bool, init: str, zero_point: int | None = None) -> float | None:
     """The magnitude an activation grid should reach for ``init`` ``"mse"`` /
     ``"percentile"`` / ``"max"``, as a step times ``qmax``; ``None`` for ``"lsq"``
-    (a formula on the mean, not a clip)."""
-    _, qmax = int_range(bits, signed)
+    (a formula on the mean, not a clip). ``zero_point``: the asymmetric grid of
+    :func:`choose_grid`."""
+    qmin, qmax = int_range(bits, signed) if zero_point is None else offset_range(bits, zero_point)
     if init == "mse" and rng.hist is not None:
-        return fit_act_grid(rng.hist, bits, signed).step * qmax
+        return fit_act_grid(rng.hist, bits, signed, zero_point).step * qmax
     if init == "percentile":
         return rng.abs_p9999
+    if init in ("max", "mse") and zero_point is not None:  # the step that reaches both ends
+        return max(max(rng.max, 0.0) / qmax, max(-rng.min, 0.0) / -qmin) * qmax
     if init in ("max", "mse"):  # "mse" without a histogram: no statistics to search
         return max(abs(rng.min), abs(rng.max)) if signed else max(rng.max, 0.0)
     assert init == "lsq", init
@@ -205,5 +255,6 @@ def act_clip(rng: TensorRange, bits: int, signed: bool, init: str) -> float | No
 
 
 __all__ = [
-    "INITS", "ActGridFit", "act_clip", "channel_error", "choose_signed", "fit_act_grid", "histogram_sse", "search_scale",
+    "INITS", "ActGridFit", "act_clip", "channel_error", "choose_grid", "choose_signed", "fit_act_grid", "histogram_sse",
+    "search_scale", "zero_point_candidates",
 ]

@@ -24,7 +24,7 @@ from .. import kernels
 from . import init
 from ..nn import exact
 from ..nn.saved import recomputed, remember
-from ..numerics import int_range, quantize_codes, quantize_float, round_half_even
+from ..numerics import int_range, offset_range, quantize_codes, quantize_float, round_half_even
 
 __all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "positive_backward", "quantize_codes"]
 
@@ -145,6 +145,9 @@ class UniformQuantizer(nn.Module):
         signed: signed codes ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
         channels: number of steps along ``channel_axis`` (``None``: one step).
         channel_axis: the axis that ``channels`` indexes (0 for weights).
+        zero_point: an asymmetric activation grid instead: ``zero_point`` codes below
+            zero and ``2^b - 1 - zero_point`` above (:func:`qcompiler.numerics.offset_range`);
+            ``signed`` is then whether any code is negative.
 
     Example:
         >>> q = UniformQuantizer(bits=4, signed=True, channels=2)
@@ -154,17 +157,31 @@ class UniformQuantizer(nn.Module):
         True
     """
 
-    def __init__(self, bits: int, signed: bool, channels: int | None = None, channel_axis: int = 0) -> None:
+    def __init__(self, bits: int, signed: bool, channels: int | None = None, channel_axis: int = 0,
+                 zero_point: int | None = None) -> None:
         super().__init__()
-        self.bits, self.signed = bits, signed
-        self.qmin, self.qmax = int_range(bits, signed)
+        self.bits = bits
+        self.qmin, self.qmax = int_range(bits, signed) if zero_point is None else offset_range(bits, zero_point)
+        self.signed = self.qmin < 0
         self.channel_axis = channel_axis
         self.step = nn.Parameter(torch.ones(channels) if channels else torch.tensor(1.0))
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
+        if self.asymmetric:
+            kind = f"asymmetric [{self.qmin}, {self.qmax}]"
         per = f"per-channel({self.step.numel()})" if self.step.dim() else "per-tensor"
         return f"bits={self.bits}, {kind}, {per}"
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether the code range is neither the signed nor the unsigned one (a zero point)."""
+        return (self.qmin, self.qmax) not in (int_range(self.bits, True), int_range(self.bits, False))
+
+    @property
+    def zero_point(self) -> int | None:
+        """Codes below zero of an asymmetric grid (``-qmin``); ``None`` for the signed and unsigned ones."""
+        return -self.qmin if self.asymmetric else None
 
     def _step_view(self, x: torch.Tensor) -> torch.Tensor:
         step = positive(self.step)

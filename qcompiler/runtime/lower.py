@@ -217,7 +217,7 @@ class _Lowering:
     def beta(self, node: fx.Node, src: object, frozen: ir.FrozenAct) -> str:
         """Host step: each sample's ASQ factor beta from the float value the quantizer reads."""
         a = frozen.adapter
-        if a.feature_axis != 1:  # the host step pools channels-first maps
+        if not a.pools_channels_first(node):  # the host step pools channels-first maps
             raise UnsupportedError(f"integer backend: ASQ quantizer {node.name!r} pools over tokens (features on the "
                                    "last axis), which the integer program's adapter step does not support yet")
         names = [self.const(f"{node.name}.{k}", getattr(a, k).detach().double().numpy())

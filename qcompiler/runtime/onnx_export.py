@@ -124,7 +124,7 @@ class _Emitter:
         _positive(frozen.step, f"activation quantizer {node.name!r} step")
         step = self.init(f"{node.name}.step", np.float32(frozen.step))
         x = self.src(node)
-        if frozen.adapter is not None and frozen.adapter.feature_axis != 1:  # the ASQ ops pool channels-first maps
+        if frozen.adapter is not None and not frozen.adapter.pools_channels_first(node):  # the ASQ ops pool channels-first maps
             raise UnsupportedError(f"onnx export: ASQ quantizer {node.name!r} pools over tokens (features on the last "
                                    "axis), which the AsqQuantize and AsqStep ops do not support yet")
         integer_users = [self.fmt == "custom" and self.integer_plan(u) is not None for u in node.users]

@@ -132,8 +132,10 @@ class _QdqEmitter(_Emitter):
             raise self.refuse(node, f"quantizes to {frozen.bits} bits (QDQ here: up to {MAX_BITS})")
         _positive(frozen.step, f"activation quantizer {node.name!r} step")
         # UINT8 for every activation, signed ones with zero point 128: onnxruntime fuses a
-        # join (QLinearAdd) only when both operands and the result have one type
-        zp = 0 if frozen.qmin >= 0 else 2 ** (MAX_BITS - 1)
+        # join (QLinearAdd) only when both operands and the result have one type. An
+        # asymmetric grid's codes [-z, 255 - z] sit at zero point z.
+        half = 2 ** (MAX_BITS - 1)
+        zp = 0 if frozen.qmin >= 0 else half if frozen.qmax < half else -frozen.qmin
         x = self.src(node)
         if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):
             lo, hi = (self.init(f"{node.name}.{k}", np.float32(q) * np.float32(frozen.step))

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompiler.numerics import int_range, quantize_float
+from qcompiler.numerics import int_range, offset_range, quantize_float
 from qcompiler.observers import RangeObserver
 from qcompiler.quantizers import UniformQuantizer
-from qcompiler.quantizers.init import choose_signed, fit_act_grid, histogram_sse, search_scale
+from qcompiler.quantizers.init import ASYMMETRIC_GAIN, act_clip, choose_grid, choose_signed, fit_act_grid, histogram_sse, search_scale
 from qcompiler.quantizers.power_grid import PowerGridQuantizer
 
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -142,6 +142,44 @@ def test_standard_normal_silu_tips_with_the_width() -> None:
     rng = _observed(torch.nn.functional.silu(torch.randn(100_000)))
     assert choose_signed(rng, 8) is True
     assert choose_signed(rng, 3) is False
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_zero_point_search_finds_the_least_error_of_all(bits: int) -> None:
+    torch.manual_seed(0)
+    x = torch.nn.functional.hardswish(torch.randn(100_000) * 2 + 1)  # down to -0.375, up to ~10
+    rng = _observed(x)
+    every = {z: fit_act_grid(rng.hist, bits, z > 0, z).mse for z in range(2 ** (bits - 1) + 1)}
+    signed, zero_point = choose_grid(rng, bits, asymmetric=True)
+    chosen = 2 ** (bits - 1) * signed if zero_point is None else zero_point
+    if zero_point is not None:  # the least error of all, well below both plain grids
+        assert every[chosen] <= min(every.values()) * (1 + 1e-9)
+        assert every[zero_point] < ASYMMETRIC_GAIN * min(every[0], every[2 ** (bits - 1)])
+    else:  # no zero point gains enough over the plain grid choose_signed picks
+        assert min(every.values()) > ASYMMETRIC_GAIN * every[chosen]
+    # and its expected error is the error of the samples on that grid
+    qmin, qmax = offset_range(bits, chosen)
+    step = fit_act_grid(rng.hist, bits, chosen > 0, None if zero_point is None else chosen).step
+    sampled = float(((quantize_float(x.double(), torch.tensor(step, dtype=torch.float64), qmin, qmax) * step - x.double()) ** 2).mean())
+    assert sampled == pytest.approx(every[chosen], rel=0.05)
+
+
+def test_hardswish_at_8_bits_takes_a_small_zero_point() -> None:
+    torch.manual_seed(0)
+    rng = _observed(torch.nn.functional.hardswish(torch.randn(100_000) * 2 + 1))
+    signed, zero_point = choose_grid(rng, 8, asymmetric=True)
+    assert signed and 0 < zero_point < 32
+    clip = act_clip(rng, 8, True, "max", zero_point)  # "max": the step reaches both ends
+    step = clip / (255 - zero_point)
+    assert step * zero_point >= -rng.min - 1e-9 and clip >= rng.max - 1e-9
+
+
+def test_without_asymmetric_or_negatives_the_plain_grids_stay() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(100_000)
+    assert choose_grid(_observed(x), 8) == (True, None)  # asymmetric off: choose_signed alone
+    assert choose_grid(_observed(x.relu()), 8, asymmetric=True) == (False, None)
+    assert choose_grid(_observed(x), 8, asymmetric=True) == (True, None)  # symmetric data: the signed grid
 
 
 def test_records_without_a_histogram_keep_the_old_rule() -> None:
