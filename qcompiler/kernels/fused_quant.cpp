@@ -147,6 +147,141 @@ std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, tor
   return {grad_x, row_sums(partial, t, grad_scale)};
 }
 
+// ---- ASQ: the adapter's forward pass ---------------------------------------------
+
+// Returns (out, s, beta, bounded, hidden, pooled, sample_step): the same ATen ops, in the
+// same order, as qcompiler.quantizers.asq.pool / adapter_forward / positive (so the same
+// bits), issued from here instead of Python, then the per-sample LSQ kernel.
+std::vector<torch::Tensor> asq_forward(torch::Tensor x, torch::Tensor step, torch::Tensor w1, torch::Tensor b1,
+                                       torch::Tensor w2, torch::Tensor b2, int64_t qmin, int64_t qmax,
+                                       int64_t feature_axis, double min_step, double beta_bound) {
+  x = x.contiguous();
+  torch::Tensor pooled = x;
+  if (x.dim() > 2)
+    pooled = feature_axis == 1 ? x.flatten(2).mean(-1) : x.reshape({x.size(0), -1, x.size(-1)}).mean(1);
+  auto hidden = at::relu(at::linear(pooled, w1, b1));
+  auto bounded = at::tanh(at::linear(hidden, w2, b2).squeeze(-1) / beta_bound);
+  auto beta = at::exp(bounded * beta_bound);
+  auto s = step.abs().clamp_min(min_step);
+  auto sample_step = (s * beta).contiguous();
+  return {lsq_forward(x, sample_step, qmin, qmax), s, beta, bounded, hidden, pooled, sample_step};
+}
+
+// ---- ASQ: the adapter's backward pass -------------------------------------------
+
+// Returns (grad_x or an empty tensor, grad_step, grad_w1, grad_b1, grad_w2, grad_b2), for
+// beta = exp(L tanh(z / L)), z = w2 relu(w1 pooled + b1) + b2 and a per-sample step
+// s * beta (qcompiler.quantizers.asq._ASQ has the formulas). The adapter is tiny
+// ((N, C) pooled features, C / 4 hidden units), so its gradients are plain loops here:
+// as ATen calls they were ~20 dispatches per layer each costing more than its arithmetic.
+// Past kLoopMacs multiply-adds per product (wide layers, large batches) at::mm's blocked,
+// threaded kernels win and the products go there. Buffers are zeroed here, not by
+// torch::zeros, whose threaded fill costs more than these sizes' arithmetic.
+torch::Tensor zeroed(at::IntArrayRef shape) {
+  auto t = torch::empty(shape, torch::kFloat32);
+  std::fill_n(t.data_ptr<float>(), t.numel(), 0.0f);
+  return t;
+}
+
+constexpr int64_t kLoopMacs = int64_t{1} << 18;
+
+std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor sample_step,
+                                        torch::Tensor step, double s, torch::Tensor beta, torch::Tensor bounded,
+                                        torch::Tensor hidden, torch::Tensor pooled, torch::Tensor w1,
+                                        torch::Tensor w2, int64_t qmin, int64_t qmax, double grad_scale,
+                                        int64_t feature_axis, bool need_x, double min_step) {
+  auto lsq = lsq_backward(grad, x, sample_step, qmin, qmax, grad_scale);
+  torch::Tensor grad_x = lsq[0];
+  const float* g = lsq[1].data_ptr<float>();  // per-sample step gradient (times the gradient scale)
+  beta = beta.contiguous(); bounded = bounded.contiguous(); hidden = hidden.contiguous();
+  pooled = pooled.contiguous(); w1 = w1.contiguous(); w2 = w2.contiguous();
+  const int64_t n = pooled.size(0), c = pooled.size(1), h = hidden.size(1);
+  const float* bp = beta.data_ptr<float>();
+  const float* tp = bounded.data_ptr<float>();
+  const float* hp = hidden.data_ptr<float>();
+  const float* w2p = w2.data_ptr<float>();
+
+  // d(step): sum_n beta_n g_n through positive() = |step| clamped at min_step
+  double dstep = 0.0;
+  for (int64_t i = 0; i < n; ++i) dstep += static_cast<double>(g[i]) * bp[i];
+  const float raw = step.item<float>();
+  const double sign = raw > 0 ? 1.0 : (raw < 0 ? -1.0 : 0.0);
+  auto grad_step = torch::full_like(step, static_cast<float>(std::abs(raw) >= min_step ? dstep * sign : 0.0));
+
+  // dz_n = s g_n beta_n (1 - tanh^2), then fc2 and the ReLU
+  std::vector<float> dz(n);
+  for (int64_t i = 0; i < n; ++i) dz[i] = static_cast<float>(s) * g[i] * bp[i] * (1.0f - tp[i] * tp[i]);
+  auto grad_w2 = zeroed({1, h});
+  auto grad_b2 = zeroed({1});
+  auto dhidden = torch::empty({n, h}, torch::kFloat32);
+  float* gw2 = grad_w2.data_ptr<float>();
+  float* dh = dhidden.data_ptr<float>();
+  double db2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    db2 += dz[i];
+    for (int64_t j = 0; j < h; ++j) {
+      gw2[j] += dz[i] * hp[i * h + j];
+      dh[i * h + j] = hp[i * h + j] > 0.0f ? dz[i] * w2p[j] : 0.0f;
+    }
+  }
+  grad_b2.data_ptr<float>()[0] = static_cast<float>(db2);
+
+  // fc1: grad_w1 = dhidden^T pooled, grad_b1 = column sums, dpooled = dhidden w1
+  const bool small = n * h * c <= kLoopMacs;
+  torch::Tensor grad_w1, dpooled;
+  if (small) {
+    grad_w1 = zeroed({h, c});
+    float* gw1 = grad_w1.data_ptr<float>();
+    const float* pp = pooled.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < h; ++j) {
+        const float d = dh[i * h + j];
+        if (d == 0.0f) continue;
+        for (int64_t k = 0; k < c; ++k) gw1[j * c + k] += d * pp[i * c + k];
+      }
+  } else {
+    grad_w1 = at::mm(dhidden.t(), pooled);
+  }
+  auto grad_b1 = zeroed({h});
+  float* gb1 = grad_b1.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < h; ++j) gb1[j] += dh[i * h + j];
+  if (!need_x) return {torch::Tensor(), grad_step, grad_w1, grad_b1, grad_w2, grad_b2};
+
+  if (small) {
+    dpooled = zeroed({n, c});
+    float* dp = dpooled.data_ptr<float>();
+    const float* w1p = w1.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < h; ++j) {
+        const float d = dh[i * h + j];
+        if (d == 0.0f) continue;
+        for (int64_t k = 0; k < c; ++k) dp[i * c + k] += d * w1p[j * c + k];
+      }
+  } else {
+    dpooled = at::mm(dhidden, w1);
+  }
+  // the pooled gradient, spread evenly over each sample's positions, onto the straight-through dx
+  const int64_t positions = x[0].numel() / c;
+  const float* dp = dpooled.data_ptr<float>();
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> spread(c);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t k = 0; k < c; ++k) spread[k] = dp[i * c + k] / static_cast<float>(positions);
+      float* row = gx + i * positions * c;
+      if (feature_axis == 1) {  // (N, C, positions)
+        for (int64_t k = 0; k < c; ++k)
+          for (int64_t p = 0; p < positions; ++p) row[k * positions + p] += spread[k];
+      } else {  // (N, positions, C)
+        for (int64_t p = 0; p < positions; ++p)
+          for (int64_t k = 0; k < c; ++k) row[p * c + k] += spread[k];
+      }
+    }
+  });
+  return {grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 // ---- power-of-r grids (POT r = 2, POST r = sqrt 2) -------------------------------
 
 // The projection of a = |w / alpha| onto {0} u {r^-k : k = 0..kmax}, as in
@@ -256,6 +391,8 @@ std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lsq_forward", &lsq_forward);
   m.def("lsq_backward", &lsq_backward);
+  m.def("asq_forward", &asq_forward);
+  m.def("asq_backward", &asq_backward);
   m.def("power_forward", &power_forward);
   m.def("power_backward", &power_backward);
 }

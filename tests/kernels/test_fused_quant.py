@@ -395,6 +395,32 @@ def test_asq_fused_backward_matches_autograd_with_any_input_frozen(shape, frozen
 
 
 @needs_kernels
+@pytest.mark.parametrize("channels,batch", [(8, 4), (256, 32)], ids=["adapter-loops", "adapter-matmuls"])
+@pytest.mark.parametrize("shape", ["maps", "tokens"])
+def test_asq_fused_backward_on_both_adapter_paths(channels, batch, shape):
+    """The fused ASQ backward computes the adapter's products in loops when they are small and
+    with matmuls past ``kLoopMacs`` (256 channels, 64 hidden units, a batch of 32): both agree
+    with autograd on the eager path, for channels-first maps and for tokens."""
+    torch.manual_seed(channels)
+    axis = 1 if shape == "maps" else -1
+    q = ASQQuantizer(4, signed=False, channels=channels, feature_axis=axis)
+    x = (torch.rand(batch, channels, 3, 3) if shape == "maps" else torch.rand(batch, 5, channels)) * 2
+    q.init_from(x)
+    with torch.no_grad():
+        torch.nn.init.normal_(q.adapter.fc1.weight, std=0.5)
+        q.adapter.fc1.bias.fill_(0.2)
+        torch.nn.init.normal_(q.adapter.fc2.weight, std=0.1)
+    hidden = q.adapter.fc1.out_features
+    assert (batch * hidden * channels > 2**18) == (channels == 256)  # which path, as fused_quant.cpp's kLoopMacs
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = _module_runs(q, x)
+    assert torch.equal(out_f, out_e)
+    torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-6)
+    for name in ASQ_PARAMS:
+        assert bool(gp_e[name].ne(0).any()), name
+        torch.testing.assert_close(gp_f[name], gp_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_kernels
 @pytest.mark.parametrize("frozen", ["input", "step"])
 @pytest.mark.parametrize("make", [
     lambda: UniformQuantizer(4, signed=True),
