@@ -7,9 +7,11 @@ without any training in two ways from the same calibration batches (``--calib-ba
 x ``--calib-batch-size`` training images, one fixed seeded draw):
 
 - qcompiler: ``qcompiler.compile(model, QuantSpec(passes="lsq", weight_bits=8,
-  act_bits=8, calib_batches=...))`` with every other option at its default (so a
-  default step initialisation, when the spec gains one, is what is measured; the
-  spec used is printed and written to the results file);
+  act_bits=8, calib_batches=..., asymmetric_acts=True))`` with every other option at
+  its default (so a default step initialisation, when the spec gains one, is what is
+  measured; the spec used is printed and written to the results file). Zero points
+  are on because torch.ao's x86 qconfig has them too (quint8 activations with a zero
+  point), so both sides choose from the same grids; ``--symmetric`` measures without;
 - torch.ao: ``prepare_fx`` with ``get_default_qconfig_mapping("x86")``, the prepared
   model run over the calibration batches, ``convert_fx``, on the x86 engine.
 
@@ -175,9 +177,10 @@ def compare(y_q: torch.Tensor, y_f: torch.Tensor, labels: torch.Tensor) -> tuple
     return rel, agree, float((y_q.argmax(1) == labels).float().mean())
 
 
-def qcompiler_spec(calib_batches: int) -> qcompiler.QuantSpec:
-    """W8A8 LSQ with every other option at its default (step initialisation included)."""
-    return qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8, calib_batches=calib_batches)
+def qcompiler_spec(calib_batches: int, asymmetric: bool = True) -> qcompiler.QuantSpec:
+    """W8A8 LSQ, zero points allowed (as torch.ao's), every other option at its default (step initialisation included)."""
+    return qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8, calib_batches=calib_batches,
+                               asymmetric_acts=asymmetric)
 
 
 def run_qcompiler(model: nn.Module, spec: qcompiler.QuantSpec, calib: list[torch.Tensor], data: Dataset,
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--data", default="digits", help="a qcompiler data set name (digits, digits-hard)")
     p.add_argument("--epochs", type=int, default=30, help="float training epochs per model (digits: 22 steps each)")
+    p.add_argument("--symmetric", action="store_true", help="qcompiler without zero points (asymmetric_acts off)")
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--calib-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     data = load_data(args.data)
-    spec = qcompiler_spec(args.calib_batches)
+    spec = qcompiler_spec(args.calib_batches, asymmetric=not args.symmetric)
     spec_text = json.dumps(spec.to_dict(), sort_keys=True)
     print(f"qcompiler spec: {spec_text}", flush=True)
     rows = []

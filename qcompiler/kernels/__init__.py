@@ -34,6 +34,7 @@ from types import ModuleType
 import torch
 
 from ..threadswitch import ThreadSwitch
+from ..tracing import capturing
 
 SOURCE = Path(__file__).with_name("fused_quant.cpp")
 # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, so without it the
@@ -143,7 +144,7 @@ def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True) -> ModuleTyp
         return None
     if step.dim() > x.dim() or (step.numel() != 1 and not _one_per_row(x, step)):
         return None
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if capturing():
         return None
     return fused()
 

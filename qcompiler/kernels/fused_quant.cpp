@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -89,6 +90,39 @@ inline double block_sum(const float* v, int64_t n) {
   for (; i < n; ++i) s += v[i];
   for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
+}
+
+// ---- learned steps kept positive ----------------------------------------------------
+
+// positive(step) = |step| clamped at min_step, flattened to one value per row, and the
+// gradient through it: grad * sign(step) where |step| >= min_step, else 0. The same
+// elementwise results as qcompiler.quantizers.uniform.positive / positive_backward, in
+// one call each instead of four or five dispatched ops per quantizer and QAT step.
+torch::Tensor positive_rows(torch::Tensor step, double min_step) {
+  TORCH_CHECK(step.scalar_type() == torch::kFloat32, "fused_quant: float32 only");
+  auto src = step.contiguous();
+  auto out = torch::empty({src.numel()}, torch::kFloat32);
+  const float* s = src.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float lo = static_cast<float>(min_step);
+  for (int64_t i = 0; i < src.numel(); ++i) o[i] = std::max(std::fabs(s[i]), lo);
+  return out;
+}
+
+torch::Tensor positive_grad(torch::Tensor step, torch::Tensor grad_rows, double min_step) {
+  auto src = step.contiguous();
+  auto g = grad_rows.contiguous();
+  TORCH_CHECK(g.numel() == src.numel(), "fused_quant: one gradient per step");
+  auto out = torch::empty_like(src);
+  const float* s = src.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float lo = static_cast<float>(min_step);
+  for (int64_t i = 0; i < src.numel(); ++i) {
+    const float sign = s[i] > 0.0f ? 1.0f : (s[i] < 0.0f ? -1.0f : 0.0f);
+    o[i] = std::fabs(s[i]) >= lo ? gp[i] * sign : 0.0f;
+  }
+  return out;
 }
 
 // ---- uniform (LSQ) -------------------------------------------------------------
@@ -174,8 +208,8 @@ std::vector<torch::Tensor> asq_forward(torch::Tensor x, torch::Tensor step, torc
 // s * beta (qcompiler.quantizers.asq._ASQ has the formulas). The adapter is tiny
 // ((N, C) pooled features, C / 4 hidden units), so its gradients are plain loops here:
 // as ATen calls they were ~20 dispatches per layer each costing more than its arithmetic.
-// Past kLoopMacs multiply-adds per product (wide layers, large batches) at::mm's blocked,
-// threaded kernels win and the products go there. Buffers are zeroed here, not by
+// Past kLoopMacs multiply-adds per product (large batches of wide layers) at::mm's blocked
+// kernels win and the products go there. Buffers are zeroed here, not by
 // torch::zeros, whose threaded fill costs more than these sizes' arithmetic.
 torch::Tensor zeroed(at::IntArrayRef shape) {
   auto t = torch::empty(shape, torch::kFloat32);
@@ -183,7 +217,7 @@ torch::Tensor zeroed(at::IntArrayRef shape) {
   return t;
 }
 
-constexpr int64_t kLoopMacs = int64_t{1} << 18;
+constexpr int64_t kLoopMacs = int64_t{1} << 23;
 
 std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor sample_step,
                                         torch::Tensor step, double s, torch::Tensor beta, torch::Tensor bounded,
@@ -226,19 +260,25 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
   }
   grad_b2.data_ptr<float>()[0] = static_cast<float>(db2);
 
-  // fc1: grad_w1 = dhidden^T pooled, grad_b1 = column sums, dpooled = dhidden w1
+  // fc1: grad_w1 = dhidden^T pooled, grad_b1 = column sums, dpooled = dhidden w1. Each output
+  // row accumulates in L1 (grad_w1 by hidden unit, dpooled by sample), split over threads.
   const bool small = n * h * c <= kLoopMacs;
   torch::Tensor grad_w1, dpooled;
   if (small) {
     grad_w1 = zeroed({h, c});
     float* gw1 = grad_w1.data_ptr<float>();
     const float* pp = pooled.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < h; ++j) {
-        const float d = dh[i * h + j];
-        if (d == 0.0f) continue;
-        for (int64_t k = 0; k < c; ++k) gw1[j * c + k] += d * pp[i * c + k];
+    at::parallel_for(0, h, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        float* row = gw1 + j * c;
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = dh[i * h + j];
+          if (d == 0.0f) continue;
+          const float* src = pp + i * c;
+          for (int64_t k = 0; k < c; ++k) row[k] = std::fma(d, src[k], row[k]);  // gradients: fused is fine
+        }
       }
+    });
   } else {
     grad_w1 = at::mm(dhidden.t(), pooled);
   }
@@ -252,12 +292,17 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
     dpooled = zeroed({n, c});
     float* dp = dpooled.data_ptr<float>();
     const float* w1p = w1.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < h; ++j) {
-        const float d = dh[i * h + j];
-        if (d == 0.0f) continue;
-        for (int64_t k = 0; k < c; ++k) dp[i * c + k] += d * w1p[j * c + k];
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* row = dp + i * c;
+        for (int64_t j = 0; j < h; ++j) {
+          const float d = dh[i * h + j];
+          if (d == 0.0f) continue;
+          const float* src = w1p + j * c;
+          for (int64_t k = 0; k < c; ++k) row[k] = std::fma(d, src[k], row[k]);  // gradients: fused is fine
+        }
       }
+    });
   } else {
     dpooled = at::mm(dhidden, w1);
   }
@@ -389,6 +434,8 @@ std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, t
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("positive_rows", &positive_rows);
+  m.def("positive_grad", &positive_grad);
   m.def("lsq_forward", &lsq_forward);
   m.def("lsq_backward", &lsq_backward);
   m.def("asq_forward", &asq_forward);

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..threadswitch import ThreadSwitch
+from ..tracing import capturing
 
 _RECIPE = "_qcompiler_recompute"
 
@@ -104,8 +105,7 @@ def _unpack(packed: Any) -> torch.Tensor:
     return packed.run() if isinstance(packed, _Recipe) else packed
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+_tracing = capturing
 
 
 def active(module: torch.nn.Module) -> bool:

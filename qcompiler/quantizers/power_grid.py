@@ -19,6 +19,7 @@ holds the learned clip and the gradients.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -29,10 +30,17 @@ from . import init
 from ..nn import exact
 from ..nn.saved import remember
 from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, largest_exponent, power_levels
-from .uniform import positive, positive_backward
+from .uniform import MIN_STEP, positive
 
 # The grid machinery lives in qcompiler.numerics; these names stay importable from here.
 __all__ = ["GRID_BASES", "GridThresholds", "PowerGridQuantizer", "grid_thresholds", "power_levels"]
+
+@functools.lru_cache(maxsize=None)
+def _kernel_grid(bits: int, base: float) -> tuple:
+    """The grid's thresholds as the kernels take them (``GridThresholds``' fields in order),
+    made once: ``dataclasses.astuple`` deep-copies, ~4 us per call on every QAT forward."""
+    return dataclasses.astuple(grid_thresholds(bits, base))
+
 
 class _PowerGrid(torch.autograd.Function):
     """The reference formulation; :class:`_FusedPowerGrid` runs it on :mod:`qcompiler.kernels`."""
@@ -70,10 +78,10 @@ class _FusedPowerGrid(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, alpha, grid: GridThresholds, grad_scale: float, kernel):  # type: ignore[override]
-        w, rows = w.contiguous(), positive(alpha).contiguous()
+    def forward(ctx, w, alpha, grid: tuple, grad_scale: float, kernel):  # type: ignore[override]
+        w, rows = w.contiguous(), kernel.positive_rows(alpha, MIN_STEP)  # positive(alpha)
         ctx.kernel, ctx.grad_scale = kernel, grad_scale
-        ctx.grid = dataclasses.astuple(grid)  # the kernels' argument order is the field order
+        ctx.grid = grid  # _kernel_grid: GridThresholds' fields, the kernels' argument order
         ctx.save_for_backward(w, rows, alpha)
         return remember(kernel.power_forward(w, rows, *ctx.grid), kernel.power_forward, w, rows, *ctx.grid)
 
@@ -81,7 +89,7 @@ class _FusedPowerGrid(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         w, rows, alpha = ctx.saved_tensors
         grad_w, grad_rows = ctx.kernel.power_backward(grad, w, rows, *ctx.grid, ctx.grad_scale)
-        grad_alpha = positive_backward(alpha, grad_rows) if ctx.needs_input_grad[1] else None
+        grad_alpha = ctx.kernel.positive_grad(alpha, grad_rows, MIN_STEP) if ctx.needs_input_grad[1] else None
         return grad_w if ctx.needs_input_grad[0] else None, grad_alpha, None, None, None
 
 
@@ -155,7 +163,7 @@ class PowerGridQuantizer(nn.Module):
         # the kernels decide in float32 bits, up to 8-bit grids (exponents to 2^-126)
         kernel = kernels.usable(w, self.alpha.view(-1, *([1] * (w.dim() - 1)))) if self.bits <= 8 else None
         if kernel is not None:
-            return _FusedPowerGrid.apply(w, self.alpha, grid_thresholds(self.bits, self.base), scale, kernel)
+            return _FusedPowerGrid.apply(w, self.alpha, _kernel_grid(self.bits, self.base), scale, kernel)
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)
 
     @torch.no_grad()

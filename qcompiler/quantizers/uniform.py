@@ -26,7 +26,7 @@ from ..nn import exact
 from ..nn.saved import recomputed, remember
 from ..numerics import int_range, offset_range, quantize_codes, quantize_float, round_half_even
 
-__all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "positive_backward", "quantize_codes"]
+__all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "quantize_codes"]
 
 
 class _LSQ(torch.autograd.Function):
@@ -99,7 +99,7 @@ class _FusedLSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, kernel):  # type: ignore[override]
-        x, rows = x.contiguous(), positive(step).reshape(-1).contiguous()
+        x, rows = x.contiguous(), kernel.positive_rows(step, MIN_STEP)  # positive(step), one per row
         ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
         ctx.save_for_backward(x, rows, step)
         return remember(kernel.lsq_forward(x, rows, qmin, qmax), kernel.lsq_forward, x, rows, qmin, qmax)
@@ -108,7 +108,7 @@ class _FusedLSQ(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, rows, step = ctx.saved_tensors
         grad_x, grad_rows = ctx.kernel.lsq_backward(grad, x, rows, *ctx.qrange, ctx.grad_scale)
-        grad_step = positive_backward(step, grad_rows.reshape(step.shape)) if ctx.needs_input_grad[1] else None
+        grad_step = ctx.kernel.positive_grad(step, grad_rows, MIN_STEP) if ctx.needs_input_grad[1] else None
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None, None
 
 
@@ -130,11 +130,6 @@ MIN_STEP = 1e-8
 def positive(step: torch.Tensor) -> torch.Tensor:
     """Keep a learned step positive while letting its gradient through."""
     return step.abs().clamp_min(MIN_STEP)
-
-
-def positive_backward(step: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of :func:`positive` applied by hand (for Functions that call it inside)."""
-    return grad * torch.sign(step) * (step.abs() >= MIN_STEP)
 
 
 class UniformQuantizer(nn.Module):

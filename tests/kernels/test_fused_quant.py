@@ -18,7 +18,7 @@ import torch
 from qcompiler import kernels
 from qcompiler.numerics import GRID_BASES, grid_thresholds, int_range, power_levels, quantize_float, round_half_even
 from qcompiler.quantizers.asq import ASQQuantizer
-from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _PowerGrid
+from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _kernel_grid, _PowerGrid
 from qcompiler.quantizers.uniform import UniformQuantizer, _FusedLSQ, lsq_quantize, positive
 
 
@@ -132,7 +132,7 @@ def _power_grid_paths(bits: int, grid: str, scale: float):
     base = GRID_BASES[grid]
 
     def fused(w, alpha):
-        return _FusedPowerGrid.apply(w, alpha, grid_thresholds(bits, base), scale, kernels.fused())
+        return _FusedPowerGrid.apply(w, alpha, _kernel_grid(bits, base), scale, kernels.fused())
 
     def eager(w, alpha):
         return _PowerGrid.apply(w, positive(alpha).view(-1, *([1] * (w.dim() - 1))), bits, base, scale)
@@ -395,11 +395,11 @@ def test_asq_fused_backward_matches_autograd_with_any_input_frozen(shape, frozen
 
 
 @needs_kernels
-@pytest.mark.parametrize("channels,batch", [(8, 4), (256, 32)], ids=["adapter-loops", "adapter-matmuls"])
+@pytest.mark.parametrize("channels,batch", [(8, 4), (512, 256)], ids=["adapter-loops", "adapter-matmuls"])
 @pytest.mark.parametrize("shape", ["maps", "tokens"])
 def test_asq_fused_backward_on_both_adapter_paths(channels, batch, shape):
     """The fused ASQ backward computes the adapter's products in loops when they are small and
-    with matmuls past ``kLoopMacs`` (256 channels, 64 hidden units, a batch of 32): both agree
+    with matmuls past ``kLoopMacs`` (512 channels, 128 hidden units, a batch of 256): both agree
     with autograd on the eager path, for channels-first maps and for tokens."""
     torch.manual_seed(channels)
     axis = 1 if shape == "maps" else -1
@@ -411,7 +411,7 @@ def test_asq_fused_backward_on_both_adapter_paths(channels, batch, shape):
         q.adapter.fc1.bias.fill_(0.2)
         torch.nn.init.normal_(q.adapter.fc2.weight, std=0.1)
     hidden = q.adapter.fc1.out_features
-    assert (batch * hidden * channels > 2**18) == (channels == 256)  # which path, as fused_quant.cpp's kLoopMacs
+    assert (batch * hidden * channels > 2**23) == (channels == 512)  # which path, as fused_quant.cpp's kLoopMacs
     (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = _module_runs(q, x)
     assert torch.equal(out_f, out_e)
     torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-6)

@@ -156,3 +156,17 @@ def test_a_remembered_tensor_changed_in_place_is_saved_as_it_is():
         with saved.disabled():
             want = grads(in_place)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("grid", ["uniform", "post"])
+def test_a_quantizer_called_outside_a_layer_leaves_the_callers_gradient_alone(grid):
+    from qcompiler.quantizers.power_grid import PowerGridQuantizer
+
+    q = UniformQuantizer(4, signed=True, channels=4) if grid == "uniform" else PowerGridQuantizer(4, "post", channels=4)
+    w = torch.randn(4, 9)
+    q.init_from(w)
+    w.requires_grad_()
+    g = torch.randn(4, 9)
+    before = g.clone()
+    q(w).backward(g)
+    assert torch.equal(g, before) and w.grad.data_ptr() != g.data_ptr()
