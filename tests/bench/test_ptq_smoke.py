@@ -94,3 +94,14 @@ def test_a_torch_ao_failure_is_one_line_in_its_column(monkeypatch):
     assert not outcome.ok
     assert outcome.failure == "RuntimeError: symbolically traced variables cannot be used"
     assert bench._cells(outcome) == ("failed: RuntimeError: symbolically traced variables cannot be used", "-", "-")
+
+
+def test_zero_points_are_on_unless_symmetric_is_asked():
+    bench = load_bench("ptq")
+    assert bench.qcompiler_spec(8).asymmetric_acts is True  # as torch.ao's quint8 activations
+    assert bench.qcompiler_spec(8, asymmetric=False).asymmetric_acts is False
+
+
+def test_the_spec_line_says_which(run):
+    _, _, text = run
+    assert '"asymmetric_acts": true' in text
