@@ -219,6 +219,28 @@ torch::Tensor zeroed(at::IntArrayRef shape) {
 
 constexpr int64_t kLoopMacs = int64_t{1} << 23;
 
+// out[r, :] = sum_t coef(r, t) * src[t, :] for a (rows, c) result: each output row is
+// accumulated in L1 over the terms, rows split over threads; a zero coefficient (a hidden
+// unit the ReLU turned off) skips its term. Fused multiply-adds: these are gradients.
+template <typename Coef>
+torch::Tensor sum_of_rows(int64_t rows, int64_t terms, int64_t c, const float* src, Coef coef, int64_t grain) {
+  auto out = zeroed({rows, c});
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = op + r * c;
+      for (int64_t t = 0; t < terms; ++t) {
+        const float d = coef(r, t);
+        if (d == 0.0f) continue;
+        const float* s = src + t * c;
+        for (int64_t k = 0; k < c; ++k) row[k] = std::fma(d, s[k], row[k]);
+      }
+    }
+  });
+  return out;
+}
+
+
 std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor sample_step,
                                         torch::Tensor step, double s, torch::Tensor beta, torch::Tensor bounded,
                                         torch::Tensor hidden, torch::Tensor pooled, torch::Tensor w1,
@@ -260,52 +282,19 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
   }
   grad_b2.data_ptr<float>()[0] = static_cast<float>(db2);
 
-  // fc1: grad_w1 = dhidden^T pooled, grad_b1 = column sums, dpooled = dhidden w1. Each output
-  // row accumulates in L1 (grad_w1 by hidden unit, dpooled by sample), split over threads.
+  // fc1: grad_w1 = dhidden^T pooled, grad_b1 = column sums, dpooled = dhidden w1
   const bool small = n * h * c <= kLoopMacs;
-  torch::Tensor grad_w1, dpooled;
-  if (small) {
-    grad_w1 = zeroed({h, c});
-    float* gw1 = grad_w1.data_ptr<float>();
-    const float* pp = pooled.data_ptr<float>();
-    at::parallel_for(0, h, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        float* row = gw1 + j * c;
-        for (int64_t i = 0; i < n; ++i) {
-          const float d = dh[i * h + j];
-          if (d == 0.0f) continue;
-          const float* src = pp + i * c;
-          for (int64_t k = 0; k < c; ++k) row[k] = std::fma(d, src[k], row[k]);  // gradients: fused is fine
-        }
-      }
-    });
-  } else {
-    grad_w1 = at::mm(dhidden.t(), pooled);
-  }
+  const float* pp = pooled.data_ptr<float>();
+  auto grad_w1 = small ? sum_of_rows(h, n, c, pp, [&](int64_t j, int64_t i) { return dh[i * h + j]; }, 8)
+                       : at::mm(dhidden.t(), pooled);
   auto grad_b1 = zeroed({h});
   float* gb1 = grad_b1.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < h; ++j) gb1[j] += dh[i * h + j];
   if (!need_x) return {torch::Tensor(), grad_step, grad_w1, grad_b1, grad_w2, grad_b2};
-
-  if (small) {
-    dpooled = zeroed({n, c});
-    float* dp = dpooled.data_ptr<float>();
-    const float* w1p = w1.data_ptr<float>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float* row = dp + i * c;
-        for (int64_t j = 0; j < h; ++j) {
-          const float d = dh[i * h + j];
-          if (d == 0.0f) continue;
-          const float* src = w1p + j * c;
-          for (int64_t k = 0; k < c; ++k) row[k] = std::fma(d, src[k], row[k]);  // gradients: fused is fine
-        }
-      }
-    });
-  } else {
-    dpooled = at::mm(dhidden, w1);
-  }
+  const float* w1p = w1.data_ptr<float>();
+  auto dpooled = small ? sum_of_rows(n, h, c, w1p, [&](int64_t i, int64_t j) { return dh[i * h + j]; }, 1)
+                       : at::mm(dhidden, w1);
   // the pooled gradient, spread evenly over each sample's positions, onto the straight-through dx
   const int64_t positions = x[0].numel() / c;
   const float* dp = dpooled.data_ptr<float>();
