@@ -57,6 +57,7 @@ STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
 ADDER_Q = "qc.adder_q"
 BIAS = "qc.bias"
+SMOOTH = "qc.smooth"
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,23 @@ class WeightCodes:
     def exponent(self) -> torch.Tensor:
         """Power grids: ``k = m - 1`` per weight; -1 marks a zero weight."""
         return self.codes.abs() - 1
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """What the ``smooth`` pass moved from a layer norm's output into the linear layers reading it.
+
+    Feature ``c`` of the norm's output was divided by ``s_c = max|x_c|^alpha /
+    max|W[:, c]|^(1 - alpha)`` (its affine weight and bias, so the float model is unchanged)
+    and column ``c`` of every reader's weight multiplied by it: the activation's outlier
+    features shrink towards the others and one per-tensor step fits them better. ``readers``
+    are the linear layers' node names; ``spread`` is ``max s / min s``.
+    """
+
+    alpha: float
+    readers: tuple[str, ...]
+    spread: float
+    batches: int
 
 
 @dataclass(frozen=True)

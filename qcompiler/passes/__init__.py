@@ -21,11 +21,13 @@ from .post import POST
 from .pot import POT
 from .quantize_joins import QuantizeJoins
 from .quantize_matmuls import QuantizeMatmuls
+from .smooth import Smooth
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (
         PinFirstLast,
+        Smooth,
         Observe,
         LSQ,
         ASQ,
