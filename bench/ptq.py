@@ -6,9 +6,10 @@ For each model, in one run: build it (seeded), train it briefly in float on digi
 without any training in two ways from the same calibration batches (``--calib-batches``
 x ``--calib-batch-size`` training images, one fixed seeded draw):
 
-- qcompiler: ``qcompiler.compile(model, QuantSpec(passes="smooth,lsq", weight_bits=8,
-  act_bits=8, calib_batches=..., asymmetric_acts=True))`` with every other option at
-  its default (``smooth`` changes only pre-norm transformers: here the ViT) (so a default step initialisation, when the spec gains one, is what is
+- qcompiler: ``qcompiler.compile(model, QuantSpec(passes="smooth,lsq,refine-steps",
+  weight_bits=8, act_bits=8, calib_batches=..., asymmetric_acts=True))`` with every other
+  option at its default (``smooth`` changes only pre-norm transformers: here the ViT;
+  ``refine-steps`` rescales activation steps for the layers reading them) (so a default step initialisation, when the spec gains one, is what is
   measured; the spec used is printed and written to the results file). Zero points
   are on because torch.ao's x86 qconfig has them too (quint8 activations with a zero
   point), so both sides choose from the same grids; ``--symmetric`` measures without;
@@ -178,9 +179,9 @@ def compare(y_q: torch.Tensor, y_f: torch.Tensor, labels: torch.Tensor) -> tuple
 
 
 def qcompiler_spec(calib_batches: int, asymmetric: bool = True) -> qcompiler.QuantSpec:
-    """W8A8 LSQ after smoothing layer norms, zero points allowed (as torch.ao's), every other option at
-    its default (step initialisation included)."""
-    return qcompiler.QuantSpec(passes="smooth,lsq", weight_bits=8, act_bits=8, calib_batches=calib_batches,
+    """W8A8 LSQ after smoothing layer norms, steps refined for their layers, zero points allowed (as
+    torch.ao's), every other option at its default (step initialisation included)."""
+    return qcompiler.QuantSpec(passes="smooth,lsq,refine-steps", weight_bits=8, act_bits=8, calib_batches=calib_batches,
                                asymmetric_acts=asymmetric)
 
 

@@ -58,6 +58,7 @@ ADDER_IN = "qc.adder_in"
 ADDER_Q = "qc.adder_q"
 BIAS = "qc.bias"
 SMOOTH = "qc.smooth"
+REFINE = "qc.refine"
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,21 @@ class Smoothing:
     readers: tuple[str, ...]
     spread: float
     batches: int
+
+
+@dataclass(frozen=True)
+class StepRefinement:
+    """What the ``refine-steps`` pass did to an activation quantizer's step.
+
+    ``factor`` multiplied the step (1.0: left as it was); ``layer_error`` is the squared
+    error of the layers reading the quantizer at the new step over the old one, and
+    ``output_error`` the same ratio for the network's output on the calibration batches,
+    which the change had to lower to be kept.
+    """
+
+    factor: float
+    layer_error: float
+    output_error: float
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .post import POST
 from .pot import POT
 from .quantize_joins import QuantizeJoins
 from .quantize_matmuls import QuantizeMatmuls
+from .refine_steps import RefineSteps
 from .smooth import Smooth
 
 REGISTRY: dict[str, type[Pass]] = {
@@ -38,6 +39,7 @@ REGISTRY: dict[str, type[Pass]] = {
         AdderShared,
         QuantizeMatmuls,
         QuantizeJoins,
+        RefineSteps,
         BiasCorrection,
         Freeze,
     )
