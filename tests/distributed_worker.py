@@ -39,7 +39,7 @@ def cases(rank: int) -> dict[str, tuple[torch.nn.Module, qcompiler.QuantSpec]]:
     return {
         "asq-post": (asq, qcompiler.QuantSpec(passes="asq,post", weight_bits=4, act_bits=4)),
         "adder": (adder, qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", weight_bits=4, act_bits=4)),
-        "lsq-dataset": (lsq, qcompiler.QuantSpec(passes="lsq", weight_bits=4, act_bits=4, calib_batches=4)),
+        "lsq-dataset": (lsq, qcompiler.QuantSpec(passes="lsq,refine-steps", weight_bits=4, act_bits=4, calib_batches=4)),
     }
 
 
