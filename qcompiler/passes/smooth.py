@@ -9,9 +9,12 @@ linear layer's weight column, so a per-feature factor moves between them exactly
   1. keep the ``nn.LayerNorm`` modules (with affine weights, called once) whose every
      reader is an ``nn.Linear`` called once and reading features on the last axis;
   2. on the calibration batches, the largest ``|x_c|`` of each norm's output feature;
-  3. ``s_c = max|x_c|^alpha / max_readers max|W[:, c]|^(1 - alpha)`` (``alpha`` 0.5);
-     divide the norm's weight and bias by ``s``, multiply every reader's weight columns;
-  4. record ``qc.smooth`` on the norm and drop its observed range (it changed).
+  3. ``s_c = max|x_c|^alpha / max_readers max|W[:, c]|^(1 - alpha)``, ``alpha`` the one of
+     ``ALPHAS`` (or no smoothing at all) whose readers' outputs on the kept calibration
+     samples lose least to a quick simulation of the spec's grids (the activation per
+     tensor at its least-error clip, the weights per output channel at their maximum);
+  4. divide the norm's weight and bias by ``s``, multiply every reader's weight columns;
+     record ``qc.smooth`` on the norm and drop its observed range (it changed).
 
 The float model computes the same function up to rounding. Run it first, before any
 quantizing pass: ``--passes smooth,lsq``.
@@ -26,10 +29,36 @@ from torch import nn
 
 from .. import ir
 from ..distributed import all_reduce_values
+from ..numerics import int_range, quantize_float
 from .base import CALIBRATION_DATA, STAGE_ANALYSIS, Pass, PassContext, PassResult
 from .calibrate import run_calibration
 
 SCALE_RANGE = (1e-5, 1e5)  # a dead feature (max 0) or a zero column keeps its scale of 1
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # migration strengths tried (SmoothQuant's default is 0.5)
+SAMPLE_BYTES = 8 << 20  # norm output kept per norm for choosing alpha
+CLIPS = torch.linspace(0.3, 1.0, 15).tolist()  # activation clips (of max|x|) the simulation tries
+
+
+def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], act_bits: int, weight_bits: int) -> float:
+    """Squared error of ``x @ W^T`` for every ``W`` once ``x`` (per tensor, its best clip) and
+    each ``W`` (per output channel, at its maximum) are on grids of these widths."""
+    qmin, qmax = int_range(act_bits, signed=True)
+    top = float(x.abs().max())
+    best = None
+    for clip in CLIPS:
+        step = max(top * clip / qmax, 1e-12)
+        xq = quantize_float(x, step, qmin, qmax) * step
+        err = float((xq - x).square().sum())
+        if best is None or err < best[0]:
+            best = (err, xq)
+    xq = best[1]
+    wmin, wmax = int_range(weight_bits, signed=True, narrow=True)
+    total = 0.0
+    for w in weights:
+        ws = (w.abs().amax(1, keepdim=True) / wmax).clamp_min(1e-12)
+        wq = quantize_float(w, ws, wmin, wmax) * ws
+        total += float((xq @ wq.t() - x @ w.t()).square().sum())
+    return total
 
 
 def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -70,8 +99,12 @@ class Smooth(Pass):
     requires = frozenset({CALIBRATION_DATA})
     produces = frozenset({"smoothed"})
 
-    def __init__(self, alpha: float = 0.5) -> None:
-        self.alpha = alpha
+    def __init__(self, act_bits: int = 8, weight_bits: int = 8) -> None:
+        self.act_bits, self.weight_bits = act_bits, weight_bits
+
+    @classmethod
+    def from_spec(cls, spec) -> Smooth:
+        return cls(act_bits=spec.act_bits, weight_bits=spec.weight_bits)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         targets = {n: r for n in gm.graph.nodes if (r := smoothable(gm, n)) is not None}
@@ -79,11 +112,15 @@ class Smooth(Pass):
             return PassResult(gm, False)
         act_max = {n.name: torch.zeros(gm.get_submodule(n.target).normalized_shape[-1], dtype=torch.float64)
                    for n in targets}
+        samples: dict[str, list[torch.Tensor]] = {k: [] for k in act_max}
 
         def watch(name: str):
             def update(x: torch.Tensor) -> None:
-                m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double()
-                torch.maximum(act_max[name], m, out=act_max[name])
+                rows = x.detach().reshape(-1, x.shape[-1]).double()
+                torch.maximum(act_max[name], rows.abs().amax(0), out=act_max[name])
+                room = SAMPLE_BYTES // rows[:1].nbytes - sum(len(t) for t in samples[name])
+                if room > 0:
+                    samples[name].append(rows[:room].clone())
             return update
 
         run_calibration(gm, ctx.calib_batches, {k: watch(k) for k in act_max}, "smooth", ctx.progress)
@@ -96,20 +133,34 @@ class Smooth(Pass):
             act_max[k] = torch.tensor(flat[offset:offset + width], dtype=torch.float64)
             offset += width
 
+        changed = False
         for node, readers in targets.items():
             norm = gm.get_submodule(node.target)
             layers = [gm.get_submodule(r.target) for r in readers]
-            weight_max = torch.stack([l.weight.detach().abs().amax(0).double() for l in layers]).amax(0)
-            s = smoothing_scales(act_max[node.name], weight_max, self.alpha)
+            weights = [l.weight.detach().double() for l in layers]
+            weight_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+            x = torch.cat(samples[node.name]) if samples[node.name] else torch.zeros(0, weight_max.numel(), dtype=torch.float64)
+            options = [None, *ALPHAS]  # None: leave this norm as it is
+            errors = []
+            for alpha in options:
+                sc = torch.ones_like(weight_max) if alpha is None else smoothing_scales(act_max[node.name], weight_max, alpha)
+                errors.append(simulated_error(x / sc, [w * sc for w in weights], self.act_bits, self.weight_bits)
+                              if len(x) else 0.0)
+            errors = all_reduce_values(errors, dist.ReduceOp.SUM, ctx.ranks)  # every rank chooses alike
+            alpha = options[min(range(len(options)), key=lambda i: (errors[i], i))]
+            if alpha is None:
+                continue
+            s = smoothing_scales(act_max[node.name], weight_max, alpha)
+            changed = True
             with torch.no_grad():
                 norm.weight.div_(s.to(norm.weight.dtype))
                 norm.bias.div_(s.to(norm.bias.dtype))
                 for layer in layers:
                     layer.weight.mul_(s.to(layer.weight.dtype))
-            node.meta[ir.SMOOTH] = ir.Smoothing(alpha=self.alpha, readers=tuple(r.name for r in readers),
+            node.meta[ir.SMOOTH] = ir.Smoothing(alpha=alpha, readers=tuple(r.name for r in readers),
                                                 spread=float(s.max() / s.min()), batches=batches)
             node.meta.pop(ir.RANGE, None)  # observed before: no longer this tensor's range
-        return PassResult(gm, True)
+        return PassResult(gm, changed)
 
 
-__all__ = ["Smooth", "smoothable", "smoothing_scales"]
+__all__ = ["ALPHAS", "Smooth", "simulated_error", "smoothable", "smoothing_scales"]

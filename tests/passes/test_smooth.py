@@ -9,7 +9,7 @@ from torch import nn
 import qcompiler
 from qcompiler import ir
 from qcompiler.passes import PassContext
-from qcompiler.passes.smooth import Smooth, smoothing_scales
+from qcompiler.passes.smooth import ALPHAS, Smooth, simulated_error, smoothing_scales
 
 
 class PreNorm(nn.Module):
@@ -51,12 +51,12 @@ def test_float_function_is_unchanged_and_the_outliers_shrink():
     model = PreNorm().eval()
     c, x = _compile(model, "smooth")
     (name, rec), = _smoothed(c).items()
-    assert (name, rec.alpha, rec.readers, rec.batches) == ("norm", 0.5, ("fc1",), 2) and rec.spread > 10
+    assert (name, rec.readers, rec.batches) == ("norm", ("fc1",), 2) and rec.alpha in ALPHAS and rec.spread > 5
     with torch.no_grad():
         torch.testing.assert_close(c.module(x), model(x), rtol=1e-5, atol=1e-5)
         before = model.norm(x.flatten(1)[:, :48].reshape(-1, 3, 16)).abs().amax((0, 1))
         after = c.module.get_submodule("norm")(x.flatten(1)[:, :48].reshape(-1, 3, 16)).abs().amax((0, 1))
-    assert float(before.max() / before.median()) > 10 * float(after.max() / after.median())
+    assert float(before.max() / before.median()) > 5 * float(after.max() / after.median())
     assert model.norm.weight[3] == 200.0  # the user's model is untouched
 
 
@@ -117,3 +117,23 @@ def test_attention_projections_are_the_readers_and_a_second_run_changes_nothing(
 def test_scales_leave_dead_features_alone():
     s = smoothing_scales(torch.tensor([9.0, 0.0, 4.0]), torch.tensor([1.0, 2.0, 0.0]), 0.5)
     assert s.tolist() == [3.0, 1.0, 1.0]
+
+
+def test_the_chosen_alpha_simulates_best_and_none_is_an_option():
+    """alpha is chosen on the calibration samples: the least simulated error of the readers'
+    outputs at the spec's widths, against every other strength and against not smoothing."""
+    torch.manual_seed(0)
+    model = PreNorm().eval()
+    c, x = _compile(model, "smooth", weight_bits=8, act_bits=8)
+    chosen = _smoothed(c)["norm"].alpha
+    with torch.no_grad():
+        h = model.norm(x.flatten(1)[:, :48].reshape(-1, 3, 16)).reshape(-1, 16).double()
+    w = model.fc1.weight.detach().double()
+    a_max, w_max = h.abs().amax(0), w.abs().amax(0)
+
+    def error(alpha):
+        sc = torch.ones(16, dtype=torch.float64) if alpha is None else smoothing_scales(a_max, w_max, alpha)
+        return simulated_error(h / sc, [w * sc], 8, 8)
+
+    assert error(chosen) == min(error(a) for a in (None, *ALPHAS))
+    assert error(chosen) < 0.5 * error(None)
