@@ -167,10 +167,19 @@ class ActQuant:
 
     @property
     def grid_kind(self) -> str:
-        """``"signed"``, ``"unsigned"`` or ``"asymmetric (zero point z)"``, as reports name the grid."""
-        if self.zero_point is not None:
-            return f"asymmetric (zero point {self.zero_point})"
-        return "signed" if self.signed else "unsigned"
+        """The grid as reports name it (:func:`grid_kind`)."""
+        return grid_kind(self.signed, self.zero_point)
+
+
+def grid_kind(signed: bool, zero_point: int | None) -> str:
+    """``"signed"``, ``"unsigned"`` or ``"asymmetric (zero point z)"``.
+
+    >>> grid_kind(True, None), grid_kind(True, 16)
+    ('signed', 'asymmetric (zero point 16)')
+    """
+    if zero_point is not None:
+        return f"asymmetric (zero point {zero_point})"
+    return "signed" if signed else "unsigned"
 
 
 @dataclass(frozen=True)

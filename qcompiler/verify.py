@@ -73,9 +73,7 @@ def act_quantizer_module(f: Facts, node: fx.Node) -> str | None:
     if not isinstance(q, UniformQuantizer):
         return f"its module {node.target!r} is a {type(q).__name__}, not an activation quantizer"
     if (q.bits, q.signed, getattr(q, "zero_point", None)) != (rec.bits, rec.signed, rec.zero_point):
-        module_kind = "signed" if q.signed else "unsigned"
-        if getattr(q, "zero_point", None) is not None:
-            module_kind = f"asymmetric (zero point {q.zero_point})"
+        module_kind = ir.grid_kind(q.signed, getattr(q, "zero_point", None))
         return f"record says {rec.bits}-bit {rec.grid_kind}, module is {q.bits}-bit {module_kind}"
     if (rec.method == "asq") != isinstance(q, ASQQuantizer):
         return f"record says method {rec.method!r}, module is {type(q).__name__}"

@@ -96,7 +96,7 @@ inline double block_sum(const float* v, int64_t n) {
 
 // positive(step) = |step| clamped at min_step, flattened to one value per row, and the
 // gradient through it: grad * sign(step) where |step| >= min_step, else 0. The same
-// elementwise results as qcompiler.quantizers.uniform.positive / positive_backward, in
+// elementwise results as qcompiler.quantizers.uniform.positive and autograd through it, in
 // one call each instead of four or five dispatched ops per quantizer and QAT step.
 torch::Tensor positive_rows(torch::Tensor step, double min_step) {
   TORCH_CHECK(step.scalar_type() == torch::kFloat32, "fused_quant: float32 only");
@@ -260,9 +260,7 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
   // d(step): sum_n beta_n g_n through positive() = |step| clamped at min_step
   double dstep = 0.0;
   for (int64_t i = 0; i < n; ++i) dstep += static_cast<double>(g[i]) * bp[i];
-  const float raw = step.item<float>();
-  const double sign = raw > 0 ? 1.0 : (raw < 0 ? -1.0 : 0.0);
-  auto grad_step = torch::full_like(step, static_cast<float>(std::abs(raw) >= min_step ? dstep * sign : 0.0));
+  auto grad_step = positive_grad(step, torch::full_like(step, static_cast<float>(dstep)), min_step);
 
   // dz_n = s g_n beta_n (1 - tanh^2), then fc2 and the ReLU
   std::vector<float> dz(n);

@@ -49,7 +49,7 @@ def remember(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> 
     argument that is itself remembered (a quantizer reading another's output) is
     kept as its recipe, so the chain holds only the first quantizer's input.
     """
-    if _tracing():  # graphs (jit, ONNX, torch.compile) get plain tensors
+    if capturing():  # graphs (jit, ONNX, torch.compile) get plain tensors
         return out
     args = tuple(_Recipe(r, None) if (r := _recipe_of(a)) is not None else a for a in args)
     versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
@@ -105,12 +105,9 @@ def _unpack(packed: Any) -> torch.Tensor:
     return packed.run() if isinstance(packed, _Recipe) else packed
 
 
-_tracing = capturing
-
-
 def active(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward is a training forward that autograd records (not eval, tracing or export)."""
-    return module.training and torch.is_grad_enabled() and not _tracing()
+    return module.training and torch.is_grad_enabled() and not capturing()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ from .rewrite import MULTIPLY_LAYERS
 
 REFINE_BATCHES = 8  # calibration batches the errors are measured on (the default calib_batches)
 INPUT_BYTES = 8 << 20  # float input kept per candidate quantizer
-FACTORS = torch.linspace(0.6, 1.4, 33).tolist()  # step multipliers tried (1.0 among them)
+FACTORS = torch.linspace(0.6, 1.4, 33).tolist()  # step multipliers tried
+UNCHANGED = FACTORS.index(1.0)  # exactly among them: the step as it is
 
 
 def _readers(gm: fx.GraphModule, q: fx.Node) -> list[fx.Node]:
@@ -103,7 +104,7 @@ class RefineSteps(Pass):
                                for (layer, op), ref in zip(ops, rs))
 
                 errors = total([layer_error(f) for f in FACTORS])
-                base = errors[FACTORS.index(min(FACTORS, key=lambda f: abs(f - 1.0)))]
+                base = errors[UNCHANGED]
                 best = min(range(len(FACTORS)), key=lambda i: errors[i])
                 quantizer.step.copy_(start * FACTORS[best])
             trial = output_error() if errors[best] < base else current

@@ -32,6 +32,7 @@ from ..distributed import all_reduce_values
 from ..numerics import int_range, quantize_float
 from .base import CALIBRATION_DATA, STAGE_ANALYSIS, Pass, PassContext, PassResult
 from .calibrate import run_calibration
+from .rewrite import call_sites
 
 SCALE_RANGE = (1e-5, 1e5)  # a dead feature (max 0) or a zero column keeps its scale of 1
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # migration strengths tried (SmoothQuant's default is 0.5)
@@ -61,13 +62,9 @@ def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], act_bits: int,
     return total
 
 
-def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
-
-
 def smoothable(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     """The linear layers reading layer norm ``node`` if the pass may rescale between them, else None."""
-    if node.op != "call_module" or not _called_once(gm, node):
+    if node.op != "call_module" or len(call_sites(node)) != 1:
         return None
     norm = gm.get_submodule(node.target)
     if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None or ir.SMOOTH in node.meta:
@@ -76,7 +73,7 @@ def smoothable(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     for r in readers:
         layer = gm.get_submodule(r.target) if r.op == "call_module" else None
         if (type(layer) is not nn.Linear or r.args[0] is not node or len(r.args) != 1 or r.kwargs
-                or not _called_once(gm, r) or layer.in_features != norm.normalized_shape[-1]):
+                or len(call_sites(r)) != 1 or layer.in_features != norm.normalized_shape[-1]):
             return None
     return readers or None
 
@@ -127,11 +124,8 @@ class Smooth(Pass):
         names = sorted(act_max)  # the same order on every rank
         flat = all_reduce_values(torch.cat([act_max[k] for k in names]).tolist(), dist.ReduceOp.MAX, ctx.ranks)
         batches = int(all_reduce_values([len(ctx.calib_batches)], dist.ReduceOp.SUM, ctx.ranks)[0])
-        offset = 0
-        for k in names:
-            width = act_max[k].numel()
-            act_max[k] = torch.tensor(flat[offset:offset + width], dtype=torch.float64)
-            offset += width
+        reduced = torch.tensor(flat, dtype=torch.float64).split([act_max[k].numel() for k in names])
+        act_max = dict(zip(names, reduced))
 
         changed = False
         for node, readers in targets.items():

@@ -61,26 +61,15 @@ def pool(x: torch.Tensor, feature_axis: int = 1) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
 
 
-def unpool(grad_pooled: torch.Tensor, x: torch.Tensor, feature_axis: int = 1) -> torch.Tensor:
-    """The gradient of :func:`pool` w.r.t. ``x``: each feature's gradient spread evenly over its positions."""
-    if x.dim() <= 2:
-        return grad_pooled
-    positions = x[0].numel() // grad_pooled.shape[1]
-    spread = grad_pooled / positions
-    if feature_axis == 1:
-        return spread.view(*spread.shape, *([1] * (x.dim() - 2)))
-    return spread.view(spread.shape[0], *([1] * (x.dim() - 2)), spread.shape[1])
+def adapter_forward(pooled, w1, b1, w2, b2) -> torch.Tensor:
+    """The adapter's math: ``beta`` for pooled features ``(N, C)``.
 
-
-def adapter_forward(pooled, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The adapter's math: ``(beta, hidden, tanh(z / L))`` for pooled features ``(N, C)``.
-
-    One definition for the autograd path (:class:`Adapter`) and the fused path
-    (:class:`_ASQ`, which keeps ``hidden`` and the tanh for its backward pass).
+    The autograd path (:class:`Adapter`) and the float64 deployed one call this; the fused
+    kernel ``asq_forward`` issues the same ATen ops in the same order (so the same bits).
     """
     hidden = torch.relu(F.linear(pooled, w1, b1))
     bounded = torch.tanh(F.linear(hidden, w2, b2).squeeze(-1) / BETA_BOUND)
-    return torch.exp(BETA_BOUND * bounded), hidden, bounded
+    return torch.exp(BETA_BOUND * bounded)
 
 
 def beta_float64(x: torch.Tensor, weights, feature_axis: int = 1) -> torch.Tensor:
@@ -89,7 +78,7 @@ def beta_float64(x: torch.Tensor, weights, feature_axis: int = 1) -> torch.Tenso
     The deployed computation (pooling, both linear layers, tanh and exp rounded once at the
     end), which the ONNX body and the report compute the same way.
     """
-    return adapter_forward(pool(x.detach().double(), feature_axis), *(w.detach().double() for w in weights))[0]
+    return adapter_forward(pool(x.detach().double(), feature_axis), *(w.detach().double() for w in weights))
 
 
 def init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> None:
@@ -141,7 +130,7 @@ class Adapter(nn.Module):
         return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return adapter_forward(pool(x, self.feature_axis), *self.weights())[0]
+        return adapter_forward(pool(x, self.feature_axis), *self.weights())
 
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -136,7 +136,7 @@ class PowerGridQuantizer(nn.Module):
         w = w.detach().contiguous()
         kernel = kernels.usable(w, self._alpha_view(w).detach(), build=False) if self.bits <= 8 else None
         if kernel is not None:
-            grid = dataclasses.astuple(grid_thresholds(self.bits, self.base))
+            grid = _kernel_grid(self.bits, self.base)
             values = lambda v, a: kernel.power_forward(v, a.reshape(-1).contiguous(), *grid)  # noqa: E731
         else:
             values = lambda v, a: _grid_values(v, a, self.bits, self.base)  # noqa: E731

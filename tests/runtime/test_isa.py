@@ -158,7 +158,7 @@ def test_asq_beta_equals_adapter_forward():
     consts = {"w1": w1.numpy(), "b1": b1.numpy(), "w2": w2.numpy(), "b2": b2.numpy(), "s": np.array(0.1), "o": np.zeros(())}
     got = run1("asq_beta", ["x"], consts, {"beta_bound": BETA_BOUND, "terms": [["x", None]], "clip": [None, None]}, {"x": x})
     pooled = torch.from_numpy(x * 0.1).flatten(2).mean(-1)
-    want = adapter_forward(pooled, w1, b1, w2, b2)[0].numpy()
+    want = adapter_forward(pooled, w1, b1, w2, b2).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-14)
 
 
