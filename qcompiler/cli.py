@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric-acts", action="store_true",
                    help="give activations with a thin negative tail (hardswish, SiLU, GELU outputs) an asymmetric grid "
                         "with a zero point where that loses less than the signed or unsigned one")
+    p.add_argument("--per-channel-joins", action="store_true",
+                   help="one step per channel for a residual add's operand that is a batch norm's output "
+                        "(the join's requantization carries the per-channel scales)")
     p.add_argument("--init", choices=list(INITS),
                    help="how steps and clips start: mse (least squared error on the calibration data; default), "
                         "percentile (99.99th of |x|), lsq (LSQ's 2 mean|x| / sqrt(p), a QAT start) or max (no clipping)")
@@ -99,6 +102,8 @@ def _spec_from_args(args: argparse.Namespace) -> QuantSpec:
         changes["residual_bits"] = check_bits(args.residual_bits, "--residual-bits")
     if args.asymmetric_acts:
         changes["asymmetric_acts"] = True
+    if args.per_channel_joins:
+        changes["per_channel_joins"] = True
     if args.init is not None:
         changes["init"] = args.init
     if args.float_multiply:

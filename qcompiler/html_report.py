@@ -168,12 +168,12 @@ def _observe(obs: Observed, node: fx.Node, x: torch.Tensor, keep: int, generator
     frozen = ir.find(node, ir.STEP, ir.FrozenAct)
     if frozen is None:  # an adder layer: each group clips differently, see its table
         return
-    step = torch.full((x.shape[0],), frozen.step, dtype=torch.float64)
+    step = torch.as_tensor(frozen.sample_steps(x.dim()))  # a scalar, or per channel (1, C, 1, ...)
     if frozen.adapter is not None:
         beta = adapter_beta(frozen.adapter, x)
         obs.betas.append(beta.numpy())
-        step = step * beta
-    v = x.double() / step.view(-1, *([1] * (x.dim() - 1)))
+        step = step * beta.view(-1, *([1] * (x.dim() - 1)))
+    v = x.double() / step
     obs.clipped += int(((v > frozen.qmax + 0.5) | (v < frozen.qmin - 0.5)).sum())
 
 
@@ -227,8 +227,10 @@ def weight_view(gm: fx.GraphModule, layer: fx.Node) -> WeightView | None:
 def act_grid(frozen: ir.FrozenAct, betas: np.ndarray) -> Grid:
     """An activation quantizer's levels ``step * k``; for ASQ at ``beta = 1``, with the clip
     bound also drawn at the smallest and largest ``beta`` the calibration data gave."""
-    levels = frozen.step * np.arange(frozen.qmin, frozen.qmax + 1, dtype=np.float64)
-    at = " at β=1" if frozen.adapter is not None else ""
+    steps = np.asarray(frozen.step, dtype=np.float64)
+    # per-channel steps (a join operand): the levels of the median channel stand for them
+    levels = float(np.median(steps)) * np.arange(frozen.qmin, frozen.qmax + 1, dtype=np.float64)
+    at = " at β=1" if frozen.adapter is not None else f" of the median of {steps.size} channel steps" if steps.ndim else ""
     bounds = [Bound(levels[-1], f"clip{at}")] + ([Bound(levels[0])] if frozen.qmin != 0 else [])
     if frozen.adapter is not None and len(betas):
         for label, beta, colour in (("smallest", betas.min(), "#8172b3"), ("largest", betas.max(), "#937860")):
@@ -475,8 +477,13 @@ def act_rows(source: fx.Node | None, quantizer: fx.Node, obs: Observed | None) -
         rows.append(("activation quantizer", f"{act.method} {act.grid_kind}, "
                                              f"{frozen.bits} bits, step initialised by {act.init}"))
         at = " (at β=1)" if frozen.adapter is not None else ""
-        rows.append((f"step{at}", _g(frozen.step)))
-        rows.append((f"clip range{at}", f"[{_g(frozen.qmin * frozen.step)}, {_g(frozen.qmax * frozen.step)}]"))
+        if frozen.channel_axis is None:
+            rows.append((f"step{at}", _g(frozen.step)))
+            rows.append((f"clip range{at}", f"[{_g(frozen.qmin * frozen.step)}, {_g(frozen.qmax * frozen.step)}]"))
+        else:
+            lo, hi = min(frozen.step), max(frozen.step)
+            rows.append(("steps", f"{len(frozen.step)}, one per channel (axis {frozen.channel_axis}): {_g(lo)} to {_g(hi)}"))
+            rows.append(("clip range", f"per channel, widest [{_g(frozen.qmin * hi)}, {_g(frozen.qmax * hi)}]"))
     scales = ir.find(quantizer, ir.ADDER_Q, ir.AdderScales)
     if scales is not None:
         clamp = ir.find(quantizer, ir.ADDER_IN, ir.ClampRange)

@@ -39,6 +39,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -154,6 +155,9 @@ class ActQuant:
     ``zero_point`` is set for an asymmetric grid (``QuantSpec.asymmetric_acts``): codes
     ``[-zero_point, 2^bits - 1 - zero_point]``, stored by hardware as unsigned
     ``code + zero_point`` (:func:`qcompiler.quantizers.init.choose_grid`).
+    ``channel_axis`` is set where the quantizer has one step per channel along that axis
+    (``QuantSpec.per_channel_joins``: a batch norm's output read only by a residual add);
+    the code range stays one for the tensor.
     """
 
     role: str  # "input" | "join"
@@ -164,6 +168,7 @@ class ActQuant:
     init: str  # "mse" | "percentile" | "lsq" | "max"
     learned: bool = True  # QAT trains the step (False: held at its calibrated value)
     zero_point: int | None = dataclasses.field(default=None, metadata={"shown_unless": None})
+    channel_axis: int | None = dataclasses.field(default=None, metadata={"shown_unless": None})
 
     @property
     def grid_kind(self) -> str:
@@ -277,16 +282,33 @@ class FrozenAct:
     """An activation quantizer's effective values: ``codes = clamp(round(x / step), qmin, qmax)``.
 
     ``step`` is the learned step after ``positive()``; with an ``adapter`` (ASQ) each
-    sample's step is ``step * beta(sample)``.
+    sample's step is ``step * beta(sample)``. With a ``channel_axis`` (per-channel join
+    operands, ``ActQuant.channel_axis``) ``step`` holds one value per channel along that
+    axis of the ``(N, C, ...)`` tensor; only joins read such a grid (the verifier checks).
     """
 
     bits: int
     signed: bool
     qmin: int
     qmax: int
-    step: float
+    step: float | tuple[float, ...]
     rounding: str  # "half-to-even"
     adapter: FrozenAdapter | None = None
+    channel_axis: int | None = dataclasses.field(default=None, metadata={"shown_unless": None})
+
+    def sample_steps(self, rank: int) -> np.ndarray:
+        """The step(s) as float64, shaped to broadcast over a batch of rank ``rank``:
+        ``(1, C, 1, ...)`` per channel, a 0-d array otherwise.
+
+        >>> FrozenAct(8, False, 0, 255, (0.5, 0.25), "half-to-even", channel_axis=1).sample_steps(4).shape
+        (1, 2, 1, 1)
+        """
+        steps = np.asarray(self.step, dtype=np.float64)
+        if self.channel_axis is None:
+            return steps
+        shape = [1] * rank
+        shape[self.channel_axis] = -1
+        return steps.reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)

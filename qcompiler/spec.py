@@ -104,6 +104,11 @@ class QuantSpec:
             negative tails of hardswish, SiLU and GELU outputs); off, each gets the
             signed or the unsigned grid. Hardware stores such codes as unsigned
             ``code + zero_point`` and folds the zero point into the next layer's bias.
+        per_channel_joins: a residual add's operand that is a batch norm's output read
+            by nothing else gets one step per channel instead of one for the tensor
+            (its code range stays one): the channels of such a tensor differ in range by
+            the norm's gains, and the join's requantization multipliers carry a scale per
+            channel at no cost in integer hardware (off by default).
         leaf_modules: ``"package.module:Class"`` names the tracer keeps opaque.
         init: where the uniform steps and POT/POST clips of ``lsq`` / ``asq`` / ``pot``
             / ``post`` start (:mod:`qcompiler.quantizers.init`): ``"mse"`` (default) the
@@ -131,6 +136,7 @@ class QuantSpec:
     bias_correction: bool = True
     residual_bits: int = 8
     asymmetric_acts: bool = False
+    per_channel_joins: bool = False
     leaf_modules: tuple[str, ...] = ()
     init: str = "mse"
 
@@ -148,7 +154,7 @@ class QuantSpec:
         if not self.passes:
             raise SpecError("the pass list is empty; give e.g. --passes lsq")
         for flag in ("pin_first_last", "adder_weight_clamp", "quantize_joins", "quantize_matmuls", "bias_correction",
-                     "asymmetric_acts"):
+                     "asymmetric_acts", "per_channel_joins"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.pin_first_last and "pin-first-last" in self.passes:

@@ -22,10 +22,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -77,6 +77,9 @@ def act_quantizer_module(f: Facts, node: fx.Node) -> str | None:
         return f"record says {rec.bits}-bit {rec.grid_kind}, module is {q.bits}-bit {module_kind}"
     if (rec.method == "asq") != isinstance(q, ASQQuantizer):
         return f"record says method {rec.method!r}, module is {type(q).__name__}"
+    module_axis = q.channel_axis if q.step.dim() else None
+    if rec.channel_axis != module_axis:
+        return f"record says channel axis {rec.channel_axis}, module has {module_axis}"
     if not _finite_positive(q.step):
         return f"step {q.step.detach().tolist()} is not positive and finite"
     return None
@@ -152,8 +155,22 @@ def matmul_record_matches(f: Facts, node: fx.Node) -> str | None:
 
 def steps_finite(f: Facts, node: fx.Node) -> str | None:
     frozen = node.meta.get(ir.STEP)
-    if frozen is not None and not (math.isfinite(frozen.step) and frozen.step > 0):
-        return f"frozen step {frozen.step} is not positive and finite"
+    if frozen is not None:
+        steps = np.asarray(frozen.step, dtype=np.float64)
+        if not (np.isfinite(steps).all() and (steps > 0).all()):
+            return f"frozen step {frozen.step} is not positive and finite"
+    return None
+
+
+def channel_steps_read_by_joins(f: Facts, node: fx.Node) -> str | None:
+    """Per-channel activation steps are requantization multipliers of a join: a layer
+    reading such codes would need a step per input channel, which no backend has."""
+    rec = node.meta.get(ir.ACT)
+    if rec is None or rec.channel_axis is None:
+        return None
+    others = [u.name for u in node.users if join_operands(u) is None]
+    if others:
+        return f"has one step per channel but {others[0]!r}, not a join, reads it"
     return None
 
 
@@ -163,6 +180,7 @@ RULES: tuple[Rule, ...] = (
     Rule("join record matches the graph", join_record_matches),
     Rule("matmul record matches the graph", matmul_record_matches),
     Rule("frozen step is positive and finite", steps_finite),
+    Rule("per-channel activation steps are read only by joins", channel_steps_read_by_joins),
     Rule("no unrecorded float edge", no_unrecorded_float, final=True),
     Rule("frozen records equal module state", frozen_records_current, final=True),
 )

@@ -24,7 +24,7 @@ from qcompiler import ir
 from qcompiler.data import load_digits
 from qcompiler.distributed import sync_buffers
 from qcompiler.train import TrainConfig, train
-from qcompiler.zoo import adder_resnet20, plain_cnn, resnet20
+from qcompiler.zoo import adder_resnet20, resnet20
 
 SHARD = 64  # calibration samples per rank: one calibration batch each
 
@@ -35,11 +35,12 @@ def cases(rank: int) -> dict[str, tuple[torch.nn.Module, qcompiler.QuantSpec]]:
     asq = resnet20(1, 10, width=4)
     torch.manual_seed(0)
     adder = adder_resnet20(1, 10, width=4)
-    lsq = plain_cnn(1, 10, width=4)
+    lsq = resnet20(1, 10, width=4)  # its residual adds take per-channel operand steps, fitted per rank, then averaged
     return {
         "asq-post": (asq, qcompiler.QuantSpec(passes="asq,post", weight_bits=4, act_bits=4)),
         "adder": (adder, qcompiler.QuantSpec(passes="outlier-clamp,adder-groups", weight_bits=4, act_bits=4)),
-        "lsq-dataset": (lsq, qcompiler.QuantSpec(passes="lsq,refine-steps", weight_bits=4, act_bits=4, calib_batches=4)),
+        "lsq-dataset": (lsq, qcompiler.QuantSpec(passes="lsq,refine-steps", weight_bits=4, act_bits=4, calib_batches=4,
+                                                  per_channel_joins=True)),
     }
 
 

@@ -10,6 +10,8 @@ import qcompiler
 from qcompiler import ir
 from qcompiler.spec import SpecError
 from qcompiler.data import load_digits
+
+from numeric_checks import assert_backends_agree
 from qcompiler.runtime.onnx_export import onnx_parity, to_onnx
 
 
@@ -82,20 +84,9 @@ def test_asymmetric_grid_loses_less(compiled_pair):
     assert errors[1] < 0.6 * errors[0], errors
 
 
-def test_integer_program_agrees(compiled_pair):
-    _, _, c = compiled_pair
-    report = c.lower().verify(c, load_digits().x_test.numpy())
-    assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()
-
-
-@pytest.mark.parametrize("fmt", ["custom", "qdq"])
-def test_onnx_agrees(compiled_pair, fmt):
-    _, _, c = compiled_pair
-    c.freeze()
-    parity = onnx_parity(c, to_onnx(c.module, fmt), load_digits().x_test)
-    assert parity.classes_agree == 1.0, parity.text()
-    if fmt == "custom":
-        assert parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6), parity.text()
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_backends_agree(compiled_pair, fmt):
+    assert_backends_agree(compiled_pair[2], load_digits().x_test, fmt, outputs_to=None if fmt == "qdq" else 1e-4)
 
 
 def test_qdq_zero_point_is_the_grids():
@@ -136,8 +127,7 @@ def test_asq_takes_the_zero_point_too():
     x = data.x_test[:64]
     codes = q.codes(torch.randn(64, 8, 8, 8))
     assert int(codes.min()) >= q.qmin and int(codes.max()) <= q.qmax
-    report = c.lower().verify(c, x.numpy())
-    assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()
+    assert_backends_agree(c, x, "program")
     c.freeze()
     parity = onnx_parity(c, to_onnx(c.module), x)
     assert parity.classes_agree == 1.0 and parity.max_abs_diff <= 1e-4 * max(parity.output_range, 1e-6), parity.text()

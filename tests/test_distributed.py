@@ -78,6 +78,13 @@ def test_ranks_identical(worker_outputs: Path, case: str, stage: str) -> None:
         _assert_identical(ranks[0], other)
 
 
+def test_per_channel_join_steps_are_averaged_into_one(worker_outputs: Path) -> None:
+    """Each rank fits the per-channel operand steps on its own samples; they start as one (the mean)."""
+    state = _load(worker_outputs, "lsq-dataset", "compiled", 0)["state"]
+    steps = [k for k, v in state.items() if k.endswith("_join.step") and v.dim() == 1]
+    assert steps, sorted(state)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_training_moved_the_parameters(worker_outputs: Path, case: str) -> None:
     before, after = (_load(worker_outputs, case, s, 0)["state"] for s in ("compiled", "trained"))

@@ -73,6 +73,19 @@ def run_calibration(
     return interp.peak_bytes
 
 
+def sample_keeper(held: list[torch.Tensor], max_bytes: int) -> Callable[[torch.Tensor], None]:
+    """A ``watched`` callback for :func:`run_calibration` that appends the first samples of each
+    batch to ``held`` until they fill ``max_bytes`` (at least one sample): memory stays
+    bounded on large models."""
+    def add(x: torch.Tensor) -> None:
+        room = max_bytes - sum(t.nbytes for t in held)
+        per_sample = max(x[:1].nbytes, 1)
+        if held and room < per_sample:
+            return
+        held.append(x[:max(1, room // per_sample)].clone())
+    return add
+
+
 class Lockstep:
     """The graph run on every batch at once, one node at a time (eval mode, no autograd).
 

@@ -37,9 +37,12 @@ def frozen_act(q: UniformQuantizer) -> ir.FrozenAct:
     if isinstance(q, ASQQuantizer):
         w1, b1, w2, b2 = (t.detach().clone() for t in q.adapter.weights())
         adapter = ir.FrozenAdapter(w1, b1, w2, b2, beta_bound=BETA_BOUND, feature_axis=q.adapter.feature_axis)
+    step = positive(q.step.detach())
+    per_channel = step.dim() > 0  # per-channel join operands (their module's channel axis)
     return ir.FrozenAct(
         bits=q.bits, signed=q.signed, qmin=q.qmin, qmax=q.qmax,
-        step=float(positive(q.step.detach())), rounding="half-to-even", adapter=adapter,
+        step=tuple(step.tolist()) if per_channel else float(step), rounding="half-to-even", adapter=adapter,
+        channel_axis=q.channel_axis if per_channel else None,
     )
 
 

@@ -13,7 +13,11 @@ exactly that:
   3. a tensor gets one quantizer: if one of at least the residual width is already
      there, the join shares it; otherwise the narrower layer-input quantizers on
      the tensor are moved behind the new one (they requantize its codes);
-  4. each join records the grid of every operand and of its result (``qc.join``).
+  4. with ``per_channel_joins``, an operand that is a batch norm's output read by
+     nothing else gets one step per channel (the norm's gains give its channels
+     different ranges; the join's requantization multipliers carry them), each
+     started from the calibration samples as the spec's ``init`` says;
+  5. each join records the grid of every operand and of its result (``qc.join``).
 
 The new quantizers are learned-step (LSQ) quantizers, signed, unsigned or (with
 ``asymmetric_acts``) asymmetric by :func:`qcompiler.quantizers.init.choose_grid`, whose steps start as the spec's
@@ -23,6 +27,7 @@ The new quantizers are learned-step (LSQ) quantizers, signed, unsigned or (with
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
@@ -30,7 +35,9 @@ from .. import ir
 from ..analysis import GRID, is_constant_join, is_identity, join_kind, join_operands, tensor_domains
 from ..quantizers import UniformQuantizer, init
 from ..spec import QuantSpec
+from ..distributed import all_reduce_values
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
+from .calibrate import run_calibration, sample_keeper
 from .observe import observe_ranges
 from .rewrite import init_act_step, insert_quantizer
 
@@ -44,6 +51,8 @@ def join_init(spec_init: str) -> str:
     ('mse', 'max')
     """
     return "max" if spec_init == "lsq" else spec_init
+
+SAMPLE_BYTES = 8 << 20  # calibration samples kept per per-channel quantizer to fit its steps
 
 _RELU = (nn.ReLU,)
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
@@ -87,12 +96,13 @@ class QuantizeJoins(Pass):
     produces = frozenset({"join-quant"})
     quiet_when_unchanged = True
 
-    def __init__(self, bits: int = 8, init: str = "mse", asymmetric: bool = False) -> None:
-        self.bits, self.init, self.asymmetric = bits, init, asymmetric
+    def __init__(self, bits: int = 8, init: str = "mse", asymmetric: bool = False, per_channel: bool = False) -> None:
+        self.bits, self.init, self.asymmetric, self.per_channel = bits, init, asymmetric, per_channel
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> QuantizeJoins:
-        return cls(bits=spec.residual_bits, init=join_init(spec.init), asymmetric=spec.asymmetric_acts)
+        return cls(bits=spec.residual_bits, init=join_init(spec.init), asymmetric=spec.asymmetric_acts,
+                   per_channel=spec.per_channel_joins)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         domains = tensor_domains(gm)
@@ -108,11 +118,17 @@ class QuantizeJoins(Pass):
         for join in joins:  # results first: they are the next joins' operands
             self.quantize_tensor(gm, results[join], list(results[join].users))
         domains = tensor_domains(gm)
+        per_channel: dict[fx.Node, fx.Node] = {}  # tensor -> its per-channel quantizer
         for join in joins:
             for operand in join_operands(join):
                 if domains[operand].kind != GRID:
                     reader, tensor = passthrough_source(gm, join, operand)
-                    self.quantize_tensor(gm, tensor, [reader])
+                    channels = self.channels(gm, tensor, reader)
+                    q = self.quantize_tensor(gm, tensor, [reader], channels)
+                    if channels:
+                        per_channel[tensor] = q
+        if per_channel:
+            self.fit_channel_steps(gm, ctx, per_channel)
         domains = tensor_domains(gm)
         for join in joins:
             out = next(u for u in results[join].users if self.is_wide(u))
@@ -125,10 +141,42 @@ class QuantizeJoins(Pass):
     def is_wide(self, node: fx.Node) -> bool:
         """A per-tensor quantizer at least as wide as the residual stream (ASQ's per-sample steps are not)."""
         rec = node.meta.get(ir.ACT)
-        return rec is not None and rec.method == "lsq" and rec.bits >= self.bits
+        return rec is not None and rec.method == "lsq" and rec.bits >= self.bits and rec.channel_axis is None
 
-    def quantize_tensor(self, gm: fx.GraphModule, tensor: fx.Node, readers: list[fx.Node]) -> fx.Node:
-        """Put ``tensor`` on a grid for ``readers``; returns the quantizer node they now read."""
+    def channels(self, gm: fx.GraphModule, tensor: fx.Node, reader: fx.Node) -> int | None:
+        """How many channels ``tensor`` gets steps for: with ``per_channel``, a batch norm's
+        ``(N, C, ...)`` output that only ``reader`` (the join) reads; otherwise ``None``."""
+        if not self.per_channel or set(tensor.users) != {reader} or tensor.op != "call_module":
+            return None
+        if not isinstance(gm.get_submodule(tensor.target), nn.modules.batchnorm._BatchNorm):
+            return None
+        meta = tensor.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        return int(shape[1]) if shape is not None and len(shape) >= 2 and int(shape[1]) > 1 else None
+
+    def fit_channel_steps(self, gm: fx.GraphModule, ctx: PassContext, quantizers: dict[fx.Node, fx.Node]) -> None:
+        """Start each per-channel quantizer's steps from its tensor's calibration samples (the
+        first ones, up to ``SAMPLE_BYTES``); in a distributed compile the ranks' steps are
+        averaged, so every rank starts alike."""
+        samples: dict[str, list[torch.Tensor]] = {t.name: [] for t in quantizers}
+        run_calibration(gm, ctx.calib_batches, {k: sample_keeper(v, SAMPLE_BYTES) for k, v in samples.items()},
+                        self.name, ctx.progress, float_=True)
+        modules = [gm.get_submodule(q.target) for q in quantizers.values()]
+        for tensor, q in zip(quantizers, modules):
+            q.init_per_channel(torch.cat(samples[tensor.name]), self.init)
+        flat = all_reduce_values([v for q in modules for v in q.step.detach().tolist()], dist.ReduceOp.SUM, ctx.ranks)
+        at = 0
+        with torch.no_grad():
+            for q in modules:
+                n = q.step.numel()
+                q.step.copy_(torch.tensor(flat[at:at + n], dtype=q.step.dtype) / ctx.ranks.size)
+                at += n
+
+    def quantize_tensor(self, gm: fx.GraphModule, tensor: fx.Node, readers: list[fx.Node],
+                        channels: int | None = None) -> fx.Node:
+        """Put ``tensor`` on a grid for ``readers`` (one step per channel of axis 1 with
+        ``channels``, steps then set by :meth:`fit_channel_steps`); returns the quantizer node
+        they now read."""
         existing = [u for u in tensor.users if ir.ACT in u.meta]
         wide = [q for q in existing if self.is_wide(q)]
         if wide:
@@ -136,11 +184,12 @@ class QuantizeJoins(Pass):
         else:
             rng = ir.get(tensor, ir.RANGE, ir.TensorRange)
             signed, zero_point = init.choose_grid(rng, self.bits, self.asymmetric)
-            q = UniformQuantizer(self.bits, signed=signed, zero_point=zero_point)
+            axis = 1 if channels else None
+            q = UniformQuantizer(self.bits, signed=signed, channels=channels, channel_axis=axis or 0, zero_point=zero_point)
             init_act_step(q, rng, self.init)
             name = f"{tensor.name}_join"
             record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=q.signed, module=name, init=self.init,
-                                 zero_point=zero_point)
+                                 zero_point=zero_point, channel_axis=axis)
             quantizer = insert_quantizer(gm, tensor, name, q, record)
             readers = readers + existing  # narrower quantizers now requantize these codes
         for reader in readers:

@@ -28,7 +28,7 @@ from ..distributed import all_reduce_values
 from ..nn.modes import training_mode
 from ..nn.qat import float_forward
 from .base import CALIBRATION_DATA, STAGE_CORRECT, Pass, PassContext, PassResult
-from .calibrate import run_calibration
+from .calibrate import run_calibration, sample_keeper
 from .rewrite import MULTIPLY_LAYERS
 
 REFINE_BATCHES = 8  # calibration batches the errors are measured on (the default calib_batches)
@@ -69,16 +69,7 @@ class RefineSteps(Pass):
         output = next(n for n in gm.graph.nodes if n.op == "output")
         float_out: list[torch.Tensor] = []
 
-        def keep(held: list[torch.Tensor]):
-            def add(x: torch.Tensor) -> None:
-                room = INPUT_BYTES - sum(t.nbytes for t in held)
-                per_sample = max(x[:1].nbytes, 1)
-                if held and room < per_sample:
-                    return
-                held.append(x[:max(1, room // per_sample)].clone())
-            return add
-
-        watched = {k: keep(v) for k, v in inputs.items()} | {output.name: float_out.append}
+        watched = {k: sample_keeper(v, INPUT_BYTES) for k, v in inputs.items()} | {output.name: float_out.append}
         run_calibration(gm, batches, watched, "refine-steps", ctx.progress, float_=True)
 
         def total(values: list[float]) -> list[float]:

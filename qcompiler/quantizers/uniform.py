@@ -178,7 +178,8 @@ class UniformQuantizer(nn.Module):
         """Codes below zero of an asymmetric grid (``-qmin``); ``None`` for the signed and unsigned ones."""
         return -self.qmin if self.asymmetric else None
 
-    def _step_view(self, x: torch.Tensor) -> torch.Tensor:
+    def step_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``positive(step)`` shaped to broadcast over ``x`` (per channel along ``channel_axis``)."""
         step = positive(self.step)
         if step.dim() == 0:
             return step
@@ -189,7 +190,9 @@ class UniformQuantizer(nn.Module):
     def elements_per_step(self, x: torch.Tensor) -> int:
         """``N`` of the gradient scale: elements one step value quantizes per sample."""
         if self.step.dim():
-            return x.numel() // x.shape[self.channel_axis]
+            per_step = x.numel() // x.shape[self.channel_axis]
+            # an activation's channel axis is not the batch axis: count one sample's elements
+            return per_step // x.shape[0] if self.channel_axis % max(x.dim(), 1) != 0 else per_step
         return x[0].numel() if x.dim() > 1 else x.numel()
 
     def grad_scale(self, x: torch.Tensor) -> float:
@@ -221,10 +224,12 @@ class UniformQuantizer(nn.Module):
         self.step.copy_((m / max(self.qmax, 1)).clamp_min(1e-6).expand_as(self.step))
 
     @torch.no_grad()
-    def init_mse(self, x: torch.Tensor) -> None:
+    def init_mse(self, x: torch.Tensor, lsq_start: bool = True) -> None:
         """The step with the least squared error on ``x`` itself (per channel when per
-        channel), searched through this quantizer's own forward values (a weight); never
-        worse than LSQ's start, which the search also tries."""
+        channel), searched through this quantizer's own forward values; for a weight never
+        worse than LSQ's start, which the search also tries (``lsq_start``). On activation
+        samples it is left out: a step past the largest sample's reach wins there only by
+        rounding luck (a near-constant channel landing on a coarse grid point)."""
         rows = x.detach().movedim(self.channel_axis, 0) if self.step.dim() else x.detach().reshape(1, -1)
         full = rows.abs().flatten(1).max(1).values.double() / max(self.qmax, 1)
 
@@ -239,20 +244,26 @@ class UniformQuantizer(nn.Module):
                 return kernel.lsq_forward(w, step.contiguous(), self.qmin, self.qmax)
             return quantize_float(w, step, self.qmin, self.qmax, out=buffer).mul_(step)
 
-        lsq_start = 2 * rows.abs().flatten(1).double().mean(1) / math.sqrt(max(self.qmax, 1))
-        best = init.search_scale(full, init.channel_error(rows, values), also=lsq_start)
+        start = 2 * rows.abs().flatten(1).double().mean(1) / math.sqrt(max(self.qmax, 1))
+        best = init.search_scale(full, init.channel_error(rows, values), also=start if lsq_start else None)
         self.step.copy_(best.to(self.step.dtype).clamp_min(init.MIN_SCALE).view_as(self.step))
 
     @torch.no_grad()
     def init_weight(self, w: torch.Tensor, how: str) -> None:
         """Start the per-channel steps of weight ``w`` as ``how`` (one of :data:`init.INITS`) says."""
-        per_channel = w.detach().abs().flatten(1)
+        self.init_per_channel(w, how)
+
+    @torch.no_grad()
+    def init_per_channel(self, x: torch.Tensor, how: str) -> None:
+        """Start the steps, one per index of ``channel_axis``, from samples ``x`` as ``how`` says
+        (a weight, or an activation's calibration samples)."""
+        per_channel = x.detach().movedim(self.channel_axis, 0).abs().flatten(1)
         if how == "mse":
-            self.init_mse(w)
+            self.init_mse(x, lsq_start=self.channel_axis == 0)  # axis 0: a weight's output channels
         elif how == "percentile":
             self.init_from_max(torch.quantile(per_channel.float(), init.PERCENTILE, dim=1))
         elif how == "lsq":
-            self.init_from(w)
+            self.init_from(x)
         else:
             assert how == "max", how
             self.init_from_max(per_channel.max(1).values)
@@ -266,15 +277,15 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if exact.deployed(self):
-            return self.frozen_forward(x, self._step_view(x))
+            return self.frozen_forward(x, self.step_view(x))
         kernel = self._kernel(x)
         # x may be another quantizer's output (a residual join's): then its recipe is saved, not x
         with recomputed(self):
             if kernel is not None:
                 return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
-            # Per-channel steps quantize weights: small, so keep the gradient factors.
-            keep = self.step.dim() > 0
-            return lsq_quantize(x, self._step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
+            # Per-channel steps on axis 0 quantize weights: small, so keep the gradient factors.
+            keep = self.step.dim() > 0 and self.channel_axis == 0
+            return lsq_quantize(x, self.step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
 
     def frozen_forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Eval mode: ``clamp(round(x / step)) * step`` (three IEEE ops and a clamp, as the ONNX body),
@@ -289,4 +300,4 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, x: torch.Tensor, narrow_dtype: bool = False) -> torch.Tensor:
         """Integer codes the deployed model stores for ``x`` (int64, or the narrowest type that holds them)."""
-        return quantize_codes(x, self._step_view(x), self.qmin, self.qmax, narrow_dtype)
+        return quantize_codes(x, self.step_view(x), self.qmin, self.qmax, narrow_dtype)

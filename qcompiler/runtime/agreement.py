@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from ..quantizers.asq import ASQQuantizer
-from ..quantizers.uniform import positive
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def reference_codes(compiled, x: np.ndarray) -> tuple[np.ndarray, dict[str, tupl
 
         def hook(m, inputs, _out, name=node.name):
             v = inputs[0]
-            step = m.sample_step(v) if isinstance(m, ASQQuantizer) else positive(m.step)
+            step = m.sample_step(v) if isinstance(m, ASQQuantizer) else m.step_view(v)
             u = v / step
             tie = (u - torch.floor(u) == 0.5) & (u > m.qmin) & (u < m.qmax)
             found[name] = (m.codes(v).numpy(), tie.numpy())

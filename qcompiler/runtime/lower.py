@@ -88,7 +88,7 @@ class Grid:
     """Codes of the quantizer ``buf`` (a node name): ``buf * step`` (times ``factor[n]`` under ASQ)."""
 
     buf: str
-    step: float
+    step: float | np.ndarray  # per channel, shaped (C, 1, ...): a join operand (only joins read it)
     qmin: int
     qmax: int
     bits: int
@@ -96,8 +96,9 @@ class Grid:
     factor: str | None = None
 
     def acc(self) -> Acc:
-        bound = np.array(float(max(abs(self.qmin), abs(self.qmax))))
-        return Acc([Term(self.buf, np.array(self.step), bound, self.factor, self.qmin)], np.zeros(()), self.shape)
+        step = np.asarray(self.step, dtype=np.float64)  # a scalar, or per channel (C, 1, ...) for a join operand
+        bound = np.full(step.shape, float(max(abs(self.qmin), abs(self.qmax))))
+        return Acc([Term(self.buf, step, bound, self.factor, self.qmin)], np.zeros(()), self.shape)
 
 
 @dataclass
@@ -206,13 +207,18 @@ class _Lowering:
         factor = None
         if frozen.adapter is not None:
             factor = self.beta(node, src, frozen)
+        shape = _shape(node)
+        # per channel: one requantization multiplier per channel (the batch axis is not in `shape`)
+        step = frozen.step if frozen.channel_axis is None else frozen.sample_steps(len(shape) + 1)[0]
         if isinstance(src, FloatInput):
+            if frozen.channel_axis is not None:
+                raise self.unsupported(node, "per-channel steps on the network input")
             attrs = {"step": frozen.step, "qmin": frozen.qmin, "qmax": frozen.qmax, "factor": factor}
             self.emit("quantize", node.name, [src.buf] + ([factor] if factor else []), (), attrs, node.name)
         else:
-            self.requant(self.acc(node, src), node.name, frozen.step, frozen.qmin, frozen.qmax, factor, node.name)
+            self.requant(self.acc(node, src), node.name, step, frozen.qmin, frozen.qmax, factor, node.name)
         self.quantizers.append(node.name)
-        return Grid(node.name, frozen.step, frozen.qmin, frozen.qmax, frozen.bits, _shape(node), factor)
+        return Grid(node.name, step, frozen.qmin, frozen.qmax, frozen.bits, shape, factor)
 
     def beta(self, node: fx.Node, src: object, frozen: ir.FrozenAct) -> str:
         """Host step: each sample's ASQ factor beta from the float value the quantizer reads."""
@@ -277,6 +283,8 @@ class _Lowering:
         src = self.values[node.args[0]]
         if not isinstance(src, Grid):
             raise self.unsupported(node, "a compute layer must read an activation quantizer's codes")
+        if np.ndim(src.step):
+            raise self.unsupported(node, "a compute layer reads codes with one step per channel (only joins can)")
         codes = ir.find(node, ir.CODES, ir.WeightCodes)
         if codes is None or ir.FLOAT in node.meta:
             raise self.unsupported(node, "float compute layers have no integer form")

@@ -122,7 +122,8 @@ class _Emitter:
     def quantizer(self, node: fx.Node) -> None:
         frozen = ir.get(node, ir.STEP, ir.FrozenAct)
         _positive(frozen.step, f"activation quantizer {node.name!r} step")
-        step = self.init(f"{node.name}.step", np.float32(frozen.step))
+        # per channel (a join operand): (1, C, 1, ...), which the elementwise body broadcasts
+        step = self.init(f"{node.name}.step", frozen.sample_steps(len(_shape(node)) + 1).astype(np.float32))
         x = self.src(node)
         if frozen.adapter is not None and not frozen.adapter.pools_channels_first(node):  # the ASQ ops pool channels-first maps
             raise UnsupportedError(f"onnx export: ASQ quantizer {node.name!r} pools over tokens (features on the last "

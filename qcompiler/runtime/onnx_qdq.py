@@ -54,7 +54,7 @@ from .. import ir
 from ..frontend import TRANSPOSED_KINDS
 from ..nn import exact
 from ..numerics import round_half_even
-from .onnx_export import ExportError, _conv_attrs, _Emitter, _positive
+from .onnx_export import ExportError, _conv_attrs, _Emitter, _positive, _shape
 
 MAX_BITS = 8
 INT32 = np.iinfo(np.int32)
@@ -137,6 +137,8 @@ class _QdqEmitter(_Emitter):
         half = 2 ** (MAX_BITS - 1)
         zp = 0 if frozen.qmin >= 0 else half if frozen.qmax < half else -frozen.qmin
         x = self.src(node)
+        if frozen.channel_axis is not None:
+            return self.channel_quantizer(node, frozen, x, zp)
         if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):
             lo, hi = (self.init(f"{node.name}.{k}", np.float32(q) * np.float32(frozen.step))
                       for k, q in (("lo", frozen.qmin), ("hi", frozen.qmax)))
@@ -145,6 +147,23 @@ class _QdqEmitter(_Emitter):
         zero = self.init(f"{node.name}.zero_point", np.uint8(zp))
         q = self.node("QuantizeLinear", [x, s, zero], f"{node.name}.q", f"{node.name}/quantize")
         self.node("DequantizeLinear", [q, s, zero], node.name, node.name)
+
+    def channel_quantizer(self, node: fx.Node, frozen: ir.FrozenAct, x: str, zp: int) -> None:
+        """Per-channel steps (a join operand): ``Div`` by the steps, a unit-scale QDQ pair, ``Mul``.
+
+        Per-axis scales on the QDQ pair itself would let onnxruntime fuse the layer before it
+        into a ``QLinearConv``, whose output zero point must be one scalar; divided first, the
+        values are ``x / step`` as the module computes them, rounded and clamped by the pair.
+        """
+        steps = self.init(f"{node.name}.step", frozen.sample_steps(len(_shape(node)) + 1).astype(np.float32))
+        v = self.node("Div", [x, steps], f"{node.name}.scaled", f"{node.name}/scale")
+        if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):  # integer bounds: clip, then round
+            lo, hi = (self.init(f"{node.name}.{k}", np.float32(q)) for k, q in (("lo", frozen.qmin), ("hi", frozen.qmax)))
+            v = self.node("Clip", [v, lo, hi], f"{node.name}.clipped", f"{node.name}/clip")
+        one, zero = self.init(f"{node.name}.unit", np.float32(1.0)), self.init(f"{node.name}.zero_point", np.uint8(zp))
+        q = self.node("QuantizeLinear", [v, one, zero], f"{node.name}.q", f"{node.name}/quantize")
+        codes = self.node("DequantizeLinear", [q, one, zero], f"{node.name}.codes", f"{node.name}/codes")
+        self.node("Mul", [codes, steps], node.name, node.name)
 
     # ------------------------------------------------------------------ layers
 
