@@ -185,3 +185,32 @@ def test_activation_channel_steps_stay_within_the_samples_reach():
     q.init_per_channel(x, "mse")
     reach = x.movedim(1, 0).abs().flatten(1).max(1).values / q.qmax
     assert (q.step.detach() <= reach * (1 + 1e-6)).all(), (q.step, reach)
+
+
+class CatNet(nn.Module):
+    """Two batch-norm branches concatenated (as a dense block's), then a layer reading the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+        self.head, self.fc = nn.Conv2d(12, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.cat([self.bn_a(self.a(x)), self.bn_b(self.b(x))], 1)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_concat_operands_take_channel_steps_too(fmt):
+    torch.manual_seed(0)
+    model, data = CatNet(), load_digits()
+    with torch.no_grad():
+        model.train()
+        model(data.x_train[:256])
+        model.bn_a.weight.copy_(torch.logspace(-2, 0.3, 8))
+    c = qcompiler.compile(model.eval(), SPEC.replace(per_channel_joins=True), calib_data=data)
+    assert sorted(q.args[0].target for q in channel_quantizers(c)) == ["bn_a", "bn_b"]
+    assert_backends_agree(c, data.x_test, fmt)
