@@ -75,6 +75,22 @@ def test_resnet50_at_default_width_on_64x64() -> None:
     assert model.fc.in_features == 2048
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_starts_every_block_as_its_shortcut(name: str) -> None:
+    torch.manual_seed(0)
+    model = getattr(zoo, name)(in_channels=1, num_classes=10, width=4, zero_init_residual=True).eval()
+    last = [b.bn3 if isinstance(b, zoo.Bottleneck) else b.bn2 for b in model.stages]
+    assert last and all(bool((bn.weight == 0).all()) for bn in last)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for b in model.stages:  # bias 0 and gain 0: the branch adds nothing
+            h = model.stem(x) if b is model.stages[0] else h
+            assert torch.equal(b(h), torch.relu(b.shortcut(h) + 0.0)), name
+            h = b(h)
+    default = getattr(zoo, name)(in_channels=1, num_classes=10, width=4)
+    assert all(bool((bn.weight == 1).all()) for bn in (m.bn2 if isinstance(m, zoo.BasicBlock) else m.bn3 for m in default.stages))
+
+
 def test_models_train_mode_backward() -> None:
     """Batch norm in training mode and autograd work through every model."""
     torch.manual_seed(0)
