@@ -102,6 +102,12 @@ def test_zero_points_are_on_unless_symmetric_is_asked():
     assert bench.qcompiler_spec(8, asymmetric=False).asymmetric_acts is False
 
 
+def test_per_channel_joins_are_on_unless_per_tensor_is_asked():
+    bench = load_bench("ptq")
+    assert bench.qcompiler_spec(8).per_channel_joins is True
+    assert bench.qcompiler_spec(8, per_channel_joins=False).per_channel_joins is False
+
+
 def test_the_spec_line_says_which(run):
     _, _, text = run
-    assert '"asymmetric_acts": true' in text
+    assert '"asymmetric_acts": true' in text and '"per_channel_joins": true' in text
