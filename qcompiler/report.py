@@ -67,6 +67,7 @@ class CompileReport:
     sections: tuple[ReportSection, ...] = ()  # from the passes that ran, in pipeline order
     joins: int = 0  # residual adds / concats on integer grids
     residual_bits: int | None = None  # width of the residual stream, when joins are quantized
+    channel_operands: int = 0  # join operands with one step per channel (QuantSpec.per_channel_joins)
     float_regions: tuple[tuple[str, str], ...] = ()  # (node, reason) of every node computed in float
     unrecorded_float: tuple[str, ...] = ()  # float nodes with no reason recorded: always empty after compile
 
@@ -95,7 +96,8 @@ class CompileReport:
     def domain_summary(self) -> str:
         """Where the compiled model leaves integers, if anywhere, and the residual stream's width."""
         if self.residual_bits is not None:
-            lines = [f"joins (residual adds, concats): {self.joins}, on a {self.residual_bits}-bit residual stream"]
+            lines = [f"joins (residual adds, concats): {self.joins}, on a {self.residual_bits}-bit residual stream"
+                     + (f"; {self.channel_operands} operand(s) with one step per channel" if self.channel_operands else "")]
         else:
             lines = [f"joins (residual adds, concats): {self.joins}, not quantized"]
         lines.append(f"unrecorded float edges: {len(self.unrecorded_float)}")
@@ -157,6 +159,7 @@ def build_report(gm: fx.GraphModule, passes: Sequence[PassRun], trace_seconds: f
     return CompileReport(
         tuple(rows), tuple(passes), trace_seconds, tuple(s for s in sections if s is not None),
         joins=len(joins), residual_bits=joins[0].meta[ir.JOIN].bits if joins else None,
+        channel_operands=sum(1 for n in gm.graph.nodes if ir.ACT in n.meta and n.meta[ir.ACT].channel_axis is not None),
         float_regions=tuple((n.name, n.meta[ir.FLOAT].reason) for n in gm.graph.nodes if ir.FLOAT in n.meta),
         unrecorded_float=tuple(unrecorded_float(gm)),
     )

@@ -80,6 +80,8 @@ def test_only_the_batch_norm_operand_gets_channel_steps(compiled_pair):
     join = next(n for n in per_channel.module.graph.nodes if ir.JOIN in n.meta)
     out = next(n for n in per_channel.module.graph.nodes if n.name == ir.get(join, ir.JOIN, ir.Join).output)
     assert ir.get(out, ir.ACT, ir.ActQuant).channel_axis is None
+    assert "1 operand(s) with one step per channel" in per_channel.report.domain_summary()
+    assert "per channel" not in per_tensor.report.domain_summary()
 
 
 def test_channel_steps_lose_less(compiled_pair):

@@ -33,9 +33,9 @@ from torch import nn
 
 from .. import ir
 from ..analysis import GRID, is_constant_join, is_identity, join_kind, join_operands, tensor_domains
+from ..distributed import all_reduce_values
 from ..quantizers import UniformQuantizer, init
 from ..spec import QuantSpec
-from ..distributed import all_reduce_values
 from .base import CALIBRATION_DATA, STAGE_JOIN, Pass, PassContext, PassResult
 from .calibrate import run_calibration, sample_keeper
 from .observe import observe_ranges
@@ -51,6 +51,7 @@ def join_init(spec_init: str) -> str:
     ('mse', 'max')
     """
     return "max" if spec_init == "lsq" else spec_init
+
 
 SAMPLE_BYTES = 8 << 20  # calibration samples kept per per-channel quantizer to fit its steps
 
