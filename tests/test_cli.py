@@ -166,6 +166,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, files: Files) -> dict[str, Ru
         # No --out: saving is covered by the happy path; this checks loading with --allow-pickle.
         "allow_pickle": [str(files.pickled), "--allow-pickle", "--passes", "lsq", "--bits", "3", "--dump-ir", "ir"],
         "emit_int": [str(files.checkpoint), "--passes", "asq,post", "--bits", "4", "--emit", "int", "--verify-int", "--out", "out"],
+        "per_channel_joins": [str(files.checkpoint), "--passes", "lsq", "--bits", "8", "--per-channel-joins",
+                              "--emit", "int", "--verify-int", "--out", "out"],
         **{name: make(files) for name, make in BAD.items()},
     }
     works = {name: tmp_path_factory.mktemp(name) for name in jobs}
@@ -296,6 +298,15 @@ def test_emit_int_writes_a_program_that_agrees_with_the_module(runs: dict[str, R
     assert run_main([str(run.out / "program.npz"), str(tmp_path / "in.npz"), "--out", str(tmp_path / "logits.npz")]) == 0
     with np.load(tmp_path / "logits.npz") as z:
         assert z["logits"].argmax(1).tolist() == expected
+
+
+def test_per_channel_joins_flag_compiles_lowers_and_says_so(runs: dict[str, Run]) -> None:
+    run = runs["per_channel_joins"]
+    assert run.returncode == 0, run.stderr
+    assert "operand(s) with one step per channel" in run.stdout, run.stdout
+    agree = float(run.stdout.split("classes agree ")[1].split(";")[0])
+    assert agree >= 0.995, run.stdout
+    assert (run.out / "program.npz").is_file()
 
 
 def test_qcompile_run_bad_inputs_are_one_line(runs: dict[str, Run], tmp_path: Path, capsys) -> None:
