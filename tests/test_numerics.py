@@ -371,3 +371,16 @@ def test_round_half_even_without_an_output_buffer(as_array):
     got = round_half_even(v)
     assert type(got) is type(v) and got is not v
     assert got.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 3.0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_offset_range_spans_every_zero_point_from_unsigned_to_signed(bits: int) -> None:
+    half = 2 ** (bits - 1)
+    assert numerics.offset_range(bits, 0) == int_range(bits, signed=False)
+    assert numerics.offset_range(bits, half) == int_range(bits, signed=True)
+    for z in range(half + 1):
+        lo, hi = numerics.offset_range(bits, z)
+        assert (lo, hi - lo) == (-z, 2**bits - 1)  # 2^b codes, z of them below zero
+    for z in (-1, half + 1, 2**bits):
+        with pytest.raises(ValueError, match=rf"^zero point {z} outside \[0, {half}\] for {bits}-bit codes$"):
+            numerics.offset_range(bits, z)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompiler.numerics import quantize_float
-from qcompiler.quantizers.asq import Adapter, ASQQuantizer, adapter_hidden, init_linear
+from qcompiler.quantizers.asq import BETA_BOUND, Adapter, ASQQuantizer, adapter_hidden, init_linear
 from qcompiler.quantizers.uniform import lsq_quantize, positive
 
 
@@ -233,3 +233,32 @@ def test_beta_pools_each_sample_over_all_positions():
     square = means.view(3, 4, 1, 1).expand(3, 4, 2, 3).contiguous()
     torch.testing.assert_close(a(flat), a(means))
     torch.testing.assert_close(a(square), a(means))
+
+
+def test_deployed_sample_step_is_the_float64_adapter_rounded_once() -> None:
+    """Deployed (eval, no autograd), each sample's step is s * beta with the adapter run in float64
+    from the module's weights and rounded once; in training the float32 adapter gives the same up to
+    float32 rounding. Spelled out here from the adapter's formula, beta = exp(L tanh(z / L))."""
+    torch.manual_seed(0)
+    q = ASQQuantizer(4, signed=True, channels=6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        q.step.fill_(-0.05)  # positive() takes |step|
+        q.adapter.fc2.weight.normal_(0, 0.7)
+        q.adapter.fc2.bias.fill_(0.2)
+    x = torch.randn(5, 6, 4, 4) * 2
+    w1, b1, w2, b2 = (t.detach().double() for t in q.adapter.weights())
+    pooled = x.double().mean(dim=(2, 3))
+    z = torch.relu(pooled @ w1.t() + b1) @ w2.t() + b2
+    beta = torch.exp(BETA_BOUND * torch.tanh(z.squeeze(-1) / BETA_BOUND))
+    want = (0.05 * beta).float().view(5, 1, 1, 1)
+    q.eval()
+    with torch.no_grad():
+        deployed = q.sample_step(x)
+    assert deployed.dtype == torch.float32 and deployed.shape == (5, 1, 1, 1)
+    assert torch.equal(deployed, want)
+    with torch.no_grad():  # the deployed forward: codes on those steps
+        assert torch.equal(q(x), quantize_float(x, want, q.qmin, q.qmax) * want)
+    q.train()
+    training = q.sample_step(x)
+    assert training.shape == (5, 1, 1, 1) and torch.allclose(training, want, rtol=1e-5)
+    assert not torch.equal(want, torch.full_like(want, 0.05))  # the betas are away from 1: a lost beta would show

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -194,3 +195,95 @@ def test_observer_counts_negatives_apart() -> None:
     assert sum(rng.hist.negative) == 2 and sum(rng.hist.positive) == 4
     assert rng.hist.edge == 4.0 and rng.hist.bins == 8
     assert rng.hist.negative[6] == 1 and rng.hist.negative[1] == 1  # |-3| and |-0.5| in bins of width 0.5
+
+
+# ---------------------------------------------------------------- exact values of the search's parts
+
+
+def test_act_clip_for_every_init() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(50_000) * 2 + 0.5
+    rng = _observed(x)
+    for bits, signed in ((8, True), (4, True), (4, False)):
+        qmax = int_range(bits, signed)[1]
+        assert act_clip(rng, bits, signed, "mse") == fit_act_grid(rng.hist, bits, signed).step * qmax
+    assert act_clip(rng, 8, True, "percentile") == rng.abs_p9999
+    assert act_clip(rng, 8, True, "max") == max(-rng.min, rng.max)
+    assert act_clip(rng, 8, False, "max") == rng.max
+    assert act_clip(rng, 8, True, "lsq") is None
+    with pytest.raises(AssertionError):
+        act_clip(rng, 8, True, "median")
+    z = 20  # an asymmetric grid: codes [-20, 235]
+    assert act_clip(rng, 8, True, "mse", z) == fit_act_grid(rng.hist, 8, True, z).step * 235
+    assert act_clip(rng, 8, True, "max", z) == pytest.approx(max(rng.max / 235, -rng.min / 20) * 235, rel=1e-12)
+    # without a histogram "mse" has nothing to search: it reaches the ends as "max" does
+    old = type(rng)(rng.min, rng.max, rng.mean_abs, rng.abs_p999, rng.abs_p9999, rng.count)
+    assert act_clip(old, 8, True, "mse") == act_clip(rng, 8, True, "max")
+    assert act_clip(old, 8, True, "mse", z) == act_clip(rng, 8, True, "max", z)
+    # one-sided data: the empty side asks for nothing
+    negative, positive = _observed(-x.abs() - 0.1), _observed(x.abs() + 0.1)
+    assert act_clip(negative, 8, False, "max") == 0.0
+    assert act_clip(positive, 8, True, "max", z) == pytest.approx(positive.max, rel=1e-12)
+    assert act_clip(negative, 8, True, "max", z) == pytest.approx(-negative.min / 20 * 235, rel=1e-12)
+
+
+@pytest.mark.parametrize("bits, expected", [
+    (2, [0, 1, 2]),
+    (4, [0, 1, 2, 3, 4, 6, 8]),  # 8 * 2^(-k/2), k = 0..6, rounded: 8, 5.7, 4, 2.8, 2, 1.4, 1
+    (8, [0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128]),
+])
+def test_zero_point_candidates_are_powers_of_sqrt2_below_the_middle(bits: int, expected: list[int]) -> None:
+    from qcompiler.quantizers.init import zero_point_candidates
+
+    assert zero_point_candidates(bits) == expected
+
+
+def test_top_is_the_upper_edge_of_the_last_filled_bin() -> None:
+    from qcompiler.quantizers.init import _top
+
+    assert _top(torch.tensor([0.0, 3.0, 0.0, 2.0, 0.0]), 0.5) == 2.0
+    assert _top(torch.tensor([1.0, 0.0, 0.0]), 0.25) == 0.25
+    assert _top(torch.zeros(4), 0.5) == 0.0
+
+
+def _exact_bin_sse(lo: Fraction, hi: Fraction, s: Fraction, levels: int) -> Fraction:
+    """Mean of (t - q(t))^2 for t uniform in [lo, hi), q the nearest of {0, s, ..., levels s}: piecewise exact."""
+    cuts = sorted({lo, hi, *(s * j + s / 2 for j in range(levels) if lo < s * j + s / 2 < hi)})
+    total = Fraction(0)
+    for u, v in zip(cuts, cuts[1:]):
+        mid = (u + v) / 2
+        c = min(s * round(mid / s), s * levels)
+        total += ((v - c) ** 3 - (u - c) ** 3) / 3
+    return total / (hi - lo)
+
+
+@pytest.mark.parametrize("levels", [0, 3, 7])
+def test_histogram_sse_is_exact(levels: int) -> None:
+    counts = [3.0, 0.0, 2.0, 5.0, 1.0, 0.0, 0.0]
+    edge = 1.75
+    steps = [0.1, 0.37, 0.61]
+    got = histogram_sse(torch.tensor(counts), edge, torch.tensor(steps, dtype=torch.float64).view(-1, 1), levels)
+    width = Fraction(edge) / len(counts)
+    for k, s in enumerate(steps):
+        want = sum(Fraction(c) * _exact_bin_sse(width * i, width * (i + 1), Fraction(s), levels)
+                   for i, c in enumerate(counts) if c)
+        assert float(got[k]) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_search_scale_hits_an_exact_candidate_and_a_closed_form_start() -> None:
+    full = torch.tensor([1.0], dtype=torch.float64)
+    third = lambda s: (s - 1 / 3) ** 2  # noqa: E731  (1/3 is round one's first candidate when there are 3)
+    assert float(search_scale(full, third, candidates=3)) == 1 / 3
+    start = torch.tensor([0.123456], dtype=torch.float64)
+    at_start = lambda s: (s - 0.123456) ** 2  # noqa: E731
+    assert float(search_scale(full, at_start, also=start, candidates=4, rounds=1)) == 0.123456
+    # ties keep the first best: a flat error returns round one's first candidate
+    assert float(search_scale(full, lambda s: torch.zeros_like(s), candidates=8)) == 1 / 8
+
+
+@pytest.mark.parametrize("rounds", [2, 3])
+def test_search_scale_narrows_by_the_candidate_count_each_round(rounds: int) -> None:
+    target = 1 / math.sqrt(7)
+    full = torch.tensor([1.0], dtype=torch.float64)
+    best = float(search_scale(full, lambda s: (s - target) ** 2, candidates=8, rounds=rounds))
+    assert abs(best - target) <= 1 / 8**rounds

@@ -188,3 +188,50 @@ def test_a_batch_of_one_is_quantized_like_any_batch():
     assert q.elements_per_step(x) == 12 and q.elements_per_step(torch.randn(5, 3, 4)) == 12
     out = q(x)
     assert torch.equal(out, quantize_codes(x, q.step.detach(), -8, 7).float() * q.step.detach())
+
+
+def test_deployed_forward_is_codes_times_step_tagged_for_the_next_layer() -> None:
+    from qcompiler.nn import exact
+
+    torch.manual_seed(0)
+    for q, x in ((UniformQuantizer(4, signed=True), torch.randn(3, 5, 4, 4)),
+                 (UniformQuantizer(8, signed=True, channels=5, channel_axis=1), torch.randn(3, 5, 4, 4) * 3)):
+        q.init_from(x)
+        q.eval()
+        with torch.no_grad():
+            y = q(x)
+        step = q.step_view(x).detach()
+        assert torch.equal(y, quantize_float(x, step, q.qmin, q.qmax) * step)
+        grid = exact.grid_of(y)
+        assert grid is not None and torch.equal(grid.step, step) and grid.bound == max(-q.qmin, q.qmax)
+        q.train()
+
+
+def test_zero_point_gives_the_offset_code_range() -> None:
+    q = UniformQuantizer(8, signed=True, zero_point=20)
+    assert (q.bits, q.qmin, q.qmax, q.signed, q.asymmetric, q.zero_point) == (8, -20, 235, True, True, 20)
+    q = UniformQuantizer(8, signed=True, zero_point=0)  # no code below zero: the unsigned grid
+    assert (q.qmin, q.qmax, q.signed, q.asymmetric, q.zero_point) == (0, 255, False, False, None)
+    q = UniformQuantizer(4, signed=False, zero_point=8)  # half below: the signed grid
+    assert (q.qmin, q.qmax, q.signed, q.asymmetric, q.zero_point) == (-8, 7, True, False, None)
+    q = UniformQuantizer(4, signed=True, zero_point=1)  # one code below zero is still signed
+    assert (q.qmin, q.qmax, q.signed) == (-1, 14, True)
+
+
+def test_elements_per_step_counts_one_sample() -> None:
+    x = torch.zeros(4, 6, 5, 5)
+    assert UniformQuantizer(4, signed=True).elements_per_step(x) == 150  # one step: a sample's features
+    assert UniformQuantizer(4, signed=True, channels=6, channel_axis=1).elements_per_step(x) == 25  # per channel, per sample
+    assert UniformQuantizer(4, signed=True, channels=4).elements_per_step(x) == 150  # a weight's output channel
+    assert UniformQuantizer(4, signed=True, channels=5, channel_axis=-1).elements_per_step(torch.zeros(2, 3, 5)) == 3
+    assert UniformQuantizer(4, signed=True).elements_per_step(torch.zeros(7)) == 7
+    q = UniformQuantizer(4, signed=True, channels=6, channel_axis=1)
+    assert q.grad_scale(x) == pytest.approx(1 / math.sqrt(25 * 7))
+
+
+def test_quantize_float_into_a_buffer() -> None:
+    torch.manual_seed(0)
+    x, step = torch.randn(64), torch.tensor(0.1)
+    buffer = torch.full_like(x, float("nan"))
+    got = quantize_float(x, step, -8, 7, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, quantize_float(x, step, -8, 7))
