@@ -165,6 +165,8 @@ class QuantizeJoins(Pass):
         modules = [gm.get_submodule(q.target) for q in quantizers.values()]
         for tensor, q in zip(quantizers, modules):
             q.init_per_channel(torch.cat(samples[tensor.name]), self.init)
+        if not ctx.ranks.distributed:
+            return
         flat = all_reduce_values([v for q in modules for v in q.step.detach().tolist()], dist.ReduceOp.SUM, ctx.ranks)
         at = 0
         with torch.no_grad():
@@ -187,7 +189,8 @@ class QuantizeJoins(Pass):
             signed, zero_point = init.choose_grid(rng, self.bits, self.asymmetric)
             axis = 1 if channels else None
             q = UniformQuantizer(self.bits, signed=signed, channels=channels, channel_axis=axis or 0, zero_point=zero_point)
-            init_act_step(q, rng, self.init)
+            if not channels:  # per-channel steps come from the samples (fit_channel_steps)
+                init_act_step(q, rng, self.init)
             name = f"{tensor.name}_join"
             record = ir.ActQuant(role="join", method="lsq", bits=self.bits, signed=q.signed, module=name, init=self.init,
                                  zero_point=zero_point, channel_axis=axis)

@@ -257,16 +257,17 @@ class UniformQuantizer(nn.Module):
     def init_per_channel(self, x: torch.Tensor, how: str) -> None:
         """Start the steps, one per index of ``channel_axis``, from samples ``x`` as ``how`` says
         (a weight, or an activation's calibration samples)."""
-        per_channel = x.detach().movedim(self.channel_axis, 0).abs().flatten(1)
         if how == "mse":
             self.init_mse(x, lsq_start=self.channel_axis == 0)  # axis 0: a weight's output channels
-        elif how == "percentile":
-            self.init_from_max(torch.quantile(per_channel.float(), init.PERCENTILE, dim=1))
         elif how == "lsq":
             self.init_from(x)
         else:
-            assert how == "max", how
-            self.init_from_max(per_channel.max(1).values)
+            per_channel = x.detach().movedim(self.channel_axis, 0).abs().flatten(1)
+            if how == "percentile":
+                self.init_from_max(torch.quantile(per_channel.float(), init.PERCENTILE, dim=1))
+            else:
+                assert how == "max", how
+                self.init_from_max(per_channel.max(1).values)
 
     def _kernel(self, x: torch.Tensor):
         if self.step.dim() == 0:

@@ -137,9 +137,10 @@ class _QdqEmitter(_Emitter):
         half = 2 ** (MAX_BITS - 1)
         zp = 0 if frozen.qmin >= 0 else half if frozen.qmax < half else -frozen.qmin
         x = self.src(node)
+        narrow = (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1)  # codes that UINT8 saturation alone would not clamp
         if frozen.channel_axis is not None:
-            return self.channel_quantizer(node, frozen, x, zp)
-        if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):
+            return self.channel_quantizer(node, frozen, x, zp, narrow)
+        if narrow:
             lo, hi = (self.init(f"{node.name}.{k}", np.float32(q) * np.float32(frozen.step))
                       for k, q in (("lo", frozen.qmin), ("hi", frozen.qmax)))
             x = self.node("Clip", [x, lo, hi], f"{node.name}.clipped", f"{node.name}/clip")
@@ -148,7 +149,7 @@ class _QdqEmitter(_Emitter):
         q = self.node("QuantizeLinear", [x, s, zero], f"{node.name}.q", f"{node.name}/quantize")
         self.node("DequantizeLinear", [q, s, zero], node.name, node.name)
 
-    def channel_quantizer(self, node: fx.Node, frozen: ir.FrozenAct, x: str, zp: int) -> None:
+    def channel_quantizer(self, node: fx.Node, frozen: ir.FrozenAct, x: str, zp: int, narrow: bool) -> None:
         """Per-channel steps (a join operand): ``Div`` by the steps, a unit-scale QDQ pair, ``Mul``.
 
         Per-axis scales on the QDQ pair itself would let onnxruntime fuse the layer before it
@@ -157,7 +158,7 @@ class _QdqEmitter(_Emitter):
         """
         steps = self.init(f"{node.name}.step", frozen.sample_steps(len(_shape(node)) + 1).astype(np.float32))
         v = self.node("Div", [x, steps], f"{node.name}.scaled", f"{node.name}/scale")
-        if (frozen.qmin + zp, frozen.qmax + zp) != (0, 2**MAX_BITS - 1):  # integer bounds: clip, then round
+        if narrow:  # integer bounds: clip, then round
             lo, hi = (self.init(f"{node.name}.{k}", np.float32(q)) for k, q in (("lo", frozen.qmin), ("hi", frozen.qmax)))
             v = self.node("Clip", [v, lo, hi], f"{node.name}.clipped", f"{node.name}/clip")
         one, zero = self.init(f"{node.name}.unit", np.float32(1.0)), self.init(f"{node.name}.zero_point", np.uint8(zp))
