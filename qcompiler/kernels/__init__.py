@@ -129,12 +129,14 @@ def built() -> bool:
     return enabled() and any(build_dir.glob(f"{name}*.so"))
 
 
-def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True) -> ModuleType | None:
+def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True, per_row: bool = False) -> ModuleType | None:
     """The kernel module if it can quantize ``x`` with ``step`` (one step per row of ``x``), else ``None``.
 
     The kernels take float32 CPU tensors whose step is one scalar or one value per
     index of dim 0 (per-sample ASQ steps, per-output-channel weight steps), and they
     stay out of tracing, export and ``torch.compile``, which need the eager ops.
+    ``per_row``: ``step`` is a flat vector, one value per index of dim 0 (a weight's
+    per-channel steps as stored), rather than shaped to broadcast over ``x``.
     ``build=False``: only where they are already :func:`built` (a compile-time search
     that runs eager too should not start the one-minute build).
     """
@@ -142,7 +144,10 @@ def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True) -> ModuleTyp
         return None
     if not build and not built():
         return None
-    if step.dim() > x.dim() or (step.numel() != 1 and not _one_per_row(x, step)):
+    if per_row:
+        if step.dim() != 1 or x.dim() == 0 or step.numel() not in (1, x.shape[0]):
+            return None
+    elif step.dim() > x.dim() or (step.numel() != 1 and not _one_per_row(x, step)):
         return None
     if capturing():
         return None

@@ -183,9 +183,16 @@ std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, tor
 
 // ---- ASQ: the adapter's forward pass ---------------------------------------------
 
-// Returns (out, s, beta, bounded, hidden, pooled, sample_step): the same ATen ops, in the
-// same order, as qcompiler.quantizers.asq.pool / adapter_forward / positive (so the same
-// bits), issued from here instead of Python, then the per-sample LSQ kernel.
+// positive(step) of a per-tensor step, as positive_rows computes it.
+float positive_scalar(const torch::Tensor& step, double min_step) {
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == torch::kFloat32, "fused_quant: one float32 step");
+  return std::max(std::fabs(step.item<float>()), static_cast<float>(min_step));
+}
+
+// Returns (out, beta, bounded, hidden, pooled, sample_step): the same ATen ops, in the same
+// order, as qcompiler.quantizers.asq.pool / adapter_forward (so the same bits), issued from
+// here instead of Python; then s * beta, one float32 product per sample as torch's mul makes
+// it, and the per-sample LSQ kernel.
 std::vector<torch::Tensor> asq_forward(torch::Tensor x, torch::Tensor step, torch::Tensor w1, torch::Tensor b1,
                                        torch::Tensor w2, torch::Tensor b2, int64_t qmin, int64_t qmax,
                                        int64_t feature_axis, double min_step, double beta_bound) {
@@ -195,10 +202,13 @@ std::vector<torch::Tensor> asq_forward(torch::Tensor x, torch::Tensor step, torc
     pooled = feature_axis == 1 ? x.flatten(2).mean(-1) : x.reshape({x.size(0), -1, x.size(-1)}).mean(1);
   auto hidden = at::relu(at::linear(pooled, w1, b1));
   auto bounded = at::tanh(at::linear(hidden, w2, b2).squeeze(-1) / beta_bound);
-  auto beta = at::exp(bounded * beta_bound);
-  auto s = step.abs().clamp_min(min_step);
-  auto sample_step = (s * beta).contiguous();
-  return {lsq_forward(x, sample_step, qmin, qmax), s, beta, bounded, hidden, pooled, sample_step};
+  auto beta = at::exp(bounded * beta_bound).contiguous();
+  const float s = positive_scalar(step, min_step);
+  auto sample_step = torch::empty_like(beta);
+  const float* bp = beta.data_ptr<float>();
+  float* sp = sample_step.data_ptr<float>();
+  for (int64_t i = 0; i < beta.numel(); ++i) sp[i] = s * bp[i];
+  return {lsq_forward(x, sample_step, qmin, qmax), beta, bounded, hidden, pooled, sample_step};
 }
 
 // ---- ASQ: the adapter's backward pass -------------------------------------------
@@ -242,10 +252,11 @@ torch::Tensor sum_of_rows(int64_t rows, int64_t terms, int64_t c, const float* s
 
 
 std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor sample_step,
-                                        torch::Tensor step, double s, torch::Tensor beta, torch::Tensor bounded,
+                                        torch::Tensor step, torch::Tensor beta, torch::Tensor bounded,
                                         torch::Tensor hidden, torch::Tensor pooled, torch::Tensor w1,
                                         torch::Tensor w2, int64_t qmin, int64_t qmax, double grad_scale,
                                         int64_t feature_axis, bool need_x, double min_step) {
+  const float s = positive_scalar(step, min_step);
   auto lsq = lsq_backward(grad, x, sample_step, qmin, qmax, grad_scale);
   torch::Tensor grad_x = lsq[0];
   const float* g = lsq[1].data_ptr<float>();  // per-sample step gradient (times the gradient scale)
@@ -264,7 +275,7 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
 
   // dz_n = s g_n beta_n (1 - tanh^2), then fc2 and the ReLU
   std::vector<float> dz(n);
-  for (int64_t i = 0; i < n; ++i) dz[i] = static_cast<float>(s) * g[i] * bp[i] * (1.0f - tp[i] * tp[i]);
+  for (int64_t i = 0; i < n; ++i) dz[i] = s * g[i] * bp[i] * (1.0f - tp[i] * tp[i]);
   auto grad_w2 = zeroed({1, h});
   auto grad_b2 = zeroed({1});
   auto dhidden = torch::empty({n, h}, torch::kFloat32);

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..nn import exact
-from ..nn.saved import recomputed, remember
+from ..nn.saved import recomputed, remember, save_input, saved_input
 from ..numerics import quantize_codes
 from .uniform import MIN_STEP, UniformQuantizer, lsq_quantize, positive
 
@@ -163,19 +163,22 @@ class _ASQ(torch.autograd.Function):
     def forward(ctx, x, step, w1, b1, w2, b2, qmin: int, qmax: int, grad_scale: float, kernel, feature_axis: int):  # type: ignore[override]
         x = x.contiguous()
         # pool, adapter_forward and positive, issued from C++ (the same ATen ops, so the same bits)
-        out, s, beta, bounded, hidden, pooled, sample_step = kernel.asq_forward(
+        out, beta, bounded, hidden, pooled, sample_step = kernel.asq_forward(
             x, step, w1, b1, w2, b2, qmin, qmax, feature_axis, MIN_STEP, BETA_BOUND)
         ctx.feature_axis = feature_axis
         ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
-        ctx.save_for_backward(x, step, s, beta, bounded, hidden, pooled, w1, w2, sample_step)
+        # the adapter's intermediates are this node's own (neither inputs nor outputs): plain attributes
+        ctx.adapter_values = beta, bounded, hidden, pooled, sample_step
+        save_input(ctx, x, step, w1, w2)  # x may be a residual join's quantized output: its recipe is kept
         return remember(out, kernel.lsq_forward, x, sample_step, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, step, s, beta, bounded, hidden, pooled, w1, w2, sample_step = ctx.saved_tensors
+        x, step, w1, w2 = saved_input(ctx)
+        beta, bounded, hidden, pooled, sample_step = ctx.adapter_values
         need = ctx.needs_input_grad
         # one call: the adapter's gradients as ~20 tiny ATen ops cost more than the quantizer itself
-        grads = ctx.kernel.asq_backward(grad, x, sample_step, step, float(s), beta, bounded, hidden, pooled, w1, w2,
+        grads = ctx.kernel.asq_backward(grad, x, sample_step, step, beta, bounded, hidden, pooled, w1, w2,
                                         *ctx.qrange, ctx.grad_scale, ctx.feature_axis, need[0], MIN_STEP)
         grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2 = (g if n else None for g, n in zip(grads, need))
         return grad_x, grad_step, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
@@ -222,12 +225,14 @@ class ASQQuantizer(UniformQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if exact.deployed(self):
             return self.frozen_forward(x, self.sample_step(x))
-        kernel = kernels.usable(x, self.step.expand(x.shape[0], *([1] * (x.dim() - 1)))) if x.dim() >= 2 else None
+        # one step per sample (dim 0), made inside the kernel from the per-tensor step
+        kernel = kernels.usable(x, self.step) if x.dim() >= 2 else None
+        weights = self.adapter.weights()
         # float32 adapter weights too: the fused backward does their matmuls itself
+        if kernel is not None and all(p.dtype == torch.float32 for p in weights):
+            return _ASQ.apply(x, self.step, *weights, self.qmin, self.qmax, self.grad_scale(x), kernel,
+                              self.adapter.feature_axis)
         with recomputed(self):  # x may be a residual join's quantized output: its recipe is saved, not x
-            if kernel is not None and all(p.dtype == torch.float32 for p in self.adapter.weights()):
-                return _ASQ.apply(x, self.step, *self.adapter.weights(), self.qmin, self.qmax, self.grad_scale(x), kernel,
-                                  self.adapter.feature_axis)
             return lsq_quantize(x, self.sample_step(x), self.qmin, self.qmax, self.grad_scale(x))
 
     @torch.no_grad()

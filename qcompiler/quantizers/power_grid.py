@@ -158,10 +158,10 @@ class PowerGridQuantizer(nn.Module):
             self.alpha.copy_(torch.quantile(w.detach().abs().flatten(1).float(), q, dim=1).clamp_min(init.MIN_SCALE))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        n = w[0].numel()
+        n = math.prod(w.shape[1:])
         scale = 1.0 / math.sqrt(n * self.positive_levels)
         # the kernels decide in float32 bits, up to 8-bit grids (exponents to 2^-126)
-        kernel = kernels.usable(w, self.alpha.view(-1, *([1] * (w.dim() - 1)))) if self.bits <= 8 else None
+        kernel = kernels.usable(w, self.alpha, per_row=True) if self.bits <= 8 else None
         if kernel is not None:
             return _FusedPowerGrid.apply(w, self.alpha, _kernel_grid(self.bits, self.base), scale, kernel)
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)

@@ -23,7 +23,7 @@ from torch import nn
 from .. import kernels
 from . import init
 from ..nn import exact
-from ..nn.saved import recomputed, remember
+from ..nn.saved import recomputed, remember, save_input, saved_input
 from ..numerics import int_range, offset_range, quantize_codes, quantize_float, round_half_even
 
 __all__ = ["UniformQuantizer", "int_range", "lsq_quantize", "positive", "quantize_codes"]
@@ -101,12 +101,12 @@ class _FusedLSQ(torch.autograd.Function):
     def forward(ctx, x, step, qmin: int, qmax: int, grad_scale: float, kernel):  # type: ignore[override]
         x, rows = x.contiguous(), kernel.positive_rows(step, MIN_STEP)  # positive(step), one per row
         ctx.kernel, ctx.qrange, ctx.grad_scale = kernel, (qmin, qmax), grad_scale
-        ctx.save_for_backward(x, rows, step)
+        save_input(ctx, x, rows, step)  # x may be a residual join's quantized output: its recipe is kept, not x
         return remember(kernel.lsq_forward(x, rows, qmin, qmax), kernel.lsq_forward, x, rows, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, rows, step = ctx.saved_tensors
+        x, rows, step = saved_input(ctx)
         grad_x, grad_rows = ctx.kernel.lsq_backward(grad, x, rows, *ctx.qrange, ctx.grad_scale)
         grad_step = ctx.kernel.positive_grad(step, grad_rows, MIN_STEP) if ctx.needs_input_grad[1] else None
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None, None
@@ -193,7 +193,7 @@ class UniformQuantizer(nn.Module):
             per_step = x.numel() // x.shape[self.channel_axis]
             # an activation's channel axis is not the batch axis: count one sample's elements
             return per_step // x.shape[0] if self.channel_axis % max(x.dim(), 1) != 0 else per_step
-        return x[0].numel() if x.dim() > 1 else x.numel()
+        return math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()
 
     def grad_scale(self, x: torch.Tensor) -> float:
         return 1.0 / math.sqrt(self.elements_per_step(x) * max(self.qmax, 1))
@@ -274,16 +274,16 @@ class UniformQuantizer(nn.Module):
             return kernels.usable(x, self.step)
         if self.channel_axis != 0 or x.dim() == 0:
             return None
-        return kernels.usable(x, self.step.view(-1, *([1] * (x.dim() - 1))))
+        return kernels.usable(x, self.step, per_row=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if exact.deployed(self):
             return self.frozen_forward(x, self.step_view(x))
         kernel = self._kernel(x)
+        if kernel is not None:
+            return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
         # x may be another quantizer's output (a residual join's): then its recipe is saved, not x
         with recomputed(self):
-            if kernel is not None:
-                return _FusedLSQ.apply(x, self.step, self.qmin, self.qmax, self.grad_scale(x), kernel)
             # Per-channel steps on axis 0 quantize weights: small, so keep the gradient factors.
             keep = self.step.dim() > 0 and self.channel_axis == 0
             return lsq_quantize(x, self.step_view(x), self.qmin, self.qmax, self.grad_scale(x), keep)
