@@ -534,7 +534,7 @@ class _Lowering:
         if perm[0] != 0:
             raise self.unsupported(node, "a permutation that moves the batch axis")
         axes = [p - 1 for p in perm[1:]]
-        if isinstance(v, Grid):
+        if isinstance(v, (Grid, FloatInput)):  # codes, or the float input before its quantizer: layout only
             self.emit("permute", node.name, [v.buf], (), {"perm": perm[1:]}, node.name)
             return replace(v, buf=node.name, shape=_shape(node))
         acc = self.acc(node, v)
@@ -549,7 +549,7 @@ class _Lowering:
         if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
             raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
-        if isinstance(v, Grid):
+        if isinstance(v, (Grid, FloatInput)):
             self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)
             return replace(v, buf=node.name, shape=_shape(node))
         acc = self.acc(node, v)
@@ -560,7 +560,7 @@ class _Lowering:
 
     def reshape(self, node: fx.Node, v: object) -> object:
         shape = _shape(node)
-        if isinstance(v, Grid):
+        if isinstance(v, (Grid, FloatInput)):  # e.g. a classifier flattening the image before its input quantizer
             self.emit("reshape", node.name, [v.buf], (), {"shape": list(shape)}, node.name)
             return replace(v, buf=node.name, shape=shape)
         acc = self.acc(node, v)

@@ -99,3 +99,38 @@ def test_adder_layers_reading_an_asq_grid_agree():
 
     program = agrees(adder_resnet20(in_channels=1, width=4), "asq,outlier-clamp,adder-groups", 4)
     assert {"sad", "asq_beta"} <= {i.op for i in program.instructions}
+
+
+class FlatMLP(nn.Module):
+    """No convolution: the image is flattened (or permuted and sliced) before the first layer,
+    so the input quantizer reads a layout change of the float network input."""
+
+    def __init__(self, layout):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layout = layout
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(self.layout(x))))))
+
+
+@pytest.mark.parametrize("layout,op", [
+    (lambda x: x.flatten(1), "reshape"),
+    (lambda x: x.permute(0, 1, 3, 2)[:, 0].flatten(1), "permute"),
+], ids=["flatten", "permute-index-reshape"])
+@pytest.mark.parametrize("passes", ["lsq", "asq"])
+def test_layout_changes_of_the_float_input_before_its_quantizer_agree(layout, op, passes):
+    program = agrees(FlatMLP(layout), passes=passes)
+    ops = [i.op for i in program.instructions]
+    assert op in ops and ops.index(op) < ops.index("quantize")  # on the float input, before it is quantized
+
+
+@pytest.mark.parametrize("fmt", ["custom", "qdq"])
+def test_an_mlp_on_flattened_images_agrees_in_both_onnx_forms(fmt):
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(FlatMLP(lambda x: x.permute(0, 2, 3, 1).flatten(1)), qcompiler.QuantSpec(passes="lsq"),
+                          calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
