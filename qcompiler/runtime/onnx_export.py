@@ -531,6 +531,31 @@ class _Emitter:
         shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
         self.node("Reshape", [self.src(node), shape], node.name, node.name)
 
+    def index(self, node: fx.Node) -> None:
+        """``x[:, slices or integers]`` (the integer program's ``index``): one ``Slice``, an integer
+        ``i`` as ``[i, i + 1)``, then a ``Reshape`` to the recorded shape drops the integers' axes."""
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
+            raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
+        end = np.iinfo(np.int64).max  # ONNX Slice clamps its bounds to the axis, as Python does
+        ranges = []  # (axis, start, stop, step)
+        for axis, i in enumerate(idx[1:], start=1):
+            if isinstance(i, int):
+                ranges.append((axis, i, i + 1 if i != -1 else end, 1))
+            elif i != slice(None):
+                step = 1 if i.step is None else i.step
+                start = i.start if i.start is not None else (0 if step > 0 else end)
+                stop = i.stop if i.stop is not None else (end if step > 0 else -end - 1)
+                ranges.append((axis, start, stop, step))
+        if not ranges:
+            self.node("Identity", [self.src(node)], node.name, node.name)
+            return
+        args = [self.init(f"{node.name}.{what}", np.array(values, np.int64))
+                for what, values in zip(("axes", "starts", "ends", "steps"), zip(*ranges))]
+        sliced = self.node("Slice", [self.src(node), args[1], args[2], args[0], args[3]], f"{node.name}.slice", node.name)
+        shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
+        self.node("Reshape", [sliced, shape], node.name, f"{node.name}/shape")
+
     def join(self, node: fx.Node, operands: list[fx.Node]) -> None:
         kind = ir.find(node, ir.JOIN, ir.Join)
         kind = kind.kind if kind is not None else ("cat" if node.target in (torch.cat, torch.concat) else "add")
@@ -574,6 +599,8 @@ class _Emitter:
             self.node("Identity", [self.src(node)], node.name, node.name)
         elif fname in ("matmul", "bmm") and len(node.args) == 2:  # quantized operands arrive as codes times step
             self.node("MatMul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
+        elif fname == "getitem":
+            self.index(node)
         elif fname in ("transpose", "permute"):  # attention's k.transpose(-2, -1), heads to the front
             self.node("Transpose", [self.src(node)], node.name, node.name, perm=_permutation(node))
         elif fname == "softmax":

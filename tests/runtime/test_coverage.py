@@ -126,11 +126,20 @@ def test_layout_changes_of_the_float_input_before_its_quantizer_agree(layout, op
     assert op in ops and ops.index(op) < ops.index("quantize")  # on the float input, before it is quantized
 
 
+class Pick(nn.Module):
+    def forward(self, x):
+        return x[:, -1, 1::2, 1:-1]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FlatMLP(lambda x: x.permute(0, 1, 3, 2)[:, 0].flatten(1)),  # on the float input
+    lambda: Head(PermuteSlice(), 7 * 4 * 4),  # on codes: slices with a step
+    lambda: Head(Pick(), 4 * 6),  # a negative integer, a step, a negative stop
+], ids=["input", "permute-slice", "pick"])
 @pytest.mark.parametrize("fmt", ["custom", "qdq"])
-def test_an_mlp_on_flattened_images_agrees_in_both_onnx_forms(fmt):
+def test_indexing_and_layout_changes_agree_in_both_onnx_forms(make, fmt):
     from numeric_checks import assert_backends_agree
 
     data = load_digits()
-    c = qcompiler.compile(FlatMLP(lambda x: x.permute(0, 2, 3, 1).flatten(1)), qcompiler.QuantSpec(passes="lsq"),
-                          calib_data=data)
+    c = qcompiler.compile(make(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
