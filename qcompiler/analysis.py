@@ -201,6 +201,20 @@ def _is_tensor(node: fx.Node) -> bool:
     return meta is None or hasattr(meta, "shape")
 
 
+_STATIC_TYPES = (int, float, bool, torch.Size, torch.device, torch.dtype)
+
+
+def is_static_value(node: fx.Node) -> bool:
+    """Whether ``node`` computes a Python value from shapes (``x.size(0)``, ``x.shape``, ``c // 2``),
+    not a tensor, as shape propagation recorded it.
+
+    Such values are only ever a reshape's arguments (``x.view(x.size(0), -1)``, a channel
+    shuffle), and the backends take a reshape's target from its own recorded shape, so they
+    skip these nodes.
+    """
+    return "tensor_meta" not in node.meta and node.meta.get("type") in _STATIC_TYPES
+
+
 def is_identity(m: nn.Module) -> bool:
     """A module whose output is its input: ``nn.Identity``, dropout, an empty ``nn.Sequential`` (an identity shortcut)."""
     return isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Sequential) and len(m) == 0)

@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import join_operands, op_kind
+from ..analysis import is_static_value, join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -591,6 +591,8 @@ class _Lowering:
         raise self.unsupported(node, f"scalar {name}")
 
     def node(self, node: fx.Node) -> object:
+        if is_static_value(node):  # x.size(0) and the like: only a reshape reads it, from its own recorded shape
+            return None
         if node.op == "placeholder":
             self.inputs.append(node.name)
             return FloatInput(node.name, _shape(node))

@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import join_operands, op_kind
+from ..analysis import is_static_value, join_operands, op_kind
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -623,6 +623,8 @@ class _Emitter:
 
     def node_of(self, node: fx.Node) -> None:
         if node.name in self.folded:  # the layer before it computed this tensor
+            return
+        if is_static_value(node):  # x.size(0) and the like: a Reshape takes the recorded shape instead
             return
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers

@@ -143,3 +143,30 @@ def test_indexing_and_layout_changes_agree_in_both_onnx_forms(make, fmt):
     data = load_digits()
     c = qcompiler.compile(make(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+
+
+class ShuffleNet(nn.Module):
+    """Reshapes whose target comes from ``x.size()``: a channel shuffle (ShuffleNet's, with
+    ``n, c, h, w = x.size()`` and ``c // 2``) and the classic ``x.view(x.size(0), -1)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_reshapes_to_sizes_read_from_the_tensor_agree(fmt):
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(ShuffleNet(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
