@@ -442,10 +442,22 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return _rounded_mean(x, tuple(range(2, x.dim())), True)
 
 
+_GLOBAL_POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d: (-1,), torch.nn.functional.adaptive_avg_pool2d: (-2, -1)}
+
+
 def _exact_means(graph: torch.fx.Graph) -> bool:
-    """Point every ``x.mean(dim)`` / ``torch.mean(x, dim)`` of ``graph`` at :func:`mean`; whether any changed."""
+    """Point every ``x.mean(dim)`` / ``torch.mean(x, dim)`` of ``graph`` at :func:`mean`, and every
+    global ``F.adaptive_avg_pool1d/2d(x, 1)`` at :func:`mean` over its axes (the functional twin of
+    :class:`ExactAdaptiveAvgPool2d`); whether any changed."""
     changed = False
     for node in graph.nodes:
+        dims = _GLOBAL_POOL_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        if dims is not None:
+            size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+            if isinstance(node.args[0], torch.fx.Node) and all(o == 1 for o in (size if isinstance(size, (tuple, list)) else (size,))):
+                node.target, node.args, node.kwargs = mean, (node.args[0], dims), {"keepdim": True}
+                changed = True
+            continue
         if not ((node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)):
             continue
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)

@@ -612,6 +612,8 @@ class _Emitter:
             rank = len(_shape(node.args[0])) + 1
             dim = node.args[1]
             self.mean(node, sorted(d % rank for d in ([dim] if isinstance(dim, int) else dim)), node.kwargs.get("keepdim", False))
+        elif fname in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):  # torchvision's DenseNet calls the function
+            self.adaptive_avgpool(node, node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None))
         elif fname in ("max_pool1d", "max_pool2d"):
             kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
             self.pool(node, "MaxPool", kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),

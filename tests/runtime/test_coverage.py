@@ -170,3 +170,26 @@ def test_reshapes_to_sizes_read_from_the_tensor_agree(fmt):
     data = load_digits()
     c = qcompiler.compile(ShuffleNet(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+
+
+class FunctionalPool(nn.Module):
+    """Global pooling as a function call, as torchvision's DenseNet writes it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv(x)))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, (1, 1)), 1))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_global_pooling_called_as_a_function_agrees(fmt):
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(FunctionalPool(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
