@@ -443,9 +443,12 @@ class _Lowering:
         return v, {"kernel": tup(kernel), "stride": tup(stride), "padding": pads, "dilation": tup(dilation)}
 
     def maxpool(self, node, v, kernel, stride, padding, dilation, ceil_mode) -> object:
-        if ceil_mode:
-            raise self.unsupported(node, "max pooling with ceil_mode")
         _, attrs = self._windows(node, v, kernel, stride, padding, dilation)
+        if ceil_mode:  # the last windows run past the input: more padding after it, which never wins a max
+            sizes = zip(_shape(node.args[0])[1:], _shape(node)[1:], attrs["kernel"], attrs["stride"], attrs["dilation"])
+            for i, (size, out, k, s, dl) in enumerate(sizes):
+                reach = (out - 1) * s + (k - 1) * dl + 1  # the padded extent the recorded output size needs
+                attrs["padding"][2 * i + 1] = max(attrs["padding"][2 * i + 1], reach - size - attrs["padding"][2 * i])
         if isinstance(v, Grid):
             self.emit("maxpool", node.name, [v.buf], (), attrs | {"pad_value": v.qmin}, node.name)
             return replace(v, buf=node.name, shape=_shape(node))

@@ -193,3 +193,23 @@ def test_global_pooling_called_as_a_function_agrees(fmt):
     data = load_digits()
     c = qcompiler.compile(FunctionalPool(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+
+
+class CeilPool(nn.Module):
+    """Max pooling with ``ceil_mode`` (SqueezeNet's and GoogLeNet's), on codes and on an accumulator."""
+
+    def __init__(self, padding: int, side: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=padding, ceil_mode=True)
+        self.fc = nn.Linear(8 * side * side, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+@pytest.mark.parametrize("padding,side", [(0, 4), (1, 5)])  # floor mode would give 3 and 4
+def test_max_pooling_with_ceil_mode_agrees(padding, side):
+    program = agrees(CeilPool(padding, side))
+    assert "maxpool" in {i.op for i in program.instructions}
