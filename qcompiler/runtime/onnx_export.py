@@ -72,6 +72,11 @@ FORMATS = ("custom", "qdq")
 FLOAT_LAYERS = "qcompiler.float_layers"  # metadata: quantized layers without an exact integer form
 BATCH = "N"  # the dynamic batch dimension
 IR_VERSION = 10
+# Activations a float region computes (modules and their functions / methods), by ONNX form.
+_FLOAT_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+                      nn.Hardsigmoid: "hardsigmoid"}
+_FLOAT_ACTIVATION_FUNCTIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu", "hardswish": "hardswish",
+                               "hardsigmoid": "hardsigmoid"}
 
 
 class ExportError(QCompileError):
@@ -463,8 +468,24 @@ class _Emitter:
             self.adaptive_avgpool(node, m.output_size)
         elif isinstance(m, nn.Flatten):
             self.flatten(node, m.start_dim, m.end_dim)
+        elif isinstance(m, nn.LeakyReLU):
+            self.node("LeakyRelu", [x], name, name, alpha=float(m.negative_slope))
+        elif isinstance(m, nn.GELU):
+            self.node("Gelu", [x], name, name, approximate=m.approximate)
+        elif type(m) in _FLOAT_ACTIVATIONS:
+            self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
+
+    def activation(self, node: fx.Node, kind: str) -> None:
+        """A float activation (a float region: the module computes it in float32, as onnxruntime does)."""
+        x, name = self.src(node), node.name
+        if kind == "silu":  # no ONNX op before opset 24: x * sigmoid(x)
+            self.node("Mul", [x, self.node("Sigmoid", [x], f"{name}.sigmoid", f"{name}/sigmoid")], name, name)
+        elif kind == "hardsigmoid":  # torch's relu6(x + 3) / 6
+            self.node("HardSigmoid", [x], name, name, alpha=1.0 / 6.0, beta=0.5)
+        else:
+            self.node({"sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}[kind], [x], name, name)
 
     def clip(self, node: fx.Node, lo: float, hi: float) -> None:
         bounds = [self.init(f"{node.name}.lo", np.float32(lo)), self.init(f"{node.name}.hi", np.float32(hi))]
@@ -595,12 +616,22 @@ class _Emitter:
             self.flatten(node, kw.get("start_dim", 0 if node.op == "call_function" else 0), kw.get("end_dim", -1))
         elif fname in ("view", "reshape", "squeeze", "unsqueeze", "unflatten"):
             self.reshape(node)
-        elif fname in ("contiguous", "clone", "detach", "dropout"):
+        elif fname in ("contiguous", "clone", "detach", "dropout", "stochastic_depth"):  # inference: identities
             self.node("Identity", [self.src(node)], node.name, node.name)
         elif fname in ("matmul", "bmm") and len(node.args) == 2:  # quantized operands arrive as codes times step
             self.node("MatMul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
         elif fname == "getitem":
             self.index(node)
+        elif fname in _FLOAT_ACTIVATION_FUNCTIONS:
+            self.activation(node, _FLOAT_ACTIVATION_FUNCTIONS[fname])
+        elif fname == "gelu":
+            self.node("Gelu", [self.src(node)], node.name, node.name, approximate=node.kwargs.get("approximate", "none"))
+        elif fname == "leaky_relu":
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            self.node("LeakyRelu", [self.src(node)], node.name, node.name, alpha=float(slope))
+        elif fname in ("mul", "multiply") and all(isinstance(a, fx.Node) for a in node.args[:2]) and len(node.args) == 2:
+            # two activations multiplied in float (a squeeze-excitation gate)
+            self.node("Mul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
         elif fname in ("transpose", "permute"):  # attention's k.transpose(-2, -1), heads to the front
             self.node("Transpose", [self.src(node)], node.name, node.name, perm=_permutation(node))
         elif fname == "softmax":

@@ -213,3 +213,40 @@ class CeilPool(nn.Module):
 def test_max_pooling_with_ceil_mode_agrees(padding, side):
     program = agrees(CeilPool(padding, side))
     assert "maxpool" in {i.op for i in program.instructions}
+
+
+class FloatActivations(nn.Module):
+    """Activations that run in float regions (no integer form), as modules and as functions, and a
+    squeeze-excitation gate (two activations multiplied): MobileNetV3's and EfficientNet's patterns."""
+
+    def __init__(self, smooth: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.smooth = smooth
+        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.SiLU() if smooth else nn.Hardswish()
+        self.gate = nn.Sigmoid() if smooth else nn.Hardsigmoid()
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        s = x.mean((2, 3), keepdim=True)
+        s = self.gate(self.excite(torch.relu(self.squeeze(s))))
+        x = x * s
+        f = torch.nn.functional
+        x = f.gelu(self.conv2(x)) if self.smooth else f.leaky_relu(f.hardswish(self.conv2(x)), 0.1)
+        return self.fc(torch.flatten(torch.tanh(x) if self.smooth else f.hardsigmoid(x), 1))
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["piecewise-linear", "smooth"])
+@pytest.mark.parametrize("fmt", ["custom", "qdq"])
+def test_float_activations_and_gates_export_to_onnx(smooth, fmt):
+    """The piecewise-linear ones (hardswish, hardsigmoid, leaky ReLU) compute the module's bits;
+    onnxruntime's sigmoid, tanh and GELU differ from torch's in the last bits, which can move a
+    code downstream by one step, so there the classes must agree."""
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(FloatActivations(smooth), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=None if smooth or fmt == "qdq" else 1e-4)
