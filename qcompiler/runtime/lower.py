@@ -594,8 +594,8 @@ class _Lowering:
         raise self.unsupported(node, f"scalar {name}")
 
     def node(self, node: fx.Node) -> object:
-        if is_static_value(node):  # x.size(0) and the like: only a reshape reads it, from its own recorded shape
-            return None
+        if is_static_value(node) or node.target is torch._assert:  # x.size(0) and checks on shapes: only a
+            return None  # reshape reads them, from its own recorded shape
         if node.op == "placeholder":
             self.inputs.append(node.name)
             return FloatInput(node.name, _shape(node))

@@ -472,10 +472,21 @@ class _Emitter:
             self.node("LeakyRelu", [x], name, name, alpha=float(m.negative_slope))
         elif isinstance(m, nn.GELU):
             self.node("Gelu", [x], name, name, approximate=m.approximate)
+        elif isinstance(m, nn.LayerNorm):
+            self.layer_norm(node, m)
         elif type(m) in _FLOAT_ACTIVATIONS:
             self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
+
+    def layer_norm(self, node: fx.Node, m: nn.LayerNorm) -> None:
+        """A float region's layer norm: ``LayerNormalization`` over the trailing normalized axes."""
+        shape = tuple(m.normalized_shape)
+        ones = np.ones(shape, np.float32)
+        scale = m.weight.detach().float().numpy() if m.weight is not None else ones
+        bias = m.bias.detach().float().numpy() if getattr(m, "bias", None) is not None else np.zeros(shape, np.float32)
+        args = [self.src(node), self.init(f"{node.name}.scale", scale), self.init(f"{node.name}.bias", bias)]
+        self.node("LayerNormalization", args, node.name, node.name, axis=-len(shape), epsilon=float(m.eps))
 
     def activation(self, node: fx.Node, kind: str) -> None:
         """A float activation (a float region: the module computes it in float32, as onnxruntime does)."""
@@ -657,8 +668,8 @@ class _Emitter:
     def node_of(self, node: fx.Node) -> None:
         if node.name in self.folded:  # the layer before it computed this tensor
             return
-        if is_static_value(node):  # x.size(0) and the like: a Reshape takes the recorded shape instead
-            return
+        if is_static_value(node) or node.target is torch._assert:  # shape values and checks on them
+            return  # (x.size(0), torchvision's image-size asserts): a Reshape takes the recorded shape instead
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
             dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT

@@ -250,3 +250,30 @@ def test_float_activations_and_gates_export_to_onnx(smooth, fmt):
     data = load_digits()
     c = qcompiler.compile(FloatActivations(smooth), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=None if smooth or fmt == "qdq" else 1e-4)
+
+
+class TinyViT(nn.Module):
+    """torchvision's ViT patterns: an assert on the input size, patches as tokens, pre-norm
+    ``nn.LayerNorm`` (a float region) before an MLP with GELU, a residual, a mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(1, 16, 2, stride=2)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 8, "Wrong image width!")
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, 16 features)
+        t = t + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(t))))
+        return self.head(t.mean(1))
+
+
+def test_layer_norm_and_shape_asserts_export_to_onnx():
+    """The custom form (the QDQ form refuses a linear layer on tokens, in one line naming it)."""
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(TinyViT(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], "custom", outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
