@@ -202,6 +202,55 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 _STATIC_TYPES = (int, float, bool, torch.Size, torch.device, torch.dtype)
+_PIECES = {torch.chunk: "chunk", torch.split: "split", torch.functional.split: "split", torch.unbind: "unbind",
+           "chunk": "chunk", "split": "split", "unbind": "unbind"}
+
+
+def splits_into_pieces(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``chunk`` / ``split`` / ``unbind`` call: a tuple the graph reads piece by piece."""
+    return node.op in ("call_function", "call_method") and _PIECES.get(node.target) is not None
+
+
+def piece_index(node: fx.Node) -> tuple[fx.Node, tuple] | None:
+    """For ``getitem(pieces, i)`` of a :func:`splits_into_pieces` node: its source tensor and the index
+    ``x[:, ...]`` that selects piece ``i`` (a slice along the split axis; an integer for ``unbind``).
+
+    >>> import torch.fx as fx
+    >>> class M(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x.chunk(3, dim=1)[2]
+    >>> gm = fx.symbolic_trace(M())
+    >>> from torch.fx.passes.shape_prop import ShapeProp
+    >>> _ = ShapeProp(gm).propagate(torch.zeros(2, 7, 4))
+    >>> getitem = [n for n in gm.graph.nodes if n.name == "getitem"][0]
+    >>> piece_index(getitem)[1]
+    (slice(None, None, None), slice(6, 7, None))
+    """
+    if node.target is not operator.getitem or not isinstance(node.args[0], fx.Node) or not splits_into_pieces(node.args[0]):
+        return None
+    pieces, i = node.args[0], node.args[1]
+    src = pieces.args[0]
+    meta = src.meta.get("tensor_meta")
+    if not isinstance(src, fx.Node) or not hasattr(meta, "shape") or not isinstance(i, int):
+        return None
+    kind = _PIECES[pieces.target]
+    second = pieces.args[1] if len(pieces.args) > 1 else None
+    dim = pieces.kwargs.get("dim", pieces.args[2] if len(pieces.args) > 2 else 0)
+    if kind == "unbind":
+        dim = pieces.kwargs.get("dim", second if second is not None else 0)
+    dim %= len(meta.shape)
+    length = int(meta.shape[dim])
+    if kind == "unbind":
+        return src, (slice(None),) * dim + (i,)
+    if kind == "chunk":
+        size = -(-length // int(pieces.kwargs.get("chunks", second)))
+        sizes = [min(size, length - a) for a in range(0, length, size)]
+    else:
+        sections = pieces.kwargs.get("split_size_or_sections", pieces.kwargs.get("split_size", second))
+        sizes = list(sections) if isinstance(sections, (list, tuple)) else \
+            [min(int(sections), length - a) for a in range(0, length, int(sections))]
+    start = sum(sizes[:i])
+    return src, (slice(None),) * dim + (slice(start, start + sizes[i]),)
 
 
 def is_static_value(node: fx.Node) -> bool:

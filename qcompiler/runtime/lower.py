@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import is_static_value, join_operands, op_kind
+from ..analysis import is_static_value, join_operands, op_kind, piece_index, splits_into_pieces
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -546,9 +546,10 @@ class _Lowering:
                          scale=move(t.scale), bound=move(t.bound)) for i, t in enumerate(acc.terms)]
         return replace(acc, terms=terms, offset=move(acc.offset), shape=_shape(node))
 
-    def index(self, node: fx.Node, v: object) -> object:
-        """``x[:, ...]`` with slices and integers on the non-batch axes."""
-        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    def index(self, node: fx.Node, v: object, idx: tuple | None = None) -> object:
+        """``x[:, ...]`` with slices and integers on the non-batch axes (``idx``: given for a chunk's piece)."""
+        if idx is None:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
             raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
@@ -596,6 +597,13 @@ class _Lowering:
     def node(self, node: fx.Node) -> object:
         if is_static_value(node) or node.target is torch._assert:  # x.size(0) and checks on shapes: only a
             return None  # reshape reads them, from its own recorded shape
+        if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it is an index of the source
+            if any(piece_index(user) is None for user in node.users):
+                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece")
+            return None
+        piece = piece_index(node)
+        if piece is not None:
+            return self.index(node, self.values[piece[0]], piece[1])
         if node.op == "placeholder":
             self.inputs.append(node.name)
             return FloatInput(node.name, _shape(node))

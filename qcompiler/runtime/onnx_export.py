@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import is_static_value, join_operands, op_kind
+from ..analysis import is_static_value, join_operands, op_kind, piece_index, splits_into_pieces
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -564,9 +564,12 @@ class _Emitter:
         self.node("Reshape", [self.src(node), shape], node.name, node.name)
 
     def index(self, node: fx.Node) -> None:
-        """``x[:, slices or integers]`` (the integer program's ``index``): one ``Slice``, an integer
-        ``i`` as ``[i, i + 1)``, then a ``Reshape`` to the recorded shape drops the integers' axes."""
-        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        """``x[:, slices or integers]`` (the integer program's ``index``), or a chunk's piece: one
+        ``Slice``, an integer ``i`` as ``[i, i + 1)``, then a ``Reshape`` to the recorded shape
+        drops the integers' axes."""
+        piece = piece_index(node)
+        src, idx = (self.src(node), node.args[1]) if piece is None else (piece[0].name, piece[1])
+        idx = idx if isinstance(idx, tuple) else (idx,)
         if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
             raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
         end = np.iinfo(np.int64).max  # ONNX Slice clamps its bounds to the axis, as Python does
@@ -580,11 +583,11 @@ class _Emitter:
                 stop = i.stop if i.stop is not None else (end if step > 0 else -end - 1)
                 ranges.append((axis, start, stop, step))
         if not ranges:
-            self.node("Identity", [self.src(node)], node.name, node.name)
+            self.node("Identity", [src], node.name, node.name)
             return
         args = [self.init(f"{node.name}.{what}", np.array(values, np.int64))
                 for what, values in zip(("axes", "starts", "ends", "steps"), zip(*ranges))]
-        sliced = self.node("Slice", [self.src(node), args[1], args[2], args[0], args[3]], f"{node.name}.slice", node.name)
+        sliced = self.node("Slice", [src, args[1], args[2], args[0], args[3]], f"{node.name}.slice", node.name)
         shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
         self.node("Reshape", [sliced, shape], node.name, f"{node.name}/shape")
 
@@ -670,6 +673,10 @@ class _Emitter:
             return
         if is_static_value(node) or node.target is torch._assert:  # shape values and checks on them
             return  # (x.size(0), torchvision's image-size asserts): a Reshape takes the recorded shape instead
+        if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it slices the source
+            if any(piece_index(user) is None for user in node.users):
+                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece")
+            return
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
             dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT

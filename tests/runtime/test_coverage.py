@@ -277,3 +277,37 @@ def test_layer_norm_and_shape_asserts_export_to_onnx():
     data = load_digits()
     c = qcompiler.compile(TinyViT(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], "custom", outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: ``x.chunk(2, dim=1)``, one half through a branch, ``cat``, then the
+    channel shuffle; and pieces of ``torch.split`` (uneven sections) and ``unbind``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.branch, self.branch_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(8 * 64 if how != "unbind" else 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        if self.how == "unbind":  # rows of the map as pieces
+            rows = x.unbind(2)
+            return self.fc(torch.flatten(rows[0] + rows[-1], 1))
+        a, b = x.chunk(2, dim=1) if self.how == "chunk" else torch.split(x, [4, 4], dim=1)
+        x = torch.cat((a, torch.relu(self.branch_bn(self.branch(b)))), dim=1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind"])
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_pieces_of_chunk_split_and_unbind_agree(how, fmt):
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(ShuffleUnit(how), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
