@@ -75,6 +75,8 @@ IR_VERSION = 10
 # Activations a float region computes (modules and their functions / methods), by ONNX form.
 _FLOAT_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                       nn.Hardsigmoid: "hardsigmoid"}
+_TENSOR_ARITHMETIC = {"mul": "Mul", "multiply": "Mul", "add": "Add", "iadd": "Add", "sub": "Sub", "truediv": "Div",
+                      "div": "Div"}
 _FLOAT_ACTIVATION_FUNCTIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu", "hardswish": "hardswish",
                                "hardsigmoid": "hardsigmoid"}
 
@@ -473,20 +475,49 @@ class _Emitter:
         elif isinstance(m, nn.GELU):
             self.node("Gelu", [x], name, name, approximate=m.approximate)
         elif isinstance(m, nn.LayerNorm):
-            self.layer_norm(node, m)
+            self.layer_norm(node, m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps)
         elif type(m) in _FLOAT_ACTIVATIONS:
             self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
 
-    def layer_norm(self, node: fx.Node, m: nn.LayerNorm) -> None:
-        """A float region's layer norm: ``LayerNormalization`` over the trailing normalized axes."""
-        shape = tuple(m.normalized_shape)
-        ones = np.ones(shape, np.float32)
-        scale = m.weight.detach().float().numpy() if m.weight is not None else ones
-        bias = m.bias.detach().float().numpy() if getattr(m, "bias", None) is not None else np.zeros(shape, np.float32)
-        args = [self.src(node), self.init(f"{node.name}.scale", scale), self.init(f"{node.name}.bias", bias)]
-        self.node("LayerNormalization", args, node.name, node.name, axis=-len(shape), epsilon=float(m.eps))
+    def constant(self, node: fx.Node) -> None:
+        """A parameter or buffer the graph reads (a class token, a position embedding): an initializer
+        holding its value (the graph's float regions compute with it, as the module does)."""
+        value = self.gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.dtype == torch.int64):
+            raise self.unsupported(node, "a graph attribute that is not a float or int64 tensor")
+        value = value.detach()
+        self.init(node.name, (value.float() if value.is_floating_point() else value).numpy())
+
+    def batch_size(self, name: str) -> str:
+        """The network input's batch size as a 1-element int64 tensor (every activation's batch)."""
+        first = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        shape = self.node("Shape", [first.name], f"{name}.input_shape", f"{name}/input_shape", start=0, end=1)
+        return shape
+
+    def expand(self, node: fx.Node) -> None:
+        """``x.expand(N, ...)`` (a class token copied per sample) to the recorded shape, with the batch
+        taken from the network input at run time."""
+        rest = self.init(f"{node.name}.shape_rest", np.array(_shape(node), np.int64))
+        shape = self.node("Concat", [self.batch_size(node.name), rest], f"{node.name}.shape", f"{node.name}/shape", axis=0)
+        self.node("Expand", [self.src(node), shape], node.name, node.name)
+
+    def layer_norm(self, node: fx.Node, shape, weight, bias, eps: float) -> None:
+        """A float region's layer norm (module or function): ``LayerNormalization`` over the trailing
+        normalized axes; ``weight`` / ``bias``: a tensor, a graph constant's node, or None."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+
+        def operand(value, what: str, default) -> str:
+            if isinstance(value, fx.Node):
+                return value.name  # a get_attr: already an initializer
+            array = value.detach().float().numpy() if value is not None else default(shape, np.float32)
+            return self.init(f"{node.name}.{what}", array)
+
+        args = [self.src(node), operand(weight, "scale", np.ones), operand(bias, "bias", np.zeros)]
+        self.node("LayerNormalization", args, node.name, node.name, axis=-len(shape), epsilon=float(eps))
 
     def activation(self, node: fx.Node, kind: str) -> None:
         """A float activation (a float region: the module computes it in float32, as onnxruntime does)."""
@@ -643,9 +674,14 @@ class _Emitter:
         elif fname == "leaky_relu":
             slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
             self.node("LeakyRelu", [self.src(node)], node.name, node.name, alpha=float(slope))
-        elif fname in ("mul", "multiply") and all(isinstance(a, fx.Node) for a in node.args[:2]) and len(node.args) == 2:
-            # two activations multiplied in float (a squeeze-excitation gate)
-            self.node("Mul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
+        elif fname in _TENSOR_ARITHMETIC and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+            # two tensors in float: a squeeze-excitation gate, a position embedding added to the tokens
+            self.node(_TENSOR_ARITHMETIC[fname], [self.src(node, 0), self.src(node, 1)], node.name, node.name)
+        elif fname == "expand":
+            self.expand(node)
+        elif fname == "layer_norm":  # ConvNeXt's channels-first norm calls the function
+            kw = dict(zip(("normalized_shape", "weight", "bias", "eps"), node.args[1:])) | node.kwargs
+            self.layer_norm(node, kw["normalized_shape"], kw.get("weight"), kw.get("bias"), kw.get("eps", 1e-5))
         elif fname in ("transpose", "permute"):  # attention's k.transpose(-2, -1), heads to the front
             self.node("Transpose", [self.src(node)], node.name, node.name, perm=_permutation(node))
         elif fname == "softmax":
@@ -687,7 +723,7 @@ class _Emitter:
         elif ir.LAYER in node.meta:
             self.layer(node)
         elif node.op == "get_attr":
-            raise self.unsupported(node, "parameters read by the graph")
+            self.constant(node)
         elif join_operands(node) is not None:
             self.join(node, join_operands(node))
         elif node.op == "call_module":

@@ -311,3 +311,37 @@ def test_pieces_of_chunk_split_and_unbind_agree(how, fmt):
     data = load_digits()
     c = qcompiler.compile(ShuffleUnit(how), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
     assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+
+
+class ClassToken(nn.Module):
+    """Parameters the graph reads directly: a class token expanded per sample and concatenated
+    to the patches, a position embedding added, ``F.layer_norm`` with its own weight and bias
+    (ConvNeXt's), a learned layer scale multiplying an activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(1, 16, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, 16) * 0.1)
+        self.norm_weight, self.norm_bias = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16) * 0.1)
+        self.layer_scale = nn.Parameter(torch.full((16,), 0.5))
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), t], 1) + self.pos_embed
+        h = torch.nn.functional.layer_norm(t, (16,), self.norm_weight, self.norm_bias, 1e-6)
+        t = t + self.layer_scale * self.fc2(torch.relu(self.fc1(h)))
+        return self.head(t[:, 0])
+
+
+def test_parameters_read_by_the_graph_export_to_onnx():
+    """The custom form computes them as the module does (float regions; the integer program refuses them)."""
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(ClassToken(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], "custom", outputs_to=None)  # onnxruntime's layer norm rounds its own way
+    with pytest.raises(QCompileError, match="parameters read by the graph"):
+        c.lower()
