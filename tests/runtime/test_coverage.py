@@ -24,6 +24,16 @@ def agrees(model: nn.Module, passes: str = "lsq", bits: int = 4, data: Dataset |
     return program
 
 
+def agrees_in(fmt: str, model: nn.Module, passes: str = "lsq", outputs_to: float | None = 1e-4) -> None:
+    """``model`` compiled on digits computes the same in ``fmt`` (the integer program or an ONNX form);
+    the QDQ form, which onnxruntime fuses, on classes only."""
+    from numeric_checks import assert_backends_agree
+
+    data = load_digits()
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes=passes), calib_data=data)
+    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=outputs_to if fmt == "custom" else None)
+
+
 class Head(nn.Module):
     """conv-BN-ReLU, then ``tail`` (the op under test), then a linear classifier."""
 
@@ -138,11 +148,7 @@ class Pick(nn.Module):
 ], ids=["input", "permute-slice", "pick"])
 @pytest.mark.parametrize("fmt", ["custom", "qdq"])
 def test_indexing_and_layout_changes_agree_in_both_onnx_forms(make, fmt):
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(make(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+    agrees_in(fmt, make())
 
 
 class ShuffleNet(nn.Module):
@@ -165,11 +171,7 @@ class ShuffleNet(nn.Module):
 
 @pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
 def test_reshapes_to_sizes_read_from_the_tensor_agree(fmt):
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(ShuffleNet(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+    agrees_in(fmt, ShuffleNet())
 
 
 class FunctionalPool(nn.Module):
@@ -188,11 +190,7 @@ class FunctionalPool(nn.Module):
 
 @pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
 def test_global_pooling_called_as_a_function_agrees(fmt):
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(FunctionalPool(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+    agrees_in(fmt, FunctionalPool())
 
 
 class CeilPool(nn.Module):
@@ -245,11 +243,7 @@ def test_float_activations_and_gates_export_to_onnx(smooth, fmt):
     """The piecewise-linear ones (hardswish, hardsigmoid, leaky ReLU) compute the module's bits;
     onnxruntime's sigmoid, tanh and GELU differ from torch's in the last bits, which can move a
     code downstream by one step, so there the classes must agree."""
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(FloatActivations(smooth), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=None if smooth or fmt == "qdq" else 1e-4)
+    agrees_in(fmt, FloatActivations(smooth), outputs_to=None if smooth else 1e-4)
 
 
 class TinyViT(nn.Module):
@@ -272,11 +266,7 @@ class TinyViT(nn.Module):
 
 def test_layer_norm_and_shape_asserts_export_to_onnx():
     """The custom form (the QDQ form refuses a linear layer on tokens, in one line naming it)."""
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(TinyViT(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], "custom", outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
+    agrees_in("custom", TinyViT(), outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
 
 
 class ShuffleUnit(nn.Module):
@@ -306,11 +296,7 @@ class ShuffleUnit(nn.Module):
 @pytest.mark.parametrize("how", ["chunk", "split", "unbind"])
 @pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
 def test_pieces_of_chunk_split_and_unbind_agree(how, fmt):
-    from numeric_checks import assert_backends_agree
-
-    data = load_digits()
-    c = qcompiler.compile(ShuffleUnit(how), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=1e-4 if fmt == "custom" else None)
+    agrees_in(fmt, ShuffleUnit(how))
 
 
 class ClassToken(nn.Module):
