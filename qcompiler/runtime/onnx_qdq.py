@@ -229,9 +229,12 @@ class _QdqEmitter(_Emitter):
         else:
             b = self.int_bias(node, bias, scale32) if has_bias else []
         x = self.src(node)
-        if info.kind == "linear":
-            if len(info.input_shape) != 1:
-                raise self.unsupported(node, "a linear layer on (N, ..., C) inputs in the qdq form")
+        if info.kind == "linear" and len(info.input_shape) != 1:  # tokens (N, ..., C): Gemm is 2-d only
+            wt = self.node("Transpose", [w], f"{name}.weight_t", f"{name}/weight_t", perm=[1, 0])
+            y = self.node("MatMul", [x, wt], out if not b else f"{name}.matmul", name)
+            if b:
+                self.node("Add", [y, *b], out, f"{name}/bias")
+        elif info.kind == "linear":
             self.node("Gemm", [x, w, *b], out, name, transB=1)
         else:
             self.conv(info, x, w, b, out, name, channel_first=True)

@@ -264,9 +264,10 @@ class TinyViT(nn.Module):
         return self.head(t.mean(1))
 
 
-def test_layer_norm_and_shape_asserts_export_to_onnx():
-    """The custom form (the QDQ form refuses a linear layer on tokens, in one line naming it)."""
-    agrees_in("custom", TinyViT(), outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
+@pytest.mark.parametrize("fmt", ["custom", "qdq"])
+def test_layer_norm_and_shape_asserts_export_to_onnx(fmt):
+    """Both forms; in the QDQ one the linear layers on tokens are a MatMul on the dequantized weight."""
+    agrees_in(fmt, TinyViT(), outputs_to=None)  # onnxruntime's layer norm and GELU round their own way
 
 
 class ShuffleUnit(nn.Module):
@@ -328,6 +329,7 @@ def test_parameters_read_by_the_graph_export_to_onnx():
 
     data = load_digits()
     c = qcompiler.compile(ClassToken(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
-    assert_backends_agree(c, data.x_test[:200], "custom", outputs_to=None)  # onnxruntime's layer norm rounds its own way
+    for fmt in ("custom", "qdq"):
+        assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=None)  # onnxruntime's layer norm rounds its own way
     with pytest.raises(QCompileError, match="parameters read by the graph"):
         c.lower()
