@@ -552,6 +552,8 @@ class _Lowering:
             idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
             raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
+        if any(isinstance(b, fx.Node) for i in idx if isinstance(i, slice) for b in (i.start, i.stop, i.step)):
+            raise self.unsupported(node, "a slice whose bounds are computed at run time")
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
         if isinstance(v, (Grid, FloatInput)):
             self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)

@@ -605,14 +605,22 @@ class _Emitter:
             raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
         end = np.iinfo(np.int64).max  # ONNX Slice clamps its bounds to the axis, as Python does
         ranges = []  # (axis, start, stop, step)
+        out_axis = 0  # the axis of the recorded output (batch dropped) that this slice makes
         for axis, i in enumerate(idx[1:], start=1):
             if isinstance(i, int):
                 ranges.append((axis, i, i + 1 if i != -1 else end, 1))
-            elif i != slice(None):
+                continue
+            if isinstance(i.stop, fx.Node) and isinstance(i.start, (int, type(None))) and (i.start or 0) >= 0 \
+                    and i.step in (None, 1):  # x[:, :seq_len] with seq_len read from a shape: the recorded length
+                i = slice(i.start, (i.start or 0) + _shape(node)[out_axis])
+            if any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)):
+                raise self.unsupported(node, "a slice whose start or step is computed at run time")
+            if i != slice(None):
                 step = 1 if i.step is None else i.step
                 start = i.start if i.start is not None else (0 if step > 0 else end)
                 stop = i.stop if i.stop is not None else (end if step > 0 else -end - 1)
                 ranges.append((axis, start, stop, step))
+            out_axis += 1
         if not ranges:
             self.node("Identity", [src], node.name, node.name)
             return

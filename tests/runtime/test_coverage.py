@@ -333,3 +333,32 @@ def test_parameters_read_by_the_graph_export_to_onnx():
         assert_backends_agree(c, data.x_test[:200], fmt, outputs_to=None)  # onnxruntime's layer norm rounds its own way
     with pytest.raises(QCompileError, match="parameters read by the graph"):
         c.lower()
+
+
+class ShapeSlice(nn.Module):
+    """``x[:, :, : x.size(2) - 1]`` (a bound read from a shape, as transformers slice position ids)."""
+
+    def __init__(self, start_from_shape: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.start_from_shape = start_from_shape
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 7 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x[:, :, x.size(2) - 7:] if self.start_from_shape else x[:, :, : x.size(2) - 1]
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["custom", "qdq"])
+def test_a_slice_bound_read_from_a_shape_exports_or_is_one_line(fmt):
+    agrees_in(fmt, ShapeSlice())
+    data = load_digits()
+    c = qcompiler.compile(ShapeSlice(start_from_shape=True), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    with pytest.raises(QCompileError, match="computed at run time"):
+        to_onnx(c.module, fmt)
+    with pytest.raises(QCompileError, match="computed at run time"):
+        c.lower()
