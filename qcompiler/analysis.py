@@ -238,6 +238,9 @@ def piece_index(node: fx.Node) -> tuple[fx.Node, tuple] | None:
     dim = pieces.kwargs.get("dim", pieces.args[2] if len(pieces.args) > 2 else 0)
     if kind == "unbind":
         dim = pieces.kwargs.get("dim", second if second is not None else 0)
+    sizes_arg = pieces.kwargs.get("chunks", pieces.kwargs.get("split_size_or_sections", pieces.kwargs.get("split_size", second)))
+    if any(isinstance(a, fx.Node) for a in (dim, sizes_arg, *(sizes_arg if isinstance(sizes_arg, (list, tuple)) else ()))):
+        return None  # sizes computed at run time
     dim %= len(meta.shape)
     length = int(meta.shape[dim])
     if kind == "unbind":

@@ -601,7 +601,7 @@ class _Lowering:
             return None  # reshape reads them, from its own recorded shape
         if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it is an index of the source
             if any(piece_index(user) is None for user in node.users):
-                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece")
+                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece, or with sizes computed at run time")
             return None
         piece = piece_index(node)
         if piece is not None:

@@ -509,6 +509,8 @@ class _Emitter:
         """A float region's layer norm (module or function): ``LayerNormalization`` over the trailing
         normalized axes; ``weight`` / ``bias``: a tensor, a graph constant's node, or None."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(d, int) for d in shape) or not isinstance(eps, (int, float)):
+            raise self.unsupported(node, "a layer norm whose shape or eps is computed at run time")
 
         def operand(value, what: str, default) -> str:
             if isinstance(value, fx.Node):
@@ -719,7 +721,7 @@ class _Emitter:
             return  # (x.size(0), torchvision's image-size asserts): a Reshape takes the recorded shape instead
         if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it slices the source
             if any(piece_index(user) is None for user in node.users):
-                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece")
+                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece, or with sizes computed at run time")
             return
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
