@@ -213,7 +213,8 @@ def splits_into_pieces(node: fx.Node) -> bool:
 
 def piece_index(node: fx.Node) -> tuple[fx.Node, tuple] | None:
     """For ``getitem(pieces, i)`` of a :func:`splits_into_pieces` node: its source tensor and the index
-    ``x[:, ...]`` that selects piece ``i`` (a slice along the split axis; an integer for ``unbind``).
+    ``x[:, ...]`` that selects piece ``i`` (a slice along the split axis; an integer for ``unbind``);
+    None for any other node, and where the sizes are computed at run time.
 
     >>> import torch.fx as fx
     >>> class M(torch.nn.Module):
@@ -230,41 +231,80 @@ def piece_index(node: fx.Node) -> tuple[fx.Node, tuple] | None:
         return None
     pieces, i = node.args[0], node.args[1]
     src = pieces.args[0]
-    meta = src.meta.get("tensor_meta")
-    if not isinstance(src, fx.Node) or not hasattr(meta, "shape") or not isinstance(i, int):
+    meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    if not hasattr(meta, "shape") or not isinstance(i, int):
         return None
     kind = _PIECES[pieces.target]
     second = pieces.args[1] if len(pieces.args) > 1 else None
-    dim = pieces.kwargs.get("dim", pieces.args[2] if len(pieces.args) > 2 else 0)
     if kind == "unbind":
         dim = pieces.kwargs.get("dim", second if second is not None else 0)
-    sizes_arg = pieces.kwargs.get("chunks", pieces.kwargs.get("split_size_or_sections", pieces.kwargs.get("split_size", second)))
-    if any(isinstance(a, fx.Node) for a in (dim, sizes_arg, *(sizes_arg if isinstance(sizes_arg, (list, tuple)) else ()))):
+    else:
+        dim = pieces.kwargs.get("dim", pieces.args[2] if len(pieces.args) > 2 else 0)
+    sizes = pieces.kwargs.get("chunks", pieces.kwargs.get("split_size_or_sections", pieces.kwargs.get("split_size", second)))
+    if any(isinstance(a, fx.Node) for a in (dim, sizes, *(sizes if isinstance(sizes, (list, tuple)) else ()))):
         return None  # sizes computed at run time
     dim %= len(meta.shape)
-    length = int(meta.shape[dim])
     if kind == "unbind":
         return src, (slice(None),) * dim + (i,)
-    if kind == "chunk":
-        size = -(-length // int(pieces.kwargs.get("chunks", second)))
+    length = int(meta.shape[dim])
+    if not isinstance(sizes, (list, tuple)):  # chunk: ceil(length / chunks) each; split: the given size each
+        size = -(-length // int(sizes)) if kind == "chunk" else int(sizes)
         sizes = [min(size, length - a) for a in range(0, length, size)]
-    else:
-        sections = pieces.kwargs.get("split_size_or_sections", pieces.kwargs.get("split_size", second))
-        sizes = list(sections) if isinstance(sections, (list, tuple)) else \
-            [min(int(sections), length - a) for a in range(0, length, int(sections))]
     start = sum(sizes[:i])
     return src, (slice(None),) * dim + (slice(start, start + sizes[i]),)
 
 
+def static_index(node: fx.Node) -> tuple[fx.Node, tuple]:
+    """The tensor a ``getitem`` node reads and its index ``x[:, ...]`` (slices and integers with
+    constant bounds; the batch axis whole), for the backends' ``index`` / ``Slice``.
+
+    A chunk's piece is an index of the chunked tensor (:func:`piece_index`); a slice's stop read
+    from a shape (``x[:, :x.size(1) - 1]``) is the recorded length. Raises ``ValueError``
+    naming what no backend expresses.
+    """
+    piece = piece_index(node)
+    if piece is None and isinstance(node.args[0], fx.Node) and splits_into_pieces(node.args[0]):
+        raise ValueError("a chunk, split or unbind with sizes computed at run time")
+    src, idx = piece if piece is not None else (node.args[0], node.args[1])
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
+        raise ValueError("indexing other than x[:, slices or integers] (the batch axis whole)")
+    out_shape = node.meta["tensor_meta"].shape[1:]
+    resolved, out_axis = [idx[0]], 0  # out_axis: the recorded output axis (batch dropped) a slice makes
+    for i in idx[1:]:
+        if isinstance(i, slice):
+            if isinstance(i.stop, fx.Node) and isinstance(i.start, (int, type(None))) and (i.start or 0) >= 0 \
+                    and i.step in (None, 1):  # x[:, :seq_len] with seq_len read from a shape: the recorded length
+                i = slice(i.start, (i.start or 0) + int(out_shape[out_axis]))
+            if any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)):
+                raise ValueError("a slice whose start or step is computed at run time")
+            out_axis += 1
+        resolved.append(i)
+    return src, tuple(resolved)
+
+
 def is_static_value(node: fx.Node) -> bool:
     """Whether ``node`` computes a Python value from shapes (``x.size(0)``, ``x.shape``, ``c // 2``),
-    not a tensor, as shape propagation recorded it.
+    not a tensor, as shape propagation recorded it, or checks one (``torch._assert``).
 
     Such values are only ever a reshape's arguments (``x.view(x.size(0), -1)``, a channel
-    shuffle), and the backends take a reshape's target from its own recorded shape, so they
-    skip these nodes.
+    shuffle) or a slice's bound (:func:`static_index`), and the backends take a reshape's
+    target from its own recorded shape, so they skip these nodes.
     """
-    return "tensor_meta" not in node.meta and node.meta.get("type") in _STATIC_TYPES
+    return node.target is torch._assert or ("tensor_meta" not in node.meta and node.meta.get("type") in _STATIC_TYPES)
+
+
+def emits_nothing(node: fx.Node) -> bool:
+    """Whether a backend emits nothing for ``node``: a :func:`is_static_value`, or a chunk / split /
+    unbind tuple whose pieces its ``getitem`` users read (:func:`static_index`). Raises
+    ``ValueError`` for such a tuple read whole."""
+    if is_static_value(node):
+        return True
+    if not splits_into_pieces(node):
+        return False
+    if any(user.target is not operator.getitem for user in node.users):
+        raise ValueError("a chunk, split or unbind read other than piece by piece")
+    return True
 
 
 def is_identity(m: nn.Module) -> bool:

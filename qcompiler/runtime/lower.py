@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import is_static_value, join_operands, op_kind, piece_index, splits_into_pieces
+from ..analysis import emits_nothing, join_operands, op_kind, static_index
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -546,14 +546,13 @@ class _Lowering:
                          scale=move(t.scale), bound=move(t.bound)) for i, t in enumerate(acc.terms)]
         return replace(acc, terms=terms, offset=move(acc.offset), shape=_shape(node))
 
-    def index(self, node: fx.Node, v: object, idx: tuple | None = None) -> object:
-        """``x[:, ...]`` with slices and integers on the non-batch axes (``idx``: given for a chunk's piece)."""
-        if idx is None:
-            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
-            raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
-        if any(isinstance(b, fx.Node) for i in idx if isinstance(i, slice) for b in (i.start, i.stop, i.step)):
-            raise self.unsupported(node, "a slice whose bounds are computed at run time")
+    def index(self, node: fx.Node) -> object:
+        """``x[:, ...]`` with slices and integers on the non-batch axes, or a chunk's piece (:func:`static_index`)."""
+        try:
+            src, idx = static_index(node)
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
+        v = self.values[src]
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
         if isinstance(v, (Grid, FloatInput)):
             self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)
@@ -597,15 +596,11 @@ class _Lowering:
         raise self.unsupported(node, f"scalar {name}")
 
     def node(self, node: fx.Node) -> object:
-        if is_static_value(node) or node.target is torch._assert:  # x.size(0) and checks on shapes: only a
-            return None  # reshape reads them, from its own recorded shape
-        if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it is an index of the source
-            if any(piece_index(user) is None for user in node.users):
-                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece, or with sizes computed at run time")
-            return None
-        piece = piece_index(node)
-        if piece is not None:
-            return self.index(node, self.values[piece[0]], piece[1])
+        try:  # shape values (a reshape reads its own recorded shape) and chunk tuples (their getitems index)
+            if emits_nothing(node):
+                return None
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
         if node.op == "placeholder":
             self.inputs.append(node.name)
             return FloatInput(node.name, _shape(node))
@@ -645,7 +640,7 @@ class _Lowering:
                 dims[d0], dims[d1] = d1, d0
             return self.permute(node, v, dims)
         if kind == "keep" and fname == "getitem":
-            return self.index(node, v)
+            return self.index(node)
         if kind == "affine" and fname in ("relu6",):
             return self.clip(node, v, 0.0, 6.0)
         if kind == "affine" and fname in ("mean", "sum"):

@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import is_static_value, join_operands, op_kind, piece_index, splits_into_pieces
+from ..analysis import emits_nothing, join_operands, op_kind, static_index
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -77,8 +77,7 @@ _FLOAT_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", n
                       nn.Hardsigmoid: "hardsigmoid"}
 _TENSOR_ARITHMETIC = {"mul": "Mul", "multiply": "Mul", "add": "Add", "iadd": "Add", "sub": "Sub", "truediv": "Div",
                       "div": "Div"}
-_FLOAT_ACTIVATION_FUNCTIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "silu": "silu", "hardswish": "hardswish",
-                               "hardsigmoid": "hardsigmoid"}
+_FLOAT_ACTIVATION_FUNCTIONS = set(_FLOAT_ACTIVATIONS.values())  # F.silu, torch.sigmoid, x.tanh(), ... by name
 
 
 class ExportError(QCompileError):
@@ -495,8 +494,7 @@ class _Emitter:
     def batch_size(self, name: str) -> str:
         """The network input's batch size as a 1-element int64 tensor (every activation's batch)."""
         first = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
-        shape = self.node("Shape", [first.name], f"{name}.input_shape", f"{name}/input_shape", start=0, end=1)
-        return shape
+        return self.node("Shape", [first.name], f"{name}.input_shape", f"{name}/input_shape", start=0, end=1)
 
     def expand(self, node: fx.Node) -> None:
         """``x.expand(N, ...)`` (a class token copied per sample) to the recorded shape, with the batch
@@ -597,38 +595,29 @@ class _Emitter:
         self.node("Reshape", [self.src(node), shape], node.name, node.name)
 
     def index(self, node: fx.Node) -> None:
-        """``x[:, slices or integers]`` (the integer program's ``index``), or a chunk's piece: one
-        ``Slice``, an integer ``i`` as ``[i, i + 1)``, then a ``Reshape`` to the recorded shape
-        drops the integers' axes."""
-        piece = piece_index(node)
-        src, idx = (self.src(node), node.args[1]) if piece is None else (piece[0].name, piece[1])
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if not idx or idx[0] != slice(None) or any(not isinstance(i, (slice, int)) for i in idx):
-            raise self.unsupported(node, "indexing other than x[:, slices or integers] (the batch axis whole)")
+        """``x[:, slices or integers]`` (the integer program's ``index``), or a chunk's piece
+        (:func:`static_index`): one ``Slice``, an integer ``i`` as ``[i, i + 1)``, then a
+        ``Reshape`` to the recorded shape drops the integers' axes."""
+        try:
+            src, idx = static_index(node)
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
         end = np.iinfo(np.int64).max  # ONNX Slice clamps its bounds to the axis, as Python does
         ranges = []  # (axis, start, stop, step)
-        out_axis = 0  # the axis of the recorded output (batch dropped) that this slice makes
         for axis, i in enumerate(idx[1:], start=1):
             if isinstance(i, int):
                 ranges.append((axis, i, i + 1 if i != -1 else end, 1))
-                continue
-            if isinstance(i.stop, fx.Node) and isinstance(i.start, (int, type(None))) and (i.start or 0) >= 0 \
-                    and i.step in (None, 1):  # x[:, :seq_len] with seq_len read from a shape: the recorded length
-                i = slice(i.start, (i.start or 0) + _shape(node)[out_axis])
-            if any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)):
-                raise self.unsupported(node, "a slice whose start or step is computed at run time")
-            if i != slice(None):
+            elif i != slice(None):
                 step = 1 if i.step is None else i.step
                 start = i.start if i.start is not None else (0 if step > 0 else end)
                 stop = i.stop if i.stop is not None else (end if step > 0 else -end - 1)
                 ranges.append((axis, start, stop, step))
-            out_axis += 1
         if not ranges:
-            self.node("Identity", [src], node.name, node.name)
+            self.node("Identity", [src.name], node.name, node.name)
             return
         args = [self.init(f"{node.name}.{what}", np.array(values, np.int64))
                 for what, values in zip(("axes", "starts", "ends", "steps"), zip(*ranges))]
-        sliced = self.node("Slice", [src, args[1], args[2], args[0], args[3]], f"{node.name}.slice", node.name)
+        sliced = self.node("Slice", [src.name, args[1], args[2], args[0], args[3]], f"{node.name}.slice", node.name)
         shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
         self.node("Reshape", [sliced, shape], node.name, f"{node.name}/shape")
 
@@ -678,7 +667,7 @@ class _Emitter:
         elif fname == "getitem":
             self.index(node)
         elif fname in _FLOAT_ACTIVATION_FUNCTIONS:
-            self.activation(node, _FLOAT_ACTIVATION_FUNCTIONS[fname])
+            self.activation(node, fname)
         elif fname == "gelu":
             self.node("Gelu", [self.src(node)], node.name, node.name, approximate=node.kwargs.get("approximate", "none"))
         elif fname == "leaky_relu":
@@ -717,12 +706,11 @@ class _Emitter:
     def node_of(self, node: fx.Node) -> None:
         if node.name in self.folded:  # the layer before it computed this tensor
             return
-        if is_static_value(node) or node.target is torch._assert:  # shape values and checks on them
-            return  # (x.size(0), torchvision's image-size asserts): a Reshape takes the recorded shape instead
-        if splits_into_pieces(node):  # chunk / split / unbind: each getitem of it slices the source
-            if any(piece_index(user) is None for user in node.users):
-                raise self.unsupported(node, "a chunk, split or unbind read other than piece by piece, or with sizes computed at run time")
-            return
+        try:  # shape values (a Reshape takes the recorded shape) and chunk tuples (their getitems slice)
+            if emits_nothing(node):
+                return
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
             dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT

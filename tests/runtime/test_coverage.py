@@ -362,3 +362,24 @@ def test_a_slice_bound_read_from_a_shape_exports_or_is_one_line(fmt):
         to_onnx(c.module, fmt)
     with pytest.raises(QCompileError, match="computed at run time"):
         c.lower()
+
+
+class RunTimeChunks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        a, b = torch.relu(self.conv(x)).chunk(x.size(1) * 2, dim=1)  # the number of chunks read from a shape
+        return self.fc((a + b).flatten(1))
+
+
+def test_chunks_counted_at_run_time_are_one_line_in_both_backends():
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    c = qcompiler.compile(RunTimeChunks(), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    for backend in (lambda: to_onnx(c.module, "custom"), c.lower):
+        with pytest.raises(QCompileError, match="sizes computed at run time") as e:
+            backend()
+        assert "\n" not in str(e.value)
