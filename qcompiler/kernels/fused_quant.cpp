@@ -77,19 +77,28 @@ void check(const torch::Tensor& x, const torch::Tensor& step) {
   TORCH_CHECK(step.numel() > 0 && x.numel() % step.numel() == 0, "fused_quant: one step per row");
 }
 
-// Sum of n floats in kLanes independent partial sums: a fixed order (so results do
-// not depend on threads) that vectorises without reassociation flags.
+// The sum of body(i) over [b, e), where body also writes its elementwise outputs: the
+// terms go to kLanes float partial sums per block of kBlock (a fixed order, so results do
+// not depend on threads, that the compiler keeps in vector registers without reassociation
+// flags), and the blocks add up in double. Summing in the elementwise loop itself, rather
+// than storing the terms for a second loop, halves a gradient kernel's time.
 constexpr int64_t kBlock = 2048;
-constexpr int kLanes = 8;
-inline double block_sum(const float* v, int64_t n) {
-  float lanes[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += v[i + l];
-  double s = 0.0;
-  for (; i < n; ++i) s += v[i];
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
+constexpr int kLanes = 16;
+template <typename Body>
+inline double sum_terms(int64_t b, int64_t e, Body body) {
+  double acc = 0.0;
+  for (int64_t c = b; c < e; c += kBlock) {
+    const int64_t n = std::min(kBlock, e - c);
+    float lanes[kLanes] = {0};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += body(c + j + l);
+    double s = 0.0;
+    for (; j < n; ++j) s += body(c + j);
+    for (int l = 0; l < kLanes; ++l) s += lanes[l];
+    acc += s;
+  }
+  return acc;
 }
 
 // ---- learned steps kept positive ----------------------------------------------------
@@ -160,23 +169,16 @@ std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, tor
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
     const float s = sp[row];
-    float contrib[kBlock];  // this block's d(x_hat)/ds * grad, summed after the elementwise loop
-    double acc = 0.0;
-    for (int64_t c = b; c < e; c += kBlock) {
-      const int64_t n = std::min(kBlock, e - c);
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = xp[c + j] / s;
-        const float cl = std::min(std::max(v, lo), hi);
-        const bool inside = cl == v;
-        // d(x_hat)/ds: round(v) - v inside, the clamped code outside
-        const float dstep = select(inside, round_even(cl) - v, cl);
-        const float g = gp[c + j];
-        gx[c + j] = select(inside, g, 0.0f);
-        contrib[j] = dstep * g;
-      }
-      acc += block_sum(contrib, n);
-    }
-    partial[task] = acc;
+    partial[task] = sum_terms(b, e, [&](int64_t i) {
+      const float v = xp[i] / s;
+      const float cl = std::min(std::max(v, lo), hi);
+      const bool inside = cl == v;
+      // d(x_hat)/ds: round(v) - v inside, the clamped code outside
+      const float dstep = select(inside, round_even(cl) - v, cl);
+      const float g = gp[i];
+      gx[i] = select(inside, g, 0.0f);
+      return dstep * g;
+    });
   });
   return {grad_x, row_sums(partial, t, grad_scale)};
 }
@@ -393,23 +395,16 @@ void power_backward_rows(const PowerGrid& grid, const Tiling& t, const float* wp
                          float* gw, std::vector<double>& partial) {
   for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
     const float al = ap[row];
-    float contrib[kBlock];  // this block's d(q alpha)/d alpha * grad, summed after the elementwise loop
-    double acc = 0.0;
-    for (int64_t c = b; c < e; c += kBlock) {
-      const int64_t n = std::min(kBlock, e - c);
-      for (int64_t j = 0; j < n; ++j) {
-        const float u = wp[c + j] / al;
-        const float au = std::fabs(u);
-        const float q = std::copysign(grid.level<Sqrt2>(au), u);
-        const bool inside = au <= 1.0f;
-        // d(q * alpha)/d alpha: q - u inside; outside q is the clip sign(u)
-        const float g = gp[c + j];
-        gw[c + j] = select(inside, g, 0.0f);
-        contrib[j] = (q - select(inside, u, 0.0f)) * g;
-      }
-      acc += block_sum(contrib, n);
-    }
-    partial[task] = acc;
+    partial[task] = sum_terms(b, e, [&](int64_t i) {
+      const float u = wp[i] / al;
+      const float au = std::fabs(u);
+      const float q = std::copysign(grid.level<Sqrt2>(au), u);
+      const bool inside = au <= 1.0f;
+      // d(q * alpha)/d alpha: q - u inside; outside q is the clip sign(u)
+      const float g = gp[i];
+      gw[i] = select(inside, g, 0.0f);
+      return (q - select(inside, u, 0.0f)) * g;
+    });
   });
 }
 
@@ -428,6 +423,7 @@ std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, t
       partial);
   return {grad_w, row_sums(partial, t, grad_scale)};
 }
+
 
 }  // namespace
 
