@@ -128,10 +128,12 @@ class Domain:
     grid: str | None = None
 
 
+# Dropout modules: the identity in eval, the only mode a backend computes.
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # Ops whose output holds the same codes as their input (max commutes with a monotone quantizer).
 _GRID_KEEPING_MODULES = (
     nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten,
+    nn.Identity, *DROPOUTS, nn.Flatten, nn.Unflatten,
 )
 _GRID_KEEPING_FUNCTIONS = {
     torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d,
@@ -309,7 +311,7 @@ def emits_nothing(node: fx.Node) -> bool:
 
 def is_identity(m: nn.Module) -> bool:
     """A module whose output is its input: ``nn.Identity``, dropout, an empty ``nn.Sequential`` (an identity shortcut)."""
-    return isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Sequential) and len(m) == 0)
+    return isinstance(m, (nn.Identity, *DROPOUTS)) or (isinstance(m, nn.Sequential) and len(m) == 0)
 
 
 # The op kind of each function and method target (the tables above do not overlap).

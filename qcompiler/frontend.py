@@ -32,6 +32,7 @@ from .errors import DataError, SpecError, TraceError, UnsupportedError
 from .attention import spell_out_attention
 from .functional_layers import functional_to_modules
 from .ir import LayerInfo, compute_layers
+from .training_calls import restore_training_flags
 from .nn.adder import AdderConv2d
 from .nn.attention import TracedMultiheadAttention, call_reason, mark_unsupported, unsupported_reason
 
@@ -162,7 +163,8 @@ def _trace_graph(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModu
 
 
 def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """The traced copy ``gm`` as IR: functional layers made modules, shapes and layer records written."""
+    """The traced copy ``gm`` as IR: functional layers and dropouts made modules, shapes and layer records written."""
+    restore_training_flags(gm)  # F.dropout(x, p, self.training) traced in eval: a module that follows .train()
     functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     drop_single_concats(gm)
     propagate_shapes(gm, example_inputs)

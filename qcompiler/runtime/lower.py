@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import emits_nothing, join_operands, op_kind, static_index
+from ..analysis import DROPOUTS, emits_nothing, join_operands, op_kind, static_index
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -386,7 +386,7 @@ class _Lowering:
 
     def module_op(self, node: fx.Node, v: object) -> object:
         m = self.gm.get_submodule(node.target)
-        if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+        if isinstance(m, (nn.Identity, *DROPOUTS)):
             return v
         if isinstance(m, nn.ReLU):
             return self.relu(node, v)

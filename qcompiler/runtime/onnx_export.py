@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import emits_nothing, join_operands, op_kind, static_index
+from ..analysis import DROPOUTS, emits_nothing, join_operands, op_kind, static_index
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -449,7 +449,7 @@ class _Emitter:
     def module_op(self, node: fx.Node) -> None:
         m = self.gm.get_submodule(node.target)
         x, name = self.src(node), node.name
-        if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+        if isinstance(m, (nn.Identity, *DROPOUTS)):
             self.node("Identity", [x], name, name)
         elif isinstance(m, nn.ReLU):
             self.node("Relu", [x], name, name)

@@ -1,0 +1,101 @@
+"""Front-end step: calls whose ``training`` argument was read from ``self.training`` at trace time.
+
+A model is traced in eval mode, so ``F.dropout(x, self.p, self.training)`` in its forward
+becomes ``dropout(x, p, training=False)``: the flag is a constant of the graph, and QAT
+of the compiled module would train without the dropout the model asked for (fx bakes
+every Python value it reads). This step gives the flag back to the run time:
+
+- dropout calls (``F.dropout``, ``F.dropout1d/2d/3d``, ``F.alpha_dropout``,
+  ``F.feature_alpha_dropout``) traced with ``training=False`` and a non-zero ``p`` become
+  the equivalent ``nn.Dropout*`` module, which reads its own ``training`` flag: the
+  compiled module drops out under ``.train()`` and is the identity under ``.eval()``,
+  like the original model. (A literal ``training=False`` with ``p > 0`` is a dropout that
+  never drops; such a call is read as the ``self.training`` idiom.)
+- any other call with a constant ``training=False`` (torchvision's ``stochastic_depth``, a
+  functional ``F.batch_norm``) stays as traced, and a :class:`TrainingFlagWarning` names
+  it: in QAT it runs as in eval.
+
+Example:
+    >>> import torch.nn.functional as F
+    >>> class Net(nn.Module):
+    ...     def forward(self, x):
+    ...         return F.dropout(x, 0.25, self.training)
+    >>> gm = fx.symbolic_trace(Net().eval())
+    >>> restore_training_flags(gm)
+    ['dropout']
+    >>> gm.get_submodule("dropout")
+    Dropout(p=0.25, inplace=False)
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_DROPOUTS = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
+    F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+
+
+class TrainingFlagWarning(UserWarning):
+    """A call's ``training`` argument was fixed to ``False`` when the model was traced."""
+
+
+def _bound(node: fx.Node) -> dict | None:
+    """The call's arguments by name (defaults filled in), or None where the target has no Python signature."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def restore_training_flags(gm: fx.GraphModule) -> list[str]:
+    """Dropout calls traced with ``training=False`` become dropout modules; returns their paths.
+
+    Other calls with a constant ``training=False`` are named in one :class:`TrainingFlagWarning`.
+    """
+    made, baked = [], []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not callable(node.target):
+            continue
+        args = _bound(node)
+        if args is None or args.get("training") is not False:
+            continue
+        module_cls = _DROPOUTS.get(node.target)
+        p, inplace = args.get("p"), args.get("inplace", False)
+        if module_cls is None or not isinstance(p, (int, float)) or not isinstance(inplace, bool):
+            baked.append(node)
+            continue
+        if p == 0:
+            continue  # drops nothing in either mode
+        name, i = node.name, 1
+        while hasattr(gm, name):
+            name, i = f"{node.name}_{i}", i + 1
+        gm.add_submodule(name, module_cls(float(p), inplace))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (args["input"],))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        call.name = name
+        made.append(name)
+    if baked:
+        names = ", ".join(f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in baked)
+        warnings.warn(
+            f"{names}: traced with training=False read from the model's mode, so QAT of the compiled module runs "
+            "them as in eval; write them as modules (e.g. torchvision.ops.StochasticDepth) to train them",
+            TrainingFlagWarning, stacklevel=3)
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
+
+
+__all__ = ["TrainingFlagWarning", "restore_training_flags"]

@@ -1,0 +1,95 @@
+"""Calls whose ``training`` flag fx fixed at trace time: dropouts follow ``.train()`` / ``.eval()`` again."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import qcompiler
+from qcompiler.training_calls import TrainingFlagWarning, restore_training_flags
+
+
+class FunctionalDropouts(nn.Module):
+    """Dropout written the transformers way: ``F.dropout(x, p, training=self.training)``."""
+
+    def __init__(self, features: int = 4 * 8 * 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(features, 10)
+
+    def forward(self, x):
+        x = F.dropout2d(torch.relu(self.bn(self.conv(x))), 0.5, self.training)
+        return self.fc(F.dropout(x.flatten(1), p=0.25, training=self.training))
+
+
+def _calib():
+    torch.manual_seed(1)
+    return torch.rand(16, 1, 8, 8)
+
+
+def test_dropout_calls_become_modules_that_follow_the_mode():
+    model = FunctionalDropouts()
+    before = copy.deepcopy(model.state_dict())
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=_calib())
+    modules = {n.name: c.module.get_submodule(n.target) for n in c.module.graph.nodes if n.op == "call_module"}
+    assert isinstance(modules["dropout2d"], nn.Dropout2d) and modules["dropout2d"].p == 0.5
+    assert isinstance(modules["dropout"], nn.Dropout) and modules["dropout"].p == 0.25
+    assert not any("dropout" in str(n.target) for n in c.module.graph.nodes if n.op == "call_function")
+    x = _calib()[:4]
+    c.module.train()
+    assert not torch.equal(c.module(x), c.module(x))  # QAT trains with the model's dropout
+    c.module.eval()
+    with torch.no_grad():
+        assert torch.equal(c.module(x), c.module(x))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+
+
+@pytest.mark.parametrize("fn, cls", [(F.alpha_dropout, nn.AlphaDropout), (F.dropout3d, nn.Dropout3d),
+                                     (F.feature_alpha_dropout, nn.FeatureAlphaDropout), (F.dropout1d, nn.Dropout1d)])
+def test_every_dropout_function_gets_its_module(fn, cls):
+    class Net(nn.Module):
+        def forward(self, x):
+            return fn(x, 0.1, self.training)
+
+    gm = fx.symbolic_trace(Net().eval())
+    assert restore_training_flags(gm) == [fn.__name__]
+    assert type(gm.get_submodule(fn.__name__)) is cls
+
+
+def test_calls_that_do_not_read_the_mode_are_kept():
+    class Net(nn.Module):
+        def forward(self, x):
+            return F.dropout(F.dropout(x, 0.0, False), 0.3) + F.dropout(x, 0.2, True)  # p = 0; always on (twice)
+
+    gm = fx.symbolic_trace(Net().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert restore_training_flags(gm) == []
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(F.dropout) == 3
+
+
+def test_other_calls_with_a_fixed_flag_are_named_in_a_warning():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("var", torch.ones(3))
+
+        def forward(self, x):
+            return F.batch_norm(x, self.mean, self.var, training=self.training)
+
+    gm = fx.symbolic_trace(Net().eval())
+    with pytest.warns(TrainingFlagWarning, match=r"batch_norm \(batch_norm\): traced with training=False"):
+        restore_training_flags(gm)
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_backends_read_the_dropouts_as_identities(fmt):
+    from runtime.test_coverage import agrees_in
+
+    agrees_in(fmt, FunctionalDropouts())
