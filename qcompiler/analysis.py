@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
@@ -307,6 +308,65 @@ def emits_nothing(node: fx.Node) -> bool:
     if any(user.target is not operator.getitem for user in node.users):
         raise ValueError("a chunk, split or unbind read other than piece by piece")
     return True
+
+
+@dataclass(frozen=True)
+class ShapeBuilt:
+    """A tensor computed from shapes and constants alone (a mask of ones, position ids): its value
+    for one sample when ``batched`` (the first axis follows the batch, every sample alike), else whole."""
+
+    value: torch.Tensor
+    batched: bool
+
+
+def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
+    """The tensors of :data:`CONST` domain that data-carrying nodes read, other than attributes
+    (``x + self.pos_embedding`` reads an initializer as it is), each evaluated on all-zero inputs
+    of the recorded shapes with batch 1 and batch 2.
+
+    transformers builds an attention mask as ``torch.ones(input_ids.size())`` and position ids
+    as ``torch.arange(seq_len)``: tensors no input value reaches, whose shapes follow the
+    input's. A backend gives them as constants (expanded to the run-time batch when their first
+    axis is the batch). Raises ``ValueError`` naming the node when a value depends on the batch
+    size other than by repeating one sample's value.
+    """
+    domains = tensor_domains(gm)
+    consts = {n for n, d in domains.items() if d.kind == CONST}
+    built = [n for n in gm.graph.nodes
+             if n in consts and n.op not in ("get_attr", "placeholder", "output") and "tensor_meta" in n.meta
+             and isinstance(n.meta["tensor_meta"], torch.fx.passes.shape_prop.TensorMetadata)
+             and any(u not in consts for u in n.users)]
+    if not built:
+        return {}
+    needed, stack = set(), list(built)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    values = []
+    for batch in (1, 2):
+        interpreter = fx.Interpreter(gm)
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                if n not in needed:
+                    continue
+                if n.op == "placeholder":
+                    meta = n.meta["tensor_meta"]
+                    interpreter.env[n] = torch.zeros((batch, *meta.shape[1:]), dtype=meta.dtype)
+                else:
+                    interpreter.env[n] = interpreter.run_node(n)
+        values.append({n: interpreter.env[n].detach() for n in built})
+    out = {}
+    for n in built:
+        one, two = values[0][n], values[1][n]
+        if one.shape == two.shape and torch.equal(one, two):
+            out[n] = ShapeBuilt(one, batched=False)
+        elif one.dim() and one.shape[0] == 1 and two.shape == (2, *one.shape[1:]) and torch.equal(two, one.expand_as(two)):
+            out[n] = ShapeBuilt(one, batched=True)
+        else:
+            raise ValueError(f"{n.name} is built from the input's shape, but its values depend on the batch size")
+    return out
 
 
 def is_identity(m: nn.Module) -> bool:

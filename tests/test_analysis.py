@@ -180,3 +180,38 @@ def test_a_mask_from_the_input_shape_is_a_constant_and_its_add_no_join() -> None
     assert domains[add].kind == ACC and ir.JOIN not in add.meta  # an offset, not a join of two activations
     assert not [q for q in ir.act_quantizers(gm) if domains[q.args[0]].kind == CONST]  # -1e9 never on a grid
     assert compiled.report.joins == 0
+
+
+class _ShapeBuilt(nn.Module):
+    """A linear layer plus tensors built from the input's shape: one repeated per sample, and one per batch index."""
+
+    def __init__(self, batch_dependent: bool = False):
+        super().__init__()
+        self.fc, self.batch_dependent = nn.Linear(4, 3), batch_dependent
+
+    def forward(self, x):
+        mask = torch.ones(x.size())[:, :3] * 2.0  # ones built from the input's shape, then sliced and scaled
+        out = self.fc(x) + mask + torch.arange(3).float()
+        if self.batch_dependent:  # each sample's own index
+            out = out + torch.arange(x.size(0)).float()[:, None]
+        return out
+
+
+def test_shape_built_tensors_are_evaluated_per_sample_or_whole():
+    from qcompiler.analysis import shape_built_tensors
+    from qcompiler.frontend import trace
+
+    gm = trace(_ShapeBuilt(), (torch.randn(5, 4),))
+    built = {n.name: b for n, b in shape_built_tensors(gm).items()}
+    # the read end only (torch.ones and the slice feed it); torch.arange(3) was made while tracing, an attribute
+    assert set(built) == {"mul"}
+    assert built["mul"].batched and torch.equal(built["mul"].value, torch.full((1, 3), 2.0))
+
+
+def test_a_tensor_whose_values_follow_the_batch_size_is_refused_in_one_line():
+    from qcompiler.analysis import shape_built_tensors
+    from qcompiler.frontend import trace
+
+    gm = trace(_ShapeBuilt(batch_dependent=True), (torch.randn(5, 4),))
+    with pytest.raises(ValueError, match=r"^getitem_1 is built from the input's shape, but its values depend on the batch size$"):
+        shape_built_tensors(gm)

@@ -121,3 +121,23 @@ def test_masks_are_restored_after_tracing() -> None:
         trace_transformers(_gpt2(), ["input_ids"])
     assert masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping == before
     assert "iter" not in vars(transformers.utils.fx.HFTracer)
+
+
+@pytest.mark.parametrize("fmt", ["custom", "qdq"])
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_tiny_transformers_export_to_onnx_with_masks_built_from_shapes(make, attention: str, fmt: str) -> None:
+    """BERT's mask of ones, GPT-2's position ids and causal mask are constants of the file, expanded to the
+    run-time batch: the custom form computes the module's logits, the QDQ form (fused by onnxruntime) its
+    classes, at the calibration batch size and another."""
+    from qcompiler.runtime.onnx_export import onnx_parity, to_onnx
+
+    compiled = _compile(make(attention), _ids())
+    compiled.freeze()
+    onnx_model = to_onnx(compiled.module, fmt)
+    test = torch.randint(0, 100, (40, 12), generator=torch.Generator().manual_seed(5))
+    for x in (test, test[:3]):
+        parity = onnx_parity(compiled, onnx_model, x)
+        assert parity.classes_agree == 1.0, parity.text()
+        if fmt == "custom":
+            assert parity.max_abs_diff <= 1e-4 * parity.output_range, parity.text()

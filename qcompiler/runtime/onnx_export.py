@@ -62,7 +62,8 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import DROPOUTS, emits_nothing, join_operands, op_kind, static_index
+from ..analysis import (CONST, DROPOUTS, emits_nothing, join_operands, op_kind, shape_built_tensors, static_index,
+                        tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -95,6 +96,16 @@ class _Emitter:
     folded: set[str] = field(default_factory=set)  # batch norms folded into the layer before them
     steps: dict[tuple[str, int], str] = field(default_factory=dict)  # (quantizer, rank) -> its step, broadcastable
     inexact: list[str] = field(default_factory=list)  # quantized layers computed on dequantized floats
+
+    def __post_init__(self) -> None:
+        try:  # masks and position ids built from the input's shape: constants of the file
+            self.shape_built = shape_built_tensors(self.gm)
+        except ValueError as e:
+            raise UnsupportedError(f"onnx export: {e}") from None
+        domains = tensor_domains(self.gm)
+        # what only those constants read (torch.ones, the shape values, a buffer they slice): nothing to emit
+        self.const_only = {n for n, d in domains.items() if d.kind == CONST and n.users
+                           and all(domains[u].kind == CONST and u.op != "output" for u in n.users)}
 
     # ------------------------------------------------------------------ helpers
 
@@ -491,6 +502,33 @@ class _Emitter:
         value = value.detach()
         self.init(node.name, (value.float() if value.is_floating_point() else value).numpy())
 
+    def shape_built_tensor(self, node: fx.Node) -> None:
+        """A tensor computed from shapes alone (:func:`~qcompiler.analysis.shape_built_tensors`): an
+        initializer, expanded to the run-time batch when its first axis is the batch."""
+        built = self.shape_built[node]
+        value = built.value.float() if built.value.is_floating_point() else built.value
+        if value.dtype not in (torch.float32, torch.int64, torch.bool):
+            raise self.unsupported(node, f"a tensor built from shapes of dtype {value.dtype} (float, int64 and bool export)")
+        if not built.batched:
+            self.init(node.name, value.numpy())
+            return
+        one = self.init(f"{node.name}.sample", value.numpy())
+        rest = self.init(f"{node.name}.shape_rest", np.array(value.shape[1:], np.int64))
+        shape = self.node("Concat", [self.batch_size(node.name), rest], f"{node.name}.shape", f"{node.name}/shape", axis=0)
+        self.node("Expand", [one, shape], node.name, node.name)
+
+    def cast(self, node: fx.Node) -> None:
+        """``x.to(...)`` or ``x.type(...)`` as the recorded dtypes say: the identity, or a Cast to float32 / int64 / bool
+        (a move to a device changes nothing in the file)."""
+        source, target = (getattr(n.meta.get("tensor_meta"), "dtype", None) for n in (node.args[0], node))
+        onnx_types = {torch.float32: TensorProto.FLOAT, torch.int64: TensorProto.INT64, torch.bool: TensorProto.BOOL}
+        if target not in onnx_types:
+            raise self.unsupported(node, f"a conversion to {target} (float32, int64 and bool export)")
+        if source == target:
+            self.node("Identity", [self.src(node)], node.name, node.name)
+        else:
+            self.node("Cast", [self.src(node)], node.name, node.name, to=onnx_types[target])
+
     def batch_size(self, name: str) -> str:
         """The network input's batch size as a 1-element int64 tensor (every activation's batch)."""
         first = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
@@ -662,6 +700,14 @@ class _Emitter:
             self.reshape(node)
         elif fname in ("contiguous", "clone", "detach", "dropout", "stochastic_depth"):  # inference: identities
             self.node("Identity", [self.src(node)], node.name, node.name)
+        elif fname == "pow" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):  # GPT-2's gelu_new: x ** 3
+            e = node.args[1]
+            exponent = e.name if isinstance(e, fx.Node) else self.init(f"{node.name}.exponent", np.float32(e))
+            self.node("Pow", [self.src(node), exponent], node.name, node.name)
+        elif fname == "where" and len(node.args) == 3 and all(isinstance(a, fx.Node) for a in node.args):
+            self.node("Where", [self.src(node, i) for i in range(3)], node.name, node.name)  # a causal mask
+        elif fname in ("to", "type") and node.op == "call_method":  # x.to(dtype): a Cast where the dtype changes
+            self.cast(node)
         elif fname in ("matmul", "bmm") and len(node.args) == 2:  # quantized operands arrive as codes times step
             self.node("MatMul", [self.src(node, 0), self.src(node, 1)], node.name, node.name)
         elif fname == "getitem":
@@ -711,6 +757,11 @@ class _Emitter:
                 return
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
+        if node in self.shape_built:
+            self.shape_built_tensor(node)
+            return
+        if node in self.const_only:
+            return
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")  # an embedding's indices are integers
             dtype = TensorProto.INT64 if getattr(meta, "dtype", None) == torch.int64 else TensorProto.FLOAT

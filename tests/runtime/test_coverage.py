@@ -383,3 +383,21 @@ def test_chunks_counted_at_run_time_are_one_line_in_both_backends():
         with pytest.raises(QCompileError, match="sizes computed at run time") as e:
             backend()
         assert "\n" not in str(e.value)
+
+
+class ShapeBuiltOffset(nn.Module):
+    """conv-BN-ReLU, pooled, a classifier, plus a constant offset tensor built from the input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.fc(self.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return y + torch.ones(x.size())[:, 0, 0, :].sum(-1, keepdim=True) * 0.1  # (N, 1) of 0.8
+
+
+def test_onnx_writes_tensors_built_from_shapes_as_constants():
+    agrees_in("custom", ShapeBuiltOffset())
