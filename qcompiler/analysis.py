@@ -369,6 +369,14 @@ def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
     return out
 
 
+def feeds_only_constants(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes of :data:`CONST` domain read only by such nodes (``torch.ones``, the shape values, a
+    buffer they slice): a backend that writes :func:`shape_built_tensors` as constants emits nothing for them."""
+    domains = tensor_domains(gm)
+    return {n for n, d in domains.items() if d.kind == CONST and n.users
+            and all(domains[u].kind == CONST and u.op != "output" for u in n.users)}
+
+
 def is_identity(m: nn.Module) -> bool:
     """A module whose output is its input: ``nn.Identity``, dropout, an empty ``nn.Sequential`` (an identity shortcut)."""
     return isinstance(m, (nn.Identity, *DROPOUTS)) or (isinstance(m, nn.Sequential) and len(m) == 0)

@@ -45,7 +45,8 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import DROPOUTS, emits_nothing, join_operands, op_kind, static_index
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, op_kind,
+                        shape_built_tensors, static_index)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -129,6 +130,13 @@ class _Lowering:
     quantizers: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     folded: set[str] = field(default_factory=set)  # batch norms a layer folds (exact.plan_layer)
+
+    def __post_init__(self) -> None:
+        try:  # masks and offsets built from the input's shape: constant offsets of the sums they join
+            self.built = shape_built_tensors(self.gm)
+        except ValueError as e:
+            raise UnsupportedError(f"integer backend: {e}") from None
+        self.const_only = feeds_only_constants(self.gm)
 
     # ------------------------------------------------------------------ helpers
 
@@ -369,11 +377,7 @@ class _Lowering:
         if any(a.clamped for a in accs):
             accs = [self.materialize(a, node) if a.clamped else a for a in accs]
         if rec.kind in ("add", "sub"):
-            if node.kwargs.get("alpha", 1) != 1:
-                raise self.unsupported(node, "add/sub with alpha")
-            sign = -1.0 if rec.kind == "sub" else 1.0
-            terms = list(accs[0].terms) + [replace(t, scale=sign * t.scale) for t in accs[1].terms]
-            return Acc(terms, accs[0].offset + sign * accs[1].offset, shape)
+            return self.added(node, rec.kind, accs)
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         axis = dim - 1 if dim > 0 else dim + len(shape) + 1 - 1
         if axis < 0 or any(len(a.terms) != 1 or a.terms[0].factor for a in accs):
@@ -383,6 +387,33 @@ class _Lowering:
         self.emit("concat", node.name, [a.terms[0].buf for a in accs], (), {"axis": axis + 1}, node.name)
         term = Term(node.name, cat([a.terms[0].scale for a in accs]), cat([a.terms[0].bound for a in accs]))
         return Acc([term], cat([np.broadcast_to(a.offset, a.shape) for a in accs]), shape)
+
+    def added(self, node: fx.Node, kind: str, accs: list[Acc]) -> Acc:
+        """``a + b`` or ``a - b`` of two sums: their terms side by side, their offsets added."""
+        if node.kwargs.get("alpha", 1) != 1:
+            raise self.unsupported(node, "add/sub with alpha")
+        sign = -1.0 if kind == "sub" else 1.0
+        terms = list(accs[0].terms) + [replace(t, scale=sign * t.scale) for t in accs[1].terms]
+        return Acc(terms, accs[0].offset + sign * accs[1].offset, _shape(node))
+
+    def shape_built(self, node: fx.Node) -> Acc:
+        """A float tensor built from the input's shape alone (:func:`~qcompiler.analysis.shape_built_tensors`):
+        a sum with no terms, its value per sample the offset."""
+        built, shape = self.built[node], _shape(node)
+        if not built.value.is_floating_point():
+            raise self.unsupported(node, "indices built from the input's shape (position ids) have no integer form here")
+        value = built.value.double()
+        if built.batched or value.dim() == len(shape) + 1:  # a leading axis of one, broadcast over the batch
+            value = value[0]
+        return Acc([], value.numpy(), shape)
+
+    def offset_join(self, node: fx.Node, operands: list[fx.Node]) -> Acc:
+        """An add or sub with a tensor built from shapes (an attention mask): that tensor joins the offset."""
+        kind = join_kind(node)
+        if kind not in ("add", "sub"):
+            raise self.unsupported(node, f"a {kind} with a tensor built from the input's shape")
+        accs = [self.acc(node, self.values[a]) for a in operands]
+        return self.added(node, kind, [self.materialize(a, node) if a.clamped else a for a in accs])
 
     def module_op(self, node: fx.Node, v: object) -> object:
         m = self.gm.get_submodule(node.target)
@@ -601,6 +632,10 @@ class _Lowering:
                 return None
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
+        if node in self.built:
+            return self.shape_built(node)
+        if node in self.const_only:
+            return None
         if node.op == "placeholder":
             self.inputs.append(node.name)
             return FloatInput(node.name, _shape(node))
@@ -611,6 +646,8 @@ class _Lowering:
         if ir.FLOAT in node.meta:
             raise self.unsupported(node, f"computed in float ({ir.get(node, ir.FLOAT, ir.FloatRegion).reason})")
         operands = join_operands(node)
+        if operands is not None and any(a in self.built for a in operands):
+            return self.offset_join(node, operands)
         if operands is not None:
             return self.join(node, operands)
         if node.op == "get_attr":

@@ -62,8 +62,8 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (CONST, DROPOUTS, emits_nothing, join_operands, op_kind, shape_built_tensors, static_index,
-                        tensor_domains)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, op_kind, shape_built_tensors,
+                        static_index)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -102,10 +102,7 @@ class _Emitter:
             self.shape_built = shape_built_tensors(self.gm)
         except ValueError as e:
             raise UnsupportedError(f"onnx export: {e}") from None
-        domains = tensor_domains(self.gm)
-        # what only those constants read (torch.ones, the shape values, a buffer they slice): nothing to emit
-        self.const_only = {n for n, d in domains.items() if d.kind == CONST and n.users
-                           and all(domains[u].kind == CONST and u.op != "output" for u in n.users)}
+        self.const_only = feeds_only_constants(self.gm)
 
     # ------------------------------------------------------------------ helpers
 

@@ -399,5 +399,7 @@ class ShapeBuiltOffset(nn.Module):
         return y + torch.ones(x.size())[:, 0, 0, :].sum(-1, keepdim=True) * 0.1  # (N, 1) of 0.8
 
 
-def test_onnx_writes_tensors_built_from_shapes_as_constants():
-    agrees_in("custom", ShapeBuiltOffset())
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_tensors_built_from_shapes_are_constants_in_both_backends(fmt):
+    """An offset built from the input's shape: the ONNX file's initializer, the integer program's sum offset."""
+    agrees_in(fmt, ShapeBuiltOffset())
