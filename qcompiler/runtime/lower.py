@@ -411,7 +411,8 @@ class _Lowering:
         """An add or sub with a tensor built from shapes (an attention mask): that tensor joins the offset."""
         kind = join_kind(node)
         if kind not in ("add", "sub"):
-            raise self.unsupported(node, f"a {kind} with a tensor built from the input's shape")
+            raise self.unsupported(node, f"a {kind} with a constant tensor (parameters read by the graph, or values "
+                                         "built from the input's shape)")
         accs = [self.acc(node, self.values[a]) for a in operands]
         return self.added(node, kind, [self.materialize(a, node) if a.clamped else a for a in accs])
 
