@@ -27,6 +27,7 @@ from torch import nn
 from . import ir
 from .functional_layers import FORMS
 from .nn import exact
+from .training_calls import TrainingOnlyCall
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -129,8 +130,9 @@ class Domain:
     grid: str | None = None
 
 
-# Dropout modules: the identity in eval, the only mode a backend computes.
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Dropout and drop-path modules: the identity in eval, the only mode a backend computes.
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+            TrainingOnlyCall)
 # Ops whose output holds the same codes as their input (max commutes with a monotone quantizer).
 _GRID_KEEPING_MODULES = (
     nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,

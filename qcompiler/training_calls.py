@@ -11,9 +11,11 @@ every Python value it reads). This step gives the flag back to the run time:
   compiled module drops out under ``.train()`` and is the identity under ``.eval()``,
   like the original model. (A literal ``training=False`` with ``p > 0`` is a dropout that
   never drops; such a call is read as the ``self.training`` idiom.)
-- any other call with a constant ``training=False`` (torchvision's ``stochastic_depth``, a
-  functional ``F.batch_norm``) stays as traced, and a :class:`TrainingFlagWarning` names
-  it: in QAT it runs as in eval.
+- drop-path calls (torchvision's ``stochastic_depth``, which its ``StochasticDepth`` module
+  calls with ``self.training``; timm's ``drop_path``) become a :class:`TrainingOnlyCall`
+  module: the function with the mode read at run time, the identity in eval;
+- any other call with a constant ``training=False`` (a functional ``F.batch_norm``) stays as
+  traced, and a :class:`TrainingFlagWarning` names it: in QAT it runs as in eval.
 
 Example:
     >>> import torch.nn.functional as F
@@ -42,6 +44,34 @@ _DROPOUTS = {
 }
 
 
+# Functions that are the identity in eval mode, by qualified name (no import of their packages).
+EVAL_IDENTITIES = {
+    "torchvision.ops.stochastic_depth.stochastic_depth",
+    "timm.layers.drop.drop_path",
+}
+
+
+class TrainingOnlyCall(nn.Module):
+    """``fn(x, **arguments, training=self.training)``: a drop-path call that follows the module's mode.
+
+    The identity in eval mode, as the backends compute it (:data:`qcompiler.analysis.DROPOUTS`).
+    """
+
+    def __init__(self, fn, arguments: dict) -> None:
+        super().__init__()
+        self.fn, self.arguments = fn, dict(arguments)
+
+    def extra_repr(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__name__}, {self.arguments}"
+
+    def forward(self, x):
+        return self.fn(x, **self.arguments, training=self.training)
+
+
+def _qualified_name(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
+
+
 class TrainingFlagWarning(UserWarning):
     """A call's ``training`` argument was fixed to ``False`` when the model was traced."""
 
@@ -56,6 +86,23 @@ def _bound(node: fx.Node) -> dict | None:
     return dict(bound.arguments)
 
 
+def _mode_following(fn, args: dict) -> nn.Module | bool | None:
+    """The module that computes ``fn(**args)`` with the mode read at run time; ``False`` where the call
+    drops nothing (p = 0); ``None`` where there is none (an unknown function, an argument computed in forward)."""
+    values = list(args.values())
+    if not values or not isinstance(values[0], fx.Node) or any(isinstance(v, fx.Node) for v in values[1:]):
+        return None
+    module_cls = _DROPOUTS.get(fn)
+    if module_cls is not None:
+        p, inplace = args.get("p"), args.get("inplace", False)
+        if not isinstance(p, (int, float)) or not isinstance(inplace, bool):
+            return None
+        return module_cls(float(p), inplace) if p else False
+    if _qualified_name(fn) in EVAL_IDENTITIES:
+        return TrainingOnlyCall(fn, {k: v for k, v in list(args.items())[1:] if k != "training"})
+    return None
+
+
 def restore_training_flags(gm: fx.GraphModule) -> list[str]:
     """Dropout calls traced with ``training=False`` become dropout modules; returns their paths.
 
@@ -68,19 +115,18 @@ def restore_training_flags(gm: fx.GraphModule) -> list[str]:
         args = _bound(node)
         if args is None or args.get("training") is not False:
             continue
-        module_cls = _DROPOUTS.get(node.target)
-        p, inplace = args.get("p"), args.get("inplace", False)
-        if module_cls is None or not isinstance(p, (int, float)) or not isinstance(inplace, bool):
+        module = _mode_following(node.target, args)
+        if module is None:
             baked.append(node)
             continue
-        if p == 0:
+        if not isinstance(module, nn.Module):
             continue  # drops nothing in either mode
         name, i = node.name, 1
         while hasattr(gm, name):
             name, i = f"{node.name}_{i}", i + 1
-        gm.add_submodule(name, module_cls(float(p), inplace))
+        gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (args["input"],))
+            call = gm.graph.call_module(name, (next(iter(args.values())),))
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
@@ -90,7 +136,7 @@ def restore_training_flags(gm: fx.GraphModule) -> list[str]:
         names = ", ".join(f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in baked)
         warnings.warn(
             f"{names}: traced with training=False read from the model's mode, so QAT of the compiled module runs "
-            "them as in eval; write them as modules (e.g. torchvision.ops.StochasticDepth) to train them",
+            "them as in eval; write them as modules (nn.BatchNorm2d, nn.Dropout) to train them",
             TrainingFlagWarning, stacklevel=3)
     if made:
         gm.graph.lint()
@@ -98,4 +144,4 @@ def restore_training_flags(gm: fx.GraphModule) -> list[str]:
     return made
 
 
-__all__ = ["TrainingFlagWarning", "restore_training_flags"]
+__all__ = ["EVAL_IDENTITIES", "TrainingFlagWarning", "TrainingOnlyCall", "restore_training_flags"]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompiler
-from qcompiler.training_calls import TrainingFlagWarning, restore_training_flags
+from qcompiler import training_calls
+from qcompiler.training_calls import TrainingFlagWarning, TrainingOnlyCall, restore_training_flags
 
 
 class FunctionalDropouts(nn.Module):
@@ -25,6 +26,39 @@ class FunctionalDropouts(nn.Module):
     def forward(self, x):
         x = F.dropout2d(torch.relu(self.bn(self.conv(x))), 0.5, self.training)
         return self.fc(F.dropout(x.flatten(1), p=0.25, training=self.training))
+
+
+def drop_path(x, p: float, training: bool = True):
+    """A drop-path function (timm's, torchvision's stochastic_depth) that a model calls with its mode."""
+    if not training or p == 0:
+        return x
+    keep = (torch.rand(x.shape[0], *([1] * (x.dim() - 1))) >= p).to(x.dtype)
+    return x * keep / (1 - p)
+
+
+fx.wrap("drop_path")  # an fx leaf, as torchvision wraps stochastic_depth: its call is one node
+
+
+class DropPathBlock(nn.Module):
+    """A residual block whose branch goes through drop path, called with ``self.training``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        # momentum 0: training steps leave the running statistics, so eval outputs stay comparable
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.0)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x + drop_path(self.conv2(x), 0.5, self.training)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def known_drop_path(monkeypatch):
+    monkeypatch.setattr(training_calls, "EVAL_IDENTITIES", {f"{drop_path.__module__}.drop_path"})
 
 
 def _calib():
@@ -93,3 +127,29 @@ def test_backends_read_the_dropouts_as_identities(fmt):
     from runtime.test_coverage import agrees_in
 
     agrees_in(fmt, FunctionalDropouts())
+
+
+def test_drop_path_calls_become_modules_that_follow_the_mode(known_drop_path):
+    gm = fx.symbolic_trace(DropPathBlock().eval())
+    assert restore_training_flags(gm) == ["drop_path"]
+    module = gm.get_submodule("drop_path")
+    assert isinstance(module, TrainingOnlyCall) and module.arguments == {"p": 0.5}
+    x = torch.rand(16, 1, 8, 8)
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))
+    gm.eval()
+    assert torch.equal(gm(x), DropPathBlock().eval()(x))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_backends_read_drop_path_as_the_identity(known_drop_path, fmt):
+    from runtime.test_coverage import agrees_in
+
+    agrees_in(fmt, DropPathBlock())
+
+
+def test_an_unknown_function_with_a_fixed_flag_is_named(monkeypatch):
+    monkeypatch.setattr(training_calls, "EVAL_IDENTITIES", set())
+    gm = fx.symbolic_trace(DropPathBlock().eval())
+    with pytest.warns(TrainingFlagWarning, match="drop_path"):
+        assert restore_training_flags(gm) == []
