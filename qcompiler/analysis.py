@@ -354,10 +354,17 @@ def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
                 if n not in needed:
                     continue
                 if n.op == "placeholder":
-                    meta = n.meta["tensor_meta"]
+                    meta = n.meta.get("tensor_meta")
+                    if not hasattr(meta, "shape"):
+                        raise ValueError(f"input {n.name} has no recorded shape to build {built[0].name} from")
                     interpreter.env[n] = torch.zeros((batch, *meta.shape[1:]), dtype=meta.dtype)
-                else:
+                    continue
+                try:
                     interpreter.env[n] = interpreter.run_node(n)
+                except Exception as e:  # the model's own code, run on zero inputs: any error is its
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise ValueError(f"{n.name} is built from the input's shape, but computing it from the shape "
+                                     f"alone failed ({reason})") from None
         values.append({n: interpreter.env[n].detach() for n in built})
     out = {}
     for n in built:

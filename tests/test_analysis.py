@@ -215,3 +215,19 @@ def test_a_tensor_whose_values_follow_the_batch_size_is_refused_in_one_line():
     gm = trace(_ShapeBuilt(batch_dependent=True), (torch.randn(5, 4),))
     with pytest.raises(ValueError, match=r"^getitem_1 is built from the input's shape, but its values depend on the batch size$"):
         shape_built_tensors(gm)
+
+
+def test_a_shape_built_tensor_that_fails_on_its_own_is_one_line():
+    from qcompiler.analysis import shape_built_tensors
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):  # fine at the traced batch of 5, impossible at 1 or 2
+            return self.fc(x) + torch.ones(x.size())[:, :3].reshape(5, 3)
+
+    gm = trace(Net(), (torch.randn(5, 4),))
+    with pytest.raises(ValueError, match=r"^reshape is built from the input's shape, but computing it from the shape alone failed \(shape '\[5, 3\]' is invalid"):
+        shape_built_tensors(gm)
