@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
@@ -321,7 +320,7 @@ class ShapeBuilt:
     batched: bool
 
 
-def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
+def shape_built_tensors(gm: fx.GraphModule, domains: dict[fx.Node, Domain] | None = None) -> dict[fx.Node, ShapeBuilt]:
     """The tensors of :data:`CONST` domain that data-carrying nodes read, other than attributes
     (``x + self.pos_embedding`` reads an initializer as it is), each evaluated on all-zero inputs
     of the recorded shapes with batch 1 and batch 2.
@@ -330,14 +329,14 @@ def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
     as ``torch.arange(seq_len)``: tensors no input value reaches, whose shapes follow the
     input's. A backend gives them as constants (expanded to the run-time batch when their first
     axis is the batch). Raises ``ValueError`` naming the node when a value depends on the batch
-    size other than by repeating one sample's value.
+    size other than by repeating one sample's value. ``domains``: :func:`tensor_domains` of ``gm``,
+    where the caller has them.
     """
-    domains = tensor_domains(gm)
+    domains = tensor_domains(gm) if domains is None else domains
     consts = {n for n, d in domains.items() if d.kind == CONST}
     built = [n for n in gm.graph.nodes
-             if n in consts and n.op not in ("get_attr", "placeholder", "output") and "tensor_meta" in n.meta
-             and isinstance(n.meta["tensor_meta"], torch.fx.passes.shape_prop.TensorMetadata)
-             and any(u not in consts for u in n.users)]
+             if n in consts and n.op not in ("get_attr", "placeholder", "output")
+             and hasattr(n.meta.get("tensor_meta"), "shape") and any(u not in consts for u in n.users)]
     if not built:
         return {}
     needed, stack = set(), list(built)
@@ -378,10 +377,10 @@ def shape_built_tensors(gm: fx.GraphModule) -> dict[fx.Node, ShapeBuilt]:
     return out
 
 
-def feeds_only_constants(gm: fx.GraphModule) -> set[fx.Node]:
+def feeds_only_constants(gm: fx.GraphModule, domains: dict[fx.Node, Domain] | None = None) -> set[fx.Node]:
     """Nodes of :data:`CONST` domain read only by such nodes (``torch.ones``, the shape values, a
     buffer they slice): a backend that writes :func:`shape_built_tensors` as constants emits nothing for them."""
-    domains = tensor_domains(gm)
+    domains = tensor_domains(gm) if domains is None else domains
     return {n for n, d in domains.items() if d.kind == CONST and n.users
             and all(domains[u].kind == CONST and u.op != "output" for u in n.users)}
 

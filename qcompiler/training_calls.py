@@ -38,7 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-_DROPOUTS = {
+_DROPOUT_MODULES = {  # each dropout function's module
     F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
     F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }
@@ -92,7 +92,7 @@ def _mode_following(fn, args: dict) -> nn.Module | bool | None:
     values = list(args.values())
     if not values or not isinstance(values[0], fx.Node) or any(isinstance(v, fx.Node) for v in values[1:]):
         return None
-    module_cls = _DROPOUTS.get(fn)
+    module_cls = _DROPOUT_MODULES.get(fn)
     if module_cls is not None:
         p, inplace = args.get("p"), args.get("inplace", False)
         if not isinstance(p, (int, float)) or not isinstance(inplace, bool):
@@ -104,7 +104,7 @@ def _mode_following(fn, args: dict) -> nn.Module | bool | None:
 
 
 def restore_training_flags(gm: fx.GraphModule) -> list[str]:
-    """Dropout calls traced with ``training=False`` become dropout modules; returns their paths.
+    """Dropout and drop-path calls traced with ``training=False`` become modules that read the mode; returns their paths.
 
     Other calls with a constant ``training=False`` are named in one :class:`TrainingFlagWarning`.
     """

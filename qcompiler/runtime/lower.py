@@ -46,7 +46,7 @@ from torch import nn
 from .. import ir
 from ..nn import exact
 from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, op_kind,
-                        shape_built_tensors, static_index)
+                        shape_built_tensors, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -133,10 +133,11 @@ class _Lowering:
 
     def __post_init__(self) -> None:
         try:  # masks and offsets built from the input's shape: constant offsets of the sums they join
-            self.built = shape_built_tensors(self.gm)
+            domains = tensor_domains(self.gm)
+            self.built = shape_built_tensors(self.gm, domains)
         except ValueError as e:
             raise UnsupportedError(f"integer backend: {e}") from None
-        self.const_only = feeds_only_constants(self.gm)
+        self.const_only = feeds_only_constants(self.gm, domains)
 
     # ------------------------------------------------------------------ helpers
 

@@ -63,7 +63,7 @@ from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
 from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, op_kind, shape_built_tensors,
-                        static_index)
+                        static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from . import onnx_ops
@@ -99,10 +99,11 @@ class _Emitter:
 
     def __post_init__(self) -> None:
         try:  # masks and position ids built from the input's shape: constants of the file
-            self.shape_built = shape_built_tensors(self.gm)
+            domains = tensor_domains(self.gm)
+            self.shape_built = shape_built_tensors(self.gm, domains)
         except ValueError as e:
             raise UnsupportedError(f"onnx export: {e}") from None
-        self.const_only = feeds_only_constants(self.gm)
+        self.const_only = feeds_only_constants(self.gm, domains)
 
     # ------------------------------------------------------------------ helpers
 
@@ -509,10 +510,7 @@ class _Emitter:
         if not built.batched:
             self.init(node.name, value.numpy())
             return
-        one = self.init(f"{node.name}.sample", value.numpy())
-        rest = self.init(f"{node.name}.shape_rest", np.array(value.shape[1:], np.int64))
-        shape = self.node("Concat", [self.batch_size(node.name), rest], f"{node.name}.shape", f"{node.name}/shape", axis=0)
-        self.node("Expand", [one, shape], node.name, node.name)
+        self.expand_to_batch(node, self.init(f"{node.name}.sample", value.numpy()))
 
     def cast(self, node: fx.Node) -> None:
         """``x.to(...)`` or ``x.type(...)`` as the recorded dtypes say: the identity, or a Cast to float32 / int64 / bool
@@ -531,12 +529,12 @@ class _Emitter:
         first = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
         return self.node("Shape", [first.name], f"{name}.input_shape", f"{name}/input_shape", start=0, end=1)
 
-    def expand(self, node: fx.Node) -> None:
-        """``x.expand(N, ...)`` (a class token copied per sample) to the recorded shape, with the batch
-        taken from the network input at run time."""
+    def expand_to_batch(self, node: fx.Node, x: str) -> None:
+        """``x`` expanded to ``node``'s recorded shape, with the batch taken from the network input at
+        run time: ``x.expand(N, ...)``, or a tensor built from shapes whose first axis is the batch."""
         rest = self.init(f"{node.name}.shape_rest", np.array(_shape(node), np.int64))
         shape = self.node("Concat", [self.batch_size(node.name), rest], f"{node.name}.shape", f"{node.name}/shape", axis=0)
-        self.node("Expand", [self.src(node), shape], node.name, node.name)
+        self.node("Expand", [x, shape], node.name, node.name)
 
     def layer_norm(self, node: fx.Node, shape, weight, bias, eps: float) -> None:
         """A float region's layer norm (module or function): ``LayerNormalization`` over the trailing
@@ -720,7 +718,7 @@ class _Emitter:
             # two tensors in float: a squeeze-excitation gate, a position embedding added to the tokens
             self.node(_TENSOR_ARITHMETIC[fname], [self.src(node, 0), self.src(node, 1)], node.name, node.name)
         elif fname == "expand":
-            self.expand(node)
+            self.expand_to_batch(node, self.src(node))
         elif fname == "layer_norm":  # ConvNeXt's channels-first norm calls the function
             kw = dict(zip(("normalized_shape", "weight", "bias", "eps"), node.args[1:])) | node.kwargs
             self.layer_norm(node, kw["normalized_shape"], kw.get("weight"), kw.get("bias"), kw.get("eps", 1e-5))
