@@ -339,34 +339,40 @@ std::vector<torch::Tensor> asq_backward(torch::Tensor grad, torch::Tensor x, tor
 // odd k with r = sqrt 2 the float32 sqrt 2 times one, which is exactly the float32
 // rounding of r^-k that qcompiler.quantizers.power_grid.power_levels tabulates.
 struct PowerGrid {
-  int32_t kmax, mid_low, mid_high;  // midpoints as mantissa bits: same octave, so integer order = float order
+  uint32_t mid_low, mid_high;  // midpoints as mantissa bits: same octave, so integer order = float order
+  uint32_t smallest, largest;  // bits of r^-kmax and of r^0 = 1: the clamp of k, as a clamp of level bits
   float zero_at;
 
+  // The level straight from a's bits: with m <= mid_low the octave's own 2^e; above
+  // mid_high (r = 2: above mid_low) the next octave's 2^(e+1), one more in the exponent
+  // field; in between (r = sqrt 2) 2^e sqrt 2, the exponent with sqrt 2's mantissa.
+  // Positive floats order like their bits, so clamping k to [0, kmax] is clamping the
+  // bits to [r^-kmax, 1]; infinities go past 1 (unsigned), subnormals below r^-kmax.
   template <bool Sqrt2>
   inline float level(float a) const {
-    const int32_t ab = static_cast<int32_t>(bits_of(a));  // a >= 0: no sign bit
-    const int32_t e = ab >> 23, mb = ab & 0x7FFFFF;       // biased exponent, mantissa bits
-    int32_t k, lb;
+    const uint32_t ab = bits_of(a);  // a >= 0: no sign bit
+    const uint32_t mb = ab & 0x7FFFFF;
+    uint32_t lb = ab & 0x7F800000u;
     if constexpr (Sqrt2) {
-      k = 2 * 127 - 2 * e - (mb > mid_low) - (mb > mid_high);
-      k = std::min(std::max(k, 0), kmax);
-      const int32_t odd = k & 1;  // r^-k = 2^-(k+1)/2 * sqrt2
-      lb = ((127 - (k >> 1) - odd) << 23) | (-odd & 0x3504F3);
+      const uint32_t up = mask_of(mb > mid_high);
+      lb = (lb + (up & (1u << 23))) | (mask_of(mb > mid_low) & ~up & 0x3504F3u);
     } else {
-      k = 127 - e - (mb > mid_low);
-      k = std::min(std::max(k, 0), kmax);
-      lb = (127 - k) << 23;
+      lb += mask_of(mb > mid_low) & (1u << 23);
     }
-    return float_of(static_cast<uint32_t>(lb) & mask_of(a > zero_at));
+    lb = std::min(std::max(lb, smallest), largest);
+    return float_of(lb & mask_of(a > zero_at));
   }
 };
 
-PowerGrid make_grid(int64_t kmax, double mid_low, double mid_high, double zero_at) {
+PowerGrid make_grid(bool sqrt2, int64_t kmax, double mid_low, double mid_high, double zero_at) {
   TORCH_CHECK(kmax >= 0 && kmax <= 126, "fused_quant: power grids up to 8 bits");
   TORCH_CHECK(mid_low >= 1.0 && mid_low <= mid_high && mid_high <= 2.0, "fused_quant: midpoints within [1, 2]");
   // 2.0 means "no second midpoint" (r = 2): no mantissa exceeds 0x7FFFFF
-  auto mantissa = [](double t) { return t >= 2.0 ? int32_t{0x7FFFFF} : static_cast<int32_t>(bits_of(static_cast<float>(t)) & 0x7FFFFF); };
-  return PowerGrid{static_cast<int32_t>(kmax), mantissa(mid_low), mantissa(mid_high), static_cast<float>(zero_at)};
+  auto mantissa = [](double t) { return t >= 2.0 ? uint32_t{0x7FFFFF} : bits_of(static_cast<float>(t)) & 0x7FFFFF; };
+  const int32_t k = static_cast<int32_t>(kmax), odd = k & 1;  // r^-k = 2^-(k+1)/2 sqrt 2 for odd k, r = sqrt 2
+  const uint32_t smallest = sqrt2 ? (static_cast<uint32_t>(127 - (k >> 1) - odd) << 23) | (odd ? 0x3504F3u : 0u)
+                                 : static_cast<uint32_t>(127 - k) << 23;
+  return PowerGrid{mantissa(mid_low), mantissa(mid_high), smallest, 0x3F800000u, static_cast<float>(zero_at)};
 }
 
 template <bool Sqrt2>
@@ -383,7 +389,7 @@ void power_forward_rows(const PowerGrid& grid, const Tiling& t, const float* wp,
 torch::Tensor power_forward(torch::Tensor w, torch::Tensor alpha, bool sqrt2, int64_t kmax, double mid_low,
                             double mid_high, double zero_at) {
   check(w, alpha);
-  const PowerGrid grid = make_grid(kmax, mid_low, mid_high, zero_at);
+  const PowerGrid grid = make_grid(sqrt2, kmax, mid_low, mid_high, zero_at);
   auto out = torch::empty_like(w);
   const Tiling t(alpha.numel(), w.numel() / alpha.numel());
   auto run = sqrt2 ? power_forward_rows<true> : power_forward_rows<false>;
@@ -414,7 +420,7 @@ std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, t
                                           int64_t kmax, double mid_low, double mid_high, double zero_at,
                                           double grad_scale) {
   check(w, alpha);
-  const PowerGrid grid = make_grid(kmax, mid_low, mid_high, zero_at);
+  const PowerGrid grid = make_grid(sqrt2, kmax, mid_low, mid_high, zero_at);
   grad = grad.contiguous();
   auto grad_w = torch::empty_like(w);
   const Tiling t(alpha.numel(), w.numel() / alpha.numel());

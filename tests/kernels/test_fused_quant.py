@@ -192,6 +192,29 @@ def test_power_grid_kernel_levels_are_the_specified_table():
             assert torch.equal(out, table), (grid, bits)
 
 
+
+def _finite_float32_patterns(n: int, seed: int) -> torch.Tensor:
+    """``n`` finite float32 values drawn as random bit patterns: every exponent, subnormals, both signs, +-0."""
+    bits = torch.randint(0, 2**32, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+    values = bits.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+    values = torch.where(values.isfinite(), values, torch.zeros(()))
+    values[:4] = torch.tensor([0.0, -0.0, torch.finfo(torch.float32).tiny / 4, -torch.finfo(torch.float32).max])
+    return values
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_power_grid_kernel_matches_eager_on_every_exponent(grid, bits):
+    """The level is made from the quotient's bits (exponent field, mantissa against the midpoints,
+    clamped as bits): over weights of every magnitude the kernel's forward and input gradient are
+    the eager quantizer's, bit for bit, and so are the levels of tiny and huge quotients."""
+    w = _finite_float32_patterns(3 * 4096, seed=bits).view(3, 4096)
+    alpha = torch.tensor([1.0, 3e-5, 7e4])  # quotients over- and underflow for some rows' weights
+    fused, eager = _power_grid_paths(bits, grid, 0.5)
+    (out_f, grads_f), (out_e, grads_e) = _fused_and_eager(fused, eager, w, alpha)
+    assert torch.equal(out_f, out_e) and torch.equal(grads_f[0], grads_e[0])
+
 CHUNK = 1 << 14  # kChunk in fused_quant.cpp: the unit of work whose partial sums are reduced
 
 
