@@ -26,7 +26,7 @@ from torch import nn
 from . import ir
 from .functional_layers import FORMS
 from .nn import exact
-from .training_calls import TrainingOnlyCall
+from .training_calls import TrainingOnlyCall, is_eval_identity
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -139,7 +139,7 @@ _GRID_KEEPING_MODULES = (
 )
 _GRID_KEEPING_FUNCTIONS = {
     torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.dropout, torch.reshape, torch.squeeze, torch.unsqueeze,
+    F.adaptive_max_pool2d, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.permute, torch.transpose, operator.getitem, torch.chunk, torch.split, torch.unbind,
 }
 _GRID_KEEPING_METHODS = {
@@ -414,6 +414,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_function":
         if node.target is getattr and node.args[1:2] and node.args[1] in _CONST_ATTRIBUTES:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
+        if callable(node.target) and is_eval_identity(node.target):
+            return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")

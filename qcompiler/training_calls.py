@@ -72,6 +72,15 @@ def _qualified_name(fn) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
 
 
+def is_eval_identity(fn) -> bool:
+    """Whether ``fn`` is a dropout or drop-path function: the identity in eval mode, the mode backends compute.
+
+    >>> is_eval_identity(F.dropout2d), is_eval_identity(F.relu)
+    (True, False)
+    """
+    return fn in _DROPOUT_MODULES or _qualified_name(fn) in EVAL_IDENTITIES
+
+
 class TrainingFlagWarning(UserWarning):
     """A call's ``training`` argument was fixed to ``False`` when the model was traced."""
 
@@ -144,4 +153,4 @@ def restore_training_flags(gm: fx.GraphModule) -> list[str]:
     return made
 
 
-__all__ = ["EVAL_IDENTITIES", "TrainingFlagWarning", "TrainingOnlyCall", "restore_training_flags"]
+__all__ = ["EVAL_IDENTITIES", "TrainingFlagWarning", "TrainingOnlyCall", "is_eval_identity", "restore_training_flags"]

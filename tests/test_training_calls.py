@@ -148,6 +148,23 @@ def test_backends_read_drop_path_as_the_identity(known_drop_path, fmt):
     agrees_in(fmt, DropPathBlock())
 
 
+class ComputedRateDropPath(DropPathBlock):
+    """Drop path whose rate is computed in forward (from the input's shape): the call stays a function."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x + drop_path(self.conv2(x), x.size(1) / 8, self.training)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_backends_read_a_drop_path_function_call_as_the_identity(known_drop_path, fmt):
+    from runtime.test_coverage import agrees_in
+
+    with pytest.warns(TrainingFlagWarning, match="drop_path"):  # left a function: QAT runs it as in eval
+        agrees_in(fmt, ComputedRateDropPath())
+
+
 def test_an_unknown_function_with_a_fixed_flag_is_named(monkeypatch):
     monkeypatch.setattr(training_calls, "EVAL_IDENTITIES", set())
     gm = fx.symbolic_trace(DropPathBlock().eval())

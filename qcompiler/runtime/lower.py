@@ -50,6 +50,7 @@ from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
+from ..training_calls import is_eval_identity
 from .fixedpoint import f32_constants, multipliers
 from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, index_tuple
 from .isa import ISA, Instr
@@ -664,7 +665,7 @@ class _Lowering:
                 return self.relu(node, v)
             if fname in ("flatten", "view", "reshape", "squeeze", "unsqueeze"):
                 return self.reshape(node, v)
-            if fname in ("contiguous", "clone", "detach", "dropout"):
+            if fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):
                 return v
             if fname in ("max_pool1d", "max_pool2d"):
                 kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs

@@ -66,6 +66,7 @@ from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_oper
                         static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
+from ..training_calls import is_eval_identity
 from . import onnx_ops
 from .lower import _shape
 
@@ -693,7 +694,7 @@ class _Emitter:
             self.flatten(node, kw.get("start_dim", 0 if node.op == "call_function" else 0), kw.get("end_dim", -1))
         elif fname in ("view", "reshape", "squeeze", "unsqueeze", "unflatten"):
             self.reshape(node)
-        elif fname in ("contiguous", "clone", "detach", "dropout", "stochastic_depth"):  # inference: identities
+        elif fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):  # inference: identities
             self.node("Identity", [self.src(node)], node.name, node.name)
         elif fname == "pow" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):  # GPT-2's gelu_new: x ** 3
             e = node.args[1]
