@@ -287,6 +287,62 @@ def static_index(node: fx.Node) -> tuple[fx.Node, tuple]:
     return src, tuple(resolved)
 
 
+_NEAREST_MODES = ("nearest", "nearest-exact")
+_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _interpolate_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
+    """``F.interpolate``'s arguments (but the input) of an upsampling node: a module
+    (``nn.Upsample``, ``nn.UpsamplingNearest2d``) or a function call; ``None`` for other nodes."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.Upsample):  # UpsamplingNearest2d/Bilinear2d are subclasses
+            return None
+        return {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners,
+                "recompute_scale_factor": m.recompute_scale_factor}
+    if node.op != "call_function" or node.target not in (F.interpolate, F.upsample, F.upsample_nearest):
+        return None
+    call = dict(zip(_INTERPOLATE_ARGS, node.args[1:])) | dict(node.kwargs)
+    if node.target is F.upsample_nearest:
+        call["mode"] = "nearest"
+    return call
+
+
+def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | None:
+    """For a nearest-neighbour upsampling (``nn.Upsample``, ``F.interpolate`` in mode ``nearest``
+    or ``nearest-exact``): per spatial axis, the input position each output position copies.
+
+    Such an upsampling keeps its input's codes, and both backends express it as a gather
+    along each spatial axis. The positions come from running the very call on coordinate
+    tensors (torch's own rounding for every scale, integer or not); a size read from another
+    tensor's shape (``F.interpolate(x, size=skip.shape[2:])``) is the recorded output size.
+    ``None`` for other nodes and other modes (bilinear interpolation computes new values).
+    """
+    call = _interpolate_call(gm, node)
+    if call is None or call.get("mode", "nearest") not in _NEAREST_MODES:
+        return None
+    src = node.args[0]
+    in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
+    if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
+        return None
+    in_size, out_size = [int(d) for d in in_meta.shape[2:]], [int(d) for d in out_meta.shape[2:]]
+    if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and any(isinstance(i, fx.Node) for i in v))
+           for v in call.values()):
+        # computed in forward: only a size read from shapes is static, and then the recorded size is the size
+        if isinstance(call.get("scale_factor"), fx.Node) or isinstance(call.get("mode"), fx.Node):
+            return None
+        call = {"size": out_size, "mode": call.get("mode", "nearest")}
+    positions = []
+    for axis in range(len(in_size)):
+        coords = torch.arange(in_size[axis], dtype=torch.float64).view([-1 if a == axis else 1 for a in range(len(in_size))])
+        coords = coords.expand(in_size).reshape(1, 1, *in_size).contiguous()
+        picked = F.interpolate(coords, **{k: v for k, v in call.items() if v is not None})
+        if list(picked.shape[2:]) != out_size:
+            return None
+        positions.append([int(p) for p in picked[(0, 0, *[slice(None) if a == axis else 0 for a in range(len(in_size))])]])
+    return positions
+
+
 def is_static_value(node: fx.Node) -> bool:
     """Whether ``node`` computes a Python value from shapes (``x.size(0)``, ``x.shape``, ``c // 2``),
     not a tensor, as shape propagation recorded it, or checks one (``torch._assert``).
@@ -408,7 +464,7 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """``"keep"`` (codes unchanged), ``"affine"``, ``"scalar"`` (arithmetic with a number), ``"const"`` or ``"other"``."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m):
+        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or nearest_positions(gm, node) is not None:
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
     if node.op == "call_function":
@@ -416,6 +472,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         if callable(node.target) and is_eval_identity(node.target):
             return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
+        if node.target is F.interpolate or node.target is F.upsample or node.target is F.upsample_nearest:
+            return "keep" if nearest_positions(gm, node) is not None else "other"
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")

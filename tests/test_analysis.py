@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qcompiler import ir, zoo
@@ -231,3 +232,32 @@ def test_a_shape_built_tensor_that_fails_on_its_own_is_one_line():
     gm = trace(Net(), (torch.randn(5, 4),))
     with pytest.raises(ValueError, match=r"^reshape is built from the input's shape, but computing it from the shape alone failed \(shape '\[5, 3\]' is invalid"):
         shape_built_tensors(gm)
+
+
+class Upsamplings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.bilinear = nn.Upsample(scale_factor=2), nn.Upsample(scale_factor=2, mode="bilinear")
+
+    def forward(self, x, y):
+        return (self.up(x), F.interpolate(x, scale_factor=1.5), F.interpolate(x, size=y.shape[2:]),
+                F.interpolate(x, size=(5, 7), mode="nearest-exact"), self.bilinear(x))
+
+
+def test_nearest_positions_gather_what_each_upsampling_copies():
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from qcompiler.analysis import nearest_positions, op_kind
+
+    gm = fx.symbolic_trace(Upsamplings())
+    x, y = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 6, 9)
+    ShapeProp(gm).propagate(x, y)
+    outputs = dict(zip(("up", "interpolate", "interpolate_1", "interpolate_2", "bilinear"), gm(x, y)))
+    for name, expected in outputs.items():
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        positions = nearest_positions(gm, node)
+        if name == "bilinear":
+            assert positions is None and op_kind(gm, node) == "other"
+            continue
+        rows, cols = (torch.tensor(p) for p in positions)
+        assert op_kind(gm, node) == "keep" and torch.equal(x[:, :, rows][:, :, :, cols], expected), name

@@ -91,9 +91,23 @@ def adaptive_sum(x: np.ndarray, windows: list[list[list[int]]]) -> np.ndarray:
     return x
 
 
-def index_tuple(index: list) -> tuple:
-    """The NumPy index of an ``index`` instruction: the batch axis whole, then per axis a slice or an integer."""
-    return (slice(None), *(slice(*i) if isinstance(i, list) else i for i in index))
+def take_index(x: np.ndarray, index: list, batched: bool = True) -> np.ndarray:
+    """``x[:, *index]``, an ``index`` instruction: per non-batch axis a slice ``[start, stop, step]``,
+    an integer (which drops the axis) or ``{"positions": [...]}``, a gather along the axis (a
+    nearest-neighbour upsampling). ``batched=False``: ``x`` has no batch axis (per-sample constants).
+
+    >>> take_index(np.arange(12).reshape(1, 3, 4), [[0, 3, 2], {"positions": [0, 0, 3]}]).tolist()
+    [[[0, 0, 3], [8, 8, 11]]]
+    """
+    basic = tuple(slice(*i) if isinstance(i, list) else slice(None) if isinstance(i, dict) else i for i in index)
+    y = x[(slice(None), *basic) if batched else basic]
+    axis = 1 if batched else 0
+    for i in index:  # gathers one axis at a time (NumPy would broadcast several index arrays together)
+        if isinstance(i, dict):
+            y = np.take(y, i["positions"], axis=axis)
+        if not isinstance(i, int):
+            axis += 1
+    return y
 
 
 def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray:
@@ -629,12 +643,12 @@ class Interpreter:
         return env[ins.srcs[0]].transpose(0, *ins.attrs["perm"])
 
     def op_index(self, ins: Instr, env) -> np.ndarray:
-        return env[ins.srcs[0]][index_tuple(ins.attrs["index"])]
+        return take_index(env[ins.srcs[0]], ins.attrs["index"])
 
     def op_reshape(self, ins: Instr, env) -> np.ndarray:
         x = env[ins.srcs[0]]
         return x.reshape(x.shape[0], *ins.attrs["shape"])
 
 
-__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "adaptive_sum", "adaptive_windows", "index_tuple",
-           "patches", "window_reduce"]
+__all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "adaptive_sum", "adaptive_windows",
+           "patches", "take_index", "window_reduce"]

@@ -45,14 +45,14 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, op_kind,
-                        shape_built_tensors, static_index, tensor_domains)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, nearest_positions,
+                        op_kind, shape_built_tensors, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
 from ..training_calls import is_eval_identity
 from .fixedpoint import f32_constants, multipliers
-from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, index_tuple
+from .interpreter import F32_EXACT, F64_EXACT, adaptive_windows, take_index
 from .isa import ISA, Instr
 from .program import Program
 
@@ -439,6 +439,8 @@ class _Lowering:
             return self.clip(node, v, float(m.min_val), float(m.max_val))
         if isinstance(m, nn.Flatten):
             return self.reshape(node, v)
+        if (positions := nearest_positions(self.gm, node)) is not None:
+            return self.upsample(node, v, positions)
         raise self.unsupported(node, f"module {type(m).__name__} has no integer lowering")
 
     def relu(self, node: fx.Node, v: object) -> object:
@@ -586,13 +588,20 @@ class _Lowering:
             src, idx = static_index(node)
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
-        v = self.values[src]
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
+        return self.indexed(node, self.values[src], index)
+
+    def upsample(self, node: fx.Node, v: object, positions: list[list[int]]) -> object:
+        """Nearest-neighbour upsampling: a gather along each spatial axis (:func:`nearest_positions`)."""
+        return self.indexed(node, v, [[None, None, None], *({"positions": p} for p in positions)])
+
+    def indexed(self, node: fx.Node, v: object, index: list) -> object:
+        """``v[:, *index]`` (:func:`take_index`): codes as they are, or each term of an accumulation and its scales."""
         if isinstance(v, (Grid, FloatInput)):
             self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)
             return replace(v, buf=node.name, shape=_shape(node))
         acc = self.acc(node, v)
-        pick = lambda a: np.ascontiguousarray(np.broadcast_to(a, acc.shape)[index_tuple(index)[1:]])  # noqa: E731
+        pick = lambda a: np.ascontiguousarray(take_index(np.broadcast_to(a, acc.shape), index, batched=False))  # noqa: E731
         terms = [replace(t, buf=self.emit("index", f"{node.name}.{i}", [t.buf], (), {"index": index}, node.name),
                          scale=pick(t.scale), bound=pick(t.bound)) for i, t in enumerate(acc.terms)]
         return replace(acc, terms=terms, offset=pick(acc.offset), shape=_shape(node))
@@ -667,6 +676,8 @@ class _Lowering:
                 return self.reshape(node, v)
             if fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):
                 return v
+            if (positions := nearest_positions(self.gm, node)) is not None:
+                return self.upsample(node, v, positions)
             if fname in ("max_pool1d", "max_pool2d"):
                 kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
                 return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))

@@ -62,8 +62,8 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, op_kind, shape_built_tensors,
-                        static_index, tensor_domains)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, nearest_positions, op_kind,
+                        shape_built_tensors, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
@@ -487,6 +487,8 @@ class _Emitter:
             self.layer_norm(node, m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps)
         elif type(m) in _FLOAT_ACTIVATIONS:
             self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
+        elif (positions := nearest_positions(self.gm, node)) is not None:
+            self.upsample(node, positions)
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
 
@@ -655,6 +657,17 @@ class _Emitter:
         shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
         self.node("Reshape", [sliced, shape], node.name, f"{node.name}/shape")
 
+    def upsample(self, node: fx.Node, positions: list[list[int]]) -> None:
+        """Nearest-neighbour upsampling (the integer program's ``index`` with positions): one ``Gather``
+        per spatial axis, on the positions torch's own call picks (:func:`nearest_positions`), so every
+        scale rounds as in the module rather than by ``Resize``'s coordinate rules."""
+        x = self.src(node)
+        for axis, picked in enumerate(positions, start=2):
+            last = axis == len(positions) + 1
+            out = node.name if last else f"{node.name}.axis{axis}"
+            x = self.node("Gather", [x, self.init(f"{node.name}.positions{axis}", np.array(picked, np.int64))], out,
+                          out, axis=axis)
+
     def join(self, node: fx.Node, operands: list[fx.Node]) -> None:
         kind = ir.find(node, ir.JOIN, ir.Join)
         kind = kind.kind if kind is not None else ("cat" if node.target in (torch.cat, torch.concat) else "add")
@@ -742,6 +755,8 @@ class _Emitter:
                       kw.get("ceil_mode", False))
         elif op_kind(self.gm, node) == "scalar":
             self.scalar(node)
+        elif (positions := nearest_positions(self.gm, node)) is not None:
+            self.upsample(node, positions)
         else:
             raise self.unsupported(node, f"{fname} has no ONNX form here")
 

@@ -6,6 +6,7 @@ fake-quant module at the issue's bar; what cannot be lowered raises one QCompile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qcompiler
@@ -403,3 +404,82 @@ class ShapeBuiltOffset(nn.Module):
 def test_tensors_built_from_shapes_are_constants_in_both_backends(fmt):
     """An offset built from the input's shape: the ONNX file's initializer, the integer program's sum offset."""
     agrees_in(fmt, ShapeBuiltOffset())
+
+
+class TinyUNet(nn.Module):
+    """Encoder, a stride-2 bottleneck, then ``up`` (the op under test) and a skip concatenation (a UNet)."""
+
+    def __init__(self, up):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.down = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.up, self.dec = up, nn.Conv2d(10, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        skip = torch.relu(self.enc(x))
+        y = self.up(torch.relu(self.down(skip)), skip)
+        return self.fc(torch.relu(self.dec(torch.cat([skip, y], 1))).flatten(1))
+
+
+class UpsampleModule(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, skip):
+        return self.module(x)
+
+
+class InterpolateToSkip(nn.Module):
+    """``F.interpolate`` to the skip's size, read from its shape at run time (torchvision's FCN, FPNs)."""
+
+    def forward(self, x, skip):
+        return F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+
+
+UPSAMPLINGS = {
+    "Upsample": lambda: UpsampleModule(nn.Upsample(scale_factor=2)),
+    "UpsamplingNearest2d": lambda: UpsampleModule(nn.UpsamplingNearest2d(size=(8, 8))),
+    "nearest-exact": lambda: UpsampleModule(nn.Upsample(scale_factor=2, mode="nearest-exact")),
+    "interpolate-to-skip": InterpolateToSkip,
+}
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+@pytest.mark.parametrize("up", sorted(UPSAMPLINGS))
+def test_nearest_upsampling_in_a_unet_agrees(up, fmt):
+    agrees_in(fmt, TinyUNet(UPSAMPLINGS[up]()))
+
+
+class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.factor)
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_nearest_upsampling_by_a_fraction_picks_torchs_positions(fmt):
+    """8 -> 12: torch copies positions floor(i / 1.5), unevenly; both backends gather the same ones."""
+    agrees_in(fmt, Head(Scale(1.5), 4 * 12 * 12), passes="asq")
+
+
+def test_nearest_upsampling_is_a_gather_in_the_program():
+    program = agrees(TinyUNet(UPSAMPLINGS["Upsample"]()))
+    gathers = [i for i in program.instructions if i.op == "index" and any(isinstance(a, dict) for a in i.attrs["index"])]
+    assert [a["positions"] for a in gathers[0].attrs["index"][1:]] == [[0, 0, 1, 1, 2, 2, 3, 3]] * 2
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_bilinear_upsampling_is_one_line_naming_it(fmt):
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    c = qcompiler.compile(TinyUNet(UpsampleModule(nn.Upsample(scale_factor=2, mode="bilinear"))),
+                          qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    c.freeze()
+    with pytest.raises(QCompileError) as e:
+        c.lower() if fmt == "program" else to_onnx(c.module, fmt)
+    assert "\n" not in str(e.value) and "Upsample" in str(e.value)
