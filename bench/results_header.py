@@ -65,10 +65,18 @@ def header(cmd: str | None = None, threads: int | None = None) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"Command: `{cmd or command()}` ({date}, commit {commit()})\n\n"
-        f"Machine: {cpu_model()}, instruction set {torch.backends.cpu.get_cpu_capability()}, "
+        f"Machine: {cpu_model()}, instruction set {instruction_set()}, "
         f"{os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}, Python {platform.python_version()}"
         f"{load_average()}\n"
     )
+
+
+def instruction_set() -> str:
+    """The vector instruction set torch dispatches to (and the fused kernels are built for), noting when
+    ``ATEN_CPU_CAPABILITY`` narrowed it: an AVX-512 CPU then runs the code an AVX2 machine would."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{isa} (set by ATEN_CPU_CAPABILITY={forced})" if forced else isa
 
 
 def load_average() -> str:
