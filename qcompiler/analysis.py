@@ -291,7 +291,7 @@ _NEAREST_MODES = ("nearest", "nearest-exact")
 _INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 
 
-def _interpolate_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
+def upsampling_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
     """``F.interpolate``'s arguments (but the input) of an upsampling node: a module
     (``nn.Upsample``, ``nn.UpsamplingNearest2d``) or a function call; ``None`` for other nodes."""
     if node.op == "call_module":
@@ -318,7 +318,7 @@ def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | No
     tensor's shape (``F.interpolate(x, size=skip.shape[2:])``) is the recorded output size.
     ``None`` for other nodes and other modes (bilinear interpolation computes new values).
     """
-    call = _interpolate_call(gm, node)
+    call = upsampling_call(gm, node)
     if call is None or call.get("mode", "nearest") not in _NEAREST_MODES:
         return None
     src = node.args[0]

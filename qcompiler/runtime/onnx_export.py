@@ -63,7 +63,7 @@ from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
 from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, nearest_positions, op_kind,
-                        shape_built_tensors, static_index, tensor_domains)
+                        shape_built_tensors, static_index, tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
@@ -489,6 +489,8 @@ class _Emitter:
             self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
         elif (positions := nearest_positions(self.gm, node)) is not None:
             self.upsample(node, positions)
+        elif (call := upsampling_call(self.gm, node)) is not None:
+            self.resize(node, call)
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
 
@@ -668,6 +670,25 @@ class _Emitter:
             x = self.node("Gather", [x, self.init(f"{node.name}.positions{axis}", np.array(picked, np.int64))], out,
                           out, axis=axis)
 
+    def resize(self, node: fx.Node, call: dict) -> None:
+        """A (bi/tri)linear or bicubic upsampling, a float region: ``Resize`` with torch's sampling
+        (``pytorch_half_pixel`` or ``align_corners``, cubic coefficient -0.75). The scale is the
+        call's ``scale_factor`` where torch samples with it, else the recorded output size over the input's."""
+        mode = {"linear": "linear", "bilinear": "linear", "trilinear": "linear", "bicubic": "cubic"}.get(call.get("mode"))
+        if mode is None or call.get("antialias"):
+            raise self.unsupported(node, f"upsampling mode {call.get('mode')!r}"
+                                         f"{' with antialias' if call.get('antialias') else ''} has no ONNX form here")
+        in_size, out_size = node.args[0].meta["tensor_meta"].shape[2:], node.meta["tensor_meta"].shape[2:]
+        factor = call.get("scale_factor")
+        if factor is not None and not isinstance(factor, fx.Node) and not call.get("recompute_scale_factor"):
+            factors = [float(f) for f in (factor if isinstance(factor, (list, tuple)) else [factor] * len(in_size))]
+        else:
+            factors = [o / i for o, i in zip(out_size, in_size)]
+        scales = self.init(f"{node.name}.scales", np.array([1.0, 1.0, *factors], np.float32))
+        sampling = "align_corners" if call.get("align_corners") else "pytorch_half_pixel"
+        self.node("Resize", [self.src(node), "", scales], node.name, node.name, mode=mode,
+                  coordinate_transformation_mode=sampling, cubic_coeff_a=-0.75)
+
     def join(self, node: fx.Node, operands: list[fx.Node]) -> None:
         kind = ir.find(node, ir.JOIN, ir.Join)
         kind = kind.kind if kind is not None else ("cat" if node.target in (torch.cat, torch.concat) else "add")
@@ -757,6 +778,8 @@ class _Emitter:
             self.scalar(node)
         elif (positions := nearest_positions(self.gm, node)) is not None:
             self.upsample(node, positions)
+        elif (call := upsampling_call(self.gm, node)) is not None:
+            self.resize(node, call)
         else:
             raise self.unsupported(node, f"{fname} has no ONNX form here")
 
