@@ -287,6 +287,37 @@ def static_index(node: fx.Node) -> tuple[fx.Node, tuple]:
     return src, tuple(resolved)
 
 
+def single_output(output: fx.Node) -> fx.Node:
+    """The one tensor a graph returns: the output node's value, or the only tensor in the dict,
+    list or tuple it returns (torchvision's segmentation models return ``{"out": logits}``).
+    Raises ``ValueError`` for several (the backends deploy one output)."""
+    leaves: list[fx.Node] = []
+    fx.node.map_arg(output.args[0], leaves.append)
+    if len(leaves) != 1:
+        raise ValueError(f"the model returns {len(leaves)} tensors; the backends deploy one "
+                         "(return the one to deploy, e.g. drop an auxiliary head with aux_loss=False)")
+    return leaves[0]
+
+
+def sole_tensor(value) -> torch.Tensor:
+    """The module's output as the backends compute it: the tensor itself, or the only tensor in
+    the dict, list or tuple the module returns (see :func:`single_output`).
+
+    >>> sole_tensor({"out": torch.ones(1), "aux": None}).shape
+    torch.Size([1])
+    """
+    def tensors(v) -> list[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            return [v]
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+        return [t for item in items for t in tensors(item)]
+
+    found = tensors(value)
+    if len(found) != 1:
+        raise ValueError(f"the model returns {len(found)} tensors; the backends deploy one")
+    return found[0]
+
+
 _NEAREST_MODES = ("nearest", "nearest-exact")
 _INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..analysis import sole_tensor
 from ..quantizers.asq import ASQQuantizer
 
 
@@ -87,7 +88,7 @@ def reference_codes(compiled, x: np.ndarray) -> tuple[np.ndarray, dict[str, tupl
     finally:
         for h in hooks:
             h.remove()
-    return out.numpy(), found
+    return sole_tensor(out).numpy(), found
 
 
 def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:

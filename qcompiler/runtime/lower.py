@@ -46,7 +46,7 @@ from torch import nn
 from .. import ir
 from ..nn import exact
 from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, nearest_positions,
-                        op_kind, shape_built_tensors, static_index, tensor_domains)
+                        op_kind, shape_built_tensors, single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -703,9 +703,10 @@ class _Lowering:
         raise self.unsupported(node, f"{fname} has no integer lowering yet")
 
     def output(self, node: fx.Node) -> str:
-        out = node.args[0]
-        if not isinstance(out, fx.Node):
-            raise self.unsupported(node, "only a single tensor output is supported")
+        try:
+            out = single_output(node)
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
         acc = self.acc(node, self.values[out])
         names = [self.const(f"output.scale{t}", t.scale) for t in acc.terms] + [self.const("output.offset", acc.offset)]
         attrs = {"terms": [[t.buf, t.factor] for t in acc.terms], "clip": [_json_float(acc.lo), _json_float(acc.hi)]}

@@ -63,7 +63,8 @@ from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
 from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, nearest_positions, op_kind,
-                        shape_built_tensors, static_index, tensor_domains, upsampling_call)
+                        shape_built_tensors, single_output, sole_tensor, static_index, tensor_domains,
+                        upsampling_call)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
@@ -815,9 +816,10 @@ class _Emitter:
             self.function_call(node)
 
     def model(self, output: fx.Node) -> onnx.ModelProto:
-        out = output.args[0]
-        if not isinstance(out, fx.Node):
-            raise UnsupportedError("onnx export: only a single tensor output is supported")
+        try:
+            out = single_output(output)
+        except ValueError as e:
+            raise UnsupportedError(f"onnx export: {e}") from None
         self.node("Identity", [out.name], "output", "output")
         outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, [BATCH, *_shape(out)])]
         # no value_info: shape inference recovers every shape (batch dimension "N" included)
@@ -1022,7 +1024,7 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
     x = torch.as_tensor(x)
     for batch in (x if not x.is_floating_point() else x.float()).split(batch_size):  # indices stay integers
         got.append(sess.run(None, {name: batch.numpy()})[0])
-        want.append(module(batch).float().numpy())
+        want.append(sole_tensor(module(batch)).float().numpy())
     got, want = np.concatenate(got), np.concatenate(want)
     return OnnxParity(float(np.abs(got - want).max()), float(want.max() - want.min()),
                       float((got.argmax(-1) == want.argmax(-1)).mean()), len(want))

@@ -513,3 +513,31 @@ def test_antialiased_upsampling_is_one_line_in_onnx():
     with pytest.raises(QCompileError) as e:
         to_onnx(c.module, "custom")
     assert "\n" not in str(e.value) and "antialias" in str(e.value)
+
+
+class DictOutput(nn.Module):
+    """Returns ``{"out": logits}`` (torchvision's segmentation models), plus ``aux`` when asked."""
+
+    def __init__(self, aux: bool = False):
+        super().__init__()
+        self.net, self.aux = Head(nn.Identity(), 4 * 8 * 8), aux
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"out": logits, "aux": logits * 2 if self.aux else None}
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+def test_a_dict_holding_one_tensor_is_the_output(fmt):
+    agrees_in(fmt, DictOutput())
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_several_outputs_are_one_line(fmt):
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    c = qcompiler.compile(DictOutput(aux=True), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    c.freeze()
+    with pytest.raises(QCompileError) as e:
+        c.lower() if fmt == "program" else to_onnx(c.module, fmt)
+    assert "\n" not in str(e.value) and "returns 2 tensors" in str(e.value)
