@@ -319,6 +319,7 @@ def sole_tensor(value) -> torch.Tensor:
 
 
 _NEAREST_MODES = ("nearest", "nearest-exact")
+_INTERPOLATIONS = (F.interpolate, F.upsample, F.upsample_nearest)
 _INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 
 
@@ -331,12 +332,19 @@ def upsampling_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
             return None
         return {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners,
                 "recompute_scale_factor": m.recompute_scale_factor}
-    if node.op != "call_function" or node.target not in (F.interpolate, F.upsample, F.upsample_nearest):
+    if node.op != "call_function" or node.target not in _INTERPOLATIONS:
         return None
     call = dict(zip(_INTERPOLATE_ARGS, node.args[1:])) | dict(node.kwargs)
     if node.target is F.upsample_nearest:
         call["mode"] = "nearest"
     return call
+
+
+def is_nearest_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` upsamples by copying its nearest input position (modes ``nearest``, ``nearest-exact``):
+    its output holds its input's codes."""
+    call = upsampling_call(gm, node)
+    return call is not None and call.get("mode", "nearest") in _NEAREST_MODES
 
 
 def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | None:
@@ -349,10 +357,9 @@ def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | No
     tensor's shape (``F.interpolate(x, size=skip.shape[2:])``) is the recorded output size.
     ``None`` for other nodes and other modes (bilinear interpolation computes new values).
     """
-    call = upsampling_call(gm, node)
-    if call is None or call.get("mode", "nearest") not in _NEAREST_MODES:
+    if not is_nearest_upsampling(gm, node):
         return None
-    src = node.args[0]
+    call, src = upsampling_call(gm, node), node.args[0]
     in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
     if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
         return None
@@ -495,7 +502,7 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """``"keep"`` (codes unchanged), ``"affine"``, ``"scalar"`` (arithmetic with a number), ``"const"`` or ``"other"``."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or nearest_positions(gm, node) is not None:
+        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or is_nearest_upsampling(gm, node):
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
     if node.op == "call_function":
@@ -503,8 +510,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         if callable(node.target) and is_eval_identity(node.target):
             return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
-        if node.target is F.interpolate or node.target is F.upsample or node.target is F.upsample_nearest:
-            return "keep" if nearest_positions(gm, node) is not None else "other"
+        if node.target in _INTERPOLATIONS:
+            return "keep" if is_nearest_upsampling(gm, node) else "other"
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")

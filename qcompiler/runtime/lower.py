@@ -45,8 +45,8 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_kind, join_operands, nearest_positions,
-                        op_kind, shape_built_tensors, single_output, static_index, tensor_domains)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_nearest_upsampling, join_kind, join_operands,
+                        nearest_positions, op_kind, shape_built_tensors, single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -439,8 +439,6 @@ class _Lowering:
             return self.clip(node, v, float(m.min_val), float(m.max_val))
         if isinstance(m, nn.Flatten):
             return self.reshape(node, v)
-        if (positions := nearest_positions(self.gm, node)) is not None:
-            return self.upsample(node, v, positions)
         raise self.unsupported(node, f"module {type(m).__name__} has no integer lowering")
 
     def relu(self, node: fx.Node, v: object) -> object:
@@ -591,8 +589,11 @@ class _Lowering:
         index = [[i.start, i.stop, i.step] if isinstance(i, slice) else int(i) for i in idx[1:]]
         return self.indexed(node, self.values[src], index)
 
-    def upsample(self, node: fx.Node, v: object, positions: list[list[int]]) -> object:
+    def upsample(self, node: fx.Node, v: object) -> object:
         """Nearest-neighbour upsampling: a gather along each spatial axis (:func:`nearest_positions`)."""
+        positions = nearest_positions(self.gm, node)
+        if positions is None:
+            raise self.unsupported(node, "a nearest upsampling whose scale factor is computed at run time")
         return self.indexed(node, v, [[None, None, None], *({"positions": p} for p in positions)])
 
     def indexed(self, node: fx.Node, v: object, index: list) -> object:
@@ -666,6 +667,8 @@ class _Lowering:
             raise self.unsupported(node, "parameters read by the graph")
         kind = op_kind(self.gm, node)
         v = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if is_nearest_upsampling(self.gm, node):
+            return self.upsample(node, v)
         if node.op == "call_module":
             return self.module_op(node, v)
         fname = getattr(node.target, "__name__", str(node.target))
@@ -676,8 +679,6 @@ class _Lowering:
                 return self.reshape(node, v)
             if fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):
                 return v
-            if (positions := nearest_positions(self.gm, node)) is not None:
-                return self.upsample(node, v, positions)
             if fname in ("max_pool1d", "max_pool2d"):
                 kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
                 return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))

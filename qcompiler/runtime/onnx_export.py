@@ -62,9 +62,9 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, join_operands, nearest_positions, op_kind,
-                        shape_built_tensors, single_output, sole_tensor, static_index, tensor_domains,
-                        upsampling_call)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_nearest_upsampling, join_operands,
+                        nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor, static_index,
+                        tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
@@ -488,10 +488,6 @@ class _Emitter:
             self.layer_norm(node, m.normalized_shape, m.weight, getattr(m, "bias", None), m.eps)
         elif type(m) in _FLOAT_ACTIVATIONS:
             self.activation(node, _FLOAT_ACTIVATIONS[type(m)])
-        elif (positions := nearest_positions(self.gm, node)) is not None:
-            self.upsample(node, positions)
-        elif (call := upsampling_call(self.gm, node)) is not None:
-            self.resize(node, call)
         else:
             raise self.unsupported(node, f"module {type(m).__name__} has no ONNX form here")
 
@@ -660,7 +656,17 @@ class _Emitter:
         shape = self.init(f"{node.name}.shape", np.array([-1, *_shape(node)], dtype=np.int64))
         self.node("Reshape", [sliced, shape], node.name, f"{node.name}/shape")
 
-    def upsample(self, node: fx.Node, positions: list[list[int]]) -> None:
+    def upsampling(self, node: fx.Node, call: dict) -> None:
+        """``nn.Upsample`` or ``F.interpolate``: nearest-neighbour as gathers, the others as a ``Resize``."""
+        positions = nearest_positions(self.gm, node)
+        if positions is not None:
+            self.gather_positions(node, positions)
+        elif is_nearest_upsampling(self.gm, node):
+            raise self.unsupported(node, "a nearest upsampling whose scale factor is computed at run time")
+        else:
+            self.resize(node, call)
+
+    def gather_positions(self, node: fx.Node, positions: list[list[int]]) -> None:
         """Nearest-neighbour upsampling (the integer program's ``index`` with positions): one ``Gather``
         per spatial axis, on the positions torch's own call picks (:func:`nearest_positions`), so every
         scale rounds as in the module rather than by ``Resize``'s coordinate rules."""
@@ -777,10 +783,6 @@ class _Emitter:
                       kw.get("ceil_mode", False))
         elif op_kind(self.gm, node) == "scalar":
             self.scalar(node)
-        elif (positions := nearest_positions(self.gm, node)) is not None:
-            self.upsample(node, positions)
-        elif (call := upsampling_call(self.gm, node)) is not None:
-            self.resize(node, call)
         else:
             raise self.unsupported(node, f"{fname} has no ONNX form here")
 
@@ -810,6 +812,8 @@ class _Emitter:
             self.constant(node)
         elif join_operands(node) is not None:
             self.join(node, join_operands(node))
+        elif (call := upsampling_call(self.gm, node)) is not None:
+            self.upsampling(node, call)
         elif node.op == "call_module":
             self.module_op(node)
         else:

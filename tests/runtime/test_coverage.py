@@ -541,3 +541,19 @@ def test_several_outputs_are_one_line(fmt):
     with pytest.raises(QCompileError) as e:
         c.lower() if fmt == "program" else to_onnx(c.module, fmt)
     assert "\n" not in str(e.value) and "returns 2 tensors" in str(e.value)
+
+
+class ScaleFromShape(nn.Module):
+    def forward(self, x, skip):
+        return F.interpolate(x, scale_factor=skip.shape[-1] / x.shape[-1])
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_a_nearest_upsampling_by_a_run_time_factor_is_one_line(fmt):
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    c = qcompiler.compile(TinyUNet(ScaleFromShape()), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    c.freeze()
+    with pytest.raises(QCompileError) as e:
+        c.lower() if fmt == "program" else to_onnx(c.module, fmt)
+    assert "\n" not in str(e.value) and "computed at run time" in str(e.value)
