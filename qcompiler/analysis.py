@@ -18,6 +18,7 @@ import operator
 from dataclasses import dataclass
 
 import networkx as nx
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -381,6 +382,56 @@ def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | No
     return positions
 
 
+_LINEAR_MODES = ("linear", "bilinear", "trilinear")
+
+
+def is_linear_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` upsamples by linear interpolation (modes ``linear``, ``bilinear``, ``trilinear``,
+    no antialias): each output a weighted sum of its input neighbours, an affine map of the codes."""
+    call = upsampling_call(gm, node)
+    return call is not None and call.get("mode") in _LINEAR_MODES and not call.get("antialias")
+
+
+def linear_weights(gm: fx.GraphModule, node: fx.Node) -> list[tuple[list[int], list[int], np.ndarray, np.ndarray]] | None:
+    """For a linear upsampling: per spatial axis, the two input positions each output position reads
+    and their weights, ``(low, high, low_weight, high_weight)`` (the weights of one position sum to 1).
+
+    Torch's own weights (its source-index rule with or without ``align_corners``, the call's scale
+    factor): the 1-D ``linear`` interpolation of an identity matrix along each axis, in float64,
+    since the separable interpolation weighs a corner by the product of its axes' weights. A size
+    read from another tensor's shape is the recorded output size; ``None`` for other nodes or a
+    scale factor computed at run time.
+    """
+    if not is_linear_upsampling(gm, node):
+        return None
+    call, src = upsampling_call(gm, node), node.args[0]
+    in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
+    if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
+        return None
+    in_size, out_size = [int(d) for d in in_meta.shape[2:]], [int(d) for d in out_meta.shape[2:]]
+    factor = call.get("scale_factor")
+    if isinstance(factor, fx.Node) or (isinstance(factor, (list, tuple)) and any(isinstance(f, fx.Node) for f in factor)):
+        return None
+    factors = factor if isinstance(factor, (list, tuple)) else [factor] * len(in_size)
+    size = call.get("size")
+    static_size = size is not None and not isinstance(size, fx.Node) and not (
+        isinstance(size, (list, tuple)) and any(isinstance(d, fx.Node) for d in size))
+    axes = []
+    for axis, (n_in, n_out) in enumerate(zip(in_size, out_size)):
+        eye = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in)  # channel c: the one-hot input at c
+        how = {"size": n_out} if factor is None or static_size else {
+            "scale_factor": float(factors[axis]), "recompute_scale_factor": call.get("recompute_scale_factor")}
+        m = F.interpolate(eye, mode="linear", align_corners=call.get("align_corners"), **how)[0].numpy()
+        if m.shape[1] != n_out:
+            return None
+        low = m.argmax(0) if n_in == 1 else np.array([int(np.flatnonzero(col)[0]) if col.any() else 0 for col in m.T])
+        high = np.minimum(low + 1, n_in - 1)
+        low_weight = m[low, np.arange(n_out)]
+        high_weight = np.where(high != low, m[high, np.arange(n_out)], 0.0)
+        axes.append((low.tolist(), high.tolist(), low_weight, high_weight))
+    return axes
+
+
 def is_static_value(node: fx.Node) -> bool:
     """Whether ``node`` computes a Python value from shapes (``x.size(0)``, ``x.shape``, ``c // 2``),
     not a tensor, as shape propagation recorded it, or checks one (``torch._assert``).
@@ -504,14 +555,14 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
         m = gm.get_submodule(node.target)
         if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or is_nearest_upsampling(gm, node):
             return "keep"
-        return "affine" if isinstance(m, _AFFINE_MODULES) else "other"
+        return "affine" if isinstance(m, _AFFINE_MODULES) or is_linear_upsampling(gm, node) else "other"
     if node.op == "call_function":
         if node.target is getattr and node.args[1:2] and node.args[1] in _CONST_ATTRIBUTES:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         if callable(node.target) and is_eval_identity(node.target):
             return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
         if node.target in _INTERPOLATIONS:
-            return "keep" if is_nearest_upsampling(gm, node) else "other"
+            return "keep" if is_nearest_upsampling(gm, node) else "affine" if is_linear_upsampling(gm, node) else "other"
         return _FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -257,7 +258,34 @@ def test_nearest_positions_gather_what_each_upsampling_copies():
         node = next(n for n in gm.graph.nodes if n.name == name)
         positions = nearest_positions(gm, node)
         if name == "bilinear":
-            assert positions is None and op_kind(gm, node) == "other"
+            assert positions is None and op_kind(gm, node) == "affine"  # new values: see linear_weights
             continue
         rows, cols = (torch.tensor(p) for p in positions)
         assert op_kind(gm, node) == "keep" and torch.equal(x[:, :, rows][:, :, :, cols], expected), name
+
+
+class LinearUpsamplings(nn.Module):
+    def forward(self, x, y):
+        return (F.interpolate(x, scale_factor=2, mode="bilinear"), F.interpolate(x, scale_factor=1.5, mode="bilinear"),
+                F.interpolate(x, size=y.shape[2:], mode="bilinear", align_corners=True),
+                F.interpolate(x, size=(7, 5), mode="bilinear"))
+
+
+def test_linear_weights_rebuild_torchs_bilinear_interpolation():
+    """Per axis two positions and weights; the products of the axes' weights over the four corners
+    are torch's bilinear interpolation (float64), with and without align_corners, any scale."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from qcompiler.analysis import linear_weights, op_kind
+
+    gm = fx.symbolic_trace(LinearUpsamplings())
+    x, y = torch.randn(2, 3, 3, 4, dtype=torch.float64), torch.randn(2, 3, 6, 9, dtype=torch.float64)
+    ShapeProp(gm).propagate(x, y)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.interpolate]
+    for node, expected in zip(nodes, gm(x, y)):
+        (rows_lo, rows_hi, w_rows_lo, w_rows_hi), (cols_lo, cols_hi, w_cols_lo, w_cols_hi) = linear_weights(gm, node)
+        assert op_kind(gm, node) == "affine" and np.allclose(w_rows_lo + w_rows_hi, 1) and np.allclose(w_cols_lo + w_cols_hi, 1)
+        rebuilt = sum(x[:, :, rows][:, :, :, cols] * torch.from_numpy(np.multiply.outer(wr, wc))
+                      for rows, wr in ((rows_lo, w_rows_lo), (rows_hi, w_rows_hi))
+                      for cols, wc in ((cols_lo, w_cols_lo), (cols_hi, w_cols_hi)))
+        torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-12, msg=node.name)

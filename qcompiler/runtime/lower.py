@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -45,8 +46,9 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_nearest_upsampling, join_kind, join_operands,
-                        nearest_positions, op_kind, shape_built_tensors, single_output, static_index, tensor_domains)
+from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_linear_upsampling, is_nearest_upsampling,
+                        join_kind, join_operands, linear_weights, nearest_positions, op_kind, shape_built_tensors,
+                        single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..numerics import post_table
@@ -596,6 +598,31 @@ class _Lowering:
             raise self.unsupported(node, "a nearest upsampling whose scale factor is computed at run time")
         return self.indexed(node, v, [[None, None, None], *({"positions": p} for p in positions)])
 
+    def interpolate(self, node: fx.Node, v: object) -> Acc:
+        """Linear upsampling: per output position, a weighted sum of its input neighbours (two per
+        axis, :func:`linear_weights`). Each corner is a gather of every term, whose per-position
+        scale carries the product of the corner's axis weights; the next requantization sums them."""
+        axes = linear_weights(self.gm, node)
+        if axes is None:
+            raise self.unsupported(node, "a linear upsampling whose scale factor is computed at run time")
+        acc = self.acc(node, v)
+        if acc.clamped:
+            acc = self.materialize(acc, node)
+        terms, offset = [], np.zeros(())
+        for corner in itertools.product((0, 1), repeat=len(axes)):
+            # per axis (low, high, low weight, high weight): this corner's positions and weights
+            index = [[None, None, None], *({"positions": a[c]} for a, c in zip(axes, corner))]
+            weight = functools.reduce(np.multiply.outer, [a[2 + c] for a, c in zip(axes, corner)])[None]
+            if not np.any(weight):
+                continue  # every output position sits on an input position along some axis
+            pick = lambda a: take_index(np.broadcast_to(a, acc.shape), index, batched=False)  # noqa: E731
+            tag = "".join(map(str, corner))
+            terms += [replace(t, buf=self.emit("index", f"{node.name}.{tag}.{i}", [t.buf], (), {"index": index}, node.name),
+                              scale=pick(t.scale) * weight, bound=np.ascontiguousarray(pick(t.bound)))
+                      for i, t in enumerate(acc.terms)]
+            offset = offset + pick(acc.offset) * weight
+        return Acc(terms, offset, _shape(node))
+
     def indexed(self, node: fx.Node, v: object, index: list) -> object:
         """``v[:, *index]`` (:func:`take_index`): codes as they are, or each term of an accumulation and its scales."""
         if isinstance(v, (Grid, FloatInput)):
@@ -669,6 +696,8 @@ class _Lowering:
         v = self.values.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if is_nearest_upsampling(self.gm, node):
             return self.upsample(node, v)
+        if is_linear_upsampling(self.gm, node):
+            return self.interpolate(node, v)
         if node.op == "call_module":
             return self.module_op(node, v)
         fname = getattr(node.target, "__name__", str(node.target))

@@ -493,8 +493,18 @@ def test_linear_and_cubic_upsampling_are_an_onnx_resize(up, fmt):
     agrees_in(fmt, TinyUNet(INTERPOLATIONS[up]()))
 
 
-def test_bilinear_upsampling_is_one_line_in_the_program():
-    c = qcompiler.compile(TinyUNet(INTERPOLATIONS["bilinear"]()), qcompiler.QuantSpec(passes="lsq"),
+@pytest.mark.parametrize("up", ["bilinear", "bilinear-align-corners", "bilinear-to-skip"])
+@pytest.mark.parametrize("passes", ["lsq", "asq"])
+def test_linear_upsampling_is_a_weighted_sum_of_gathers_in_the_program(up, passes):
+    """Each corner's neighbours gathered (index with positions), weighed per position by the
+    next requantization (torch's weights, analysis.linear_weights)."""
+    program = agrees(TinyUNet(INTERPOLATIONS[up]()), passes=passes)
+    gathers = [i for i in program.instructions if i.op == "index" and any(isinstance(a, dict) for a in i.attrs["index"])]
+    assert len(gathers) == 4  # the four corners of one term
+
+
+def test_bicubic_upsampling_is_one_line_in_the_program():
+    c = qcompiler.compile(TinyUNet(INTERPOLATIONS["bicubic"]()), qcompiler.QuantSpec(passes="lsq"),
                           calib_data=load_digits())
     with pytest.raises(QCompileError) as e:
         c.lower()
