@@ -300,6 +300,22 @@ def single_output(output: fx.Node) -> fx.Node:
     return leaves[0]
 
 
+def class_axis(gm: fx.GraphModule) -> int:
+    """The axis of the model's output that holds its classes, for "classes agree" between backends:
+    1 where the last layer before the output is a convolution and the output keeps its spatial axes
+    (a segmentation map ``(N, C, H, W)``), else the last axis (a classifier's ``(N, K)``, a
+    transformer's ``(N, T, V)``).
+    """
+    out = single_output(next(n for n in gm.graph.nodes if n.op == "output"))
+    node = out
+    while node is not None and ir.LAYER not in node.meta:  # back through upsampling, activations, joins
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    layer = ir.find(node, ir.LAYER, ir.LayerInfo) if node is not None else None
+    meta = out.meta.get("tensor_meta")
+    spatial = hasattr(meta, "shape") and len(meta.shape) > 2
+    return 1 if spatial and layer is not None and not layer.kind == "linear" else -1
+
+
 def sole_tensor(value) -> torch.Tensor:
     """The module's output as the backends compute it: the tensor itself, or the only tensor in
     the dict, list or tuple the module returns (see :func:`single_output`).

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..analysis import sole_tensor
+from ..analysis import class_axis, sole_tensor
 from ..quantizers.asq import ASQQuantizer
 
 
@@ -111,7 +111,8 @@ def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
         if first is None and np.any(diff[~tie] != 0):
             first = name
         layers.append(la)
-    classes = float((out.argmax(-1) == ref_out.argmax(-1)).mean())
+    axis = class_axis(compiled.module)  # a segmentation map's classes are its channels
+    classes = float((out.argmax(axis) == ref_out.argmax(axis)).mean())
     return AgreementReport(tuple(layers), first, classes, float(np.abs(out - ref_out).max()))
 
 

@@ -62,9 +62,9 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_nearest_upsampling, join_operands,
-                        nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor, static_index,
-                        tensor_domains, upsampling_call)
+from ..analysis import (DROPOUTS, class_axis, emits_nothing, feeds_only_constants, is_nearest_upsampling,
+                        join_operands, nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor,
+                        static_index, tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
@@ -1030,8 +1030,9 @@ def onnx_parity(compiled, model: onnx.ModelProto | str | Path, x: torch.Tensor, 
         got.append(sess.run(None, {name: batch.numpy()})[0])
         want.append(sole_tensor(module(batch)).float().numpy())
     got, want = np.concatenate(got), np.concatenate(want)
+    axis = class_axis(module)  # a segmentation map's classes are its channels
     return OnnxParity(float(np.abs(got - want).max()), float(want.max() - want.min()),
-                      float((got.argmax(-1) == want.argmax(-1)).mean()), len(want))
+                      float((got.argmax(axis) == want.argmax(axis)).mean()), len(want))
 
 
 __all__ = ["FORMATS", "ExportError", "OnnxParity", "export_onnx", "onnx_parity", "save_onnx", "session", "to_onnx"]

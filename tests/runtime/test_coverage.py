@@ -567,3 +567,31 @@ def test_a_nearest_upsampling_by_a_run_time_factor_is_one_line(fmt):
     with pytest.raises(QCompileError) as e:
         c.lower() if fmt == "program" else to_onnx(c.module, fmt)
     assert "\n" not in str(e.value) and "computed at run time" in str(e.value)
+
+
+class SegmentationHead(nn.Module):
+    """A per-pixel classifier: conv features, then a 1x1 conv to 3 classes, bilinearly upsampled back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features, self.classes = nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return {"out": F.interpolate(self.classes(torch.relu(self.features(x))), size=x.shape[-2:], mode="bilinear")}
+
+
+def test_classes_of_a_segmentation_map_are_its_channels():
+    """A map (N, C, H, W) agrees on its per-pixel classes (argmax over C), a classifier on its last axis."""
+    from qcompiler.analysis import class_axis
+    from qcompiler.runtime.onnx_export import onnx_parity, to_onnx
+
+    data = load_digits()
+    seg = qcompiler.compile(SegmentationHead(), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    head = qcompiler.compile(Head(nn.Identity(), 4 * 8 * 8), qcompiler.QuantSpec(passes="lsq"), calib_data=data)
+    assert class_axis(seg.module) == 1 and class_axis(head.module) == -1
+    seg.freeze()
+    x = data.x_test[:100]
+    report = seg.lower().verify(seg, x.numpy())
+    parity = onnx_parity(seg, to_onnx(seg.module, "custom"), x)
+    assert report.ok() and parity.classes_agree == report.classes_agree == 1.0, report.text()
