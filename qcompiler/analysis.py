@@ -364,6 +364,24 @@ def is_nearest_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
     return call is not None and call.get("mode", "nearest") in _NEAREST_MODES
 
 
+def _computed(value) -> bool:
+    return isinstance(value, fx.Node) or (isinstance(value, (list, tuple)) and any(isinstance(v, fx.Node) for v in value))
+
+
+def _static_upsampling(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, list[int], list[int]] | None:
+    """An upsampling's arguments and its recorded spatial sizes in and out; a size read from another
+    tensor's shape becomes the recorded output size. ``None`` where the scale factor or mode is
+    computed in forward, or a shape was not recorded."""
+    call, src = upsampling_call(gm, node), node.args[0]
+    in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
+    if call is None or not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
+        return None
+    if _computed(call.get("scale_factor")) or _computed(call.get("mode")):
+        return None
+    in_size, out_size = [int(d) for d in in_meta.shape[2:]], [int(d) for d in out_meta.shape[2:]]
+    return (dict(call, size=out_size) if _computed(call.get("size")) else call), in_size, out_size
+
+
 def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | None:
     """For a nearest-neighbour upsampling (``nn.Upsample``, ``F.interpolate`` in mode ``nearest``
     or ``nearest-exact``): per spatial axis, the input position each output position copies.
@@ -374,19 +392,10 @@ def nearest_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int]] | No
     tensor's shape (``F.interpolate(x, size=skip.shape[2:])``) is the recorded output size.
     ``None`` for other nodes and other modes (bilinear interpolation computes new values).
     """
-    if not is_nearest_upsampling(gm, node):
+    static = _static_upsampling(gm, node) if is_nearest_upsampling(gm, node) else None
+    if static is None:
         return None
-    call, src = upsampling_call(gm, node), node.args[0]
-    in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
-    if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
-        return None
-    in_size, out_size = [int(d) for d in in_meta.shape[2:]], [int(d) for d in out_meta.shape[2:]]
-    if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and any(isinstance(i, fx.Node) for i in v))
-           for v in call.values()):
-        # computed in forward: only a size read from shapes is static, and then the recorded size is the size
-        if isinstance(call.get("scale_factor"), fx.Node) or isinstance(call.get("mode"), fx.Node):
-            return None
-        call = {"size": out_size, "mode": call.get("mode", "nearest")}
+    call, in_size, out_size = static
     positions = []
     for axis in range(len(in_size)):
         coords = torch.arange(in_size[axis], dtype=torch.float64).view([-1 if a == axis else 1 for a in range(len(in_size))])
@@ -418,24 +427,16 @@ def linear_weights(gm: fx.GraphModule, node: fx.Node) -> list[tuple[list[int], l
     read from another tensor's shape is the recorded output size; ``None`` for other nodes or a
     scale factor computed at run time.
     """
-    if not is_linear_upsampling(gm, node):
+    static = _static_upsampling(gm, node) if is_linear_upsampling(gm, node) else None
+    if static is None:
         return None
-    call, src = upsampling_call(gm, node), node.args[0]
-    in_meta, out_meta = getattr(src, "meta", {}).get("tensor_meta"), node.meta.get("tensor_meta")
-    if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
-        return None
-    in_size, out_size = [int(d) for d in in_meta.shape[2:]], [int(d) for d in out_meta.shape[2:]]
+    call, in_size, out_size = static
     factor = call.get("scale_factor")
-    if isinstance(factor, fx.Node) or (isinstance(factor, (list, tuple)) and any(isinstance(f, fx.Node) for f in factor)):
-        return None
     factors = factor if isinstance(factor, (list, tuple)) else [factor] * len(in_size)
-    size = call.get("size")
-    static_size = size is not None and not isinstance(size, fx.Node) and not (
-        isinstance(size, (list, tuple)) and any(isinstance(d, fx.Node) for d in size))
     axes = []
     for axis, (n_in, n_out) in enumerate(zip(in_size, out_size)):
         eye = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in)  # channel c: the one-hot input at c
-        how = {"size": n_out} if factor is None or static_size else {
+        how = {"size": n_out} if factor is None else {
             "scale_factor": float(factors[axis]), "recompute_scale_factor": call.get("recompute_scale_factor")}
         m = F.interpolate(eye, mode="linear", align_corners=call.get("align_corners"), **how)[0].numpy()
         if m.shape[1] != n_out:
