@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (DROPOUTS, emits_nothing, feeds_only_constants, is_linear_upsampling, is_nearest_upsampling,
+from ..analysis import (emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
                         join_kind, join_operands, linear_weights, nearest_positions, op_kind, shape_built_tensors,
                         single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
@@ -422,7 +422,7 @@ class _Lowering:
 
     def module_op(self, node: fx.Node, v: object) -> object:
         m = self.gm.get_submodule(node.target)
-        if isinstance(m, (nn.Identity, *DROPOUTS)):
+        if is_identity(m):
             return v
         if isinstance(m, nn.ReLU):
             return self.relu(node, v)
@@ -611,26 +611,25 @@ class _Lowering:
         terms, offset = [], np.zeros(())
         for corner in itertools.product((0, 1), repeat=len(axes)):
             # per axis (low, high, low weight, high weight): this corner's positions and weights
-            index = [[None, None, None], *({"positions": a[c]} for a, c in zip(axes, corner))]
             weight = functools.reduce(np.multiply.outer, [a[2 + c] for a, c in zip(axes, corner)])[None]
             if not np.any(weight):
                 continue  # every output position sits on an input position along some axis
-            pick = lambda a: take_index(np.broadcast_to(a, acc.shape), index, batched=False)  # noqa: E731
-            tag = "".join(map(str, corner))
-            terms += [replace(t, buf=self.emit("index", f"{node.name}.{tag}.{i}", [t.buf], (), {"index": index}, node.name),
-                              scale=pick(t.scale) * weight, bound=np.ascontiguousarray(pick(t.bound)))
-                      for i, t in enumerate(acc.terms)]
-            offset = offset + pick(acc.offset) * weight
+            index = [[None, None, None], *({"positions": a[c]} for a, c in zip(axes, corner))]
+            gathered = self.indexed(node, acc, index, f"{node.name}.{''.join(map(str, corner))}")
+            terms += [replace(t, scale=t.scale * weight) for t in gathered.terms]
+            offset = offset + gathered.offset * weight
         return Acc(terms, offset, _shape(node))
 
-    def indexed(self, node: fx.Node, v: object, index: list) -> object:
-        """``v[:, *index]`` (:func:`take_index`): codes as they are, or each term of an accumulation and its scales."""
+    def indexed(self, node: fx.Node, v: object, index: list, dst: str | None = None) -> object:
+        """``v[:, *index]`` (:func:`take_index`): codes as they are, or each term of an accumulation and its scales.
+        ``dst``: the buffer name (default the node's), the prefix of the terms' buffers."""
+        dst = dst or node.name
         if isinstance(v, (Grid, FloatInput)):
-            self.emit("index", node.name, [v.buf], (), {"index": index}, node.name)
-            return replace(v, buf=node.name, shape=_shape(node))
+            self.emit("index", dst, [v.buf], (), {"index": index}, node.name)
+            return replace(v, buf=dst, shape=_shape(node))
         acc = self.acc(node, v)
         pick = lambda a: np.ascontiguousarray(take_index(np.broadcast_to(a, acc.shape), index, batched=False))  # noqa: E731
-        terms = [replace(t, buf=self.emit("index", f"{node.name}.{i}", [t.buf], (), {"index": index}, node.name),
+        terms = [replace(t, buf=self.emit("index", f"{dst}.{i}", [t.buf], (), {"index": index}, node.name),
                          scale=pick(t.scale), bound=pick(t.bound)) for i, t in enumerate(acc.terms)]
         return replace(acc, terms=terms, offset=pick(acc.offset), shape=_shape(node))
 

@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (DROPOUTS, class_axis, emits_nothing, feeds_only_constants, is_nearest_upsampling,
+from ..analysis import (class_axis, emits_nothing, feeds_only_constants, is_identity, is_nearest_upsampling,
                         join_operands, nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor,
                         static_index, tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
@@ -460,7 +460,7 @@ class _Emitter:
     def module_op(self, node: fx.Node) -> None:
         m = self.gm.get_submodule(node.target)
         x, name = self.src(node), node.name
-        if isinstance(m, (nn.Identity, *DROPOUTS)):
+        if is_identity(m):
             self.node("Identity", [x], name, name)
         elif isinstance(m, nn.ReLU):
             self.node("Relu", [x], name, name)
@@ -678,9 +678,10 @@ class _Emitter:
                           out, axis=axis)
 
     def resize(self, node: fx.Node, call: dict) -> None:
-        """A (bi/tri)linear or bicubic upsampling, a float region: ``Resize`` with torch's sampling
-        (``pytorch_half_pixel`` or ``align_corners``, cubic coefficient -0.75). The scale is the
-        call's ``scale_factor`` where torch samples with it, else the recorded output size over the input's."""
+        """A (bi/tri)linear upsampling (an affine map of the codes) or a bicubic one (a float region):
+        ``Resize`` with torch's sampling (``pytorch_half_pixel`` or ``align_corners``, cubic coefficient
+        -0.75). The scale is the call's ``scale_factor`` where torch samples with it, else the recorded
+        output size over the input's."""
         mode = {"linear": "linear", "bilinear": "linear", "trilinear": "linear", "bicubic": "cubic"}.get(call.get("mode"))
         if mode is None or call.get("antialias"):
             raise self.unsupported(node, f"upsampling mode {call.get('mode')!r}"
