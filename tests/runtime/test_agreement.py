@@ -1,5 +1,7 @@
 """The integer program agrees with the float64 fake-quant module on zoo models (the issue's bar)."""
 
+import math
+
 import pytest
 import torch
 
@@ -36,3 +38,44 @@ def test_adder_program_agrees_with_float64_module(passes, bits):
     assert "sad" in {i.op for i in program.instructions}
     report = program.verify(c, data.x_test.numpy())
     assert report.ok(identical=0.999, max_diff=1, classes=0.995), report.text()
+
+
+class _DenseBlock(torch.nn.Module):
+    """DenseNet's pattern: a layer's output joins two concatenations, so the second requantizes its codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv_a = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.conv_b = torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(12, 6, 1)
+        self.fc = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        x0 = torch.relu(self.conv0(x))
+        a = torch.relu(self.conv_a(x0))
+        b = torch.relu(self.conv_b(torch.cat([x0, a], 1)))
+        return self.fc(self.head(torch.cat([x0, a, b], 1)).mean((2, 3)))
+
+
+def test_exact_ties_are_counted_not_failed():
+    """Steps 5u and 6u: a sixth of the requantized codes land exactly half-way, which the program's
+    fixed-point 5/6 decides one way and the module half to even; ok() judges the other codes."""
+    data = load_digits()
+    torch.manual_seed(0)
+    c = qcompiler.compile(_DenseBlock(), qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8), calib_data=data)
+    joined, head = c.module.get_submodule("relu_1_join"), c.module.get_submodule("head_act")
+    unit = 2.0 ** math.floor(math.log2(float(joined.step) / 5))
+    with torch.no_grad():
+        joined.step.fill_(5 * unit)
+        head.step.fill_(6 * unit)
+    program = c.lower()
+    report = program.verify(c, data.x_test.numpy())
+    layer = next(la for la in report.layers if la.name == "head_act")
+    assert layer.ties > 1000 and layer.identical < 0.99  # many ties, decided apart
+    assert layer.untied_identical == 1.0 and layer.max_diff == 1 and report.first_divergent is None
+    assert report.ok(), report.text()
+    # codes off the ties that differ still fail: the module's step moves after lowering
+    with torch.no_grad():
+        head.step.mul_(1.01)
+    assert not program.verify(c, data.x_test.numpy()).ok()
