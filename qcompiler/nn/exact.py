@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -156,16 +157,18 @@ def input_chunks(weight: IntegerWeight, x_bound: int) -> tuple[tuple[int, int], 
 def channel_ranges(parts: list[torch.Tensor], x_bound: int) -> tuple[tuple[int, int], ...] | None:
     """:func:`input_chunks` of integer weight tensors ``parts`` (each ``(out, in, ...)``), every one kept exact."""
     per_input = torch.stack([part.abs().reshape(part.shape[0], part.shape[1], -1).sum(2) for part in parts])
-    per_input = per_input.double() * x_bound  # (parts, out, in): the largest sum each input channel adds
-    chunks, start, running = [], 0, torch.zeros_like(per_input[:, :, 0])
-    for i in range(per_input.shape[2]):
-        if bool(torch.any(per_input[:, :, i] >= F32_EXACT)):
-            return None
-        if bool(torch.any(running + per_input[:, :, i] >= F32_EXACT)):
+    # (in, parts * out): the largest sum each input channel adds; NumPy, as the loop below is
+    # one small step per input channel (torch's per-call overhead made it most of a compile)
+    per_input = (per_input.double() * x_bound).reshape(-1, per_input.shape[2]).T.numpy()
+    if (per_input >= F32_EXACT).any():
+        return None
+    chunks, start, running = [], 0, np.zeros(per_input.shape[1])
+    for i, adds in enumerate(per_input):
+        if (running + adds >= F32_EXACT).any():
             chunks.append((start, i))
-            start, running = i, torch.zeros_like(running)
-        running = running + per_input[:, :, i]
-    return (*chunks, (start, per_input.shape[2]))
+            start, running = i, np.zeros_like(running)
+        running = running + adds
+    return (*chunks, (start, per_input.shape[0]))
 
 
 def weight_band(ints: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
@@ -220,6 +223,11 @@ def integer_layer(x: torch.Tensor, grid: Grid, weight: IntegerWeight, op, bias: 
     def ranges_sum(ints: torch.Tensor) -> torch.Tensor:
         if not chunks:
             return op(codes, ints.to(x.dtype))
+        if len(chunks) * F32_EXACT <= F64_EXACT:
+            # each range sums below 2^24, so every partial sum of one float64 op over all of them is an
+            # integer below 2^53: exact, the same number as the ranges' sum (the ONNX file sums those),
+            # in one call where an 8-bit POST layer has hundreds of ranges per band
+            return op(codes.double(), ints.double())
         parts = [op(codes.narrow(channel_axis, a, b - a), ints.narrow(1, a, b - a).to(x.dtype)).double() for a, b in chunks]
         return torch.stack(parts).sum(0)  # exact in any order: integers below 2^53
 

@@ -36,9 +36,14 @@ def test_chunked_layer_is_the_exact_sum_where_one_float32_sum_is_not():
     chunks = exact.input_chunks(weight, 255)
     assert len(chunks) > 1
     grid = exact.Grid(torch.tensor(0.25), 255)
-    y = exact.integer_layer(codes * 0.25, grid, weight, lambda c, w: F.conv2d(c, w), None, chunks=chunks)
+    calls = []
+    y = exact.integer_layer(codes * 0.25, grid, weight, lambda c, w: calls.append(c.dtype) or F.conv2d(c, w), None,
+                            chunks=chunks)
     reference = F.conv2d(codes.double(), ints.double())  # exact: far below 2^53
     assert torch.equal(y, (reference.float() * torch.tensor(0.125)))  # one rounding to float32, then the scale
+    # the ranges' total is one float64 sum (every partial sum an integer below 2^53), not one call per range:
+    # 8-bit POST layers have hundreds of ranges per band, which made compiles and eval 5-10x slower
+    assert calls == [torch.float64]
 
 
 def test_wide_8bit_layers_run_on_integer_codes_and_match_onnx_bit_for_bit():
