@@ -51,6 +51,7 @@ class AgreementReport:
     first_divergent: str | None  # the first quantizer with a differing code off the exact ties
     classes_agree: float  # fraction of samples whose arg-max output agrees
     output_max_abs_diff: float
+    overflows: tuple[str, ...] = ()  # accumulators past their declared width, end to end (one message per layer)
 
     def ok(self, identical: float = 0.999, max_diff: int = 1, classes: float = 0.995) -> bool:
         """Every quantizer's codes off exact ties at least ``identical`` equal and none more than
@@ -61,9 +62,12 @@ class AgreementReport:
         and the program's fixed-point multiplier, which cannot hold 5/6 exactly, decides
         every one of them the same way where the module rounds half to even. They are
         counted in ``ties`` and differ by one code at most.
+
+        An accumulator past its declared width (:mod:`.isa`) fails too, whatever the codes: the
+        hardware the program models would not hold the sum (``program.run`` raises there).
         """
         return (all(la.untied_identical >= identical and la.max_diff <= max_diff for la in self.layers)
-                and self.classes_agree >= classes)
+                and self.classes_agree >= classes and not self.overflows)
 
     def text(self) -> str:
         rows = [f"{'quantizer':40s} {'codes':>9s} {'identical':>10s} {'max diff':>8s} {'ties':>5s} {'end to end':>10s}"]
@@ -71,6 +75,8 @@ class AgreementReport:
             rows.append(f"{la.name:40s} {la.count:9d} {la.identical:10.6f} {la.max_diff:8d} {la.ties:5d} {la.end_to_end:10.6f}")
         rows.append(f"classes agree {self.classes_agree:.4f}; output max |diff| {self.output_max_abs_diff:.3g}; "
                     f"first divergent: {self.first_divergent or 'none'}")
+        if self.overflows:
+            rows.append(f"accumulator overflows in {len(self.overflows)} layer(s); first: {self.overflows[0]}")
         return "\n".join(rows)
 
 
@@ -111,7 +117,7 @@ def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
     # a requantization is checked on the same inputs, and a tie decided the other way
     # (counted) does not spread through the residual stream into every later layer.
     _, forced, _ = program.trace(x, keep=names, on_overflow="record", force={n: ref[n][0] for n in names})
-    out, free, _ = program.trace(x, keep=names, on_overflow="record")  # end to end, as deployed
+    out, free, overflows = program.trace(x, keep=names, on_overflow="record")  # end to end, as deployed
     layers, first = [], None
     for name in names:
         want, tie = ref[name]
@@ -125,7 +131,12 @@ def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
         layers.append(la)
     axis = class_axis(compiled.module)  # a segmentation map's classes are its channels
     classes = float((out.argmax(axis) == ref_out.argmax(axis)).mean())
-    return AgreementReport(tuple(layers), first, classes, float(np.abs(out - ref_out).max()))
+    worst: dict[str, object] = {}  # per layer, its largest overflow
+    for o in overflows:
+        if o.layer not in worst or abs(o.value) > abs(worst[o.layer].value):
+            worst[o.layer] = o
+    return AgreementReport(tuple(layers), first, classes, float(np.abs(out - ref_out).max()),
+                           tuple(o.message() for o in worst.values()))
 
 
 __all__ = ["AgreementReport", "LayerAgreement", "reference_codes", "verify_program"]
