@@ -30,6 +30,7 @@ import torch
 
 from ..analysis import class_axis, sole_tensor
 from ..quantizers.asq import ASQQuantizer
+from .interpreter import Overflow
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def verify_program(program, compiled, x: np.ndarray) -> AgreementReport:
         layers.append(la)
     axis = class_axis(compiled.module)  # a segmentation map's classes are its channels
     classes = float((out.argmax(axis) == ref_out.argmax(axis)).mean())
-    worst: dict[str, object] = {}  # per layer, its largest overflow
+    worst: dict[str, Overflow] = {}  # per layer, its largest overflow
     for o in overflows:
         if o.layer not in worst or abs(o.value) > abs(worst[o.layer].value):
             worst[o.layer] = o
