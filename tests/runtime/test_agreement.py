@@ -89,7 +89,7 @@ def test_exact_ties_are_counted_not_failed():
     torch.manual_seed(0)
     c = qcompiler.compile(_DenseBlock(), qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8), calib_data=data)
     joined, head = c.module.get_submodule("relu_1_join"), c.module.get_submodule("head_act")
-    unit = 2.0 ** math.floor(math.log2(float(joined.step) / 5))
+    unit = 2.0 ** math.floor(math.log2(float(joined.step.detach()) / 5))
     with torch.no_grad():
         joined.step.fill_(5 * unit)
         head.step.fill_(6 * unit)
