@@ -130,17 +130,26 @@ class Domain:
     grid: str | None = None
 
 
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def avg_pool_call(node) -> dict:
+    """``F.avg_pool1d/2d/3d``'s arguments of a call node, defaults filled in."""
+    kw = dict(zip(_AVG_POOL_ARGS, node.args[1:])) | dict(node.kwargs)
+    return {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None} | kw
+
+
 # Dropout and drop-path modules: the identity in eval, the only mode a backend computes.
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
             TrainingOnlyCall)
 # Ops whose output holds the same codes as their input (max commutes with a monotone quantizer).
 _GRID_KEEPING_MODULES = (
-    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Identity, *DROPOUTS, nn.Flatten, nn.Unflatten,
 )
 _GRID_KEEPING_FUNCTIONS = {
-    torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, torch.reshape, torch.squeeze, torch.unsqueeze,
+    torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.permute, torch.transpose, operator.getitem, torch.chunk, torch.split, torch.unbind,
 }
 _GRID_KEEPING_METHODS = {
@@ -149,11 +158,11 @@ _GRID_KEEPING_METHODS = {
 }
 # Per-channel affine maps and linear reductions: foldable into the next requantization.
 _AFFINE_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.ReLU6, nn.Hardtanh,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ReLU6, nn.Hardtanh,
 )
 _AFFINE_FUNCTIONS = {
-    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.relu6,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.relu6,
     F.hardtanh, torch.mean, exact.mean, torch.sum, F.batch_norm,
 }
 _AFFINE_METHODS = {"mean", "sum"}
@@ -719,4 +728,4 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
         return None
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason"]
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason", "avg_pool_call"]

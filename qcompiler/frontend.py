@@ -40,6 +40,7 @@ from .nn.attention import TracedMultiheadAttention, call_reason, mark_unsupporte
 LAYER_KINDS: dict[type[nn.Module], str] = {
     nn.Conv1d: "conv1d",
     nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d",
     nn.ConvTranspose1d: "conv_transpose1d",
     nn.ConvTranspose2d: "conv_transpose2d",
     nn.Linear: "linear",

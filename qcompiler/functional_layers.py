@@ -88,6 +88,7 @@ FORMS: dict[object, FunctionalForm] = {
     F.linear: FunctionalForm(("weight", "bias"), {"bias": None}, _linear, 2),
     F.conv1d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv1d, False), 3),
     F.conv2d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv2d, False), 4),
+    F.conv3d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv3d, False), 5),
     F.conv_transpose1d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose1d, True), 3),
     F.conv_transpose2d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose2d, True), 4),
     # x @ W with W (in, out); the operands are (input, weight)

@@ -305,7 +305,7 @@ def plan_layer(weight: IntegerWeight | None, bias: torch.Tensor | None, bn: nn.M
 def chunkable(layer: nn.Module) -> bool:
     """Whether ``layer`` can sum ranges of its input channels apart (:func:`input_chunks`): a
     convolution or linear map without groups. The module and the ONNX emitter both ask this."""
-    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and getattr(layer, "groups", 1) == 1
 
 
 def frozen_layer(layer: nn.Module, x: torch.Tensor, op, channel_axis: int = 1) -> torch.Tensor | None:
@@ -423,6 +423,10 @@ class ExactBatchNorm2d(_ExactBatchNorm, nn.BatchNorm2d):
     pass
 
 
+class ExactBatchNorm3d(_ExactBatchNorm, nn.BatchNorm3d):
+    pass
+
+
 def mean(x: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
     """``x.mean(dim, keepdim)`` as the deployed model computes it: without autograd, summed in
     float64 and rounded once; with autograd, ``torch.mean``.
@@ -450,7 +454,8 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return _rounded_mean(x, tuple(range(2, x.dim())), True)
 
 
-_GLOBAL_POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d: (-1,), torch.nn.functional.adaptive_avg_pool2d: (-2, -1)}
+_GLOBAL_POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d: (-1,), torch.nn.functional.adaptive_avg_pool2d: (-2, -1),
+                          torch.nn.functional.adaptive_avg_pool3d: (-3, -2, -1)}
 
 
 def _exact_means(graph: torch.fx.Graph) -> bool:
@@ -493,8 +498,13 @@ class ExactAdaptiveAvgPool2d(_ExactGlobalPool, nn.AdaptiveAvgPool2d):
     pass
 
 
-_EXACT = {nn.BatchNorm1d: ExactBatchNorm1d, nn.BatchNorm2d: ExactBatchNorm2d,
-          nn.AdaptiveAvgPool1d: ExactAdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: ExactAdaptiveAvgPool2d}
+class ExactAdaptiveAvgPool3d(_ExactGlobalPool, nn.AdaptiveAvgPool3d):
+    pass
+
+
+_EXACT = {nn.BatchNorm1d: ExactBatchNorm1d, nn.BatchNorm2d: ExactBatchNorm2d, nn.BatchNorm3d: ExactBatchNorm3d,
+          nn.AdaptiveAvgPool1d: ExactAdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: ExactAdaptiveAvgPool2d,
+          nn.AdaptiveAvgPool3d: ExactAdaptiveAvgPool3d}
 
 
 def use_exact_eval(gm: nn.Module) -> nn.Module:

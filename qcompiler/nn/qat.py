@@ -42,6 +42,12 @@ class QConv2d(nn.Conv2d):
     forward = _quantized_conv_forward
 
 
+class QConv3d(nn.Conv3d):
+    """``nn.Conv3d`` computing with ``weight_quant(weight)``."""
+
+    forward = _quantized_conv_forward
+
+
 class QLinear(nn.Linear):
     """``nn.Linear`` computing with ``weight_quant(weight)``."""
 
@@ -99,6 +105,7 @@ class QEmbedding(nn.Embedding):
 _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QConv1d,
     nn.Conv2d: QConv2d,
+    nn.Conv3d: QConv3d,
     nn.Linear: QLinear,
     nn.ConvTranspose1d: QConvTranspose1d,
     nn.ConvTranspose2d: QConvTranspose2d,

@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
+from ..analysis import (avg_pool_call, emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
                         join_kind, join_operands, linear_weights, nearest_positions, op_kind, shape_built_tensors,
                         single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
@@ -426,14 +426,14 @@ class _Lowering:
             return v
         if isinstance(m, nn.ReLU):
             return self.relu(node, v)
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
             return self.maxpool(node, v, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
             return self.avgpool(node, v, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                 getattr(m, "divisor_override", None))
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
             return self.adaptive_avgpool(node, v, m.output_size)
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             return self.batchnorm(node, v, m)
         if isinstance(m, nn.ReLU6):
             return self.clip(node, v, 0.0, 6.0)
@@ -707,7 +707,7 @@ class _Lowering:
                 return self.reshape(node, v)
             if fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):
                 return v
-            if fname in ("max_pool1d", "max_pool2d"):
+            if fname in ("max_pool1d", "max_pool2d", "max_pool3d"):
                 kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
                 return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
         if kind == "keep" and fname in ("permute", "transpose"):
@@ -725,7 +725,11 @@ class _Lowering:
             return self.clip(node, v, 0.0, 6.0)
         if kind == "affine" and fname in ("mean", "sum"):
             return self.reduce(node, v, fname)
-        if kind == "affine" and fname in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+        if kind == "affine" and fname in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+            kw = avg_pool_call(node)
+            return self.avgpool(node, v, kw["kernel_size"], kw["stride"], kw["padding"], kw["ceil_mode"],
+                                kw["count_include_pad"], kw["divisor_override"])
+        if kind == "affine" and fname in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
             return self.adaptive_avgpool(node, v, node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None))
         if kind == "scalar":
             return self.scalar(node, v)
