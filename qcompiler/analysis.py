@@ -26,7 +26,7 @@ from torch import nn
 
 from . import ir
 from .functional_layers import FORMS
-from .nn import exact
+from .nn import exact, saved
 from .training_calls import TrainingOnlyCall, is_eval_identity
 
 
@@ -130,13 +130,32 @@ class Domain:
     grid: str | None = None
 
 
-_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+# Layers of every spatial rank that both backends and op_kind treat alike (1-D, 2-D, 3-D).
+BATCH_NORMS = saved.BATCH_NORMS
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
+AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+ADAPTIVE_AVG_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+
+_MAX_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+_AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+
+
+def _pool_call(node, defaults: dict) -> dict:
+    kw = dict(zip(("kernel_size", *defaults), node.args[1:])) | dict(node.kwargs)
+    return defaults | kw
+
+
+def max_pool_call(node) -> dict:
+    """``F.max_pool1d/2d/3d``'s arguments of a call node, defaults filled in."""
+    return _pool_call(node, _MAX_POOL_DEFAULTS)
 
 
 def avg_pool_call(node) -> dict:
     """``F.avg_pool1d/2d/3d``'s arguments of a call node, defaults filled in."""
-    kw = dict(zip(_AVG_POOL_ARGS, node.args[1:])) | dict(node.kwargs)
-    return {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None} | kw
+    return _pool_call(node, _AVG_POOL_DEFAULTS)
 
 
 # Dropout and drop-path modules: the identity in eval, the only mode a backend computes.
@@ -144,11 +163,11 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
             TrainingOnlyCall)
 # Ops whose output holds the same codes as their input (max commutes with a monotone quantizer).
 _GRID_KEEPING_MODULES = (
-    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.ReLU, *MAX_POOLS, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Identity, *DROPOUTS, nn.Flatten, nn.Unflatten,
 )
 _GRID_KEEPING_FUNCTIONS = {
-    torch.flatten, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+    torch.flatten, torch.relu, F.relu, *MAX_POOL_FUNCTIONS, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.permute, torch.transpose, operator.getitem, torch.chunk, torch.split, torch.unbind,
 }
@@ -158,11 +177,10 @@ _GRID_KEEPING_METHODS = {
 }
 # Per-channel affine maps and linear reductions: foldable into the next requantization.
 _AFFINE_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ReLU6, nn.Hardtanh,
+    *BATCH_NORMS, *AVG_POOLS, *ADAPTIVE_AVG_POOLS, nn.ReLU6, nn.Hardtanh,
 )
 _AFFINE_FUNCTIONS = {
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.relu6,
+    *AVG_POOL_FUNCTIONS, *ADAPTIVE_AVG_POOL_FUNCTIONS, F.relu6,
     F.hardtanh, torch.mean, exact.mean, torch.sum, F.batch_norm,
 }
 _AFFINE_METHODS = {"mean", "sum"}
@@ -728,4 +746,5 @@ def _parameter(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
         return None
 
 
-__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason", "avg_pool_call"]
+__all__ = ["to_networkx", "first_layers", "last_layers", "to_dot", "Domain", "tensor_domains", "join_operands", "FloatWeightOp", "float_weight_ops", "float_module_reason", "avg_pool_call", "max_pool_call",
+           "BATCH_NORMS", "MAX_POOLS", "AVG_POOLS", "ADAPTIVE_AVG_POOLS"]

@@ -137,7 +137,7 @@ def _hooks() -> Iterator[None]:
         yield
 
 
-_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 def _batch_norm_values(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> torch.Tensor:
@@ -159,7 +159,7 @@ def recompute_output(bn: torch.nn.Module) -> None:
     same bits). Only ``BatchNorm1d/2d/3d`` and their subclasses (the deployed-numerics
     ones train as plain batch norms): a ``SyncBatchNorm`` would need its collectives again.
     """
-    if isinstance(bn, _BATCH_NORMS) and _remember_batch_norm_output not in bn._forward_hooks.values():
+    if isinstance(bn, BATCH_NORMS) and _remember_batch_norm_output not in bn._forward_hooks.values():
         bn.register_forward_hook(_remember_batch_norm_output)
 
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import ir
 from ..nn import exact
-from ..analysis import (avg_pool_call, emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
+from ..analysis import (ADAPTIVE_AVG_POOLS, AVG_POOLS, BATCH_NORMS, MAX_POOLS, avg_pool_call, max_pool_call, emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
                         join_kind, join_operands, linear_weights, nearest_positions, op_kind, shape_built_tensors,
                         single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
@@ -426,14 +426,14 @@ class _Lowering:
             return v
         if isinstance(m, nn.ReLU):
             return self.relu(node, v)
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        if isinstance(m, MAX_POOLS):
             return self.maxpool(node, v, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        if isinstance(m, AVG_POOLS):
             return self.avgpool(node, v, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                 getattr(m, "divisor_override", None))
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        if isinstance(m, ADAPTIVE_AVG_POOLS):
             return self.adaptive_avgpool(node, v, m.output_size)
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        if isinstance(m, BATCH_NORMS):
             return self.batchnorm(node, v, m)
         if isinstance(m, nn.ReLU6):
             return self.clip(node, v, 0.0, 6.0)
@@ -708,8 +708,8 @@ class _Lowering:
             if fname in ("contiguous", "clone", "detach") or is_eval_identity(node.target):
                 return v
             if fname in ("max_pool1d", "max_pool2d", "max_pool3d"):
-                kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
-                return self.maxpool(node, v, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False))
+                kw = max_pool_call(node)
+                return self.maxpool(node, v, kw["kernel_size"], kw["stride"], kw["padding"], kw["dilation"], kw["ceil_mode"])
         if kind == "keep" and fname in ("permute", "transpose"):
             dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else [a])]
             dims = dims or list(node.kwargs.get("dims", ()))

@@ -62,7 +62,7 @@ from torch import nn
 from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
-from ..analysis import (avg_pool_call, class_axis, emits_nothing, feeds_only_constants, is_identity, is_nearest_upsampling,
+from ..analysis import (ADAPTIVE_AVG_POOLS, AVG_POOLS, BATCH_NORMS, MAX_POOLS, avg_pool_call, max_pool_call, class_axis, emits_nothing, feeds_only_constants, is_identity, is_nearest_upsampling,
                         join_operands, nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor,
                         static_index, tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
@@ -226,7 +226,7 @@ class _Emitter:
         if len(users) != 1 or users[0].op != "call_module":
             return None
         m = self.gm.get_submodule(users[0].target)
-        ok = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and not m.training and m.running_mean is not None
+        ok = isinstance(m, BATCH_NORMS) and not m.training and m.running_mean is not None
         return m if ok else None
 
     def layer(self, node: fx.Node) -> None:
@@ -467,16 +467,16 @@ class _Emitter:
         elif isinstance(m, (nn.ReLU6, nn.Hardtanh)):
             lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (float(m.min_val), float(m.max_val))
             self.clip(node, lo, hi)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        elif isinstance(m, BATCH_NORMS):
             self.batchnorm(node, m)
-        elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        elif isinstance(m, MAX_POOLS):
             self.pool(node, "MaxPool", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        elif isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        elif isinstance(m, AVG_POOLS):
             if getattr(m, "divisor_override", None):
                 raise self.unsupported(node, "average pooling with divisor_override")
             self.pool(node, "AveragePool", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode,
                       count_include_pad=int(m.count_include_pad))
-        elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        elif isinstance(m, ADAPTIVE_AVG_POOLS):
             self.adaptive_avgpool(node, m.output_size)
         elif isinstance(m, nn.Flatten):
             self.flatten(node, m.start_dim, m.end_dim)
@@ -785,9 +785,8 @@ class _Emitter:
             self.pool(node, "AveragePool", kw["kernel_size"], kw["stride"], kw["padding"], 1, kw["ceil_mode"],
                       count_include_pad=int(kw["count_include_pad"]))
         elif fname in ("max_pool1d", "max_pool2d", "max_pool3d"):
-            kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])) | node.kwargs
-            self.pool(node, "MaxPool", kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),
-                      kw.get("ceil_mode", False))
+            kw = max_pool_call(node)
+            self.pool(node, "MaxPool", kw["kernel_size"], kw["stride"], kw["padding"], kw["dilation"], kw["ceil_mode"])
         elif op_kind(self.gm, node) == "scalar":
             self.scalar(node)
         else:
