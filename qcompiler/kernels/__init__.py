@@ -154,4 +154,42 @@ def usable(x: torch.Tensor, step: torch.Tensor, build: bool = True, per_row: boo
     return fused()
 
 
-__all__ = ["built", "disabled", "enabled", "fused", "usable"]
+
+# Shapes the probe compares on: (N, C) as BatchNorm1d gets it, (N, C, L), maps whose
+# plane is and is not a multiple of the vector width, a 1x1 plane (contiguous in both
+# memory formats), a volume.
+_PROBE_SHAPES = ((5, 6), (3, 5, 37), (4, 8, 5, 7), (2, 16, 16, 16), (4, 8, 1, 1), (2, 4, 3, 5, 6))
+
+
+def _probe_batch_norm_form(kernel: ModuleType) -> bool | None:
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in _PROBE_SHAPES:
+        x = torch.randn(shape, generator=g) * 3 + 1
+        w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+        for weight, bias in ((w, b), (None, None)):
+            out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)
+            cases.append((out, (x, mean, invstd, weight, bias)))
+    for fused_multiply_add in (True, False):
+        if all(torch.equal(kernel.batch_norm_output(*args, fused_multiply_add), out) for out, args in cases):
+            return fused_multiply_add
+    return None
+
+
+def batch_norm_form() -> bool | None:
+    """How to remake a training batch norm's output from its saved statistics with the same bits as ATen.
+
+    ``True``: ATen's CPU kernel here fuses its multiply-adds (AVX2 and AVX-512 builds);
+    ``False``: it does not; ``None``: the kernels are off or neither form reproduces
+    ATen's output (then the batch norm runs again instead). Probed once per process
+    on float32 tensors of several shapes; the kernel is ``batch_norm_output``.
+    """
+    if not enabled():
+        return None
+    if "batch_norm_form" not in _state:
+        kernel = fused()
+        _state["batch_norm_form"] = None if kernel is None else _probe_batch_norm_form(kernel)
+    return _state["batch_norm_form"]
+
+
+__all__ = ["batch_norm_form", "built", "disabled", "enabled", "fused", "usable"]

@@ -431,6 +431,50 @@ std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, t
   return {grad_w, row_sums(partial, t, grad_scale)};
 }
 
+// A training batch norm's output from the batch statistics it saved (mean, 1/std per
+// channel): out = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha,
+// the formula of ATen's CPU kernel, so backward need not run the batch norm (and its two
+// reductions) again to remake an output it did not keep. Whether ATen's build contracts
+// beta and out into fused multiply-adds depends on the instruction set it was compiled for:
+// `fused` says which, found once by comparing with ATen (qcompiler.kernels.batch_norm_form).
+torch::Tensor batch_norm_output(torch::Tensor x, torch::Tensor mean, torch::Tensor invstd,
+                                c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias, bool fused) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 2, "x: contiguous float32, (N, C, ...)");
+  const int64_t channels = x.size(1), inner = x.dim() > 2 ? x.numel() / (x.size(0) * channels) : 1;
+  TORCH_CHECK(mean.numel() == channels && invstd.numel() == channels, "one mean and 1/std per channel");
+  const auto per_channel = [&](const c10::optional<torch::Tensor>& t) -> const float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == channels, "one value per channel");
+    return t->data_ptr<float>();
+  };
+  const float *wp = per_channel(weight), *bp = per_channel(bias);
+  mean = mean.contiguous(), invstd = invstd.contiguous();
+  const float *mp = mean.data_ptr<float>(), *sp = invstd.data_ptr<float>();
+  std::vector<float> alpha(channels), beta(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float w = wp ? wp[c] : 1.0f, b = bp ? bp[c] : 0.0f;
+    alpha[c] = sp[c] * w;
+    beta[c] = fused ? std::fma(-mp[c], alpha[c], b) : b - mp[c] * alpha[c];
+  }
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t rows = x.numel() / inner;  // (sample, channel) pairs
+  at::parallel_for(0, rows, std::max<int64_t>(1, kChunk / inner), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float a = alpha[r % channels], b = beta[r % channels];
+      const float* xr = xp + r * inner;
+      float* orow = op + r * inner;
+      if (fused) {
+        for (int64_t i = 0; i < inner; ++i) orow[i] = std::fma(xr[i], a, b);
+      } else {
+        for (int64_t i = 0; i < inner; ++i) orow[i] = xr[i] * a + b;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -442,4 +486,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("asq_backward", &asq_backward);
   m.def("power_forward", &power_forward);
   m.def("power_backward", &power_backward);
+  m.def("batch_norm_output", &batch_norm_output);
 }

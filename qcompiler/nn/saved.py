@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import kernels
 from ..threadswitch import ThreadSwitch
 from ..tracing import capturing
 
@@ -145,9 +146,25 @@ def _batch_norm_values(x: torch.Tensor, weight: Any, bias: Any, eps: float) -> t
     return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
 
+def _batch_statistics(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and 1/std the batch norm that made ``out`` from ``x`` saved for its backward, where
+    the fused ``batch_norm_output`` can remake ``out`` from them (contiguous float32 on the CPU)."""
+    node = out.grad_fn
+    if type(node).__name__ != "NativeBatchNormBackward0" or not (
+            x.dtype == out.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.dim() >= 2):
+        return None
+    return node._saved_result1, node._saved_result2
+
+
 def _remember_batch_norm_output(bn: torch.nn.Module, inputs: tuple, out: Any) -> None:
     if isinstance(out, torch.Tensor) and bn.training and active(bn) and not _switch.is_off():
-        remember(out, _batch_norm_values, inputs[0], bn.weight, bn.bias, bn.eps)
+        x = inputs[0]
+        statistics = _batch_statistics(x, out)
+        form = kernels.batch_norm_form() if statistics is not None else None
+        if form is not None:  # one pass from the saved statistics instead of the whole batch norm again
+            remember(out, kernels.fused().batch_norm_output, x, *statistics, bn.weight, bn.bias, form)
+        else:
+            remember(out, _batch_norm_values, x, bn.weight, bn.bias, bn.eps)
 
 
 def recompute_output(bn: torch.nn.Module) -> None:

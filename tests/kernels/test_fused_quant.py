@@ -556,3 +556,25 @@ def test_uniform_step_search_on_the_kernel_equals_the_eager_search(bits, signed)
     with kernels.disabled():
         eager.init_mse(w)
     assert torch.equal(fused.step, eager.step)
+
+
+@needs_kernels
+def test_the_batch_norm_form_is_the_one_that_gives_atens_bits():
+    form = kernels.batch_norm_form()
+    assert form is not None  # AVX2/AVX-512 builds fuse, the baseline build does not: either way one matches
+    x = torch.randn(8, 6, 13, 13) * 4 - 1
+    w, b = torch.randn(6), torch.randn(6)
+    out, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+    assert torch.equal(kernels.fused().batch_norm_output(x, mean, invstd, w, b, form), out)
+    # the other form differs somewhere on this many values: the probe's choice is not vacuous
+    assert not torch.equal(kernels.fused().batch_norm_output(x, mean, invstd, w, b, not form), out)
+
+
+def test_no_batch_norm_form_when_neither_reproduces_aten():
+    class Off:  # a kernel whose output is one ulp off everywhere
+        @staticmethod
+        def batch_norm_output(x, mean, invstd, w, b, fused):
+            out = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)[0]
+            return torch.nextafter(out, torch.full_like(out, math.inf))
+
+    assert kernels._probe_batch_norm_form(Off()) is None

@@ -170,3 +170,40 @@ def test_a_quantizer_called_outside_a_layer_leaves_the_callers_gradient_alone(gr
     before = g.clone()
     q(w).backward(g)
     assert torch.equal(g, before) and w.grad.data_ptr() != g.data_ptr()
+
+
+def _batch_norm_recipe(bn: torch.nn.Module, x: torch.Tensor):
+    """The recipe ``recompute_output`` leaves on the batch norm's output, and that output."""
+    saved.recompute_output(bn)
+    out = bn(x)
+    recipe = saved._recipe_of(out)
+    assert recipe is not None
+    return saved._Recipe(recipe, None), out
+
+
+@pytest.mark.skipif(kernels.batch_norm_form() is None, reason="no fused batch-norm form here (kernels off or unbuilt)")
+@pytest.mark.parametrize("shape", [(7, 6), (3, 5, 37), (4, 8, 9, 11), (16, 64, 16, 16), (2, 4, 3, 5, 6)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_batch_norm_output_is_remade_from_its_saved_statistics_bit_for_bit(shape, affine):
+    bn_class = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    bn = bn_class[len(shape)](shape[1], affine=affine).train()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(-2, 2), bn.bias.normal_()
+    x = (torch.randn(shape) * 5 + 3).requires_grad_()
+    recipe, out = _batch_norm_recipe(bn, x)
+    # one pass from the mean and 1/std the batch norm saved, not the batch norm again
+    assert recipe.fn is kernels.fused().batch_norm_output
+    assert torch.equal(recipe.run(), out)
+
+
+def test_a_batch_norm_output_without_a_fused_form_runs_the_batch_norm_again(monkeypatch):
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    # a channels-last input is not the layout the fused form reads
+    recipe, out = _batch_norm_recipe(torch.nn.BatchNorm2d(3).train(), x.to(memory_format=torch.channels_last))
+    assert recipe.fn is saved._batch_norm_values
+    assert torch.equal(recipe.run(), out)
+    monkeypatch.setattr(kernels, "batch_norm_form", lambda: None)  # kernels off, or no form matched ATen's
+    recipe, out = _batch_norm_recipe(torch.nn.BatchNorm2d(3).train(), x)
+    assert recipe.fn is saved._batch_norm_values
+    assert torch.equal(recipe.run(), out)
