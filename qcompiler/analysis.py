@@ -476,6 +476,121 @@ def linear_weights(gm: fx.GraphModule, node: fx.Node) -> list[tuple[list[int], l
     return axes
 
 
+class _Shape(tuple):
+    """A recorded shape (batch axis first), as :func:`static_value` reads it: the batch size is not static."""
+
+
+_SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg)
+
+
+def static_value(value):
+    """A Python value the model computes from tensor shapes and constants (``x2.size()[2] - x1.size()[2]``,
+    ``diff // 2``), evaluated on the shapes shape propagation recorded. Lists and tuples are evaluated
+    element by element; anything else that is not a node is returned as it is.
+
+    Raises ``ValueError`` for a value read from a tensor's contents or from the batch size (the
+    backends serve any batch), naming the node.
+    """
+    if isinstance(value, (list, tuple)) and not isinstance(value, _Shape):
+        return type(value)(static_value(v) for v in value)
+    if not isinstance(value, fx.Node):
+        return value
+    n, target = value, value.target
+    if (n.op == "call_method" and target == "size") or (n.op == "call_function" and target is getattr
+                                                        and n.args[1:2] == ("shape",)):
+        meta = getattr(n.args[0], "meta", {}).get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            raise ValueError(f"{n.name} reads the shape of a tensor whose shape was not recorded")
+        shape = _Shape(int(d) for d in meta.shape)
+        if target == "size" and (len(n.args) > 1 or "dim" in n.kwargs):
+            dim = static_value(n.args[1] if len(n.args) > 1 else n.kwargs["dim"])
+            if dim % len(shape) == 0:
+                _batch_read(n)
+            return shape[dim]
+        return shape
+    if n.op == "call_function" and target is operator.getitem:
+        seq, key = static_value(n.args[0]), static_value(n.args[1])
+        if isinstance(seq, _Shape) and (key.start or 0 if isinstance(key, slice) else key) % len(seq) == 0:
+            _batch_read(n)
+        return seq[key]
+    if n.op == "call_function" and target in _SHAPE_ARITHMETIC:
+        return target(*static_value(n.args))
+    raise ValueError(f"{n.name} is computed at run time, not from shapes and constants")
+
+
+def _batch_read(n: fx.Node):
+    raise ValueError(f"{n.name} reads the batch size, which the deployed model does not fix")
+
+
+_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+                nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)  # ZeroPad*d are ConstantPad*d
+
+
+def padding_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
+    """``F.pad``'s arguments but the input (``pad``, ``mode``, ``value``) of a padding node, a call or a
+    module (``nn.ZeroPad2d``, ``nn.ReflectionPad2d``, ...); ``None`` for other nodes."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, _PAD_MODULES):
+            return None
+        mode = ("constant" if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) else
+                "reflect" if "Reflection" in type(m).__name__ else
+                "replicate" if "Replication" in type(m).__name__ else "circular")
+        return {"pad": list(m.padding), "mode": mode, "value": getattr(m, "value", None)}
+    if node.op != "call_function" or node.target not in (F.pad, torch.constant_pad_nd):
+        return None
+    names = ("pad", "mode", "value") if node.target is F.pad else ("pad", "value")
+    return {"mode": "constant", "value": None} | dict(zip(names, node.args[1:])) | dict(node.kwargs)
+
+
+def is_copying_padding(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` pads by copying its input (zero padding, reflect, replicate, circular): its
+    output holds its input's codes, zero being a code of every grid."""
+    call = padding_call(gm, node)
+    return call is not None and not (call.get("mode") == "constant" and call.get("value") not in (None, 0, 0.0))
+
+
+def padding_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int] | None] | None:
+    """For a padding that copies its input's values (zero padding, reflect, replicate, circular): per
+    non-batch axis, the input position each output position holds, ``-1`` where it holds zero
+    (``None`` for an axis left as it is). Pad amounts computed from shapes (a UNet's
+    ``F.pad(x1, [diffX // 2, diffX - diffX // 2, ...])``) are evaluated on the recorded shapes, and
+    the positions come from running torch's own padding on coordinates, one axis at a time
+    (padding is separable), so every mode and negative amount (a crop) is torch's.
+
+    ``None`` for other nodes and for constant padding with a value other than zero (the only
+    constant every code grid holds). Raises ``ValueError`` for amounts no backend can fix (read
+    from tensor values or the batch size) or a padded batch axis.
+    """
+    if not is_copying_padding(gm, node):
+        return None
+    call = padding_call(gm, node)
+    if isinstance(call["mode"], fx.Node):
+        raise ValueError("a padding mode chosen at run time")
+    pad = [int(v) for v in static_value(call["pad"])]
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta") if node.args else None
+    if not hasattr(meta, "shape"):
+        raise ValueError("a padding whose input shape was not recorded")
+    shape, axes = [int(d) for d in meta.shape], len(pad) // 2
+    if len(pad) % 2 or axes >= len(shape):
+        raise ValueError("a padding of the batch axis" if len(pad) % 2 == 0 else "an odd number of pad amounts")
+    positions: list[list[int] | None] = [None] * (len(shape) - 1)
+    for i in range(axes):
+        axis = len(shape) - 1 - i
+        if pad[2 * i] == pad[2 * i + 1] == 0:
+            continue
+        one_axis = [0] * len(pad)
+        one_axis[2 * i: 2 * i + 2] = pad[2 * i: 2 * i + 2]
+        size = [1] * len(shape)
+        size[axis] = shape[axis]
+        coords = torch.arange(1, shape[axis] + 1, dtype=torch.float64).reshape(size)  # 0 marks a zero
+        kw = {"value": 0.0} if call["mode"] == "constant" else {}
+        padded = F.pad(coords, one_axis, mode=call["mode"], **kw).flatten()
+        positions[axis - 1] = [int(p) - 1 for p in padded]
+    return positions
+
+
 def is_static_value(node: fx.Node) -> bool:
     """Whether ``node`` computes a Python value from shapes (``x.size(0)``, ``x.shape``, ``c // 2``),
     not a tensor, as shape propagation recorded it, or checks one (``torch._assert``).
@@ -597,7 +712,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """``"keep"`` (codes unchanged), ``"affine"``, ``"scalar"`` (arithmetic with a number), ``"const"`` or ``"other"``."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or is_nearest_upsampling(gm, node):
+        if isinstance(m, _GRID_KEEPING_MODULES) or is_identity(m) or is_nearest_upsampling(gm, node) \
+                or is_copying_padding(gm, node):
             return "keep"
         return "affine" if isinstance(m, _AFFINE_MODULES) or is_linear_upsampling(gm, node) else "other"
     if node.op == "call_function":
@@ -605,6 +721,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         if callable(node.target) and is_eval_identity(node.target):
             return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
+        if node.target in (F.pad, torch.constant_pad_nd):
+            return "keep" if is_copying_padding(gm, node) else "other"
         if node.target in _INTERPOLATIONS:
             return "keep" if is_nearest_upsampling(gm, node) else "affine" if is_linear_upsampling(gm, node) else "other"
         return _FUNCTION_KINDS.get(node.target, "other")

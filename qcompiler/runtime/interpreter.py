@@ -91,20 +91,27 @@ def adaptive_sum(x: np.ndarray, windows: list[list[list[int]]]) -> np.ndarray:
     return x
 
 
-def take_index(x: np.ndarray, index: list, batched: bool = True) -> np.ndarray:
+def take_index(x: np.ndarray, index: list, batched: bool = True, zeros: bool = True) -> np.ndarray:
     """``x[:, *index]``, an ``index`` instruction: per non-batch axis a slice ``[start, stop, step]``,
     an integer (which drops the axis) or ``{"positions": [...]}``, a gather along the axis (a
-    nearest-neighbour upsampling). ``batched=False``: ``x`` has no batch axis (per-sample constants).
+    nearest-neighbour upsampling, a padding), where position ``-1`` is a zero (zero padding).
+    ``batched=False``: ``x`` has no batch axis (per-sample constants). ``zeros=False``: a ``-1``
+    copies position 0 instead (a lowering's per-position scales, which a zero code makes moot).
 
     >>> take_index(np.arange(12).reshape(1, 3, 4), [[0, 3, 2], {"positions": [0, 0, 3]}]).tolist()
     [[[0, 0, 3], [8, 8, 11]]]
+    >>> take_index(np.arange(1, 4).reshape(1, 3), [{"positions": [-1, 0, 1, 2, -1]}]).tolist()
+    [[0, 1, 2, 3, 0]]
     """
     basic = tuple(slice(*i) if isinstance(i, list) else slice(None) if isinstance(i, dict) else i for i in index)
     y = x[(slice(None), *basic) if batched else basic]
     axis = 1 if batched else 0
     for i in index:  # gathers one axis at a time (NumPy would broadcast several index arrays together)
         if isinstance(i, dict):
-            y = np.take(y, i["positions"], axis=axis)
+            positions = np.asarray(i["positions"], dtype=np.int64)
+            y = np.take(y, np.maximum(positions, 0), axis=axis)
+            if zeros and (positions < 0).any():
+                y[(slice(None),) * axis + (positions < 0,)] = 0
         if not isinstance(i, int):
             axis += 1
     return y

@@ -71,7 +71,7 @@ ISA: dict[str, OpDecl] = {
                "move"),
         OpDecl("index", "x: int (N, ...), or the float input before its quantize", 64, 64,
                "y = x[:, *index] (per non-batch axis: [start, stop, step], an integer, which drops the axis, or "
-               "{positions}, a gather along it: nearest upsampling)", "move"),
+               "{positions}, a gather along it, position -1 a zero: nearest upsampling, padding)", "move"),
         OpDecl("dequant", "terms x_t: int (N, ...) [, per-sample steps]", 64, 0,
                "y = clip(sum_t x_t * scale_t + offset, lo, hi) as float64 (the network output)", "host", host=True),
     )

@@ -47,7 +47,8 @@ from torch import nn
 from .. import ir
 from ..nn import exact
 from ..analysis import (ADAPTIVE_AVG_POOLS, AVG_POOLS, BATCH_NORMS, MAX_POOLS, avg_pool_call, max_pool_call, emits_nothing, feeds_only_constants, is_identity, is_linear_upsampling, is_nearest_upsampling,
-                        join_kind, join_operands, linear_weights, nearest_positions, op_kind, shape_built_tensors,
+                        join_kind, join_operands, linear_weights, nearest_positions, op_kind, padding_call, padding_positions,
+                        shape_built_tensors,
                         single_output, static_index, tensor_domains)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
@@ -598,6 +599,17 @@ class _Lowering:
             raise self.unsupported(node, "a nearest upsampling whose scale factor is computed at run time")
         return self.indexed(node, v, [[None, None, None], *({"positions": p} for p in positions)])
 
+    def pad(self, node: fx.Node, v: object) -> object:
+        """A padding that copies values (zeros, reflect, replicate, circular): a gather along each padded
+        axis, position -1 a zero (:func:`padding_positions`)."""
+        try:
+            positions = padding_positions(self.gm, node)
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
+        if positions is None:
+            raise self.unsupported(node, "constant padding with a value other than zero (zero is the only value on every grid)")
+        return self.indexed(node, v, [[None, None, None] if p is None else {"positions": p} for p in positions])
+
     def interpolate(self, node: fx.Node, v: object) -> Acc:
         """Linear upsampling: per output position, a weighted sum of its input neighbours (two per
         axis, :func:`linear_weights`). Each corner is a gather of every term, whose per-position
@@ -628,10 +640,12 @@ class _Lowering:
             self.emit("index", dst, [v.buf], (), {"index": index}, node.name)
             return replace(v, buf=dst, shape=_shape(node))
         acc = self.acc(node, v)
-        pick = lambda a: np.ascontiguousarray(take_index(np.broadcast_to(a, acc.shape), index, batched=False))  # noqa: E731
+        # a padded position's codes are zero: its offset must be too, its scales are moot (copied)
+        pick = lambda a, zeros=False: np.ascontiguousarray(  # noqa: E731
+            take_index(np.broadcast_to(a, acc.shape), index, batched=False, zeros=zeros))
         terms = [replace(t, buf=self.emit("index", f"{dst}.{i}", [t.buf], (), {"index": index}, node.name),
                          scale=pick(t.scale), bound=pick(t.bound)) for i, t in enumerate(acc.terms)]
-        return replace(acc, terms=terms, offset=pick(acc.offset), shape=_shape(node))
+        return replace(acc, terms=terms, offset=pick(acc.offset, zeros=True), shape=_shape(node))
 
     def reshape(self, node: fx.Node, v: object) -> object:
         shape = _shape(node)
@@ -697,6 +711,8 @@ class _Lowering:
             return self.upsample(node, v)
         if is_linear_upsampling(self.gm, node):
             return self.interpolate(node, v)
+        if padding_call(self.gm, node) is not None:
+            return self.pad(node, v)
         if node.op == "call_module":
             return self.module_op(node, v)
         fname = getattr(node.target, "__name__", str(node.target))

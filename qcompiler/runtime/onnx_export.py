@@ -63,7 +63,7 @@ from .. import ir
 from ..atomic import staged_file
 from ..nn import exact
 from ..analysis import (ADAPTIVE_AVG_POOLS, AVG_POOLS, BATCH_NORMS, MAX_POOLS, avg_pool_call, max_pool_call, class_axis, emits_nothing, feeds_only_constants, is_identity, is_nearest_upsampling,
-                        join_operands, nearest_positions, op_kind, shape_built_tensors, single_output, sole_tensor,
+                        join_operands, nearest_positions, op_kind, padding_call, padding_positions, shape_built_tensors, single_output, sole_tensor,
                         static_index, tensor_domains, upsampling_call)
 from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
@@ -677,6 +677,31 @@ class _Emitter:
             x = self.node("Gather", [x, self.init(f"{node.name}.positions{axis}", np.array(picked, np.int64))], out,
                           out, axis=axis)
 
+    def pad(self, node: fx.Node) -> None:
+        """A padding that copies values, on the integer program's positions (:func:`padding_positions`):
+        per padded axis one ``Gather``; where it holds zeros, after a ``Pad`` of one zero in front
+        that position -1 then picks."""
+        try:
+            positions = padding_positions(self.gm, node)
+        except ValueError as e:
+            raise self.unsupported(node, str(e)) from None
+        if positions is None:
+            raise self.unsupported(node, "constant padding with a value other than zero")
+        x, rank = self.src(node), len(positions) + 1
+        padded = [axis for axis, p in enumerate(positions, start=1) if p is not None]
+        if not padded:  # every amount zero (a UNet whose sizes already match)
+            self.node("Identity", [x], node.name, node.name)
+        for axis in padded:
+            picked = np.array(positions[axis - 1], np.int64)
+            if (picked < 0).any():
+                front = np.zeros(2 * rank, np.int64)
+                front[axis] = 1
+                x = self.node("Pad", [x, self.init(f"{node.name}.pads{axis}", front)], f"{node.name}.zero{axis}",
+                              f"{node.name}.zero{axis}", mode="constant")
+                picked = picked + 1
+            out = node.name if axis == padded[-1] else f"{node.name}.axis{axis}"
+            x = self.node("Gather", [x, self.init(f"{node.name}.positions{axis}", picked)], out, out, axis=axis)
+
     def resize(self, node: fx.Node, call: dict) -> None:
         """A (bi/tri)linear upsampling (an affine map of the codes) or a bicubic one (a float region):
         ``Resize`` with torch's sampling (``pytorch_half_pixel`` or ``align_corners``, cubic coefficient
@@ -820,6 +845,8 @@ class _Emitter:
             self.join(node, join_operands(node))
         elif (call := upsampling_call(self.gm, node)) is not None:
             self.upsampling(node, call)
+        elif padding_call(self.gm, node) is not None:
+            self.pad(node)
         elif node.op == "call_module":
             self.module_op(node)
         else:

@@ -525,6 +525,87 @@ def test_antialiased_upsampling_is_one_line_in_onnx():
     assert "\n" not in str(e.value) and "antialias" in str(e.value)
 
 
+class PadToSkip(nn.Module):
+    """The classic UNet's up block: upsample (to 7x5 here, so the split is uneven), then pad to the
+    skip's size with amounts computed from both shapes, ``F.pad(x1, [dx // 2, dx - dx // 2, ...])``."""
+
+    def __init__(self, mode: str = "constant"):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x, skip):
+        x1 = F.interpolate(x, size=(7, 5))
+        diff_y, diff_x = skip.size()[2] - x1.size()[2], skip.size()[3] - x1.size()[3]
+        return F.pad(x1, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2], mode=self.mode)
+
+
+class UpThen(nn.Module):
+    """Upsample to the skip's size, then ``pad`` (a padding module or function that keeps the size)."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x, skip):
+        return self.pad(F.interpolate(x, scale_factor=2))
+
+
+PADDINGS = {
+    "pad-to-skip": PadToSkip,
+    "reflect-to-skip": lambda: PadToSkip("reflect"),
+    "replicate-to-skip": lambda: PadToSkip("replicate"),
+    "ZeroPad2d": lambda: UpThen(nn.Sequential(nn.ZeroPad2d((2, 1, 0, 3)), nn.Identity(), CropTo8())),
+    "ReflectionPad2d": lambda: UpThen(nn.Sequential(nn.ReflectionPad2d(1), CropTo8())),
+    "crop-by-negative-pad": lambda: UpThen(PadCrop()),
+}
+
+
+class CropTo8(nn.Module):
+    def forward(self, x):
+        return x[:, :, :8, :8]
+
+
+class PadCrop(nn.Module):
+    """A negative amount crops: one column off the left, one zero column on the right."""
+
+    def forward(self, x):
+        return F.pad(x, (-1, 1))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+@pytest.mark.parametrize("pad", sorted(PADDINGS))
+def test_padding_in_a_unet_agrees(pad, fmt):
+    """Zero, reflect and replicate padding copy codes (zero is on every grid): a gather per padded
+    axis in the program (position -1 a zero), ``Pad`` and ``Gather`` in ONNX; amounts from shapes
+    are evaluated on the recorded ones, and no node stays in float."""
+    from qcompiler import ir
+
+    c = qcompiler.compile(TinyUNet(PADDINGS[pad]()), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    assert not [n.name for n in c.module.graph.nodes if ir.FLOAT in n.meta]
+    agrees_in(fmt, TinyUNet(PADDINGS[pad]()))
+
+
+def test_zero_padding_is_a_gather_with_zeros_in_the_program():
+    program = agrees(TinyUNet(PadToSkip()), passes="asq")
+    gathers = [i.attrs["index"] for i in program.instructions if i.op == "index" and i.attrs["index"][-1] != [None, None, None]]
+    # 7 -> 8 rows: 0 before, 1 after; 5 -> 8 columns: 1 before, 2 after
+    assert gathers[-1][1:] == [{"positions": [0, 1, 2, 3, 4, 5, 6, -1]}, {"positions": [-1, 0, 1, 2, 3, 4, -1, -1]}]
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom"])
+def test_padding_amounts_read_from_values_or_a_nonzero_constant_are_one_line(fmt):
+    from qcompiler.runtime.onnx_export import to_onnx
+
+    class ValuePad(nn.Module):
+        def forward(self, x, skip):
+            return F.pad(F.interpolate(x, scale_factor=2), (0, 0, 0, 0), value=1.0)
+
+    c = qcompiler.compile(TinyUNet(ValuePad()), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    with pytest.raises(QCompileError) as e:
+        c.lower() if fmt == "program" else to_onnx(c.module, "custom")
+    assert "\n" not in str(e.value) and "pad" in str(e.value)
+
+
 class DictOutput(nn.Module):
     """Returns ``{"out": logits}`` (torchvision's segmentation models), plus ``aux`` when asked."""
 
