@@ -559,13 +559,15 @@ def padding_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int] | Non
     the positions come from running torch's own padding on coordinates, one axis at a time
     (padding is separable), so every mode and negative amount (a crop) is torch's.
 
-    ``None`` for other nodes and for constant padding with a value other than zero (the only
-    constant every code grid holds). Raises ``ValueError`` for amounts no backend can fix (read
-    from tensor values or the batch size) or a padded batch axis.
+    ``None`` for other nodes. Raises ``ValueError`` for constant padding with a value other than
+    zero (the only constant every code grid holds), amounts no backend can fix (read from tensor
+    values or the batch size) or a padded batch axis.
     """
-    if not is_copying_padding(gm, node):
-        return None
     call = padding_call(gm, node)
+    if call is None:
+        return None
+    if not is_copying_padding(gm, node):
+        raise ValueError("constant padding with a value other than zero (zero is the only value on every grid)")
     if isinstance(call["mode"], fx.Node):
         raise ValueError("a padding mode chosen at run time")
     pad = [int(v) for v in static_value(call["pad"])]

@@ -606,8 +606,6 @@ class _Lowering:
             positions = padding_positions(self.gm, node)
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
-        if positions is None:
-            raise self.unsupported(node, "constant padding with a value other than zero (zero is the only value on every grid)")
         return self.indexed(node, v, [[None, None, None] if p is None else {"positions": p} for p in positions])
 
     def interpolate(self, node: fx.Node, v: object) -> Acc:

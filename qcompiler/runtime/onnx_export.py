@@ -685,8 +685,6 @@ class _Emitter:
             positions = padding_positions(self.gm, node)
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
-        if positions is None:
-            raise self.unsupported(node, "constant padding with a value other than zero")
         x, rank = self.src(node), len(positions) + 1
         padded = [axis for axis, p in enumerate(positions, start=1) if p is not None]
         if not padded:  # every amount zero (a UNet whose sizes already match)
