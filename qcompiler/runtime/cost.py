@@ -106,20 +106,22 @@ def costs(program: Program, x: np.ndarray) -> CostReport:
         e = fe = 0.0
         out_bits = decl.acc_bits or 32
         if ins.op in ("mac", "shift_acc", "sad"):
-            k = a["k"]
+            # a transposed conv's products with the zeros spread between its inputs are not work
+            # its hardware does: its own count of multiply-accumulates per sample
+            macs = a.get("macs", n * a["k"])
             op_bits = max(a["a_bits"], a["w_bits"])
             if ins.op == "mac":
-                c[f"mult{_width(op_bits)}"] += n * k
-                e += n * k * energy("mult", op_bits)
+                c[f"mult{_width(op_bits)}"] += macs
+                e += macs * energy("mult", op_bits)
             elif ins.op == "shift_acc":
-                c[f"shift{decl.acc_bits}"] += n * k
-                e += n * k * energy("add", decl.acc_bits)
+                c[f"shift{decl.acc_bits}"] += macs
+                e += macs * energy("add", decl.acc_bits)
             else:
-                c[f"sub{_width(op_bits + 1)}"] += n * k
-                e += n * k * energy("add", op_bits + 1)
-            c[f"add{decl.acc_bits}"] += n * k
-            e += n * k * energy("add", decl.acc_bits)
-            fe += n * k * (energy("fmult", 32) + energy("fadd", 32))
+                c[f"sub{_width(op_bits + 1)}"] += macs
+                e += macs * energy("add", op_bits + 1)
+            c[f"add{decl.acc_bits}"] += macs
+            e += macs * energy("add", decl.acc_bits)
+            fe += macs * (energy("fmult", 32) + energy("fadd", 32))
             w = program.consts[ins.consts[0]]
             weight_bits = w.size * a["w_bits"]
         elif ins.op == "requant":

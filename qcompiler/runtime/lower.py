@@ -290,7 +290,7 @@ class _Lowering:
         info = ir.get(node, ir.LAYER, ir.LayerInfo)
         if info.kind == "adder2d" and ir.ADDER_Q in node.meta and ir.FLOAT not in node.meta:
             return self.adder(node, info)
-        if info.kind in (*TRANSPOSED_KINDS, "embedding"):
+        if info.kind == "embedding":
             raise self.unsupported(node, f"{info.kind} layers have no integer lowering yet; export the model to ONNX "
                                          "(qcompiler.runtime.onnx_export.to_onnx, custom or qdq form) instead")
         src = self.values[node.args[0]]
@@ -305,9 +305,17 @@ class _Lowering:
             raise self.unsupported(node, f"{codes.grid} weights are not lowered yet")
         shape = _shape(node)
         a_max = max(abs(src.qmin), abs(src.qmax))
-        attrs = {"kind": info.kind, "stride": list(info.stride), "padding": list(info.padding),
-                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": src.bits, "w_bits": codes.bits}
         wc = codes.codes.numpy().astype(np.int64)
+        kind, stride, padding = info.kind, list(info.stride), list(info.padding)
+        if info.kind in TRANSPOSED_KINDS:
+            src = self.spread_for_transposed(node, src, info)
+            # the conv it equals: stride 1, no padding, the weight (output channel first) flipped in space
+            kind, stride, padding = info.kind.replace("_transpose", ""), [1] * len(stride), [0] * len(padding)
+            wc = np.ascontiguousarray(np.flip(wc, axis=tuple(range(2, wc.ndim))))
+        attrs = {"kind": kind, "stride": stride, "padding": padding,
+                 "dilation": list(info.dilation), "groups": info.groups, "a_bits": src.bits, "w_bits": codes.bits}
+        if info.kind in TRANSPOSED_KINDS:  # the cost counts the products of real inputs, not of the spread's zeros
+            attrs["macs"] = info.macs
         if codes.grid == "uniform":
             op, w_int, unit = "mac", wc, 1.0
             consts = [self.const(f"{node.name}.w", wc)]
@@ -324,6 +332,28 @@ class _Lowering:
         scale = per_channel(channel * src.step * unit, shape)
         offset = per_channel(offset, shape) if offset is not None else np.zeros(())
         return Acc([Term(node.name, scale, per_channel(per_out, shape), src.factor)], offset, shape)
+
+    def spread_for_transposed(self, node: fx.Node, src: Grid, info: ir.LayerInfo) -> Grid:
+        """A transposed conv's input as the stride-1 conv it equals reads it: per spatial axis
+        ``stride - 1`` zeros between positions, ``dilation * (kernel - 1) - padding`` zeros before and
+        as many plus the output padding after (a negative count crops), gathered by one ``index``
+        (position -1 a zero code)."""
+        positions, lengths = [], []
+        output_padding = info.output_padding or (0,) * len(info.stride)
+        for axis, length in enumerate(src.shape[1:]):
+            s, d, k = info.stride[axis], info.dilation[axis], info.kernel_size[axis]
+            core = [-1] * ((length - 1) * s + 1)
+            core[::s] = range(length)
+            before = d * (k - 1) - info.padding[2 * axis]
+            after = d * (k - 1) - info.padding[2 * axis + 1] + output_padding[axis]
+            picked = [-1] * max(before, 0) + core[max(-before, 0): len(core) + min(after, 0)] + [-1] * max(after, 0)
+            if len(picked) - d * (k - 1) != _shape(node)[1 + axis]:
+                raise self.unsupported(node, "a transposed conv whose output size this lowering does not reproduce")
+            positions.append({"positions": picked})
+            lengths.append(len(picked))
+        buf = f"{node.name}.spread"
+        self.emit("index", buf, [src.buf], (), {"index": [[None, None, None], *positions]}, node.name)
+        return replace(src, buf=buf, shape=(src.shape[0], *lengths))
 
     def deployed_constants(self, node: fx.Node, codes: ir.WeightCodes, src: Grid) -> tuple[np.ndarray, np.ndarray | None]:
         """The per-channel weight scale and the bias as the deployed module uses them, float64.

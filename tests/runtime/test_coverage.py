@@ -539,6 +539,20 @@ class PadToSkip(nn.Module):
         return F.pad(x1, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2], mode=self.mode)
 
 
+class TransposedPadToSkip(PadToSkip):
+    """milesial's UNet without bilinear upsampling: a transposed conv (4x4 to 7x7 here), then the
+    pad to the skip's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(6, 6, 3, stride=2, padding=1)
+
+    def forward(self, x, skip):
+        x1 = self.up(x)
+        diff_y, diff_x = skip.size()[2] - x1.size()[2], skip.size()[3] - x1.size()[3]
+        return F.pad(x1, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2])
+
+
 class UpThen(nn.Module):
     """Upsample to the skip's size, then ``pad`` (a padding module or function that keeps the size)."""
 
@@ -552,6 +566,7 @@ class UpThen(nn.Module):
 
 PADDINGS = {
     "pad-to-skip": PadToSkip,
+    "transposed-conv-then-pad": TransposedPadToSkip,
     "reflect-to-skip": lambda: PadToSkip("reflect"),
     "replicate-to-skip": lambda: PadToSkip("replicate"),
     "ZeroPad2d": lambda: UpThen(nn.Sequential(nn.ZeroPad2d((2, 1, 0, 3)), nn.Identity(), CropTo8())),

@@ -439,10 +439,29 @@ def test_embedding_exports_as_gather_on_the_decoded_rows():
         assert onnx_parity(c, m, x).max_abs_diff == 0.0
 
 
-def test_the_integer_lowering_refuses_transposed_convs_in_one_line():
-    with pytest.raises(QCompileError, match="conv_transpose2d layers have no integer lowering yet; export the model to ONNX") as e:
-        compiled_upsampler("2d", "lsq").lower()
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("name", UPSAMPLERS)
+@pytest.mark.parametrize("passes,bits", [("lsq", 8), ("lsq", 4), ("lsq,post", 4), ("asq", 8)])
+def test_transposed_convs_lower_to_the_stride_one_conv_they_equal(name, passes, bits):
+    """Grouped, with output padding, dilated, non-square, 1-d: the input spread by an ``index``
+    gather (stride - 1 zeros between positions, d(k - 1) - p around, position -1 a zero), then a
+    plain conv of the flipped weight; every code agrees with the module."""
+    c = compiled_upsampler(name, passes, bits)
+    program = c.lower()
+    spreads = [i for i in program.instructions if i.dst.endswith(".spread")]
+    transposed = [n for n, m in c.module.named_modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
+    assert len(spreads) == len(transposed) and all(-1 in a["positions"] for i in spreads for a in i.attrs["index"][1:])
+    assert not any("transpose" in str(i.attrs.get("kind")) for i in program.instructions)
+    torch.manual_seed(5)
+    x = torch.randn(32, *UPSAMPLERS[name][1]).numpy()
+    report = program.verify(c, x)
+    assert report.ok(identical=1.0, max_diff=0), report.text()
+    # the cost counts the layer's own multiply-accumulates, not products with the spread's zeros
+    if passes == "lsq":  # uniform weights: one multiply per multiply-accumulate
+        mults = {lc.layer: sum(v for k, v in lc.counts.items() if k.startswith("mult")) for lc in program.costs(x).layers}
+        layers = [n for n in c.module.graph.nodes if n.op == "call_module" and n.target in transposed]
+        assert len(layers) == len(transposed)
+        for node in layers:
+            assert mults[node.name] == ir.get(node, ir.LAYER, ir.LayerInfo).macs
 
 
 class _SpatialMean(nn.Module):
