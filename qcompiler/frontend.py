@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -168,11 +169,38 @@ def _annotated(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx
     restore_training_flags(gm)  # F.dropout(x, p, self.training) traced in eval: a module that follows .train()
     functional_to_modules(gm)  # F.conv2d(x, self.weight) becomes a Conv2d sharing that Parameter
     drop_single_concats(gm)
+    explicit_padding(gm)
     propagate_shapes(gm, example_inputs)
     if spell_out_attention(gm):  # fused attention as its two products, which quantize-matmuls quantizes
         propagate_shapes(gm, example_inputs)
     annotate_layers(gm)
     return gm
+
+
+def explicit_padding(gm: fx.GraphModule) -> None:
+    """A conv with ``padding_mode`` reflect, replicate or circular as what torch computes for it:
+    ``F.pad`` of its input in that mode, then the conv without padding.
+
+    The padding copies codes (:func:`qcompiler.analysis.padding_positions`), so every backend then
+    expresses it, where the conv's own non-zero padding had no form. Every call site of a shared
+    conv gets its pad; the conv (the traced copy's) is then set to zero padding of zero width.
+    """
+    sites: dict[nn.Module, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.padding_mode != "zeros":
+                sites.setdefault(m, []).append(node)
+    for m, nodes in sites.items():
+        for node in nodes:
+            with gm.graph.inserting_before(node):
+                padded = gm.graph.call_function(F.pad, (node.args[0], list(m._reversed_padding_repeated_twice)),
+                                                {"mode": m.padding_mode})
+            node.replace_input_with(node.args[0], padded)
+        m.padding, m.padding_mode = (0,) * len(m.kernel_size), "zeros"
+        m._reversed_padding_repeated_twice = [0] * (2 * len(m.kernel_size))
+    if sites:
+        gm.recompile()
 
 
 def drop_single_concats(gm: fx.GraphModule) -> None:

@@ -287,11 +287,21 @@ def test_layer_records_resolve_same_padding_and_dilation() -> None:
     assert ir.compute_layers(odd)[0].meta[ir.LAYER].padding == (0, 1)
 
 
-def test_non_zero_padding_mode_is_refused_with_the_fix() -> None:
-    from qcompiler.errors import UnsupportedError
-
-    with pytest.raises(UnsupportedError, match="padding_mode='reflect'.*F.pad"):
-        trace(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), (torch.randn(1, 1, 6, 6),))
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_a_non_zero_padding_mode_becomes_an_explicit_pad(mode, padding) -> None:
+    """What torch computes for such a conv: ``F.pad`` in that mode, then the conv unpadded; the
+    traced copy computes the same, the user's model keeps its padding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=padding, padding_mode=mode)
+    model = nn.Sequential(conv, nn.ReLU(), conv)  # one conv called twice: both sites padded
+    x = torch.randn(2, 3, 7, 6)
+    gm = trace(model, (x,))
+    pads = [n for n in gm.graph.nodes if n.target is torch.nn.functional.pad]
+    assert len(pads) == 2 and all(n.kwargs["mode"] == mode for n in pads)
+    assert all(ir.get(n, ir.LAYER, ir.LayerInfo).padding == (0, 0, 0, 0) for n in ir.compute_layers(gm))
+    assert torch.equal(gm(x), model(x))
+    assert conv.padding_mode == mode and conv.padding == ((1, 1) if padding == 1 else padding)
 
 
 class _KeepsForward(nn.Conv2d):

@@ -600,6 +600,26 @@ def test_padding_in_a_unet_agrees(pad, fmt):
     agrees_in(fmt, TinyUNet(PADDINGS[pad]()))
 
 
+class PaddingModeConvs(nn.Module):
+    """Convs with ``padding_mode`` (the first reads the network input), traced as ``F.pad`` + the conv."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn = nn.Conv2d(1, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 3, padding="same", padding_mode=mode)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.bn(self.a(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("fmt", ["program", "custom", "qdq"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convs_with_a_padding_mode_agree(mode, fmt):
+    agrees_in(fmt, PaddingModeConvs(mode))
+
+
 def test_zero_padding_is_a_gather_with_zeros_in_the_program():
     program = agrees(TinyUNet(PadToSkip()), passes="asq")
     gathers = [i.attrs["index"] for i in program.instructions if i.op == "index" and i.attrs["index"][-1] != [None, None, None]]
