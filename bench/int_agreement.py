@@ -10,7 +10,12 @@ more than 1, classes agree on >= 99.5 %, and no accumulator past the width its i
 declares ("overflows": layers where one did, which ``program.run`` refuses). ``conv1d_net``
 reads each 8x8 image as 64 samples.
 
-Run: ``PYTHONPATH=. python bench/int_agreement.py [--epochs 8] [--models resnet20,...]``
+Two of ``bench/foreign_models.py``'s architectures lower too and are in the default set: ``unet``
+(``ConvTranspose2d`` upsampling, skip concats) and ``densenet`` (every layer reads the concatenation of
+all before it), at their default widths. The other three stop at float activations the program has no
+integer form for (hardswish, SiLU, sigmoid gates, GELU, attention).
+
+Run: ``PYTHONPATH=. python bench/int_agreement.py [--epochs 8] [--models resnet20,...,unet]``
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from qcompiler.data import Dataset, load_digits
 from qcompiler.train import TrainConfig, train
 from qcompiler.zoo import ZOO
 
+import foreign_models  # bench/, beside this file
+
 WIDTHS: dict[str, dict[str, object]] = {  # the narrow widths of tests/small_models.py
     "resnet20": {"width": 8, "in_channels": 1},
     "adder_resnet20": {"width": 8, "in_channels": 1},
@@ -40,6 +47,15 @@ SCHEMES = ["lsq", "lsq,pot", "lsq,post", "asq", "asq,post"]
 ADDER_SCHEMES = ["outlier-clamp,adder-groups"]  # the adder redistribution
 
 
+FOREIGN = ("unet", "densenet")  # foreign_models.py architectures the integer program lowers
+
+
+def build(name: str) -> torch.nn.Module:
+    if name in FOREIGN:
+        return foreign_models.build(name, in_channels=1, num_classes=10)
+    return ZOO[name](**WIDTHS[name])
+
+
 def digits_for(name: str) -> Dataset:
     d = load_digits()
     if name != "conv1d_net":
@@ -50,7 +66,7 @@ def digits_for(name: str) -> Dataset:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--models", default=",".join(ZOO))
+    ap.add_argument("--models", default=",".join([*ZOO, *FOREIGN]))
     ap.add_argument("--bits", default="4,8")
     args = ap.parse_args()
     start = time.time()
@@ -64,7 +80,7 @@ def main() -> None:
     for name in args.models.split(","):
         data = digits_for(name)
         torch.manual_seed(0)
-        model = ZOO[name](**WIDTHS[name])
+        model = build(name)
         train(model, data, TrainConfig(epochs=args.epochs, lr=0.1), progress=False)
         model.eval()
         with torch.no_grad():
