@@ -44,11 +44,12 @@ LAYER_KINDS: dict[type[nn.Module], str] = {
     nn.Conv3d: "conv3d",
     nn.ConvTranspose1d: "conv_transpose1d",
     nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d",
     nn.Linear: "linear",
     nn.Embedding: "embedding",
     AdderConv2d: "adder2d",
 }
-TRANSPOSED_KINDS = ("conv_transpose1d", "conv_transpose2d")
+TRANSPOSED_KINDS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
 def layer_base(m: nn.Module) -> type[nn.Module] | None:

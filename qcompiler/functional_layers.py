@@ -91,6 +91,7 @@ FORMS: dict[object, FunctionalForm] = {
     F.conv3d: FunctionalForm(_CONV_ARGS, _CONV_DEFAULTS, _conv(nn.Conv3d, False), 5),
     F.conv_transpose1d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose1d, True), 3),
     F.conv_transpose2d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose2d, True), 4),
+    F.conv_transpose3d: FunctionalForm(_TCONV_ARGS, _TCONV_DEFAULTS, _conv(nn.ConvTranspose3d, True), 5),
     # x @ W with W (in, out); the operands are (input, weight)
     torch.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, 2, transposed=True),
     operator.matmul: FunctionalForm(("weight",), {"bias": None}, _linear_from_in_out, 2, transposed=True),

@@ -66,7 +66,7 @@ REFINE = "qc.refine"
 class LayerInfo:
     """Static facts about a compute layer, written by the front end."""
 
-    kind: str  # "conv1d" | "conv2d" | "conv3d" | "conv_transpose1d" | "conv_transpose2d" | "linear" | "adder2d"
+    kind: str  # "conv1d" | "conv2d" | "conv3d" | "conv_transpose1d" | "conv_transpose2d" | "conv_transpose3d" | "linear" | "adder2d"
     in_channels: int
     out_channels: int
     weight_shape: tuple[int, ...]

@@ -65,7 +65,7 @@ def _quantized_conv_transpose_forward(self, x: torch.Tensor, output_size: list[i
     first (:mod:`qcompiler.nn.layout`); the op gets it back in the transposed conv's own layout."""
     dims = len(self.kernel_size)
     output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
-    conv = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
 
     def op(c: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return conv(c, from_channel_first(w, self.groups), bias, self.stride, self.padding, output_padding,
@@ -91,6 +91,12 @@ class QConvTranspose2d(nn.ConvTranspose2d):
     forward = _quantized_conv_transpose_forward
 
 
+class QConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` computing with ``weight_quant`` of its output-channel-first weight."""
+
+    forward = _quantized_conv_transpose_forward
+
+
 class QEmbedding(nn.Embedding):
     """``nn.Embedding`` looking up rows of ``weight_quant(weight)``: its output is on the weight grid.
 
@@ -109,6 +115,7 @@ _QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QLinear,
     nn.ConvTranspose1d: QConvTranspose1d,
     nn.ConvTranspose2d: QConvTranspose2d,
+    nn.ConvTranspose3d: QConvTranspose3d,
     nn.Embedding: QEmbedding,
 }
 

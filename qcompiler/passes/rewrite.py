@@ -24,7 +24,7 @@ from ..nn.qat import with_weight_quant
 from ..quantizers import UniformQuantizer, init
 from .base import PassContext
 
-MULTIPLY_LAYERS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear")
+MULTIPLY_LAYERS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
 # Layers that read integer indices, not an activation: only their weight (a table of rows) is quantized.
 LOOKUP_LAYERS = ("embedding",)
 

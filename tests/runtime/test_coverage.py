@@ -721,9 +721,10 @@ def test_classes_of_a_segmentation_map_are_its_channels():
 
 
 class Video(nn.Module):
-    """3-D convolutions (video models: torchvision's R3D, MC3, R(2+1)D): each 8x8 digit read as a
-    4x4x4 volume, Conv3d-BN3d-ReLU, 3-D max pooling, a residual block, a functional ``F.conv3d``
-    and 3-D average pooling, global average pooling, a linear classifier."""
+    """3-D convolutions (video models: torchvision's R3D, MC3, R(2+1)D; a 3-D UNet's decoder): each
+    8x8 digit read as a 4x4x4 volume, Conv3d-BN3d-ReLU, 3-D max pooling, a residual block, a
+    functional ``F.conv3d`` and 3-D average pooling, a ``ConvTranspose3d`` upsampling, global
+    average pooling, a linear classifier."""
 
     def __init__(self):
         super().__init__()
@@ -732,13 +733,14 @@ class Video(nn.Module):
         self.pool = nn.MaxPool3d(2, stride=1, padding=1)
         self.conv, self.bn = nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(8)
         self.temporal = nn.Parameter(torch.randn(8, 8, 3, 1, 1) * 0.2)
-        self.head, self.fc = nn.AdaptiveAvgPool3d(1), nn.Linear(8, 10)
+        self.up = nn.ConvTranspose3d(8, 6, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), output_padding=(0, 1, 1))
+        self.head, self.fc = nn.AdaptiveAvgPool3d(1), nn.Linear(6, 10)
 
     def forward(self, x):
         x = self.pool(self.stem(x.reshape(x.size(0), 1, 4, 4, 4)))
         x = torch.relu(self.bn(self.conv(x)) + x)
         x = F.avg_pool3d(torch.relu(F.conv3d(x, self.temporal, padding=(1, 0, 0))), 2, stride=1)
-        return self.fc(torch.flatten(self.head(x), 1))
+        return self.fc(torch.flatten(self.head(torch.relu(self.up(x))), 1))
 
 
 @pytest.mark.parametrize("fmt,passes", [("program", "lsq"), ("custom", "lsq"), ("qdq", "lsq"),
@@ -753,8 +755,8 @@ def test_3d_convolutions_are_quantized_and_agree(fmt, passes):
 def test_3d_convolutions_train():
     data = load_digits()
     c = qcompiler.compile(Video(), qcompiler.QuantSpec(passes="asq,post"), calib_data=data)
-    layers = [m for m in c.module.modules() if isinstance(m, nn.Conv3d)]
-    assert len(layers) == 3 and all(hasattr(m, "weight_quant") for m in layers)
+    layers = [m for m in c.module.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    assert len(layers) == 4 and all(hasattr(m, "weight_quant") for m in layers)
     c.module.train()
     F.cross_entropy(c.module(data.x_train[:32]), data.y_train[:32]).backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
