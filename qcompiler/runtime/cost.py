@@ -145,6 +145,14 @@ def costs(program: Program, x: np.ndarray) -> CostReport:
             e += fe_q
             out_bits = int(np.ceil(np.log2(a["qmax"] - a["qmin"] + 1)))
             weight_bits = 0
+        elif ins.op == "activation":  # an exponential (or tanh) per element, and softmax's sum and division;
+            # the energy table has no exponential: each element counts as one float multiply-add
+            c["host_fexp"] += n
+            c["host_fadd"] += n
+            c["host_fmult"] += n
+            e += n * (energy("fmult", 32) + energy("fadd", 32))
+            fe += n * (energy("fmult", 32) + energy("fadd", 32))
+            weight_bits = 0
         elif ins.op in ("asq_beta", "dequant"):
             ops = sum(program.consts[name].size for name in ins.consts[:4]) if ins.op == "asq_beta" else n * len(a["terms"])
             c["host_fmult"] += ops

@@ -117,6 +117,23 @@ def take_index(x: np.ndarray, index: list, batched: bool = True, zeros: bool = T
     return y
 
 
+def host_activation(x: np.ndarray, function: str, axis: int | None = None) -> np.ndarray:
+    """The ``activation`` instruction: ``function`` of the float64 output ``x`` (``axis``: softmax's).
+
+    >>> host_activation(np.array([[0.0, np.log(3.0)]]), "softmax", 1).round(6).tolist()
+    [[0.25, 0.75]]
+    """
+    if function in ("softmax", "log_softmax"):
+        shifted = x - x.max(axis=axis, keepdims=True)  # exp cannot overflow
+        log_sum = np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+        return np.exp(shifted - log_sum) if function == "softmax" else shifted - log_sum
+    if function == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+    if function == "tanh":
+        return np.tanh(x)
+    raise ValueError(f"unknown host activation {function!r}")
+
+
 def window_reduce(x: np.ndarray, attrs: dict, how: str, pad_value) -> np.ndarray:
     """Sum or max over each pooling window."""
     p = patches(x, attrs, pad_value)
@@ -548,6 +565,9 @@ class Interpreter:
     def op_dequant(self, ins: Instr, env) -> np.ndarray:
         return self.value(ins, env, list(ins.consts))
 
+    def op_activation(self, ins: Instr, env) -> np.ndarray:
+        return host_activation(env[ins.srcs[0]], ins.attrs["function"], ins.attrs.get("axis"))
+
     # ------------------------------------------------------------------ integer units
 
     def op_mac(self, ins: Instr, env) -> np.ndarray:
@@ -658,4 +678,4 @@ class Interpreter:
 
 
 __all__ = ["AccumulatorOverflow", "Interpreter", "Overflow", "adaptive_sum", "adaptive_windows",
-           "patches", "take_index", "window_reduce"]
+           "host_activation", "patches", "take_index", "window_reduce"]

@@ -74,6 +74,9 @@ ISA: dict[str, OpDecl] = {
                "{positions}, a gather along it, position -1 a zero: nearest upsampling, padding)", "move"),
         OpDecl("dequant", "terms x_t: int (N, ...) [, per-sample steps]", 64, 0,
                "y = clip(sum_t x_t * scale_t + offset, lo, hi) as float64 (the network output)", "host", host=True),
+        OpDecl("activation", "x: float64 (N, ...), the dequantized output", 0, 0,
+               "y = f(x) in float64, f one of softmax or log_softmax over an axis, sigmoid, tanh: the function a "
+               "network ends in, run on the host after dequant", "host", host=True),
     )
 }
 

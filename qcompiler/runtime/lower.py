@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ir
@@ -784,11 +785,49 @@ class _Lowering:
             out = single_output(node)
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
-        acc = self.acc(node, self.values[out])
+        tail = output_activation(self.gm, out)
+        src = out.args[0] if tail is not None else out
+        acc = self.acc(node, self.values[src])
         names = [self.const(f"output.scale{t}", t.scale) for t in acc.terms] + [self.const("output.offset", acc.offset)]
         attrs = {"terms": [[t.buf, t.factor] for t in acc.terms], "clip": [_json_float(acc.lo), _json_float(acc.hi)]}
         srcs = [t.buf for t in acc.terms] + [t.factor for t in acc.terms if t.factor]
-        return self.emit("dequant", "output", dict.fromkeys(srcs), names, attrs, out.name)
+        if tail is None:
+            return self.emit("dequant", "output", dict.fromkeys(srcs), names, attrs, out.name)
+        dequantized = self.emit("dequant", "output.dequantized", dict.fromkeys(srcs), names, attrs, src.name)
+        function, axis = tail
+        return self.emit("activation", "output", [dequantized], (), {"function": function, "axis": axis}, out.name)
+
+
+_HOST_FUNCTIONS = {torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
+                   F.log_softmax: "log_softmax", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+                   F.tanh: "tanh"}
+_HOST_MODULES = {nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+def output_activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int | None] | None:
+    """``(function, axis)`` when ``node``, the network's output, is a softmax, log-softmax, sigmoid or
+    tanh of one tensor that nothing else reads: the program dequantizes that tensor and runs the
+    function on the host (an ``activation`` instruction) instead of refusing a float region. ``None``
+    otherwise, and for a softmax without an explicit ``dim`` or with a ``dtype``."""
+    if len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        function = next((f for cls, f in _HOST_MODULES.items() if type(m) is cls), None)
+        dim = getattr(m, "dim", None)
+    elif node.op == "call_function" and node.target in _HOST_FUNCTIONS:
+        function = _HOST_FUNCTIONS[node.target]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    elif node.op == "call_method" and node.target in ("softmax", "log_softmax", "sigmoid", "tanh"):
+        function = node.target
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    else:
+        return None
+    if function is None or node.kwargs.get("dtype") is not None:
+        return None
+    if function in ("softmax", "log_softmax"):
+        return (function, dim) if isinstance(dim, int) else None
+    return function, None
 
 
 def _json_float(x: float) -> float | None:
@@ -842,10 +881,18 @@ def lower(compiled) -> Program:
         raise lw.unsupported(products[0], "a product of two activations (attention) has no integer instruction yet; "
                                           "export ONNX (custom form), which computes it on both operands' grids")
     out = None
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    try:
+        last = single_output(output_node)
+    except ValueError:
+        last = None
+    host_tail = last if last is not None and output_activation(gm, last) is not None else None
     for node in gm.graph.nodes:
         try:
             if node.op == "output":
                 out = lw.output(node)
+                continue
+            if node is host_tail:  # run on the host after the output's dequant (output())
                 continue
             lw.values[node] = lw.node(node)
         except QCompileError:

@@ -4,6 +4,7 @@ Each case compiles a small model on digits, lowers it and checks agreement with 
 fake-quant module at the issue's bar; what cannot be lowered raises one QCompileError line.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -645,6 +646,60 @@ def test_padding_by_a_nonzero_constant_or_the_batch_size_is_one_line(pad, why, f
     c = qcompiler.compile(TinyUNet(pad()), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
     with pytest.raises(QCompileError, match=why) as e:
         c.lower() if fmt == "program" else to_onnx(c.module, "custom")
+    assert "\n" not in str(e.value)
+
+
+class EndsIn(nn.Module):
+    """Head's classifier, then ``tail`` on its logits (the function the network ends in)."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.net, self.tail = Head(nn.Identity(), 4 * 8 * 8), tail
+
+    def forward(self, x):
+        return self.tail(self.net(x))
+
+
+class Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+OUTPUT_ACTIVATIONS = {
+    "Softmax": (lambda: nn.Softmax(dim=1), "softmax"),
+    "LogSoftmax": (lambda: nn.LogSoftmax(dim=-1), "log_softmax"),
+    "Sigmoid": (nn.Sigmoid, "sigmoid"),
+    "Tanh": (nn.Tanh, "tanh"),
+    "F.softmax": (lambda: Call(lambda y: F.softmax(y, dim=-1)), "softmax"),
+    "log_softmax-method": (lambda: Call(lambda y: y.log_softmax(1)), "log_softmax"),
+    "torch.sigmoid": (lambda: Call(torch.sigmoid), "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("passes", ["lsq", "asq"])
+@pytest.mark.parametrize("tail", sorted(OUTPUT_ACTIVATIONS))
+def test_a_network_ending_in_softmax_sigmoid_or_tanh_runs_it_on_the_host(tail, passes):
+    """The program dequantizes the logits and applies the function in float64 (an ``activation``
+    host instruction): the outputs are the module's (float64) within rounding."""
+    make, function = OUTPUT_ACTIVATIONS[tail]
+    program = agrees(EndsIn(make()), passes=passes)
+    assert [i.op for i in program.instructions][-2:] == ["dequant", "activation"]
+    assert program.instructions[-1].attrs["function"] == function
+    probabilities = program.run(load_digits().x_test[:5].numpy())
+    if function == "softmax":
+        assert np.allclose(probabilities.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("tail", [lambda: nn.Softmax(), lambda: Call(lambda y: torch.sigmoid(y) * 2)])
+def test_other_float_tails_stay_one_line(tail):
+    """A softmax whose axis is implicit, or anything after the function, is still a float region."""
+    c = qcompiler.compile(EndsIn(tail()), qcompiler.QuantSpec(passes="lsq"), calib_data=load_digits())
+    with pytest.raises(QCompileError, match="float") as e:
+        c.lower()
     assert "\n" not in str(e.value)
 
 
