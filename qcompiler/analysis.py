@@ -522,9 +522,13 @@ def _batch_read(n: fx.Node):
     raise ValueError(f"{n.name} reads the batch size, which the deployed model does not fix")
 
 
-_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-                nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)  # ZeroPad*d are ConstantPad*d
+_PAD_MODES = {  # F.pad's mode of each padding module class (ZeroPad*d are ConstantPad*d)
+    **dict.fromkeys((nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d), "constant"),
+    **dict.fromkeys((nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d), "reflect"),
+    **dict.fromkeys((nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d), "replicate"),
+    **dict.fromkeys((nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d), "circular"),
+}
+_PAD_FUNCTIONS = (F.pad, torch.constant_pad_nd)
 
 
 def padding_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
@@ -532,23 +536,23 @@ def padding_call(gm: fx.GraphModule, node: fx.Node) -> dict | None:
     module (``nn.ZeroPad2d``, ``nn.ReflectionPad2d``, ...); ``None`` for other nodes."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if not isinstance(m, _PAD_MODULES):
-            return None
-        mode = ("constant" if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) else
-                "reflect" if "Reflection" in type(m).__name__ else
-                "replicate" if "Replication" in type(m).__name__ else "circular")
-        return {"pad": list(m.padding), "mode": mode, "value": getattr(m, "value", None)}
-    if node.op != "call_function" or node.target not in (F.pad, torch.constant_pad_nd):
+        mode = next((mode for cls, mode in _PAD_MODES.items() if isinstance(m, cls)), None)
+        return None if mode is None else {"pad": list(m.padding), "mode": mode, "value": getattr(m, "value", None)}
+    if node.op != "call_function" or node.target not in _PAD_FUNCTIONS:
         return None
     names = ("pad", "mode", "value") if node.target is F.pad else ("pad", "value")
     return {"mode": "constant", "value": None} | dict(zip(names, node.args[1:])) | dict(node.kwargs)
+
+
+def _copies(call: dict) -> bool:
+    return not (call.get("mode") == "constant" and call.get("value") not in (None, 0, 0.0))
 
 
 def is_copying_padding(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` pads by copying its input (zero padding, reflect, replicate, circular): its
     output holds its input's codes, zero being a code of every grid."""
     call = padding_call(gm, node)
-    return call is not None and not (call.get("mode") == "constant" and call.get("value") not in (None, 0, 0.0))
+    return call is not None and _copies(call)
 
 
 def padding_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int] | None] | None:
@@ -566,7 +570,7 @@ def padding_positions(gm: fx.GraphModule, node: fx.Node) -> list[list[int] | Non
     call = padding_call(gm, node)
     if call is None:
         return None
-    if not is_copying_padding(gm, node):
+    if not _copies(call):
         raise ValueError("constant padding with a value other than zero (zero is the only value on every grid)")
     if isinstance(call["mode"], fx.Node):
         raise ValueError("a padding mode chosen at run time")
@@ -723,7 +727,7 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
             return "const"  # x.shape, x.device: traced by transformers' tracer as getattr calls
         if callable(node.target) and is_eval_identity(node.target):
             return "keep"  # a dropout or drop-path call left as a function (its arguments computed in forward)
-        if node.target in (F.pad, torch.constant_pad_nd):
+        if node.target in _PAD_FUNCTIONS:
             return "keep" if is_copying_padding(gm, node) else "other"
         if node.target in _INTERPOLATIONS:
             return "keep" if is_nearest_upsampling(gm, node) else "affine" if is_linear_upsampling(gm, node) else "other"

@@ -143,6 +143,7 @@ class _Lowering:
         except ValueError as e:
             raise UnsupportedError(f"integer backend: {e}") from None
         self.const_only = feeds_only_constants(self.gm, domains)
+        self.output_tail = output_tail(self.gm)
 
     # ------------------------------------------------------------------ helpers
 
@@ -785,7 +786,7 @@ class _Lowering:
             out = single_output(node)
         except ValueError as e:
             raise self.unsupported(node, str(e)) from None
-        tail = output_activation(self.gm, out)
+        tail = self.output_tail
         src = out.args[0] if tail is not None else out
         acc = self.acc(node, self.values[src])
         names = [self.const(f"output.scale{t}", t.scale) for t in acc.terms] + [self.const("output.offset", acc.offset)]
@@ -794,7 +795,7 @@ class _Lowering:
         if tail is None:
             return self.emit("dequant", "output", dict.fromkeys(srcs), names, attrs, out.name)
         dequantized = self.emit("dequant", "output.dequantized", dict.fromkeys(srcs), names, attrs, src.name)
-        function, axis = tail
+        _, function, axis = tail
         return self.emit("activation", "output", [dequantized], (), {"function": function, "axis": axis}, out.name)
 
 
@@ -828,6 +829,16 @@ def output_activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int | Non
     if function in ("softmax", "log_softmax"):
         return (function, dim) if isinstance(dim, int) else None
     return function, None
+
+
+def output_tail(gm: fx.GraphModule) -> tuple[fx.Node, str, int | None] | None:
+    """``(node, function, axis)`` where the network's output is such a function (:func:`output_activation`)."""
+    try:
+        last = single_output(next(n for n in gm.graph.nodes if n.op == "output"))
+    except ValueError:  # several outputs: output() says so in one line
+        return None
+    tail = output_activation(gm, last)
+    return None if tail is None else (last, *tail)
 
 
 def _json_float(x: float) -> float | None:
@@ -881,12 +892,7 @@ def lower(compiled) -> Program:
         raise lw.unsupported(products[0], "a product of two activations (attention) has no integer instruction yet; "
                                           "export ONNX (custom form), which computes it on both operands' grids")
     out = None
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    try:
-        last = single_output(output_node)
-    except ValueError:
-        last = None
-    host_tail = last if last is not None and output_activation(gm, last) is not None else None
+    host_tail = lw.output_tail[0] if lw.output_tail is not None else None
     for node in gm.graph.nodes:
         try:
             if node.op == "output":
