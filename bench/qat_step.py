@@ -32,6 +32,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import random
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,23 @@ def round_ratios(times: dict[str, list[float]], baseline: str = "float") -> dict
     return {name: statistics.median(t / f for t, f in zip(ts, times[baseline])) for name, ts in times.items()}
 
 
+def ratio_interval(times: dict[str, list[float]], name: str, baseline: str = "float", level: float = 0.9,
+                   resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for :func:`round_ratios`' median: rounds resampled with replacement.
+
+    How far the median would move in another run on this machine: the ratio sits near
+    the target, so the table shows how sure the verdict is (the verdict itself stays the median).
+
+    >>> ratio_interval({"float": [1.0] * 5, "q": [1.2] * 5}, "q")
+    (1.2, 1.2)
+    """
+    ratios = [t / f for t, f in zip(times[name], times[baseline])]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * (resamples - 1))], medians[int((1 - tail) * (resamples - 1))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -169,13 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     # Ratios within each round (the models ran back to back there), then the median:
     # slow drift of this shared machine cancels out instead of landing on one model.
     ratios = round_ratios(times)
+    intervals = {name: ratio_interval(times, name) for name in times}
     ok = ratios["ASQ+POST 4-bit"] <= TARGET
+    low, high = intervals["ASQ+POST 4-bit"]
     lines = [
         f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, {args.threads} thread(s), "
-        f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round)",
-        f"{'model':18s} {'ms/step':>8s} {'x float':>8s}",
-        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f}" for name, ts in times.items()),
-        f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x)",
+        f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round), "
+        "with a 90% bootstrap interval over rounds",
+        f"{'model':18s} {'ms/step':>8s} {'x float':>8s} {'90% interval':>13s}",
+        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f} {intervals[name][0]:6.2f}-{intervals[name][1]:.2f}"
+          for name, ts in times.items()),
+        f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x; "
+        f"90% interval {low:.2f}-{high:.2f})",
     ]
     if not args.no_memory:
         memory = memory_ratios(args.size, args.batch, args.threads)

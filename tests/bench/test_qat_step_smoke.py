@@ -31,12 +31,26 @@ def test_ratios_are_taken_within_rounds_so_drift_cancels():
     assert load_bench("qat_step").round_ratios(noisy)["model"] == pytest.approx(1.25)
 
 
+def test_ratio_interval_brackets_the_median_and_reflects_spread():
+    bench = load_bench("qat_step")
+    steady = {"float": [1.0] * 9, "model": [1.2] * 9}
+    assert bench.ratio_interval(steady, "model") == (1.2, 1.2)
+    ratios = [1.1, 1.15, 1.2, 1.22, 1.25, 1.28, 1.3, 1.35, 1.5]
+    noisy = {"float": [2.0] * 9, "model": [2.0 * r for r in ratios]}
+    low, high = bench.ratio_interval(noisy, "model")
+    assert low < bench.round_ratios(noisy)["model"] < high
+    assert 1.1 <= low and high <= 1.5
+    assert bench.ratio_interval(noisy, "model") == (low, high)  # seeded: the same interval every run
+
+
 def test_qat_step_bench_runs_and_reports_ratios(capsys):
     module = load_bench("qat_step")
     assert module.main(["--repeats", "2", "--size", "32", "--batch", "2", "--threads", "1", "--no-memory"]) == 0
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"^(float|LSQ 4-bit|ASQ\+POST 4-bit|ASQ\+POST, eager)\s+[0-9.]+\s+([0-9.]+)$", out, re.MULTILINE))
+    rows = dict(re.findall(r"^(float|LSQ 4-bit|ASQ\+POST 4-bit|ASQ\+POST, eager)\s+[0-9.]+\s+([0-9.]+)\s+[0-9.]+-[0-9.]+$",
+                           out, re.MULTILINE))
     expected = {"float", "LSQ 4-bit", "ASQ+POST 4-bit"} | ({"ASQ+POST, eager"} if kernels.fused() else set())
     assert set(rows) == expected
     assert all(math.isfinite(float(r)) and float(r) > 0 for r in rows.values())
-    assert re.search(r"^target: ASQ\+POST 4-bit <= 1\.3x float: (MET|MISSED)", out, re.MULTILINE)
+    assert re.search(r"^target: ASQ\+POST 4-bit <= 1\.3x float: (MET|MISSED) \([0-9.]+x; 90% interval [0-9.]+-[0-9.]+\)$",
+                     out, re.MULTILINE)
