@@ -2,8 +2,8 @@
 
 "Bit-true" (docs/design.md §1): every requantized code equals the code the
 fake-quant module computes when it runs in float64 on the CPU
-(``copy.deepcopy(compiled.module).double()``), except at exact ties of the
-module's ``x / step``, which are counted. :func:`verify_program` runs both on the
+(``copy.deepcopy(compiled.module).double()``, its weights on their recorded float32
+codes), except at exact ties of the module's ``x / step``, which are counted. :func:`verify_program` runs both on the
 same inputs and compares every activation quantizer's codes twice: fed the
 reference's codes of the quantizers before it (the per-layer check: one tie decided
 the other way would otherwise reach every later layer through the residual stream),
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from ..analysis import class_axis, sole_tensor
+from ..nn.layout import channel_weight, from_channel_first, is_transposed
+from ..quantizers.adder import QAdderConv2d
 from ..quantizers.asq import ASQQuantizer
 from .interpreter import Overflow
 
@@ -82,9 +84,41 @@ class AgreementReport:
 
 
 @torch.no_grad()
+def _weights_on_their_codes(module: torch.nn.Module) -> None:
+    """Replace each quantized layer's float weight by its float32 quantized value (codes times steps).
+
+    The reference runs in float64, where a weight's ``w / step`` can round to another code
+    than the float32 division that made the recorded codes, which the program and both ONNX
+    forms use: ``-0.01412956 / 0.00076376`` is -18.5000006 in float64 but exactly -18.5 in
+    float32, a tie that goes to -18 (VGG-11's third convolution has one such weight). A
+    weight that already is ``code * step`` quantizes to that code in float64 too. A tensor
+    shared by two layers (tied weights) is left as it is: each quantizer would claim it.
+    """
+    layers = [m for m in module.modules() if isinstance(m, QAdderConv2d) or hasattr(m, "weight_quant")]
+    owners: dict[int, int] = {}
+    for layer in layers:
+        owners[layer.weight.data_ptr()] = owners.get(layer.weight.data_ptr(), 0) + 1
+    for layer in layers:
+        if owners[layer.weight.data_ptr()] > 1:
+            continue
+        if isinstance(layer, QAdderConv2d):
+            steps = layer.weight_steps().view(-1, *([1] * (layer.weight.dim() - 1)))
+            layer.weight.copy_(layer.weight_codes() * steps)
+        else:
+            values = layer.weight_quant.eval()(channel_weight(layer))
+            layer.weight.copy_(from_channel_first(values, layer.groups) if is_transposed(layer) else values)
+
+
+@torch.no_grad()
 def reference_codes(compiled, x: np.ndarray) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The float64 module's output and, per quantizer node, ``(codes, exact-tie mask)``."""
-    ref = copy.deepcopy(compiled.module).double().eval()
+    """The float64 module's output and, per quantizer node, ``(codes, exact-tie mask)``.
+
+    Its weights are the recorded float32 codes (:func:`_weights_on_their_codes`); everything
+    after them, accumulation, batch norm and requantization, runs in float64.
+    """
+    ref = copy.deepcopy(compiled.module).eval()
+    _weights_on_their_codes(ref)
+    ref = ref.double()
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     hooks = []
     for node in ref.graph.nodes:

@@ -103,3 +103,28 @@ def test_exact_ties_are_counted_not_failed():
     with torch.no_grad():
         head.step.mul_(1.01)
     assert not program.verify(c, data.x_test.numpy()).ok()
+
+
+def test_reference_keeps_the_float32_weight_codes_at_a_float64_near_tie():
+    """A weight whose w / step is -18.5 in float32 (a tie, so code -18) but -18.5000006 in float64
+    (code -19): the program, both ONNX forms and the recorded codes use -18; the float64 reference
+    must too, or verify reports a disagreement the deployed model does not have (VGG-11 had one)."""
+    from qcompiler.runtime.agreement import reference_codes
+
+    w, step = -0.014129559509456158, 0.0007637599483132362  # both float32 numbers
+    assert float(torch.tensor(w) / torch.tensor(step)) == -18.5 and w / step < -18.5
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.ReLU(), torch.nn.Linear(1, 2))
+    x = torch.rand(256, 1) + 0.5
+    c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq", weight_bits=8, act_bits=8, pin_first_last=False),
+                          calib_data=-x)
+    layer = c.module.get_submodule("0")
+    with torch.no_grad():
+        layer.weight.fill_(w)
+        layer.weight_quant.step.fill_(step)
+    assert layer.weight_quant.codes(layer.weight).item() == -18
+    program = c.lower()
+    report = program.verify(c, -x.numpy())
+    assert report.first_divergent is None and all(la.identical == 1.0 for la in report.layers), report.text()
+    _, codes = reference_codes(c, -x.numpy())
+    assert any(codes[name][0].any() for name in codes)  # the layer's output is not all clipped away
