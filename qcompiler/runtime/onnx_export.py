@@ -69,6 +69,7 @@ from ..errors import QCompileError, UnsupportedError
 from ..frontend import TRANSPOSED_KINDS
 from ..training_calls import is_eval_identity
 from . import onnx_ops
+from .interpreter import adaptive_windows
 from .lower import _shape
 
 FORMATS = ("custom", "qdq")
@@ -598,8 +599,15 @@ class _Emitter:
         if all(o == 1 for o in out):
             self.global_pool(node)
             return
+        windows = [adaptive_windows(i, o) for i, o in zip(in_shape, out)]
+        if all(end - start == 1 for axis in windows for start, end in axis):
+            # every window holds one element (an input smaller than the output: VGG's 7x7 pooling of
+            # a 32x32 image's 1x1 features): torch's average is that element, so gather it
+            self.gather_positions(node, [[start for start, _ in axis] for axis in windows])
+            return
         if any(i % o for i, o in zip(in_shape, out)):
-            raise self.unsupported(node, "adaptive average pooling whose output does not divide the input")
+            raise self.unsupported(node, "adaptive average pooling whose output does not divide the input, "
+                                         "with windows of more than one element")
         kernel = [i // o for i, o in zip(in_shape, out)]
         self.pool(node, "AveragePool", kernel, kernel, 0, 1, False)
 
