@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,17 +600,41 @@ class _Emitter:
         if all(o == 1 for o in out):
             self.global_pool(node)
             return
-        windows = [adaptive_windows(i, o) for i, o in zip(in_shape, out)]
-        if all(end - start == 1 for axis in windows for start, end in axis):
-            # every window holds one element (an input smaller than the output: VGG's 7x7 pooling of
-            # a 32x32 image's 1x1 features): torch's average is that element, so gather it
-            self.gather_positions(node, [[start for start, _ in axis] for axis in windows])
-            return
         if any(i % o for i, o in zip(in_shape, out)):
-            raise self.unsupported(node, "adaptive average pooling whose output does not divide the input, "
-                                         "with windows of more than one element")
+            self.uneven_adaptive_avgpool(node, in_shape, out)
+            return
         kernel = [i // o for i, o in zip(in_shape, out)]
         self.pool(node, "AveragePool", kernel, kernel, 0, 1, False)
+
+    def uneven_adaptive_avgpool(self, node: fx.Node, in_shape: tuple[int, ...], out: list[int]) -> None:
+        """Adaptive average pooling over windows of different sizes, in the order torch's CPU kernel
+        sums them: each output's window elements in row-major order added one by one from the
+        first (float32), then the sum divided by the window's length along each axis in turn.
+
+        The spatial axes are flattened and one zero appended; the k-th ``Gather`` picks every
+        window's k-th element (the zero where a window is shorter: adding it changes nothing).
+        """
+        name, channels = node.name, _shape(node.args[0])[0]
+        windows = [adaptive_windows(i, o) for i, o in zip(in_shape, out)]
+        spans = [[range(start, end) for start, end in axis] for axis in windows]
+        size = int(np.prod(in_shape))
+        longest = int(np.prod([max(len(r) for r in axis) for axis in spans]))
+        picks = np.full((longest, *out), size, dtype=np.int64)  # index `size` is the appended zero
+        for position in itertools.product(*(range(o) for o in out)):
+            members = [np.ravel_multi_index(p, in_shape) for p in itertools.product(*(s[i] for s, i in zip(spans, position)))]
+            picks[(slice(0, len(members)), *position)] = members
+        flat = self.node("Reshape", [self.src(node), self.init(f"{name}.flat_shape", np.array([0, channels, -1], np.int64))],
+                         f"{name}.flat", name)
+        flat = self.node("Pad", [flat, self.init(f"{name}.zero_pad", np.array([0, 0, 0, 0, 0, 1], np.int64))],
+                         f"{name}.padded", name)
+        total = None
+        for k in range(longest):
+            term = self.node("Gather", [flat, self.init(f"{name}.picks{k}", picks[k])], f"{name}.term{k}", name, axis=2)
+            total = term if total is None else self.node("Add", [total, term], f"{name}.sum{k}", name)
+        for axis, spans_of_axis in enumerate(spans):
+            lengths = np.array([len(r) for r in spans_of_axis], np.float32).reshape([-1 if a == axis else 1 for a in range(len(out))])
+            last = axis == len(out) - 1
+            total = self.node("Div", [total, self.init(f"{name}.length{axis}", lengths)], name if last else f"{name}.div{axis}", name)
 
     def global_pool(self, node: fx.Node) -> None:
         """Global average pooling as the module computes it in eval mode (:func:`exact.global_mean`)."""
