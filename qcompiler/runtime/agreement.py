@@ -3,11 +3,11 @@
 "Bit-true" (docs/design.md §1): every requantized code equals the code the
 fake-quant module computes when it runs in float64 on the CPU
 (``copy.deepcopy(compiled.module).double()``, its weights on their recorded float32
-codes), except at exact ties of the module's ``x / step``, which are counted. :func:`verify_program` runs both on the
-same inputs and compares every activation quantizer's codes twice: fed the
-reference's codes of the quantizers before it (the per-layer check: one tie decided
-the other way would otherwise reach every later layer through the residual stream),
-and end to end, the program on its own codes throughout, as deployed (the classes).
+codes), except at exact ties of the module's ``x / step``, which are counted.
+:func:`verify_program` runs both on the same inputs and compares every activation
+quantizer's codes twice: fed the reference's codes of the quantizers before it (the
+per-layer check: one tie decided the other way would otherwise reach every later layer
+through the residual stream), and end to end, the program on its own codes throughout, as deployed (the classes).
 
 Example:
     >>> import qcompiler, torch
@@ -105,7 +105,7 @@ def _weights_on_their_codes(module: torch.nn.Module) -> None:
             steps = layer.weight_steps().view(-1, *([1] * (layer.weight.dim() - 1)))
             layer.weight.copy_(layer.weight_codes() * steps)
         else:
-            values = layer.weight_quant.eval()(channel_weight(layer))
+            values = layer.weight_quant(channel_weight(layer))  # eval: codes times steps
             layer.weight.copy_(from_channel_first(values, layer.groups) if is_transposed(layer) else values)
 
 
