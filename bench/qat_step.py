@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} interleaved rounds; ratio = median over rounds of (model / float in that round), "
         "with a 90% bootstrap interval over rounds",
         f"{'model':18s} {'ms/step':>8s} {'x float':>8s} {'90% interval':>13s}",
-        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f} {intervals[name][0]:6.2f}-{intervals[name][1]:.2f}"
-          for name, ts in times.items()),
+        *(f"{name:18s} {statistics.median(ts) * 1e3:8.1f} {ratios[name]:8.2f} "
+          f"{intervals[name][0]:6.2f}-{intervals[name][1]:.2f}" for name, ts in times.items()),
         f"target: ASQ+POST 4-bit <= {TARGET}x float: {'MET' if ok else 'MISSED'} ({ratios['ASQ+POST 4-bit']:.2f}x; "
         f"90% interval {low:.2f}-{high:.2f})",
     ]

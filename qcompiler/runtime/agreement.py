@@ -7,7 +7,8 @@ codes), except at exact ties of the module's ``x / step``, which are counted.
 :func:`verify_program` runs both on the same inputs and compares every activation
 quantizer's codes twice: fed the reference's codes of the quantizers before it (the
 per-layer check: one tie decided the other way would otherwise reach every later layer
-through the residual stream), and end to end, the program on its own codes throughout, as deployed (the classes).
+through the residual stream), and end to end, the program on its own codes throughout, as
+deployed (the classes).
 
 Example:
     >>> import qcompiler, torch
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,9 +97,7 @@ def _weights_on_their_codes(module: torch.nn.Module) -> None:
     shared by two layers (tied weights) is left as it is: each quantizer would claim it.
     """
     layers = [m for m in module.modules() if isinstance(m, QAdderConv2d) or hasattr(m, "weight_quant")]
-    owners: dict[int, int] = {}
-    for layer in layers:
-        owners[layer.weight.data_ptr()] = owners.get(layer.weight.data_ptr(), 0) + 1
+    owners = Counter(layer.weight.data_ptr() for layer in layers)
     for layer in layers:
         if owners[layer.weight.data_ptr()] > 1:
             continue

@@ -615,26 +615,27 @@ class _Emitter:
         window's k-th element (the zero where a window is shorter: adding it changes nothing).
         """
         name, channels = node.name, _shape(node.args[0])[0]
-        windows = [adaptive_windows(i, o) for i, o in zip(in_shape, out)]
-        spans = [[range(start, end) for start, end in axis] for axis in windows]
+        spans = [[range(*window) for window in adaptive_windows(i, o)] for i, o in zip(in_shape, out)]
         size = int(np.prod(in_shape))
         longest = int(np.prod([max(len(r) for r in axis) for axis in spans]))
         picks = np.full((longest, *out), size, dtype=np.int64)  # index `size` is the appended zero
         for position in itertools.product(*(range(o) for o in out)):
-            members = [np.ravel_multi_index(p, in_shape) for p in itertools.product(*(s[i] for s, i in zip(spans, position)))]
+            window = itertools.product(*(axis[i] for axis, i in zip(spans, position)))
+            members = [np.ravel_multi_index(p, in_shape) for p in window]
             picks[(slice(0, len(members)), *position)] = members
-        flat = self.node("Reshape", [self.src(node), self.init(f"{name}.flat_shape", np.array([0, channels, -1], np.int64))],
-                         f"{name}.flat", name)
-        flat = self.node("Pad", [flat, self.init(f"{name}.zero_pad", np.array([0, 0, 0, 0, 0, 1], np.int64))],
-                         f"{name}.padded", name)
+        flat_shape = self.init(f"{name}.flat_shape", np.array([0, channels, -1], np.int64))
+        flat = self.node("Reshape", [self.src(node), flat_shape], f"{name}.flat", name)
+        zero_pad = self.init(f"{name}.zero_pad", np.array([0, 0, 0, 0, 0, 1], np.int64))
+        flat = self.node("Pad", [flat, zero_pad], f"{name}.padded", name)
         total = None
         for k in range(longest):
             term = self.node("Gather", [flat, self.init(f"{name}.picks{k}", picks[k])], f"{name}.term{k}", name, axis=2)
             total = term if total is None else self.node("Add", [total, term], f"{name}.sum{k}", name)
         for axis, spans_of_axis in enumerate(spans):
-            lengths = np.array([len(r) for r in spans_of_axis], np.float32).reshape([-1 if a == axis else 1 for a in range(len(out))])
-            last = axis == len(out) - 1
-            total = self.node("Div", [total, self.init(f"{name}.length{axis}", lengths)], name if last else f"{name}.div{axis}", name)
+            lengths = np.array([len(r) for r in spans_of_axis], np.float32)
+            lengths = self.init(f"{name}.length{axis}", lengths.reshape([-1 if a == axis else 1 for a in range(len(out))]))
+            out_name = name if axis == len(out) - 1 else f"{name}.div{axis}"
+            total = self.node("Div", [total, lengths], out_name, name)
 
     def global_pool(self, node: fx.Node) -> None:
         """Global average pooling as the module computes it in eval mode (:func:`exact.global_mean`)."""
