@@ -18,7 +18,7 @@ import torch
 from qcompiler import kernels
 from qcompiler.numerics import GRID_BASES, grid_thresholds, int_range, power_levels, quantize_float, round_half_even
 from qcompiler.quantizers.asq import ASQQuantizer
-from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _kernel_grid, _PowerGrid
+from qcompiler.quantizers.power_grid import PowerGridQuantizer, _FusedPowerGrid, _grid_values, _kernel_grid, _PowerGrid
 from qcompiler.quantizers.uniform import UniformQuantizer, _FusedLSQ, lsq_quantize, positive
 
 
@@ -214,6 +214,28 @@ def test_power_grid_kernel_matches_eager_on_every_exponent(grid, bits):
     fused, eager = _power_grid_paths(bits, grid, 0.5)
     (out_f, grads_f), (out_e, grads_e) = _fused_and_eager(fused, eager, w, alpha)
     assert torch.equal(out_f, out_e) and torch.equal(grads_f[0], grads_e[0])
+
+
+def _every_mantissa(biased_exponent: int) -> torch.Tensor:
+    """All 2^23 positive float32 values with this exponent field (0: the subnormals and zero)."""
+    return (torch.arange(1 << 23, dtype=torch.int32) | (biased_exponent << 23)).view(torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", sorted(GRID_BASES))
+@pytest.mark.parametrize("bits", [3, 8])
+def test_power_grid_kernel_decides_every_mantissa_as_eager(grid, bits):
+    """The kernel finds the level with integer carries into the exponent field, the eager code with
+    mantissa comparisons: every float32 of the octaves where the decisions change (the subnormals,
+    around the smallest level and the zero threshold, around 1) gets the same level from both."""
+    base = GRID_BASES[grid]
+    smallest = int(power_levels(bits, base)[1].view(torch.int32)) >> 23  # exponent field of base^-kmax
+    alpha = torch.ones(1)
+    for exponent in sorted({0, smallest - 1, smallest, smallest + 1, 126, 127, 128}):
+        w = _every_mantissa(exponent).view(1, -1)
+        fused = kernels.fused().power_forward(w, alpha, *_kernel_grid(bits, base))
+        eager = _grid_values(w, alpha.view(1, 1), bits, base)
+        assert torch.equal(fused.view(torch.int32), eager.view(torch.int32)), (grid, bits, exponent)
 
 CHUNK = 1 << 14  # kChunk in fused_quant.cpp: the unit of work whose partial sums are reduced
 
