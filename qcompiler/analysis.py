@@ -768,6 +768,8 @@ def _domain(gm: fx.GraphModule, node: fx.Node, known: dict[fx.Node, Domain]) -> 
         return Domain(ACC) if quantized else Domain(FLOAT)
     if ir.MATMUL in node.meta:  # an integer product of two code tensors
         return Domain(ACC) if all(known[a].kind == GRID for a in node.args) else Domain(FLOAT)
+    if ir.LOOKUP in node.meta:  # a function of codes: a table of its values
+        return Domain(ACC) if known[node.args[0]].kind == GRID else Domain(FLOAT)
     if not live or op_kind(gm, node) == "const":  # x.size() is a shape even when x is the input
         return Domain(CONST)
     if all(d.kind == INPUT for d in live):

@@ -13,6 +13,7 @@ key                 record          on which nodes
 ``qc.act``          ActQuant        inserted activation-quantizer nodes
 ``qc.join``         Join            residual adds and concats: the grid of each side
 ``qc.matmul``       MatMul          products of two activations (q @ k^T): each operand's grid
+``qc.lookup``       Lookup          elementwise functions (hardswish, SiLU, ...) read on a grid: a table
 ``qc.weight``       WeightQuant     compute layers whose weight is quantized
 ``qc.adder_in``     ClampRange      adder layers: calibrated input range (outlier clamp)
 ``qc.adder_q``      AdderScales     quantized adder layers: scale groups, clamp, constants
@@ -53,6 +54,7 @@ WEIGHT = "qc.weight"
 CODES = "qc.codes"
 JOIN = "qc.join"
 MATMUL = "qc.matmul"
+LOOKUP = "qc.lookup"
 FLOAT = "qc.float"
 STEP = "qc.step"
 ADDER_IN = "qc.adder_in"
@@ -214,6 +216,21 @@ class MatMul:
 
     inputs: tuple[str, str]
     bits: int
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """An elementwise function of one activation (hardswish, SiLU, sigmoid, GELU, ...) read on a grid.
+
+    Its input is the codes of the quantizer node named ``input`` (``bits`` wide, one
+    step per tensor), so the function takes at most ``2^bits`` values: the integer
+    program looks each code up in a table of the function's values, as a hardware
+    look-up table would. ``function`` names it as a user would (``module Hardswish``).
+    """
+
+    input: str
+    bits: int
+    function: str
 
 
 @dataclass(frozen=True)

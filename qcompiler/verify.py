@@ -153,6 +153,17 @@ def matmul_record_matches(f: Facts, node: fx.Node) -> str | None:
     return None
 
 
+def lookup_record_matches(f: Facts, node: fx.Node) -> str | None:
+    rec = node.meta.get(ir.LOOKUP)
+    if rec is None:
+        return None
+    src = node.args[0] if node.args else None
+    grid = f.domains[src].grid if isinstance(src, fx.Node) and f.domains[src].kind == GRID else None
+    if grid != rec.input:
+        return f"qc.lookup says its input is on grid {rec.input!r}, graph has {grid!r}"
+    return None
+
+
 def steps_finite(f: Facts, node: fx.Node) -> str | None:
     frozen = node.meta.get(ir.STEP)
     if frozen is not None:
@@ -179,6 +190,7 @@ RULES: tuple[Rule, ...] = (
     Rule("quantized layer has its records and input quantizer", quantized_layer_records),
     Rule("join record matches the graph", join_record_matches),
     Rule("matmul record matches the graph", matmul_record_matches),
+    Rule("lookup record matches the graph", lookup_record_matches),
     Rule("frozen step is positive and finite", steps_finite),
     Rule("per-channel activation steps are read only by joins", channel_steps_read_by_joins),
     Rule("no unrecorded float edge", no_unrecorded_float, final=True),

@@ -25,6 +25,15 @@ def small_cnn() -> nn.Sequential:
     )
 
 
+def hardswish_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """conv → BN → Hardswish → conv → BN → SiLU → pool → linear, for 8×8 digits (MobileNetV3's activations)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+
+
 class Upsampler(nn.Module):
     """conv, a grouped transposed conv with output_padding and a batch norm, then a dilated one."""
 

@@ -25,6 +25,7 @@ from qcompiler.modelio import save_checkpoint
 from qcompiler.spec import QuantSpec
 from qcompiler.train import TrainConfig, train
 from qcompiler.zoo import resnet20
+from small_models import hardswish_cnn
 from untraceable_helpers import gated_net
 
 TESTS_DIR = Path(__file__).parent
@@ -82,6 +83,7 @@ class Files:
     state_dict: Path  # the same weights as a bare state_dict
     pickled: Path  # the same model as a whole pickled module
     untraceable: Path  # state_dict of untraceable_helpers.gated_net()
+    hardswish: Path  # state_dict of small_models.hardswish_cnn(), untrained
     empty_npz: Path
     wrong_shape_npz: Path
     tiny_npz: Path  # 16 digit-shaped samples: a cheap compile
@@ -97,6 +99,7 @@ def _make_files(root: Path) -> Files:
         state_dict=root / "resnet20_state.pt",
         pickled=root / "resnet20_pickled.pt",
         untraceable=root / "gated_state.pt",
+        hardswish=root / "hardswish_state.pt",
         empty_npz=root / "empty.npz",
         wrong_shape_npz=root / "rgb.npz",
         tiny_npz=root / "tiny.npz",
@@ -106,6 +109,7 @@ def _make_files(root: Path) -> Files:
     torch.save(model.state_dict(), files.state_dict)
     torch.save(model, files.pickled)
     torch.save(gated_net(in_channels=1).state_dict(), files.untraceable)
+    torch.save(hardswish_cnn().state_dict(), files.hardswish)
     np.savez(files.empty_npz, x=np.zeros((0, 1, 8, 8), dtype=np.float32), y=np.zeros(0, dtype=np.int64))
     rng = np.random.default_rng(0)
     np.savez(files.wrong_shape_npz, x=rng.normal(size=(20, 3, 5, 5)).astype(np.float32), y=np.arange(20) % 4)
@@ -168,6 +172,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, files: Files) -> dict[str, Ru
         "emit_int": [str(files.checkpoint), "--passes", "asq,post", "--bits", "4", "--emit", "int", "--verify-int", "--out", "out"],
         "per_channel_joins": [str(files.checkpoint), "--passes", "lsq", "--bits", "8", "--per-channel-joins",
                               "--emit", "int", "--verify-int", "--out", "out"],
+        "lookup": [str(files.hardswish), "--arch", "small_models:hardswish_cnn", "--passes", "lsq,lookup-activations",
+                   "--bits", "8", "--emit", "int", "--verify-int", "--out", "out"],
         **{name: make(files) for name, make in BAD.items()},
     }
     works = {name: tmp_path_factory.mktemp(name) for name in jobs}
@@ -304,6 +310,15 @@ def test_per_channel_joins_flag_compiles_lowers_and_says_so(runs: dict[str, Run]
     run = runs["per_channel_joins"]
     assert run.returncode == 0, run.stderr
     assert "operand(s) with one step per channel" in run.stdout, run.stdout
+    agree = float(run.stdout.split("classes agree ")[1].split(";")[0])
+    assert agree >= 0.995, run.stdout
+    assert (run.out / "program.npz").is_file()
+
+
+def test_lookup_activations_lower_hardswish_and_silu_by_table(runs: dict[str, Run]) -> None:
+    run = runs["lookup"]
+    assert run.returncode == 0, run.stderr
+    assert "lookup-activations" in run.stdout and "lut" in run.stdout, run.stdout
     agree = float(run.stdout.split("classes agree ")[1].split(";")[0])
     assert agree >= 0.995, run.stdout
     assert (run.out / "program.npz").is_file()

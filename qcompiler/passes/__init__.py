@@ -12,6 +12,7 @@ from .adder_shared import AdderShared
 from .asq import ASQ
 from .bias_correction import BiasCorrection
 from .freeze import Freeze
+from .lookup_activations import LookupActivations
 from .lsq import LSQ
 from .manager import PassManager, PassRun, plan
 from .observe import Observe
@@ -37,6 +38,7 @@ REGISTRY: dict[str, type[Pass]] = {
         OutlierClamp,
         AdderGroups,
         AdderShared,
+        LookupActivations,
         QuantizeMatmuls,
         QuantizeJoins,
         RefineSteps,

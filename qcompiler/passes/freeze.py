@@ -30,6 +30,7 @@ from ..quantizers.asq import BETA_BOUND, ASQQuantizer
 from ..quantizers.power_grid import PowerGridQuantizer
 from ..quantizers.uniform import UniformQuantizer, positive
 from .base import STAGE_FREEZE, Pass, PassContext, PassResult
+from .lookup_activations import host_tail, is_lookup_function
 
 
 def frozen_act(q: UniformQuantizer) -> ir.FrozenAct:
@@ -78,6 +79,8 @@ def float_reason(gm: fx.GraphModule, node: fx.Node, domains) -> str:
         return f"reads the float output of {floats[0]}"
     if join_operands(node) is not None:
         return "join whose operands are not all on integer grids (quantize_joins is off)"
+    if is_lookup_function(gm, node) and node is not host_tail(gm):
+        return f"{describe_op(gm, node)} has no integer form here; the lookup-activations pass computes it by table"
     return f"{describe_op(gm, node)} has no integer form here"
 
 

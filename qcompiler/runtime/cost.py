@@ -5,11 +5,15 @@ its declared widths (:mod:`.isa`) and the buffer shapes of one run. Energy uses 
 45 nm figures of Horowitz (ISSCC 2014), :data:`ENERGY_PJ`. An integer operation of
 at most 8 bits costs the 8-bit figure, a wider one the 32-bit figure, and an add
 wider than 32 bits (48/64-bit accumulators) scales linearly with its width. A shift
-counts as an add of the accumulator's width, a comparison as an add. The float32
+counts as an add of the accumulator's width, a comparison as an add. A table look-up
+(``lookup``) counts as one 64-bit read of the smallest SRAM the figures list (8 KB,
+10 pJ): an upper bound for a table of at most 2^16 words. The float32
 baseline is the same model as a multiply network: one float multiply and one float
 add per multiply-accumulate (also for adder and power-grid layers), one of each per
 output element and per term for the batch-norm/requantization epilogue, and every
-tensor and weight stored as 32 bits.
+tensor and weight stored as 32 bits. Elementwise functions (a table in the program, the
+host's output activation) count as one float multiply and add per element there, the
+figures having no exponential.
 
 Example:
     >>> ENERGY_PJ[("mult", 8)], ENERGY_PJ[("fmult", 32)]
@@ -28,7 +32,7 @@ from .program import Program
 
 ENERGY_PJ: dict[tuple[str, int], float] = {
     ("add", 8): 0.03, ("add", 32): 0.1, ("mult", 8): 0.2, ("mult", 32): 3.1,
-    ("fadd", 32): 0.9, ("fmult", 32): 3.7,
+    ("fadd", 32): 0.9, ("fmult", 32): 3.7, ("sram8k_read", 64): 10.0,
 }
 
 
@@ -138,6 +142,11 @@ def costs(program: Program, x: np.ndarray) -> CostReport:
             e += n * window * energy("add", 32)
             fe += n * window * energy("fadd", 32)
             out_bits = bits_of.get(ins.srcs[0], 32) if ins.op != "sumpool" else 32
+            weight_bits = 0
+        elif ins.op == "lookup":
+            c["lut"] += n
+            e += n * ENERGY_PJ[("sram8k_read", 64)]
+            fe += n * (energy("fmult", 32) + energy("fadd", 32))
             weight_bits = 0
         elif ins.op == "quantize":
             c["host_fmult"] += n

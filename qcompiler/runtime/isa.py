@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# How the cost model (:mod:`.cost`) counts an instruction's work.
+COST_KINDS = ("mac", "shift", "sad", "requant", "cmp", "add", "lut", "move", "host")
+
+
 @dataclass(frozen=True)
 class OpDecl:
     """One instruction: its operands, widths, meaning and how the cost model counts it.
@@ -38,7 +42,7 @@ class OpDecl:
     operand_bits: int
     acc_bits: int
     semantics: str
-    cost: str  # "mac" | "shift" | "sad" | "requant" | "cmp" | "add" | "move" | "host"
+    cost: str  # one of COST_KINDS
     host: bool = False
 
 
@@ -65,6 +69,9 @@ ISA: dict[str, OpDecl] = {
                "y = sum over each window, zero padding (adaptive: windows [floor(i*S/O), ceil((i+1)*S/O))); "
                "the divisor goes into the next requant", "add"),
         OpDecl("relu", "x: int (N, ...)", 64, 64, "y = max(x, 0)", "cmp"),
+        OpDecl("lookup", "x: int codes (N, ...); table: const int (qmax - qmin + 1,)", 16, 32,
+               "y = table[x - qmin]: an elementwise function (hardswish, SiLU, sigmoid, GELU, ...) at every code, "
+               "in units of 2^-frac_bits", "lut"),
         OpDecl("concat", "xs: int (N, ...)", 64, 64, "y = concatenate(xs, axis)", "move"),
         OpDecl("reshape", "x: int (N, ...), or the float input before its quantize", 64, 64, "y = x.reshape(N, *shape) (no data movement)", "move"),
         OpDecl("permute", "x: int (N, ...), or the float input before its quantize", 64, 64, "y = x.transpose(0, *perm) (perm over the non-batch axes, 1-based)",
@@ -119,4 +126,4 @@ def isa_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ISA", "Instr", "OpDecl", "isa_table"]
+__all__ = ["COST_KINDS", "ISA", "Instr", "OpDecl", "isa_table"]

@@ -476,6 +476,32 @@ class _Lowering:
             return self.reshape(node, v)
         raise self.unsupported(node, f"module {type(m).__name__} has no integer lowering")
 
+    def lookup(self, node: fx.Node) -> Acc:
+        """An elementwise function of codes (``qc.lookup``): a table of its values at every code.
+
+        The values are the node's own function (its ``approximate=``, slopes, ...) called on
+        the grid points ``code * step`` in float64, as the module deployed in float64 (the
+        reference :mod:`.agreement` checks against) computes them. They are stored as 32-bit
+        integers in units of ``2^-frac_bits``, the finest unit in which the largest fits
+        (rounded to half a unit), and requantized like any sum.
+        """
+        src = self.values[node.args[0]]
+        if not isinstance(src, Grid) or src.factor is not None or np.ndim(src.step) != 0:
+            raise self.unsupported(node, "a table needs its input on one grid with one step (the "
+                                         "lookup-activations pass puts a quantizer there)")
+        points = torch.arange(src.qmin, src.qmax + 1, dtype=torch.float64) * float(src.step)
+        with torch.no_grad():
+            values = call_on(self.gm, node, points).numpy()
+        if not np.isfinite(values).all():
+            raise self.unsupported(node, "the function is not finite at every code of its input grid")
+        largest = float(np.abs(values).max())
+        frac_bits = WIDE_BITS - 1 - math.floor(math.log2(largest)) if largest > 0 else 0
+        table = np.round(np.ldexp(values, frac_bits)).astype(np.int64)
+        attrs = {"qmin": src.qmin, "qmax": src.qmax, "frac_bits": frac_bits, "function": ir.get(node, ir.LOOKUP, ir.Lookup).function}
+        self.emit("lookup", node.name, [src.buf], [self.const(f"{node.name}.table", table)], attrs, node.name)
+        bound = np.asarray(float(np.abs(table).max()))
+        return Acc([Term(node.name, np.asarray(2.0**-frac_bits), bound, None, int(table.min()))], np.zeros(()), _shape(node))
+
     def relu(self, node: fx.Node, v: object) -> object:
         if isinstance(v, Grid):
             if v.qmin >= 0:
@@ -726,6 +752,8 @@ class _Lowering:
             return self.quantizer(node)
         if ir.LAYER in node.meta:
             return self.layer(node)
+        if ir.LOOKUP in node.meta:
+            return self.lookup(node)
         if ir.FLOAT in node.meta:
             raise self.unsupported(node, f"computed in float ({ir.get(node, ir.FLOAT, ir.FloatRegion).reason})")
         operands = join_operands(node)
@@ -839,6 +867,15 @@ def output_tail(gm: fx.GraphModule) -> tuple[fx.Node, str, int | None] | None:
         return None
     tail = output_activation(gm, last)
     return None if tail is None else (last, *tail)
+
+
+def call_on(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """``node``'s own call (module, function or method, with its other arguments) applied to ``x``."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(x)
+    if node.op == "call_method":
+        return getattr(x, node.target)(*node.args[1:], **node.kwargs)
+    return node.target(x, *node.args[1:], **node.kwargs)
 
 
 def _json_float(x: float) -> float | None:
