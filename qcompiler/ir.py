@@ -211,11 +211,14 @@ class MatMul:
 
     Both operands are read on the grids of the quantizer nodes named in ``inputs``
     (``bits`` wide), so the product is an integer matmul of two code tensors times
-    the two steps; the next quantizer requantizes it.
+    the two steps; the next quantizer requantizes it. ``elementwise``: a ``*`` of two
+    activations instead (a squeeze-excitation gate, ``x * sigmoid(x)``), written by
+    ``lookup-activations``: one integer multiply per element.
     """
 
     inputs: tuple[str, str]
     bits: int
+    elementwise: bool = dataclasses.field(default=False, metadata={"shown_unless": False})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # passes import this module for ReportSection; no cycle at ru
 
 
 MATMUL_KIND = "matmul"  # a product of two activations: a row with no weight
+PRODUCT_KIND = "mul"  # an elementwise product of two activations (a gate): a row with no weight
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class CompileReport:
         rows = [
             (
                 r.name, r.kind,
-                str(r.weight_bits or ("-" if r.kind == MATMUL_KIND else "fp32")), str(r.act_bits or "fp32"),
+                str(r.weight_bits or ("-" if r.kind in (MATMUL_KIND, PRODUCT_KIND) else "fp32")), str(r.act_bits or "fp32"),
                 r.weight_quantizer, r.act_quantizer, r.pinned,
             )
             for r in self.layers
@@ -190,8 +191,10 @@ def matmul_rows(gm: fx.GraphModule) -> list[LayerReport]:
         signs = " x ".join(a.grid_kind for a in acts)
         out = node.meta.get("tensor_meta")
         depth = node.args[0].meta["tensor_meta"].shape[-1] if "tensor_meta" in node.args[0].meta else 0
+        depth = 1 if rec.elementwise else depth
         macs = math.prod(out.shape[1:]) * depth if out is not None else 0  # per sample, as for layers
-        rows.append(LayerReport(name=node.name, kind=MATMUL_KIND, weight_bits=None, act_bits=rec.bits,
+        rows.append(LayerReport(name=node.name, kind=PRODUCT_KIND if rec.elementwise else MATMUL_KIND,
+                                weight_bits=None, act_bits=rec.bits,
                                 weight_quantizer="- (two activations)", act_quantizer=f"{acts[0].method} {signs}",
                                 pinned="", params=0, macs=macs))
     return rows

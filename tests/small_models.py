@@ -46,3 +46,27 @@ class Upsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.t2(torch.relu(self.bn(self.t(torch.relu(self.c(x))))))
+
+
+class FloatActivations(nn.Module):
+    """Activations that run in float regions (no integer form), as modules and as functions, and a
+    squeeze-excitation gate (two activations multiplied): MobileNetV3's and EfficientNet's patterns."""
+
+    def __init__(self, smooth: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.smooth = smooth
+        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.SiLU() if smooth else nn.Hardswish()
+        self.gate = nn.Sigmoid() if smooth else nn.Hardsigmoid()
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        s = x.mean((2, 3), keepdim=True)
+        s = self.gate(self.excite(torch.relu(self.squeeze(s))))
+        x = x * s
+        f = torch.nn.functional
+        x = f.gelu(self.conv2(x)) if self.smooth else f.leaky_relu(f.hardswish(self.conv2(x)), 0.1)
+        return self.fc(torch.flatten(torch.tanh(x) if self.smooth else f.hardsigmoid(x), 1))

@@ -12,6 +12,12 @@ takes at most ``2^bits`` values; the integer program holds them in a table (its
 ``lookup`` instruction), and the fake-quant module computes the same values by calling
 the function on the same float32 grid points.
 
+What such functions usually feed is handled too: every elementwise product of two
+activations (a squeeze-excitation gate ``x * hardsigmoid(...)``, a swish written as
+``x * torch.sigmoid(x)``) gets both operands on LSQ grids, recorded as an elementwise
+:class:`~qcompiler.ir.MatMul`, so it is one integer multiply per element (the program's
+``mul``) times the two steps.
+
 Why LSQ also under ``asq``: a table needs one step for every input, where ASQ's step
 changes per sample. A function that ends the network (a sigmoid or softmax read out
 on the host) is left to the host, as without this pass.
@@ -23,13 +29,15 @@ Example:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ir
-from ..analysis import CONST, describe_op, tensor_domains
+from ..analysis import CONST, INPUT, describe_op, tensor_domains
 from .base import CALIBRATION_DATA, STAGE_ACTIVATIONS, Pass, PassContext, PassResult
 from .observe import observe_ranges
 from .quantize_matmuls import QuantizeMatmuls
@@ -42,6 +50,14 @@ LOOKUP_FUNCTIONS = (F.hardswish, F.hardsigmoid, F.silu, torch.sigmoid, F.sigmoid
                     F.selu, torch.selu, F.celu, F.mish, F.softplus, F.softsign, F.leaky_relu, F.logsigmoid,
                     F.tanhshrink)
 LOOKUP_METHODS = ("sigmoid", "tanh")
+PRODUCT_FUNCTIONS = (operator.mul, torch.mul)
+
+
+def is_elementwise_product(node: fx.Node) -> bool:
+    """``a * b``, ``torch.mul(a, b)`` or ``a.mul(b)`` of two tensors (which may be numbers: the caller checks)."""
+    call = (node.op == "call_function" and node.target in PRODUCT_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul")
+    return call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
 
 
 def is_lookup_function(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -77,7 +93,8 @@ def out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
 
 class LookupActivations(Pass):
     name = "lookup-activations"
-    purpose = "an activation quantizer on the input of every hardswish, SiLU, sigmoid, GELU ... (a look-up table)"
+    purpose = ("an activation quantizer on the input of every hardswish, SiLU, sigmoid, GELU ... (a look-up table) "
+               "and on both operands of every product of two activations (a gate)")
     stage = STAGE_ACTIVATIONS
     requires = frozenset({CALIBRATION_DATA, "act-quant"})
     produces = frozenset({"lookup-quant"})
@@ -86,12 +103,20 @@ class LookupActivations(Pass):
         domains, tail = tensor_domains(gm), host_tail(gm)
         functions = [n for n in gm.graph.nodes if is_lookup_function(gm, n) and n is not tail
                      and ir.LOOKUP not in n.meta and ir.FLOAT not in n.meta and domains[n.args[0]].kind != CONST]
-        if not functions:
+        products = [n for n in gm.graph.nodes if is_elementwise_product(n) and ir.MATMUL not in n.meta
+                    and ir.FLOAT not in n.meta and all(domains[a].kind not in (CONST, INPUT) for a in n.args)]
+        if not functions and not products:
             return PassResult(gm, False)
-        observe_ranges(gm, ctx, [n.args[0] for n in functions if ir.RANGE not in n.args[0].meta], self.name)
+        inputs = [n.args[0] for n in functions] + [a for n in products for a in n.args]
+        observe_ranges(gm, ctx, list(dict.fromkeys(a for a in inputs if ir.RANGE not in a.meta)), self.name)
         for node in functions:
             bits = ctx.spec.layer_bits(node.name, None)[1]
             q = QuantizeMatmuls.quantize_operand(gm, node, 0, bits, ctx.spec.init, ctx.spec.asymmetric_acts)
             out_of_place(gm, node)
             node.meta[ir.LOOKUP] = ir.Lookup(input=q.name, bits=bits, function=describe_op(gm, node))
+        for node in products:
+            bits = ctx.spec.layer_bits(node.name, None)[1]
+            q0, q1 = (QuantizeMatmuls.quantize_operand(gm, node, i, bits, ctx.spec.init, ctx.spec.asymmetric_acts)
+                      for i in range(2))
+            node.meta[ir.MATMUL] = ir.MatMul(inputs=(q0.name, q1.name), bits=bits, elementwise=True)
         return PassResult(gm, True)

@@ -143,6 +143,12 @@ def costs(program: Program, x: np.ndarray) -> CostReport:
             fe += n * window * energy("fadd", 32)
             out_bits = bits_of.get(ins.srcs[0], 32) if ins.op != "sumpool" else 32
             weight_bits = 0
+        elif ins.op == "mul":  # a product of two activations: one multiply per element
+            op_bits = max(a["a_bits"], a["b_bits"])
+            c[f"mult{_width(op_bits)}"] += n
+            e += n * energy("mult", op_bits)
+            fe += n * energy("fmult", 32)
+            weight_bits = 0
         elif ins.op == "lookup":
             c["lut"] += n
             e += n * ENERGY_PJ[("sram8k_read", 64)]

@@ -663,6 +663,12 @@ class Interpreter:
     def op_relu(self, ins: Instr, env) -> np.ndarray:
         return np.maximum(env[ins.srcs[0]], 0)
 
+    def op_mul(self, ins: Instr, env) -> np.ndarray:
+        a, b = (env[s].astype(np.int64, copy=False) for s in ins.srcs)
+        y = a * b
+        self.check(ins, y)
+        return y
+
     def op_lookup(self, ins: Instr, env) -> np.ndarray:
         codes = env[ins.srcs[0]].astype(np.int64, copy=False)  # a float32 requant holds integers too
         return self.c(ins.consts[0])[codes - ins.attrs["qmin"]]

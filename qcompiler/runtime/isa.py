@@ -69,6 +69,8 @@ ISA: dict[str, OpDecl] = {
                "y = sum over each window, zero padding (adaptive: windows [floor(i*S/O), ceil((i+1)*S/O))); "
                "the divisor goes into the next requant", "add"),
         OpDecl("relu", "x: int (N, ...)", 64, 64, "y = max(x, 0)", "cmp"),
+        OpDecl("mul", "a, b: int codes (N, ...), broadcast against each other", 16, 32,
+               "y = a * b elementwise, broadcast as torch broadcasts: a product of two activations (a gate)", "mac"),
         OpDecl("lookup", "x: int codes (N, ...); table: const int (qmax - qmin + 1,)", 16, 32,
                "y = table[x - qmin]: an elementwise function (hardswish, SiLU, sigmoid, GELU, ...) at every code, "
                "in units of 2^-frac_bits", "lut"),

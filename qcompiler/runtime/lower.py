@@ -502,6 +502,19 @@ class _Lowering:
         bound = np.asarray(float(np.abs(table).max()))
         return Acc([Term(node.name, np.asarray(2.0**-frac_bits), bound, None, int(table.min()))], np.zeros(()), _shape(node))
 
+    def product(self, node: fx.Node) -> Acc:
+        """``a * b`` of two code tensors (an elementwise ``qc.matmul``, a gate): one integer multiply per
+        element, broadcast as torch broadcasts, at the product of the two steps."""
+        a, b = (self.values[x] for x in node.args)
+        if not all(isinstance(v, Grid) and v.factor is None and np.ndim(v.step) == 0 for v in (a, b)):
+            raise self.unsupported(node, "a product needs both operands on grids with one step each")
+        corners = [p * q for p in (a.qmin, a.qmax) for q in (b.qmin, b.qmax)]
+        attrs = {"a_bits": a.bits, "b_bits": b.bits}
+        self.emit("mul", node.name, [a.buf, b.buf], (), attrs, node.name)
+        bound = np.asarray(float(max(abs(c) for c in corners)))
+        return Acc([Term(node.name, np.asarray(float(a.step) * float(b.step)), bound, None, min(corners))],
+                   np.zeros(()), _shape(node))
+
     def relu(self, node: fx.Node, v: object) -> object:
         if isinstance(v, Grid):
             if v.qmin >= 0:
@@ -754,6 +767,8 @@ class _Lowering:
             return self.layer(node)
         if ir.LOOKUP in node.meta:
             return self.lookup(node)
+        if ir.MATMUL in node.meta:  # elementwise: lower() refused the others
+            return self.product(node)
         if ir.FLOAT in node.meta:
             raise self.unsupported(node, f"computed in float ({ir.get(node, ir.FLOAT, ir.FloatRegion).reason})")
         operands = join_operands(node)
@@ -924,7 +939,7 @@ def lower(compiled) -> Program:
     compiled.freeze()
     gm = compiled.module
     lw = _Lowering(gm)
-    products = [n for n in gm.graph.nodes if ir.MATMUL in n.meta]
+    products = [n for n in gm.graph.nodes if ir.MATMUL in n.meta and not ir.get(n, ir.MATMUL, ir.MatMul).elementwise]
     if products:  # said before any other node fails on the way to it
         raise lw.unsupported(products[0], "a product of two activations (attention) has no integer instruction yet; "
                                           "export ONNX (custom form), which computes it on both operands' grids")

@@ -14,6 +14,8 @@ from qcompiler.analysis import ACC, tensor_domains
 from qcompiler.errors import PipelineError, UnsupportedError
 from qcompiler.runtime.agreement import verify_program
 from qcompiler.runtime.cost import costs
+from qcompiler.report import PRODUCT_KIND
+from small_models import FloatActivations
 
 
 class Block(nn.Module):
@@ -149,3 +151,53 @@ def test_the_ir_verifier_checks_the_lookup_record_against_the_graph() -> None:
     node.meta[ir.LOOKUP] = dataclasses.replace(node.meta[ir.LOOKUP], input="c2_act")
     with pytest.raises(IRError, match="lookup record matches the graph"):
         verify_graph(gm)
+
+
+class Swish(nn.Module):
+    """A swish written out, ``x * torch.sigmoid(x)``, and a gate read through a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+        self.gate = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        x = x * torch.sigmoid(x)
+        g = torch.sigmoid(self.gate(x.mean((2, 3)))).view(-1, 8, 1, 1)
+        return self.fc((x * g).mean((2, 3)))
+
+
+@pytest.mark.parametrize("passes,bits", [("lsq,lookup-activations", 8), ("asq,post,lookup-activations", 4)])
+@pytest.mark.parametrize("smooth", [False, True], ids=["piecewise-linear", "smooth"])
+def test_squeeze_excitation_gates_and_every_function_lower_and_agree(smooth, passes, bits) -> None:
+    """MobileNetV3's and EfficientNet's patterns (hardswish/SiLU, a hardsigmoid/sigmoid gate multiplied
+    into the map, GELU, leaky ReLU, tanh): no float region is left, the program agrees code for code."""
+    torch.manual_seed(0)
+    model, x = FloatActivations(smooth).eval(), torch.randn(160, 1, 8, 8)
+    compiled = _compile(model, x, passes, bits)
+    gm = compiled.module
+    gate = next(n for n in gm.graph.nodes if ir.MATMUL in n.meta)
+    rec = ir.get(gate, ir.MATMUL, ir.MatMul)
+    assert rec.elementwise and rec.inputs == tuple(a.name for a in gate.args)
+    assert not any(ir.FLOAT in n.meta for n in gm.graph.nodes)
+    assert [r.kind for r in compiled.report.layers].count(PRODUCT_KIND) == 1
+    program = compiled.lower()
+    assert [i.op for i in program.instructions].count("mul") == 1
+    report = verify_program(program, compiled, x.numpy())
+    assert report.ok(), report.text()
+    assert costs(program, x.numpy()).counts[f"mult{8}"] >= 8 * 8 * 8  # the gate's multiplies among the layers'
+
+
+def test_a_written_out_swish_and_a_viewed_gate_are_products_of_grids() -> None:
+    torch.manual_seed(0)
+    model, x = Swish().eval(), torch.randn(160, 1, 8, 8)
+    compiled = _compile(model, x, "lsq,lookup-activations", 8)
+    products = [n for n in compiled.module.graph.nodes if ir.MATMUL in n.meta]
+    assert len(products) == 2
+    swish = products[0]  # x * sigmoid(x): x read through the one quantizer the sigmoid's table reads too
+    sigmoid = swish.args[1].args[0]  # the product's second operand is the quantized sigmoid
+    assert ir.LOOKUP in sigmoid.meta and swish.args[0] is sigmoid.args[0]
+    program = compiled.lower()
+    report = verify_program(program, compiled, x.numpy())
+    assert report.ok(), report.text()

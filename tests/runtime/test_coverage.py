@@ -14,6 +14,7 @@ import qcompiler
 from qcompiler.data import Dataset, load_digits
 from qcompiler.errors import QCompileError
 from qcompiler.zoo import ZOO
+from small_models import FloatActivations
 
 
 def agrees(model: nn.Module, passes: str = "lsq", bits: int = 4, data: Dataset | None = None):
@@ -213,30 +214,6 @@ class CeilPool(nn.Module):
 def test_max_pooling_with_ceil_mode_agrees(padding, side):
     program = agrees(CeilPool(padding, side))
     assert "maxpool" in {i.op for i in program.instructions}
-
-
-class FloatActivations(nn.Module):
-    """Activations that run in float regions (no integer form), as modules and as functions, and a
-    squeeze-excitation gate (two activations multiplied): MobileNetV3's and EfficientNet's patterns."""
-
-    def __init__(self, smooth: bool):
-        super().__init__()
-        torch.manual_seed(0)
-        self.smooth = smooth
-        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
-        self.act = nn.SiLU() if smooth else nn.Hardswish()
-        self.gate = nn.Sigmoid() if smooth else nn.Hardsigmoid()
-        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
-        self.fc = nn.Linear(8 * 64, 10)
-
-    def forward(self, x):
-        x = self.act(self.bn(self.conv(x)))
-        s = x.mean((2, 3), keepdim=True)
-        s = self.gate(self.excite(torch.relu(self.squeeze(s))))
-        x = x * s
-        f = torch.nn.functional
-        x = f.gelu(self.conv2(x)) if self.smooth else f.leaky_relu(f.hardswish(self.conv2(x)), 0.1)
-        return self.fc(torch.flatten(torch.tanh(x) if self.smooth else f.hardsigmoid(x), 1))
 
 
 @pytest.mark.parametrize("smooth", [False, True], ids=["piecewise-linear", "smooth"])
