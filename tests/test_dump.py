@@ -164,3 +164,18 @@ def test_format_graph_and_node_line() -> None:
     assert text.splitlines() == ["# title", "%input_1 = input", "%_0 = module 0(%input_1)", "return %_0"]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert node_line(out) == "return %_0"
+
+
+def test_lookup_activations_dump_matches_golden(tmp_path: Path) -> None:
+    """A hardswish gets an input quantizer of the activation width and a ``Lookup`` record naming it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardswish(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape).float())
+    calib = torch.randint(-3, 4, (8, 1, 5, 5)).float()
+    spec = qcompiler.QuantSpec(passes="lsq,lookup-activations", weight_bits=4, act_bits=4)
+    qcompiler.compile(model, spec, calib_data=calib, dump_ir=tmp_path)
+    text = (tmp_path / "04_lookup-activations.txt").read_text()
+    assert "Lookup(input='_1_in0', bits=4, function='module Hardswish')" in text
+    _assert_matches_golden(text, GOLDEN.parent / "lookup_tiny.txt")

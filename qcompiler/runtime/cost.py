@@ -7,7 +7,8 @@ at most 8 bits costs the 8-bit figure, a wider one the 32-bit figure, and an add
 wider than 32 bits (48/64-bit accumulators) scales linearly with its width. A shift
 counts as an add of the accumulator's width, a comparison as an add. A table look-up
 (``lookup``) counts as one 64-bit read of the smallest SRAM the figures list (8 KB,
-10 pJ): an upper bound for a table of at most 2^16 words. The float32
+10 pJ), which holds the 32-bit table of an input up to 11 bits: an upper bound for the
+256 words of an 8-bit input. The float32
 baseline is the same model as a multiply network: one float multiply and one float
 add per multiply-accumulate (also for adder and power-grid layers), one of each per
 output element and per term for the batch-norm/requantization epilogue, and every
