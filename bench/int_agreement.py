@@ -10,10 +10,12 @@ more than 1, classes agree on >= 99.5 %, and no accumulator past the width its i
 declares ("overflows": layers where one did, which ``program.run`` refuses). ``conv1d_net``
 reads each 8x8 image as 64 samples.
 
-Two of ``bench/foreign_models.py``'s architectures lower too and are in the default set: ``unet``
-(``ConvTranspose2d`` upsampling, skip concats) and ``densenet`` (every layer reads the concatenation of
-all before it), at their default widths. The other three stop at float activations the program has no
-integer form for (hardswish, SiLU, sigmoid gates, GELU, attention).
+Four of ``bench/foreign_models.py``'s architectures lower too and are in the default set: ``unet``
+(``ConvTranspose2d`` upsampling, skip concats), ``densenet`` (every layer reads the concatenation of
+all before it), and ``mobilenetv3`` and ``efficientnet`` (hardswish / SiLU, sigmoid-gated
+squeeze-excitation), these two with ``lookup-activations`` after every scheme (tables for the
+functions, integer multiplies for the gates), at their default widths. ``vit`` stops at attention
+and layer norm.
 
 Run: ``PYTHONPATH=. python bench/int_agreement.py [--epochs 8] [--models resnet20,...,unet]``
 """
@@ -47,7 +49,8 @@ SCHEMES = ["lsq", "lsq,pot", "lsq,post", "asq", "asq,post"]
 ADDER_SCHEMES = ["outlier-clamp,adder-groups"]  # the adder redistribution
 
 
-FOREIGN = ("unet", "densenet")  # foreign_models.py architectures the integer program lowers
+FOREIGN = ("unet", "densenet", "mobilenetv3", "efficientnet")  # foreign_models.py architectures the program lowers
+TABLES = ("mobilenetv3", "efficientnet")  # ... with lookup-activations (hardswish, SiLU, gates)
 
 
 def build(name: str) -> torch.nn.Module:
@@ -85,7 +88,8 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             acc = float((model(data.x_test).argmax(-1) == data.y_test).float().mean())
-        for scheme in ADDER_SCHEMES if name.startswith("adder") else SCHEMES:
+        schemes = ADDER_SCHEMES if name.startswith("adder") else SCHEMES
+        for scheme in (f"{s},lookup-activations" for s in schemes) if name in TABLES else schemes:
             for bits in (int(b) for b in args.bits.split(",")):
                 torch.manual_seed(0)
                 compiled = qcompiler.compile(copy.deepcopy(model),

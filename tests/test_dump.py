@@ -25,10 +25,10 @@ GOLDEN = Path(__file__).parent / "golden" / "lsq_tiny.txt"
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w.])")
 
 
-def _tiny_model_and_data() -> tuple[nn.Module, torch.Tensor]:
+def _tiny_model_and_data(activation: type[nn.Module] = nn.ReLU) -> tuple[nn.Module, torch.Tensor]:
     """Integer weights and inputs: every activation and range is exact in float32."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), activation(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randint(-2, 3, p.shape).float())
@@ -168,12 +168,7 @@ def test_format_graph_and_node_line() -> None:
 
 def test_lookup_activations_dump_matches_golden(tmp_path: Path) -> None:
     """A hardswish gets an input quantizer of the activation width and a ``Lookup`` record naming it."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardswish(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-2, 3, p.shape).float())
-    calib = torch.randint(-3, 4, (8, 1, 5, 5)).float()
+    model, calib = _tiny_model_and_data(nn.Hardswish)
     spec = qcompiler.QuantSpec(passes="lsq,lookup-activations", weight_bits=4, act_bits=4)
     qcompiler.compile(model, spec, calib_data=calib, dump_ir=tmp_path)
     text = (tmp_path / "04_lookup-activations.txt").read_text()
