@@ -38,6 +38,8 @@ from torch import nn
 
 from .. import ir
 from ..analysis import CONST, INPUT, describe_op, tensor_domains
+from ..report import ReportSection, text_table
+from ..spec import QuantSpec
 from .base import CALIBRATION_DATA, STAGE_ACTIVATIONS, Pass, PassContext, PassResult
 from .observe import observe_ranges
 from .quantize_matmuls import QuantizeMatmuls
@@ -120,3 +122,12 @@ class LookupActivations(Pass):
                       for i in range(2))
             node.meta[ir.MATMUL] = ir.MatMul(inputs=(q0.name, q1.name), bits=bits, elementwise=True)
         return PassResult(gm, True)
+
+    @classmethod
+    def report_section(cls, gm: fx.GraphModule, spec: QuantSpec) -> ReportSection | None:
+        rows = [(n.name, rec.function, rec.input, str(rec.bits), str(2**rec.bits))
+                for n in gm.graph.nodes if (rec := n.meta.get(ir.LOOKUP)) is not None]
+        if not rows:
+            return None
+        head = ("node", "function", "input grid", "bits", "table entries")
+        return ReportSection("Functions computed by table (lookup-activations)", text_table(head, rows))

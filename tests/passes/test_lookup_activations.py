@@ -182,6 +182,9 @@ def test_squeeze_excitation_gates_and_every_function_lower_and_agree(smooth, pas
     assert rec.elementwise and rec.inputs == tuple(a.name for a in gate.args)
     assert not any(ir.FLOAT in n.meta for n in gm.graph.nodes)
     assert [r.kind for r in compiled.report.layers].count(PRODUCT_KIND) == 1
+    section = compiled.report.text().split("Functions computed by table (lookup-activations):\n")[1]
+    functions = {n.name for n in gm.graph.nodes if ir.LOOKUP in n.meta}
+    assert len(functions) == (4 if smooth else 5) and all(f"\n{name} " in section for name in functions)
     program = compiled.lower()
     assert [i.op for i in program.instructions].count("mul") == 1
     report = verify_program(program, compiled, x.numpy())
