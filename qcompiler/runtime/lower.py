@@ -482,8 +482,9 @@ class _Lowering:
         The values are the node's own function (its ``approximate=``, slopes, ...) called on
         the grid points ``code * step`` in float64, as the module deployed in float64 (the
         reference :mod:`.agreement` checks against) computes them. They are stored as 32-bit
-        integers in units of ``2^-frac_bits``, the finest unit in which the largest fits
-        (rounded to half a unit), and requantized like any sum.
+        integers in units of ``2^-frac_bits``, the finest unit that keeps the largest within
+        2^30 (so rounding to the nearest unit cannot carry it past a signed 32-bit word), and
+        requantized like any sum.
         """
         src = self.values[node.args[0]]
         if not isinstance(src, Grid) or src.factor is not None or np.ndim(src.step) != 0:
@@ -495,7 +496,7 @@ class _Lowering:
         if not np.isfinite(values).all():
             raise self.unsupported(node, "the function is not finite at every code of its input grid")
         largest = float(np.abs(values).max())
-        frac_bits = WIDE_BITS - 1 - math.floor(math.log2(largest)) if largest > 0 else 0
+        frac_bits = WIDE_BITS - 2 - math.floor(math.log2(largest)) if largest > 0 else 0
         table = np.round(np.ldexp(values, frac_bits)).astype(np.int64)
         attrs = {"qmin": src.qmin, "qmax": src.qmax, "frac_bits": frac_bits, "function": ir.get(node, ir.LOOKUP, ir.Lookup).function}
         self.emit("lookup", node.name, [src.buf], [self.const(f"{node.name}.table", table)], attrs, node.name)
