@@ -65,7 +65,7 @@ import foreign_models  # noqa: E402
 import qcompiler  # noqa: E402
 from qcompiler import zoo  # noqa: E402
 from qcompiler.data import Dataset, load_data  # noqa: E402
-from qcompiler.report import text_table  # noqa: E402
+from qcompiler.report import MATMUL_KIND, PRODUCT_KIND, text_table  # noqa: E402
 from qcompiler.train import TrainConfig, train  # noqa: E402
 
 MAX_REL_ERROR = 0.02
@@ -185,11 +185,14 @@ def compare(y_q: torch.Tensor, y_f: torch.Tensor, labels: torch.Tensor) -> tuple
     return rel, agree, float((y_q.argmax(1) == labels).float().mean())
 
 
-def qcompiler_spec(calib_batches: int, asymmetric: bool = True, per_channel_joins: bool = True) -> qcompiler.QuantSpec:
+def qcompiler_spec(calib_batches: int, asymmetric: bool = True, per_channel_joins: bool = True,
+                   lookup: bool = False) -> qcompiler.QuantSpec:
     """W8A8 LSQ after smoothing layer norms, steps refined for their layers, zero points allowed (as
     torch.ao's), per-channel steps on residual adds' batch-norm operands, every other option at its
-    default (step initialisation included)."""
-    return qcompiler.QuantSpec(passes="smooth,lsq,refine-steps", weight_bits=8, act_bits=8, calib_batches=calib_batches,
+    default (step initialisation included). ``lookup``: ``lookup-activations`` too, so the integer
+    program computes every hardswish, SiLU, sigmoid and gate (one more quantizer before each)."""
+    passes = "smooth,lsq,lookup-activations,refine-steps" if lookup else "smooth,lsq,refine-steps"
+    return qcompiler.QuantSpec(passes=passes, weight_bits=8, act_bits=8, calib_batches=calib_batches,
                                asymmetric_acts=asymmetric, per_channel_joins=per_channel_joins)
 
 
@@ -207,12 +210,13 @@ def run_qcompiler(model: nn.Module, spec: qcompiler.QuantSpec, calib: list[torch
     seconds = time.perf_counter() - start
     rel, agree, acc = compare(y_q, y_f, data.y_test)
     layers = compiled.report.layers
+    # an activation product (a matmul, or an elementwise gate) has no weight: it is quantized when its operands are
+    product = {r.name for r in layers if r.kind in (MATMUL_KIND, PRODUCT_KIND) and r.act_bits is not None}
     return Outcome(
         rel_error=rel, agreement=agree, accuracy=acc, seconds=seconds,
-        # an activation product (kind "matmul") has no weight: it is quantized when its operands are
-        quantized=sum(1 for r in layers if r.weight_bits is not None or (r.kind == "matmul" and r.act_bits is not None)),
+        quantized=sum(1 for r in layers if r.weight_bits is not None or r.name in product),
         float_layers=[(r.name, r.float_reason or "kept in float") for r in layers
-                      if r.weight_bits is None and not (r.kind == "matmul" and r.act_bits is not None)],
+                      if r.weight_bits is None and r.name not in product],
     ), list(compiled.report.float_regions)
 
 
@@ -376,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30, help="float training epochs per model (digits: 22 steps each)")
     p.add_argument("--symmetric", action="store_true", help="qcompiler without zero points (asymmetric_acts off)")
     p.add_argument("--per-tensor-joins", action="store_true", help="qcompiler with one step per join operand (per_channel_joins off)")
+    p.add_argument("--lookup", action="store_true",
+                   help="qcompiler with lookup-activations (functions by table, gates as integer multiplies)")
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--calib-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -389,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     data = load_data(args.data)
-    spec = qcompiler_spec(args.calib_batches, asymmetric=not args.symmetric, per_channel_joins=not args.per_tensor_joins)
+    spec = qcompiler_spec(args.calib_batches, asymmetric=not args.symmetric, per_channel_joins=not args.per_tensor_joins,
+                          lookup=args.lookup)
     spec_text = json.dumps(spec.to_dict(), sort_keys=True)
     print(f"qcompiler spec: {spec_text}", flush=True)
     rows = []

@@ -108,6 +108,12 @@ def test_per_channel_joins_are_on_unless_per_tensor_is_asked():
     assert bench.qcompiler_spec(8, per_channel_joins=False).per_channel_joins is False
 
 
+def test_lookup_activations_only_when_asked():
+    bench = load_bench("ptq")
+    assert "lookup-activations" not in bench.qcompiler_spec(8).passes
+    assert bench.qcompiler_spec(8, lookup=True).passes == ("smooth", "lsq", "lookup-activations", "refine-steps")
+
+
 def test_the_spec_line_says_which(run):
     _, _, text = run
     assert '"asymmetric_acts": true' in text and '"per_channel_joins": true' in text
