@@ -190,8 +190,10 @@ def matmul_rows(gm: fx.GraphModule) -> list[LayerReport]:
         acts = [ir.get(a, ir.ACT, ir.ActQuant) for a in node.args]
         signs = " x ".join(a.grid_kind for a in acts)
         out = node.meta.get("tensor_meta")
-        depth = node.args[0].meta["tensor_meta"].shape[-1] if "tensor_meta" in node.args[0].meta else 0
-        depth = 1 if rec.elementwise else depth
+        if rec.elementwise:  # one multiply per output element
+            depth = 1
+        else:
+            depth = node.args[0].meta["tensor_meta"].shape[-1] if "tensor_meta" in node.args[0].meta else 0
         macs = math.prod(out.shape[1:]) * depth if out is not None else 0  # per sample, as for layers
         rows.append(LayerReport(name=node.name, kind=PRODUCT_KIND if rec.elementwise else MATMUL_KIND,
                                 weight_bits=None, act_bits=rec.bits,

@@ -49,6 +49,11 @@ class Facts:
     gm: fx.GraphModule
     domains: dict[fx.Node, Domain]
 
+    def grid_of(self, node: object) -> str | None:
+        """The quantizer whose grid ``node``'s output is on, or None (not on a grid, or not a node)."""
+        domain = self.domains.get(node) if isinstance(node, fx.Node) else None
+        return domain.grid if domain is not None and domain.kind == GRID else None
+
 
 Check = Callable[[Facts, fx.Node], "str | None"]
 
@@ -136,8 +141,7 @@ def join_record_matches(f: Facts, node: fx.Node) -> str | None:
     rec = node.meta.get(ir.JOIN)
     if rec is None:
         return None
-    operands = join_operands(node) or []
-    grids = tuple(f.domains[a].grid if f.domains[a].kind == GRID else None for a in operands)
+    grids = tuple(f.grid_of(a) for a in join_operands(node) or [])
     if grids != rec.inputs:
         return f"qc.join says operand grids {rec.inputs}, graph has {grids}"
     return None
@@ -147,7 +151,7 @@ def matmul_record_matches(f: Facts, node: fx.Node) -> str | None:
     rec = node.meta.get(ir.MATMUL)
     if rec is None:
         return None
-    grids = tuple(f.domains[a].grid if f.domains[a].kind == GRID else None for a in node.args)
+    grids = tuple(f.grid_of(a) for a in node.args)
     if grids != rec.inputs:
         return f"qc.matmul says operand grids {rec.inputs}, graph has {grids}"
     return None
@@ -157,8 +161,7 @@ def lookup_record_matches(f: Facts, node: fx.Node) -> str | None:
     rec = node.meta.get(ir.LOOKUP)
     if rec is None:
         return None
-    src = node.args[0] if node.args else None
-    grid = f.domains[src].grid if isinstance(src, fx.Node) and f.domains[src].kind == GRID else None
+    grid = f.grid_of(node.args[0] if node.args else None)
     if grid != rec.input:
         return f"qc.lookup says its input is on grid {rec.input!r}, graph has {grid!r}"
     return None

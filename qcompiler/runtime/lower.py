@@ -498,7 +498,8 @@ class _Lowering:
         largest = float(np.abs(values).max())
         frac_bits = WIDE_BITS - 2 - math.floor(math.log2(largest)) if largest > 0 else 0
         table = np.round(np.ldexp(values, frac_bits)).astype(np.int64)
-        attrs = {"qmin": src.qmin, "qmax": src.qmax, "frac_bits": frac_bits, "function": ir.get(node, ir.LOOKUP, ir.Lookup).function}
+        function = ir.get(node, ir.LOOKUP, ir.Lookup).function
+        attrs = {"qmin": src.qmin, "qmax": src.qmax, "frac_bits": frac_bits, "function": function}
         self.emit("lookup", node.name, [src.buf], [self.const(f"{node.name}.table", table)], attrs, node.name)
         bound = np.asarray(float(np.abs(table).max()))
         return Acc([Term(node.name, np.asarray(2.0**-frac_bits), bound, None, int(table.min()))], np.zeros(()), _shape(node))
