@@ -5,11 +5,15 @@ The three models are timed in interleaved rounds (so machine noise hits all of t
 alike); each model's ratio to float is the median over rounds of its time over the
 float model's time in the same round.
 
-    python bench/qat_step.py [--repeats 30] [--threads N] [--check] [--no-memory] [--out FILE [--append]]
+    python bench/qat_step.py [--repeats 30] [--threads N] [--isa avx2] [--check] [--no-memory] [--out FILE [--append]]
 
 Target (issue 3): ASQ+POST 4-bit <= 1.3x float. With the fused kernels built
 (qcompiler.kernels), an "ASQ+POST, eager" row times the same model on the eager
 quantizers in the same rounds.
+
+``--isa avx2`` runs the bench as an AVX2 machine would on an AVX-512 one: torch's own
+kernels (and the fused kernels, built for them), oneDNN's convolutions and MKL all limited to
+AVX2 (bench/results_header.py, ``NARROWED``), in a child process; the header says what oneDNN used.
 
 Peak memory (issue 16, target <= 1.3x float): each model's step runs in a fresh process;
 after two warm-up steps the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``)
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--isa", choices=["avx2"],
+                   help="run as a machine with this instruction set would (torch, oneDNN, MKL and the kernels)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # the child process of memory_ratios
@@ -165,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the table, headed by the command and machine, to this file")
     p.add_argument("--append", action="store_true", help="add to --out instead of replacing it (a second thread count)")
     args = p.parse_args(argv)
+    if args.isa:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_header
+
+        status = results_header.narrowed(args.isa, Path(__file__).resolve(), sys.argv[1:] if argv is None else argv)
+        if status is not None:
+            return status
     if args.memory_of:
         print(_step_memory(args.memory_of, args.size, args.batch, args.threads, held=not args.glibc_default))
         return 0

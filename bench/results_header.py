@@ -2,8 +2,8 @@
 
 A number is only comparable with one from the same machine, so each results file
 names the command, the date, the git commit, the CPU model, the instruction set
-torch dispatches to (``torch.backends.cpu.get_cpu_capability()``), the cores and
-torch's intra-op thread count.
+torch dispatches to (``torch.backends.cpu.get_cpu_capability()``) and the one oneDNN's
+convolutions use, the cores and torch's intra-op thread count.
 
     >>> text = header("python bench/x.py", threads=2)
     >>> lines = text.splitlines()
@@ -73,12 +73,51 @@ def header(cmd: str | None = None, threads: int | None = None) -> str:
     )
 
 
+# What an AVX2 machine runs, on an AVX-512 one. Each library picks its vector instruction
+# set on its own: ATen's kernels (and ours, built for what ATen dispatches to) by
+# ATEN_CPU_CAPABILITY, oneDNN's convolutions by ONEDNN_MAX_CPU_ISA, MKL's matrix products by
+# MKL_ENABLE_INSTRUCTIONS. Narrowing ATen alone times AVX-512 convolutions next to AVX2
+# elementwise code, a machine that does not exist.
+NARROWED = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def narrowed(isa: str, script: str | Path, argv: list[str]) -> int | None:
+    """Run ``script argv`` again in a child process with every library limited to ``isa``
+    (see ``NARROWED``) and return its exit status; ``None`` when this process already is.
+
+    The variables must be set before the libraries first dispatch, so a fresh interpreter runs it.
+    """
+    env = NARROWED[isa]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return None
+    return subprocess.run([sys.executable, str(script), *argv], env={**os.environ, **env}).returncode
+
+
+def onednn_isa() -> str | None:
+    """The instruction set oneDNN's convolutions use in this environment, from its verbose log
+    (a child process runs one convolution), or ``None`` where it does not say."""
+    probe = ("import torch\nwith torch.no_grad():\n"
+             "    torch.nn.functional.conv2d(torch.ones(16, 64, 16, 16), torch.ones(64, 64, 3, 3))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "ONEDNN_VERBOSE": "1"},
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((line.split("isa:", 1)[1].strip() for line in out.splitlines() if ",info,cpu,isa:" in line), None)
+
+
 def instruction_set() -> str:
-    """The vector instruction set torch dispatches to (and the fused kernels are built for), noting when
-    ``ATEN_CPU_CAPABILITY`` narrowed it: an AVX-512 CPU then runs the code an AVX2 machine would."""
+    """The vector instruction set torch dispatches to (and the fused kernels are built for), with
+    oneDNN's for convolutions, noting the variables that narrowed them (``NARROWED``): an
+    AVX-512 CPU then runs the code an AVX2 machine would."""
     isa = torch.backends.cpu.get_cpu_capability()
-    forced = os.environ.get("ATEN_CPU_CAPABILITY")
-    return f"{isa} (set by ATEN_CPU_CAPABILITY={forced})" if forced else isa
+    forced = [f"{k}={os.environ[k]}" for k in NARROWED["avx2"] if k in os.environ]
+    parts = [f"oneDNN: {onednn_isa() or 'not reported'}"]
+    if forced:
+        parts.append("set by " + ", ".join(forced))
+    return f"{isa} ({'; '.join(parts)})"
 
 
 def load_average() -> str:
