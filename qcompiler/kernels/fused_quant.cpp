@@ -406,9 +406,13 @@ torch::Tensor power_forward(torch::Tensor w, torch::Tensor alpha, bool sqrt2, in
   return out;
 }
 
-template <bool Sqrt2>
-void power_backward_rows(const PowerGrid& grid, const Tiling& t, const float* wp, const float* gp, const float* ap,
-                         float* gw, std::vector<double>& partial) {
+// Remake: the gradient goes back into gp (the caller's own buffer) and out gets the quantized
+// weight again, for a convolution's backward-data pass that runs after this one (see
+// power_backward_remake); otherwise out gets the gradient. Reads and writes of gp go through the
+// one pointer, so the compiler sees the in-place update for what it is.
+template <bool Sqrt2, bool Remake>
+void power_backward_rows(const PowerGrid& grid, const Tiling& t, const float* wp, float* gp, const float* ap,
+                         float* out, std::vector<double>& partial) {
   for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
     const float al = ap[row];
     partial[task] = sum_terms(b, e, [&](int64_t i) {
@@ -418,26 +422,49 @@ void power_backward_rows(const PowerGrid& grid, const Tiling& t, const float* wp
       const bool inside = au <= 1.0f;
       // d(q * alpha)/d alpha: q - u inside; outside q is the clip sign(u)
       const float g = gp[i];
-      gw[i] = select(inside, g, 0.0f);
+      if constexpr (Remake) {
+        gp[i] = select(inside, g, 0.0f);
+        out[i] = q * al;  // as power_forward_rows computes it
+      } else {
+        out[i] = select(inside, g, 0.0f);
+      }
       return (q - select(inside, u, 0.0f)) * g;
     });
   });
+}
+
+template <bool Remake>
+std::vector<torch::Tensor> power_backward_into(torch::Tensor grad, torch::Tensor w, torch::Tensor alpha, bool sqrt2,
+                                               int64_t kmax, double mid_low, double mid_high, double zero_at,
+                                               double grad_scale) {
+  check(w, alpha);
+  const PowerGrid grid = make_grid(sqrt2, kmax, mid_low, mid_high, zero_at);
+  if (!Remake) grad = grad.contiguous();
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == w.sizes() && grad.scalar_type() == torch::kFloat32,
+              "fused_quant: the gradient must be a contiguous float32 tensor of the weight's shape");
+  auto out = torch::empty_like(w);
+  const Tiling t(alpha.numel(), w.numel() / alpha.numel());
+  std::vector<double> partial(t.tasks());
+  auto run = sqrt2 ? power_backward_rows<true, Remake> : power_backward_rows<false, Remake>;
+  run(grid, t, w.data_ptr<float>(), grad.data_ptr<float>(), alpha.data_ptr<float>(), out.data_ptr<float>(), partial);
+  return {out, row_sums(partial, t, grad_scale)};
 }
 
 // Returns (grad_w, grad_alpha per row).
 std::vector<torch::Tensor> power_backward(torch::Tensor grad, torch::Tensor w, torch::Tensor alpha, bool sqrt2,
                                           int64_t kmax, double mid_low, double mid_high, double zero_at,
                                           double grad_scale) {
-  check(w, alpha);
-  const PowerGrid grid = make_grid(sqrt2, kmax, mid_low, mid_high, zero_at);
-  grad = grad.contiguous();
-  auto grad_w = torch::empty_like(w);
-  const Tiling t(alpha.numel(), w.numel() / alpha.numel());
-  std::vector<double> partial(t.tasks());
-  auto run = sqrt2 ? power_backward_rows<true> : power_backward_rows<false>;
-  run(grid, t, w.data_ptr<float>(), grad.data_ptr<float>(), alpha.data_ptr<float>(), grad_w.data_ptr<float>(),
-      partial);
-  return {grad_w, row_sums(partial, t, grad_scale)};
+  return power_backward_into<false>(grad, w, alpha, sqrt2, kmax, mid_low, mid_high, zero_at, grad_scale);
+}
+
+// power_backward for a layer that owns grad (the quantized weight's gradient, which it made
+// and nothing else holds): grad becomes the weight's gradient in place, and the quantized
+// weight is made again in the same pass. Returns (quantized weight, grad_alpha per row).
+// One read of the weight where recomputing it and then running power_backward took two.
+std::vector<torch::Tensor> power_backward_remake(torch::Tensor grad, torch::Tensor w, torch::Tensor alpha, bool sqrt2,
+                                                 int64_t kmax, double mid_low, double mid_high, double zero_at,
+                                                 double grad_scale) {
+  return power_backward_into<true>(grad, w, alpha, sqrt2, kmax, mid_low, mid_high, zero_at, grad_scale);
 }
 
 // A training batch norm's output from the batch statistics it saved (mean, 1/std per
@@ -495,5 +522,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("asq_backward", &asq_backward);
   m.def("power_forward", &power_forward);
   m.def("power_backward", &power_backward);
+  m.def("power_backward_remake", &power_backward_remake);
   m.def("batch_norm_output", &batch_norm_output);
 }

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .exact import deployed, frozen_layer
 from .layout import channel_first, from_channel_first
-from .saved import recomputed
+from .saved import active, recomputed
 
 
 def _quantized_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,9 +26,23 @@ def _quantized_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
     if y is not None:
         return y
+    if _one_node(self):  # quantizer and convolution as one autograd node, where the quantizer offers it
+        y = self.weight_quant.convolve(x, self)
+        if y is not None:
+            return y
     w = self.weight_quant(self.weight)
     with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
         return self._conv_forward(x, w, self.bias)
+
+
+def _one_node(conv: nn.Module) -> bool:
+    """Whether a QConv may hand its convolution to its weight quantizer's ``convolve``: a training
+    forward that autograd records, zero padding given as numbers, and no hooks that expect the
+    quantizer to be called as a module."""
+    quantizer = conv.weight_quant
+    return (hasattr(quantizer, "convolve") and active(conv) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and not quantizer._forward_hooks and not quantizer._forward_pre_hooks
+            and not _global_forward_hooks and not _global_forward_pre_hooks)
 
 
 class QConv1d(nn.Conv1d):
