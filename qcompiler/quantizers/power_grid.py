@@ -116,13 +116,14 @@ class ConvArgs:
 class _FusedConvPowerGrid(torch.autograd.Function):
     """``conv(x, quantize(w))`` as one autograd node, for a QAT convolution with a POT / POST weight.
 
-    Two nodes (:class:`_FusedPowerGrid`, then the convolution) read the weight three times in
-    backward's worth of work: the quantized weight is made again for the convolution's backward
-    (it is not kept: 1.3x memory), then the quantizer's backward reads the weight once more.
-    One node orders backward so that one pass does both: the weight gradient of the convolution
-    first (it needs the input, not the weight), then ``power_backward_remake`` turns that
-    gradient into the float weight's gradient in place and makes the quantized weight in the
-    same pass, then the input gradient from it. Same values as the two nodes, bit for bit.
+    As two nodes (:class:`_FusedPowerGrid`, then the convolution) backward reads the weight
+    twice: once to remake the quantized weight for the convolution's backward (keeping it would
+    cost a weight-sized copy per layer, against the 1.3x memory target), once more in the
+    quantizer's backward. One node orders backward so that one pass does both: the
+    convolution's weight gradient first (it needs the input, not the weight), then
+    ``power_backward_remake`` turns that gradient into the float weight's gradient in place and
+    makes the quantized weight in the same pass, then the input gradient from it. The same
+    values as the two nodes, bit for bit.
     """
 
     @staticmethod
@@ -137,7 +138,6 @@ class _FusedConvPowerGrid(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, w, rows, alpha = saved_input(ctx)
         need_x, need_w, need_alpha, need_bias = ctx.needs_input_grad[:4]
-        grad = grad.contiguous()
         grad_w = grad_alpha = grad_bias = None
         if need_w or need_alpha or need_bias:
             _, grad_wq, grad_bias = ctx.conv.backward(grad, x, w, [False, need_w or need_alpha, need_bias and ctx.has_bias])
@@ -219,14 +219,18 @@ class PowerGridQuantizer(nn.Module):
             q = init.PERCENTILE if how == "percentile" else 1.0
             self.alpha.copy_(torch.quantile(w.detach().abs().flatten(1).float(), q, dim=1).clamp_min(init.MIN_SCALE))
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        n = math.prod(w.shape[1:])
-        scale = 1.0 / math.sqrt(n * self.positive_levels)
+    def _grad_scale(self, w: torch.Tensor) -> float:
+        return 1.0 / math.sqrt(math.prod(w.shape[1:]) * self.positive_levels)
+
+    def _kernel(self, w: torch.Tensor):
         # the kernels decide in float32 bits, up to 8-bit grids (exponents to 2^-126)
-        kernel = kernels.usable(w, self.alpha, per_row=True) if self.bits <= 8 else None
+        return kernels.usable(w, self.alpha, per_row=True) if self.bits <= 8 else None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel(w)
         if kernel is not None:
-            return _FusedPowerGrid.apply(w, self.alpha, _kernel_grid(self.bits, self.base), scale, kernel)
-        return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, scale)
+            return _FusedPowerGrid.apply(w, self.alpha, _kernel_grid(self.bits, self.base), self._grad_scale(w), kernel)
+        return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, self._grad_scale(w))
 
     def convolve(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
         """``layer``'s convolution of ``x`` with ``self(layer.weight)`` as one autograd node on the fused
@@ -235,12 +239,12 @@ class PowerGridQuantizer(nn.Module):
         same values either way.
         """
         w, bias = layer.weight, layer.bias
-        kernel = kernels.usable(w, self.alpha, per_row=True) if self.bits <= 8 else None
+        kernel = self._kernel(w)
         if kernel is None or x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
             return None
-        scale = 1.0 / math.sqrt(math.prod(w.shape[1:]) * self.positive_levels)
         conv = ConvArgs(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        return _FusedConvPowerGrid.apply(x, w, self.alpha, bias, conv, _kernel_grid(self.bits, self.base), scale, kernel)
+        return _FusedConvPowerGrid.apply(x, w, self.alpha, bias, conv, _kernel_grid(self.bits, self.base),
+                                         self._grad_scale(w), kernel)
 
     @torch.no_grad()
     def integer_weight(self, w: torch.Tensor) -> exact.IntegerWeight | None:
