@@ -159,18 +159,24 @@ torch::Tensor lsq_forward(torch::Tensor x, torch::Tensor step, int64_t qmin, int
   return out;
 }
 
-// Returns (grad_x, grad_step per row).
-std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor step, int64_t qmin,
-                                        int64_t qmax, double grad_scale) {
+// Remake: the gradient goes back into grad (the caller's own buffer) and out gets the quantized
+// values again, as lsq_forward computes them (see lsq_backward_remake); otherwise out gets the
+// gradient. Reads and writes of grad go through one pointer, so the compiler sees the in-place
+// update for what it is.
+template <bool Remake>
+std::vector<torch::Tensor> lsq_backward_into(torch::Tensor grad, torch::Tensor x, torch::Tensor step, int64_t qmin,
+                                             int64_t qmax, double grad_scale) {
   check(x, step);
-  grad = grad.contiguous();
-  torch::Tensor grad_x = torch::empty_like(x);
+  if (!Remake) grad = grad.contiguous();
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == x.sizes() && grad.scalar_type() == torch::kFloat32,
+              "fused_quant: the gradient must be a contiguous float32 tensor of the input's shape");
+  torch::Tensor out = torch::empty_like(x);
   const Tiling t(step.numel(), x.numel() / step.numel());
   std::vector<double> partial(t.tasks());
   const float* xp = x.data_ptr<float>();
-  const float* gp = grad.data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
   const float* sp = step.data_ptr<float>();
-  float* gx = grad_x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   for_each_chunk(t, [&](int64_t task, int64_t row, int64_t b, int64_t e) {
     const float s = sp[row];
@@ -181,11 +187,30 @@ std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, tor
       // d(x_hat)/ds: round(v) - v inside, the clamped code outside
       const float dstep = select(inside, round_even(cl) - v, cl);
       const float g = gp[i];
-      gx[i] = select(inside, g, 0.0f);
+      if constexpr (Remake) {
+        gp[i] = select(inside, g, 0.0f);
+        op[i] = round_even(cl) * s;  // as lsq_forward computes it
+      } else {
+        op[i] = select(inside, g, 0.0f);
+      }
       return dstep * g;
     });
   });
-  return {grad_x, row_sums(partial, t, grad_scale)};
+  return {out, row_sums(partial, t, grad_scale)};
+}
+
+// Returns (grad_x, grad_step per row).
+std::vector<torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor step, int64_t qmin,
+                                        int64_t qmax, double grad_scale) {
+  return lsq_backward_into<false>(grad, x, step, qmin, qmax, grad_scale);
+}
+
+// lsq_backward for a layer that owns grad (a quantized weight's gradient, which it made and
+// nothing else holds): grad becomes the weight's gradient in place, and the quantized weight is
+// made again in the same pass. Returns (quantized weight, grad_step per row).
+std::vector<torch::Tensor> lsq_backward_remake(torch::Tensor grad, torch::Tensor x, torch::Tensor step, int64_t qmin,
+                                               int64_t qmax, double grad_scale) {
+  return lsq_backward_into<true>(grad, x, step, qmin, qmax, grad_scale);
 }
 
 // ---- ASQ: the adapter's forward pass ---------------------------------------------
@@ -518,6 +543,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("positive_grad", &positive_grad);
   m.def("lsq_forward", &lsq_forward);
   m.def("lsq_backward", &lsq_backward);
+  m.def("lsq_backward_remake", &lsq_backward_remake);
   m.def("asq_forward", &asq_forward);
   m.def("asq_backward", &asq_backward);
   m.def("power_forward", &power_forward);

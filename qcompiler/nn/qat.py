@@ -11,6 +11,9 @@ training keeps the float formula on dequantized values and the fused kernels.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +21,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from .exact import deployed, frozen_layer
 from .layout import channel_first, from_channel_first
-from .saved import active, recomputed
+from .saved import active, recomputed, save_input, saved_input
 
 
 def _quantized_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,23 +29,100 @@ def _quantized_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     y = frozen_layer(self, x, lambda c, w: self._conv_forward(c, w, None)) if deployed(self) else None
     if y is not None:
         return y
-    if _one_node(self):  # quantizer and convolution as one autograd node, where the quantizer offers it
-        y = self.weight_quant.convolve(x, self)
-        if y is not None:
-            return y
+    if _one_node(self):  # quantizer and convolution as one autograd node, where the quantizer's kernels allow
+        weight = self.weight_quant.weight_kernels(self.weight)
+        if weight is not None and x.dtype == torch.float32 and (self.bias is None or self.bias.dtype == torch.float32):
+            conv = ConvArgs(tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+            return _OneNodeConv.apply(x, self.weight, weight.scale, self.bias, conv, weight)
     w = self.weight_quant(self.weight)
     with recomputed(self):  # backward makes the quantized x and w again instead of keeping them
         return self._conv_forward(x, w, self.bias)
 
 
 def _one_node(conv: nn.Module) -> bool:
-    """Whether a QConv may hand its convolution to its weight quantizer's ``convolve``: a training
-    forward that autograd records, zero padding given as numbers, and no hooks that expect the
-    quantizer to be called as a module."""
+    """Whether a QConv may run with its weight quantizer as one node (:class:`_OneNodeConv`): a
+    training forward that autograd records, zero padding given as numbers, a quantizer that
+    offers ``weight_kernels``, and no hooks that expect it to be called as a module."""
     quantizer = conv.weight_quant
-    return (hasattr(quantizer, "convolve") and active(conv) and conv.padding_mode == "zeros"
+    return (getattr(quantizer, "weight_kernels", None) is not None and active(conv) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and not quantizer._forward_hooks and not quantizer._forward_pre_hooks
             and not _global_forward_hooks and not _global_forward_pre_hooks)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightKernels:
+    """A weight quantizer's fused kernels, bound to its grid and gradient scale: what
+    :class:`_OneNodeConv` calls. The learned ``scale`` (a step or POT/POST ``alpha``) is an input
+    of the node; ``rows`` is ``positive(scale)``, one value per output channel (or one)."""
+
+    scale: torch.Tensor
+    positive: Callable[[torch.Tensor], torch.Tensor]  # scale -> rows
+    positive_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scale, grad_rows) -> grad_scale
+    quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (w, rows) -> w_q
+    backward: Callable[..., list[torch.Tensor]]  # (grad_wq, w, rows) -> (grad_w, grad_rows)
+    remake: Callable[..., list[torch.Tensor]]  # (grad_wq, w, rows) -> (w_q, grad_rows); grad_wq becomes grad_w
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvArgs:
+    """A convolution's hyperparameters, as ``aten.convolution`` takes them (zero padding, not transposed)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def call(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        zeros = [0] * len(self.stride)
+        return torch.ops.aten.convolution(x, w, bias, self.stride, self.padding, self.dilation, False, zeros, self.groups)
+
+    def backward(self, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple:
+        zeros = [0] * len(self.stride)
+        bias_sizes = [w.shape[0]] if mask[2] else None
+        return torch.ops.aten.convolution_backward(grad, x, w, bias_sizes, self.stride, self.padding, self.dilation,
+                                                   False, zeros, self.groups, mask)
+
+
+class _OneNodeConv(torch.autograd.Function):
+    """``conv(x, quantize(w))`` as one autograd node, for a QAT convolution whose weight quantizer
+    runs on the fused kernels (:class:`WeightKernels`).
+
+    As two nodes (the quantizer, then the convolution) backward reads the weight twice: once
+    to remake the quantized weight for the convolution's backward (keeping it would cost a
+    weight-sized copy per layer, against the 1.3x memory target), once more in the quantizer's
+    backward. One node orders backward so that one pass does both: the convolution's weight
+    gradient first (it needs the input, not the weight), then ``remake`` turns that gradient
+    into the float weight's gradient in place and makes the quantized weight in the same pass,
+    then the input gradient from it. The same values as the two nodes, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias, conv: ConvArgs, weight: WeightKernels):  # type: ignore[override]
+        w, rows = w.contiguous(), weight.positive(scale)
+        ctx.conv, ctx.weight, ctx.has_bias = conv, weight, bias is not None
+        save_input(ctx, x, w, rows, scale)  # x is usually an activation quantizer's output: its recipe is kept
+        return conv.call(x, weight.quantize(w, rows), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w, rows, scale = saved_input(ctx)
+        weight = ctx.weight
+        need_x, need_w, need_scale, need_bias = ctx.needs_input_grad[:4]
+        grad_w = grad_scale = grad_bias = None
+        if need_w or need_scale or need_bias:
+            _, grad_wq, grad_bias = ctx.conv.backward(grad, x, w, [False, need_w or need_scale, need_bias and ctx.has_bias])
+        if need_w or need_scale:
+            grad_wq = grad_wq.contiguous()  # this node's own buffer: it becomes grad_w
+            if need_x:
+                wq, grad_rows = weight.remake(grad_wq, w, rows)
+                grad_w = grad_wq
+            else:
+                grad_w, grad_rows = weight.backward(grad_wq, w, rows)
+            grad_scale = weight.positive_grad(scale, grad_rows) if need_scale else None
+        elif need_x:
+            wq = weight.quantize(w, rows)
+        grad_x = ctx.conv.backward(grad, x, wq, [True, False, False])[0] if need_x else None
+        return grad_x, grad_w if need_w else None, grad_scale, grad_bias if need_bias else None, None, None
 
 
 class QConv1d(nn.Conv1d):

@@ -15,8 +15,8 @@ sees bit-identical values and every gradient is unchanged (tests check this). Th
 cost is one quantizer forward pass per layer in backward; the memory saved is a
 float32 copy of every weight and of every quantized layer input. Storing int8 codes
 instead would keep a quarter of that and cost as much to unpack, plus a packing pass.
-A POT/POST convolution folds its weight's remake into the quantizer's backward pass instead
-(:class:`qcompiler.quantizers.power_grid._FusedConvPowerGrid`).
+A convolution whose weight quantizer runs on the fused kernels folds the weight's remake into
+the quantizer's backward pass instead (:class:`qcompiler.nn.qat._OneNodeConv`).
 
 Only the training path uses it: with grad disabled, in eval mode, or while tracing,
 exporting or compiling, :func:`recomputed` does nothing.

@@ -197,6 +197,8 @@ class ASQQuantizer(UniformQuantizer):
         torch.Size([3])
     """
 
+    weight_kernels = None  # an activation quantizer: its step is scaled per sample, no weight's
+
     def __init__(self, bits: int, signed: bool, channels: int, generator: torch.Generator | None = None,
                  feature_axis: int = 1, zero_point: int | None = None) -> None:
         super().__init__(bits, signed, zero_point=zero_point)

@@ -28,7 +28,8 @@ from torch import nn
 from .. import kernels
 from . import init
 from ..nn import exact
-from ..nn.saved import remember, save_input, saved_input
+from ..nn.qat import WeightKernels
+from ..nn.saved import remember
 from ..numerics import GRID_BASES, GridThresholds, grid_codes, grid_levels, grid_thresholds, largest_exponent, power_levels
 from .uniform import MIN_STEP, positive
 
@@ -91,68 +92,6 @@ class _FusedPowerGrid(torch.autograd.Function):
         grad_w, grad_rows = ctx.kernel.power_backward(grad, w, rows, *ctx.grid, ctx.grad_scale)
         grad_alpha = ctx.kernel.positive_grad(alpha, grad_rows, MIN_STEP) if ctx.needs_input_grad[1] else None
         return grad_w if ctx.needs_input_grad[0] else None, grad_alpha, None, None, None
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvArgs:
-    """A convolution's hyperparameters, as ``aten.convolution`` takes them (zero padding, not transposed)."""
-
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-
-    def call(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        zeros = [0] * len(self.stride)
-        return torch.ops.aten.convolution(x, w, bias, self.stride, self.padding, self.dilation, False, zeros, self.groups)
-
-    def backward(self, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: list[bool]) -> tuple:
-        zeros = [0] * len(self.stride)
-        bias_sizes = [w.shape[0]] if mask[2] else None
-        return torch.ops.aten.convolution_backward(grad, x, w, bias_sizes, self.stride, self.padding, self.dilation,
-                                                   False, zeros, self.groups, mask)
-
-
-class _FusedConvPowerGrid(torch.autograd.Function):
-    """``conv(x, quantize(w))`` as one autograd node, for a QAT convolution with a POT / POST weight.
-
-    As two nodes (:class:`_FusedPowerGrid`, then the convolution) backward reads the weight
-    twice: once to remake the quantized weight for the convolution's backward (keeping it would
-    cost a weight-sized copy per layer, against the 1.3x memory target), once more in the
-    quantizer's backward. One node orders backward so that one pass does both: the
-    convolution's weight gradient first (it needs the input, not the weight), then
-    ``power_backward_remake`` turns that gradient into the float weight's gradient in place and
-    makes the quantized weight in the same pass, then the input gradient from it. The same
-    values as the two nodes, bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, alpha, bias, conv: ConvArgs, grid: tuple, grad_scale: float, kernel):  # type: ignore[override]
-        w, rows = w.contiguous(), kernel.positive_rows(alpha, MIN_STEP)
-        ctx.conv, ctx.grid, ctx.grad_scale, ctx.kernel = conv, grid, grad_scale, kernel
-        ctx.has_bias = bias is not None
-        save_input(ctx, x, w, rows, alpha)  # x is usually an activation quantizer's output: its recipe is kept
-        return conv.call(x, kernel.power_forward(w, rows, *grid), bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, w, rows, alpha = saved_input(ctx)
-        need_x, need_w, need_alpha, need_bias = ctx.needs_input_grad[:4]
-        grad_w = grad_alpha = grad_bias = None
-        if need_w or need_alpha or need_bias:
-            _, grad_wq, grad_bias = ctx.conv.backward(grad, x, w, [False, need_w or need_alpha, need_bias and ctx.has_bias])
-        if need_w or need_alpha:
-            grad_wq = grad_wq.contiguous()  # this node's own buffer: it becomes grad_w
-            if need_x:
-                wq, grad_rows = ctx.kernel.power_backward_remake(grad_wq, w, rows, *ctx.grid, ctx.grad_scale)
-                grad_w = grad_wq
-            else:
-                grad_w, grad_rows = ctx.kernel.power_backward(grad_wq, w, rows, *ctx.grid, ctx.grad_scale)
-            grad_alpha = ctx.kernel.positive_grad(alpha, grad_rows, MIN_STEP) if need_alpha else None
-        elif need_x:
-            wq = ctx.kernel.power_forward(w, rows, *ctx.grid)
-        grad_x = ctx.conv.backward(grad, x, wq, [True, False, False])[0] if need_x else None
-        return grad_x, grad_w if need_w else None, grad_alpha, grad_bias if need_bias else None, None, None, None, None
 
 
 class PowerGridQuantizer(nn.Module):
@@ -232,19 +171,22 @@ class PowerGridQuantizer(nn.Module):
             return _FusedPowerGrid.apply(w, self.alpha, _kernel_grid(self.bits, self.base), self._grad_scale(w), kernel)
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, self._grad_scale(w))
 
-    def convolve(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
-        """``layer``'s convolution of ``x`` with ``self(layer.weight)`` as one autograd node on the fused
-        kernels (see :class:`_FusedConvPowerGrid`), or ``None`` where they do not apply (the layer then
-        quantizes and convolves as two steps). For a zero-padded QAT convolution in training; the
-        same values either way.
-        """
-        w, bias = layer.weight, layer.bias
+    def weight_kernels(self, w: torch.Tensor) -> WeightKernels | None:
+        """The fused kernels bound to this grid, for a QAT convolution that runs with its weight
+        quantizer as one autograd node (:class:`qcompiler.nn.qat.WeightKernels`); ``None`` where
+        they do not apply."""
         kernel = self._kernel(w)
-        if kernel is None or x.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        if kernel is None:
             return None
-        conv = ConvArgs(tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        return _FusedConvPowerGrid.apply(x, w, self.alpha, bias, conv, _kernel_grid(self.bits, self.base),
-                                         self._grad_scale(w), kernel)
+        grid, scale = _kernel_grid(self.bits, self.base), self._grad_scale(w)
+        return WeightKernels(
+            self.alpha,
+            positive=lambda scale: kernel.positive_rows(scale, MIN_STEP),
+            positive_grad=lambda scale, grad_rows: kernel.positive_grad(scale, grad_rows, MIN_STEP),
+            quantize=lambda v, rows: kernel.power_forward(v, rows, *grid),
+            backward=lambda g, v, rows: kernel.power_backward(g, v, rows, *grid, scale),
+            remake=lambda g, v, rows: kernel.power_backward_remake(g, v, rows, *grid, scale),
+        )
 
     @torch.no_grad()
     def integer_weight(self, w: torch.Tensor) -> exact.IntegerWeight | None:

@@ -23,6 +23,7 @@ from torch import nn
 from .. import kernels
 from . import init
 from ..nn import exact
+from ..nn.qat import WeightKernels
 from ..nn.saved import recomputed, remember, save_input, saved_input
 from ..numerics import int_range, offset_range, quantize_codes, quantize_float, round_half_even
 
@@ -275,6 +276,23 @@ class UniformQuantizer(nn.Module):
         if self.channel_axis != 0 or x.dim() == 0:
             return None
         return kernels.usable(x, self.step, per_row=True)
+
+    def weight_kernels(self, w: torch.Tensor) -> WeightKernels | None:
+        """The fused kernels bound to this grid, for a QAT convolution that runs with its weight
+        quantizer as one autograd node (:class:`qcompiler.nn.qat.WeightKernels`); ``None`` where
+        they do not apply."""
+        kernel = self._kernel(w)
+        if kernel is None:
+            return None
+        qmin, qmax, scale = self.qmin, self.qmax, self.grad_scale(w)
+        return WeightKernels(
+            self.step,
+            positive=lambda scale: kernel.positive_rows(scale, MIN_STEP),
+            positive_grad=lambda scale, grad_rows: kernel.positive_grad(scale, grad_rows, MIN_STEP),
+            quantize=lambda v, rows: kernel.lsq_forward(v, rows, qmin, qmax),
+            backward=lambda g, v, rows: kernel.lsq_backward(g, v, rows, qmin, qmax, scale),
+            remake=lambda g, v, rows: kernel.lsq_backward_remake(g, v, rows, qmin, qmax, scale),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if exact.deployed(self):

@@ -3,6 +3,9 @@ width) and at 8 bits stays within 2 % (relative L2) of float right after compile
 
 The 8-bit bar is checked from the default steps (``init="mse"``, the least-error clip per
 tensor and per weight channel), with no training.
+
+Last section: a QAT convolution and its weight quantizer as one autograd node give the two
+nodes' outputs and gradients bit for bit.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompiler
-from qcompiler import ir
+from qcompiler import ir, kernels
 from qcompiler.nn.exact import bn_link, grid_of, plan_layer
 from qcompiler.nn.layout import channel_weight, from_channel_first
-from qcompiler.nn.qat import QConv2d, QConvTranspose1d, QConvTranspose2d, QEmbedding, QLinear
+from qcompiler.nn.qat import QConv1d, QConv2d, QConv3d, QConvTranspose1d, QConvTranspose2d, QEmbedding, QLinear
+from qcompiler.quantizers.asq import ASQQuantizer
+from qcompiler.quantizers.power_grid import PowerGridQuantizer
+from qcompiler.quantizers.uniform import UniformQuantizer
 from small_models import Upsampler
 
 
@@ -164,3 +170,84 @@ def test_embedding_with_max_norm_stays_float_with_its_reason() -> None:
         c = qcompiler.compile(model, qcompiler.QuantSpec(passes="lsq"), calib_data=torch.randint(0, 10, (16, 3)))
     row = {r.name: r for r in c.report.layers}["_0"]
     assert row.weight_bits is None and "max_norm" in row.float_reason
+
+
+# ---- a QAT convolution and its weight quantizer as one autograd node ---------------------------
+
+
+CONVS = {1: (QConv1d, 9), 2: (QConv2d, 7), 3: (QConv3d, 5)}
+
+
+def _qconv(dims: int, grid: str = "post", bits: int = 4, **conv) -> nn.Module:
+    cls, _ = CONVS[dims]
+    torch.manual_seed(dims)
+    layer = cls(4, 6, 3, **conv)
+    if grid == "uniform":
+        layer.weight_quant = UniformQuantizer(bits, signed=True, channels=6)
+    else:
+        layer.weight_quant = PowerGridQuantizer(bits, grid, channels=6)
+    layer.weight_quant.init_from(layer.weight)
+    return layer.train()
+
+
+def _two_nodes(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward as it is without the one-node path: quantizer, then convolution."""
+    return layer._conv_forward(x, layer.weight_quant(layer.weight), layer.bias)
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, list]:
+    for p in [x, *layer.parameters()]:
+        p.grad = None
+    y = forward(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), [None if t.grad is None else t.grad.clone() for t in (x, *layer.parameters())]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("conv", [{}, {"stride": 2, "padding": 1, "bias": False}, {"dilation": 2, "groups": 2, "padding": 2}])
+@pytest.mark.parametrize("grid", ["pot", "post", "uniform"])
+def test_one_node_conv_gives_the_two_nodes_values_bit_for_bit(dims, conv, grid):
+    layer = _qconv(dims, grid, **conv)
+    x = torch.randn(3, 4, *[CONVS[dims][1]] * dims, requires_grad=True)
+    y1, g1 = _grads(layer, x, layer)
+    y2, g2 = _grads(layer, x, lambda v: _two_nodes(layer, v))
+    assert torch.equal(y1, y2)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+    assert g1[0] is not None and all(g is not None for g in g1[1:])  # x, weight, (bias), alpha
+    fused = kernels.usable(layer.weight, next(layer.weight_quant.parameters()), build=False, per_row=True) is not None
+    assert (type(layer(x).grad_fn).__name__ == "_OneNodeConvBackward") == fused
+
+
+@pytest.mark.parametrize("grid", ["post", "uniform"])
+@pytest.mark.parametrize("frozen", ["input", "weight", "scale", "all but bias"])
+def test_one_node_conv_computes_only_the_gradients_asked_for(frozen, grid):
+    layer = _qconv(2, grid)
+    x = torch.randn(2, 4, 7, 7, requires_grad=frozen != "input")
+    if frozen in ("weight", "all but bias"):
+        layer.weight.requires_grad_(False)
+    if frozen in ("scale", "all but bias"):
+        next(layer.weight_quant.parameters()).requires_grad_(False)
+    y1, g1 = _grads(layer, x, layer)
+    y2, g2 = _grads(layer, x, lambda v: _two_nodes(layer, v))
+    assert torch.equal(y1, y2)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+    assert (g1[0] is None) == (frozen == "input")
+    assert g1[2] is not None  # the bias always learns here
+
+
+def test_one_node_conv_is_skipped_where_the_two_nodes_must_run():
+    x = torch.randn(2, 4, 7, 7)
+    # a hook on the quantizer sees its call; reflect padding and padding="same" go through _conv_forward
+    hooked = _qconv(2)
+    seen = []
+    hooked.weight_quant.register_forward_hook(lambda m, i, o: seen.append(o))
+    hooked(x)
+    assert len(seen) == 1
+    for layer in (_qconv(2, padding=1, padding_mode="reflect"), _qconv(2, padding="same")):
+        assert torch.equal(layer(x), _two_nodes(layer, x))
+        assert type(layer(x).grad_fn).__name__ != "_OneNodeConvBackward"
+    with torch.no_grad():  # nothing to differentiate: no autograd node at all
+        plain = _qconv(2)
+        assert torch.equal(plain(x), _two_nodes(plain, x))
+    # an activation quantizer subclass offers no weight kernels
+    assert ASQQuantizer(4, signed=True, channels=4).weight_kernels is None
