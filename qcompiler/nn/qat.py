@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,23 @@ class WeightKernels:
     quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (w, rows) -> w_q
     backward: Callable[..., list[torch.Tensor]]  # (grad_wq, w, rows) -> (grad_w, grad_rows)
     remake: Callable[..., list[torch.Tensor]]  # (grad_wq, w, rows) -> (w_q, grad_rows); grad_wq becomes grad_w
+
+    @classmethod
+    def bind(cls, kernel: ModuleType, scale: torch.Tensor, min_scale: float, family: str, grid: tuple,
+             grad_scale: float) -> WeightKernels:
+        """The fused kernels ``{family}_forward(w, rows, *grid)``, ``{family}_backward(g, w, rows, *grid,
+        grad_scale)`` and ``{family}_backward_remake`` (same arguments), with ``positive(scale)``
+        floored at ``min_scale``: ``family`` is ``"lsq"`` or ``"power"`` (qcompiler/kernels)."""
+        forward, backward = getattr(kernel, f"{family}_forward"), getattr(kernel, f"{family}_backward")
+        remake = getattr(kernel, f"{family}_backward_remake")
+        return cls(
+            scale,
+            positive=lambda s: kernel.positive_rows(s, min_scale),
+            positive_grad=lambda s, grad_rows: kernel.positive_grad(s, grad_rows, min_scale),
+            quantize=lambda w, rows: forward(w, rows, *grid),
+            backward=lambda g, w, rows: backward(g, w, rows, *grid, grad_scale),
+            remake=lambda g, w, rows: remake(g, w, rows, *grid, grad_scale),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,21 +172,10 @@ class PowerGridQuantizer(nn.Module):
         return _PowerGrid.apply(w, self._alpha_view(w), self.bits, self.base, self._grad_scale(w))
 
     def weight_kernels(self, w: torch.Tensor) -> WeightKernels | None:
-        """The fused kernels bound to this grid, for a QAT convolution that runs with its weight
-        quantizer as one autograd node (:class:`qcompiler.nn.qat.WeightKernels`); ``None`` where
-        they do not apply."""
-        kernel = self._kernel(w)
-        if kernel is None:
-            return None
-        grid, scale = _kernel_grid(self.bits, self.base), self._grad_scale(w)
-        return WeightKernels(
-            self.alpha,
-            positive=lambda scale: kernel.positive_rows(scale, MIN_STEP),
-            positive_grad=lambda scale, grad_rows: kernel.positive_grad(scale, grad_rows, MIN_STEP),
-            quantize=lambda v, rows: kernel.power_forward(v, rows, *grid),
-            backward=lambda g, v, rows: kernel.power_backward(g, v, rows, *grid, scale),
-            remake=lambda g, v, rows: kernel.power_backward_remake(g, v, rows, *grid, scale),
-        )
+        """The POT/POST kernels bound to this grid, for a QAT convolution that runs with its weight
+        quantizer as one autograd node; ``None`` where the fused kernels do not apply."""
+        kernel, grid = self._kernel(w), _kernel_grid(self.bits, self.base)
+        return None if kernel is None else WeightKernels.bind(kernel, self.alpha, MIN_STEP, "power", grid, self._grad_scale(w))
 
     @torch.no_grad()
     def integer_weight(self, w: torch.Tensor) -> exact.IntegerWeight | None:

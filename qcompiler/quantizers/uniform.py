@@ -278,21 +278,10 @@ class UniformQuantizer(nn.Module):
         return kernels.usable(x, self.step, per_row=True)
 
     def weight_kernels(self, w: torch.Tensor) -> WeightKernels | None:
-        """The fused kernels bound to this grid, for a QAT convolution that runs with its weight
-        quantizer as one autograd node (:class:`qcompiler.nn.qat.WeightKernels`); ``None`` where
-        they do not apply."""
-        kernel = self._kernel(w)
-        if kernel is None:
-            return None
-        qmin, qmax, scale = self.qmin, self.qmax, self.grad_scale(w)
-        return WeightKernels(
-            self.step,
-            positive=lambda scale: kernel.positive_rows(scale, MIN_STEP),
-            positive_grad=lambda scale, grad_rows: kernel.positive_grad(scale, grad_rows, MIN_STEP),
-            quantize=lambda v, rows: kernel.lsq_forward(v, rows, qmin, qmax),
-            backward=lambda g, v, rows: kernel.lsq_backward(g, v, rows, qmin, qmax, scale),
-            remake=lambda g, v, rows: kernel.lsq_backward_remake(g, v, rows, qmin, qmax, scale),
-        )
+        """This grid's LSQ kernels for weight ``w``, which a QAT convolution calls when it runs with
+        its quantizer as one autograd node (:class:`qcompiler.nn.qat.WeightKernels`), or ``None``."""
+        kernel, codes = self._kernel(w), (self.qmin, self.qmax)
+        return None if kernel is None else WeightKernels.bind(kernel, self.step, MIN_STEP, "lsq", codes, self.grad_scale(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if exact.deployed(self):
