@@ -95,4 +95,3 @@ def test_alpha_init_is_a_high_quantile():
     q = PowerGridQuantizer(4, "post", channels=1)
     q.init_from(w)
     assert 98.0 <= q.alpha.item() <= 100.0
-
